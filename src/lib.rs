@@ -1,0 +1,5 @@
+//! Switchboard: an omnichannel contact-centre router (library half; the binary is `src/main.rs`).
+#![forbid(unsafe_code)]
+
+pub mod routing;
+pub mod sim;

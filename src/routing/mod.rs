@@ -1,0 +1,1 @@
+//! The routing core: a pure, deterministic state machine (commands in, effects out).

@@ -1,0 +1,1 @@
+//! The simulator: drives the real router through a synthetic day in virtual time.
