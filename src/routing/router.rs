@@ -1,0 +1,1887 @@
+//! The router state machine: who gets which conversation, when.
+//!
+//! [`Router::handle`] takes one [`Command`] and the current time and appends [`Effect`]s. It does no
+//! I/O and reads no clock, so the daemon, the tests and the simulator drive the very same code.
+//!
+//! # How a decision is made in O(log n)
+//!
+//! A *lane* is a (queue, requirement class) pair, where the class is the extra skills and language a
+//! routing rule asked for. Each lane keeps, per channel:
+//!
+//! * `waiting`: the unanswered conversations eligible there, ordered by [`WaitKey`] (priority
+//!   descending, then waiting since, then arrival order), and
+//! * `free`: the available agents qualified for the lane with free capacity on that channel, ordered by
+//!   the queue's strategy ([`FreeKey`]).
+//!
+//! A new conversation peeks at `free` of each candidate queue's lane in order (first free queue). An
+//! agent with free capacity peeks at `waiting` of each lane it qualifies for, on each channel it has room
+//! on, and takes the best key. Both are a bounded number of B-tree lookups, however many conversations
+//! wait; only lanes, queues and channels (all bounded by configuration) multiply the cost.
+//!
+//! # Time
+//!
+//! Each unanswered conversation has at most one *wait check* timer, set to the next moment anything
+//! changes for it (an escalation step, the SLA target, an overflow, the end of a re-offer cooldown or of a
+//! reservation). Timers are semantic keys ([`TimerKey`]); a stale timer is ignored when it fires.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
+
+use super::command::{
+    AwayReason, Command, CommandError, Effect, NewConversation, OfferEnd, PriorityReason, TimerKey,
+    TransferTarget,
+};
+use super::config::{AgentConfig, EscalationAction, QueueConfig, RoutingConfig, Strategy};
+use super::model::{
+    AgentId, Channel, ConversationId, MessageId, Presence, Priority, QueueName, SkillRequirement,
+};
+use super::rules::{self, CompiledRules};
+use super::time::{Millis, Timestamp};
+
+/// How many recent handle times per queue feed the estimated wait.
+const HANDLE_TIME_WINDOW: usize = 64;
+
+/// Order of service among waiting conversations: highest priority, then longest wait, then arrival.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct WaitKey {
+    pub(super) priority: Reverse<Priority>,
+    pub(super) since: Timestamp,
+    pub(super) seq: u64,
+    pub(super) slot: u32,
+}
+
+/// Order of choice among free agents, per the queue's strategy; lowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct FreeKey {
+    primary: u64,
+    secondary: u64,
+    pub(super) agent: u32,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct LaneChannel {
+    pub(super) waiting: BTreeSet<WaitKey>,
+    pub(super) free: BTreeSet<FreeKey>,
+}
+
+/// A queue narrowed to one requirement class. See the module docs.
+#[derive(Debug)]
+pub(super) struct Lane {
+    pub(super) queue: u32,
+    /// Indexed by channel index; grown on demand.
+    pub(super) channels: Vec<LaneChannel>,
+}
+
+/// Extra requirements a rule puts on the agent, beyond the queue's own.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) struct Class {
+    pub(super) skills: Vec<SkillRequirement>,
+    pub(super) language: Option<String>,
+}
+
+#[derive(Debug)]
+pub(super) struct QueueState {
+    pub(super) config: QueueConfig,
+    pub(super) open: bool,
+    pub(super) next_tier: Option<u32>,
+    /// Per escalation step: the queue index of an `OverflowTo` target.
+    pub(super) overflow_targets: Vec<Option<u32>>,
+    pub(super) lanes: Vec<u32>,
+    /// Unanswered conversations waiting with this queue as home, counted by priority (for positions).
+    pub(super) by_priority: BTreeMap<Priority, u32>,
+    /// The same conversations by age (for the oldest wait).
+    pub(super) by_age: BTreeSet<(Timestamp, u64)>,
+    handle_times: VecDeque<u64>,
+    handle_time_sum: u64,
+    /// Per channel: capacity of the available agents serving this queue.
+    pub(super) staffed: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct WrapUp {
+    pub(super) conversation: ConversationId,
+    pub(super) channel: u32,
+    pub(super) until: Timestamp,
+}
+
+#[derive(Debug)]
+pub(super) struct AgentState {
+    pub(super) id: AgentId,
+    pub(super) config: AgentConfig,
+    pub(super) presence: Presence,
+    /// Queues served (member or skilled), each with its round-robin turn.
+    pub(super) serves: Vec<(u32, u64)>,
+    /// Lanes this agent qualifies for, with its summed skill level there.
+    pub(super) lanes: Vec<(u32, u32)>,
+    /// Per channel index.
+    pub(super) capacity: Vec<u16>,
+    pub(super) load: Vec<u16>,
+    pub(super) load_total: u16,
+    pub(super) offers: Vec<u32>,
+    pub(super) assigned: Vec<u32>,
+    pub(super) wrap_ups: Vec<WrapUp>,
+    pub(super) missed: u32,
+    pub(super) last_offer_at: Timestamp,
+    /// Conversations waiting for this agent only (transferred to them, or reopened preferring them).
+    pub(super) reserved: BTreeSet<WaitKey>,
+    /// Where this agent sits in the lanes' `free` sets, so it can be taken out exactly.
+    free_entries: Vec<(u32, u32, FreeKey)>,
+}
+
+impl AgentState {
+    pub(super) fn capacity_for(&self, channel: u32) -> u16 {
+        self.capacity.get(channel as usize).copied().unwrap_or(0)
+    }
+
+    pub(super) fn load_for(&self, channel: u32) -> u16 {
+        self.load.get(channel as usize).copied().unwrap_or(0)
+    }
+
+    /// Available, with room on `channel` and under the total cap.
+    pub(super) fn has_room(&self, channel: u32) -> bool {
+        self.presence == Presence::Available
+            && self.load_for(channel) < self.capacity_for(channel)
+            && self.load_total < self.config.max_total
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ConvState {
+    /// Unanswered and not offered: in the lanes (or an agent's reserved set).
+    Waiting,
+    Offered {
+        agent: u32,
+        queue: u32,
+        deadline: Timestamp,
+    },
+    Assigned {
+        agent: u32,
+        queue: u32,
+        since: Timestamp,
+    },
+    /// Resolved and still within its reopen window.
+    Resolved { agent: u32, at: Timestamp },
+}
+
+#[derive(Debug)]
+pub(super) struct Conversation {
+    pub(super) id: ConversationId,
+    pub(super) seq: u64,
+    pub(super) channel: u32,
+    pub(super) class: u32,
+    pub(super) language: Option<Box<str>>,
+    pub(super) priority: Priority,
+    pub(super) base_priority: Priority,
+    /// Waiting since: the order key. Kept across rejects, timeouts and transfers.
+    pub(super) since: Timestamp,
+    /// Candidate queues (queue, lane) in order; the first is home.
+    pub(super) candidates: Vec<(u32, u32)>,
+    /// Bit i: eligible in `candidates[i]` while waiting (home always; later ones after overflow).
+    pub(super) eligible_mask: u32,
+    pub(super) state: ConvState,
+    /// Next escalation step of the home queue.
+    pub(super) next_step: u16,
+    pub(super) sla_breached: bool,
+    pub(super) repeats: u8,
+    pub(super) keyword_boosted: bool,
+    pub(super) wording_boosted: bool,
+    /// Agents who missed this conversation recently, and until when they are skipped.
+    pub(super) excluded: Vec<(u32, Timestamp)>,
+    /// Waits for this agent only, until the deadline.
+    pub(super) reserved_for: Option<(u32, Timestamp)>,
+    pub(super) follower: Option<u32>,
+    pub(super) last_agent: Option<u32>,
+    pub(super) wait_check_at: Option<Timestamp>,
+    /// In the lanes or a reserved set right now (must be taken out before its key fields change).
+    pub(super) indexed: bool,
+    pub(super) reasons: Vec<PriorityReason>,
+    pub(super) tags: Vec<Arc<str>>,
+}
+
+impl Conversation {
+    pub(super) fn key(&self, slot: u32) -> WaitKey {
+        WaitKey {
+            priority: Reverse(self.priority),
+            since: self.since,
+            seq: self.seq,
+            slot,
+        }
+    }
+
+    pub(super) fn home_queue(&self) -> u32 {
+        self.candidates[0].0
+    }
+
+    pub(super) fn is_unanswered(&self) -> bool {
+        matches!(self.state, ConvState::Waiting | ConvState::Offered { .. })
+    }
+
+    pub(super) fn is_excluded(&self, agent: u32, now: Timestamp) -> bool {
+        self.excluded
+            .iter()
+            .any(|&(who, until)| who == agent && until > now)
+    }
+}
+
+/// Conversation ids are ULIDs whose low bits are random, so folding them is a good, fast hash.
+#[derive(Debug, Default)]
+pub(super) struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(byte)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u128(&mut self, value: u128) {
+        self.0 = ((value as u64) ^ ((value >> 64) as u64)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+pub(super) type IdMap<V> = HashMap<ConversationId, V, BuildHasherDefault<IdHasher>>;
+
+/// The routing core. One task owns it; everything else talks to it through [`Command`]s.
+#[derive(Debug)]
+pub struct Router {
+    pub(super) config: RoutingConfig,
+    pub(super) rules: CompiledRules,
+    pub(super) clock: Timestamp,
+    pub(super) queues: Vec<QueueState>,
+    pub(super) queue_index: HashMap<QueueName, u32>,
+    pub(super) channels: Vec<Channel>,
+    pub(super) channel_index: HashMap<Channel, u32>,
+    pub(super) classes: Vec<Class>,
+    pub(super) class_index: HashMap<Class, u32>,
+    pub(super) lanes: Vec<Lane>,
+    pub(super) lane_index: HashMap<(u32, u32), u32>,
+    pub(super) agents: Vec<AgentState>,
+    pub(super) agent_index: HashMap<AgentId, u32>,
+    pub(super) conversations: Vec<Option<Conversation>>,
+    pub(super) free_slots: Vec<u32>,
+    pub(super) slot_of: IdMap<u32>,
+    pub(super) next_seq: u64,
+    pub(super) next_turn: u64,
+    /// Primary subtags of the languages some configured agent speaks.
+    pub(super) spoken_languages: HashSet<String>,
+}
+
+impl Router {
+    /// A router with no conversations. Emits the business-hours timers.
+    pub fn new(
+        config: RoutingConfig,
+        now: Timestamp,
+        effects: &mut Vec<Effect>,
+    ) -> Result<Router, CommandError> {
+        Router::restore(
+            config,
+            super::inspect::RouterSnapshot::default(),
+            now,
+            effects,
+        )
+    }
+
+    /// Builds the structures for a validated configuration, without any conversation or timer.
+    pub(super) fn build(config: RoutingConfig, now: Timestamp) -> Result<Router, CommandError> {
+        config.validate()?;
+        let mut router = Router {
+            rules: CompiledRules::new(&config),
+            clock: now,
+            queues: Vec::new(),
+            queue_index: HashMap::new(),
+            channels: Vec::new(),
+            channel_index: HashMap::new(),
+            classes: Vec::new(),
+            class_index: HashMap::new(),
+            lanes: Vec::new(),
+            lane_index: HashMap::new(),
+            agents: Vec::new(),
+            agent_index: HashMap::new(),
+            conversations: Vec::new(),
+            free_slots: Vec::new(),
+            slot_of: IdMap::default(),
+            next_seq: 0,
+            next_turn: 0,
+            spoken_languages: HashSet::new(),
+            config,
+        };
+        for (index, queue) in router.config.queues.iter().enumerate() {
+            router.queue_index.insert(queue.name.clone(), index as u32);
+        }
+        let queue_configs = router.config.queues.clone();
+        for queue in queue_configs {
+            let next_tier = queue
+                .next_tier
+                .as_ref()
+                .and_then(|name| router.queue_index.get(name).copied());
+            let overflow_targets = queue
+                .escalation
+                .iter()
+                .map(|step| match &step.action {
+                    EscalationAction::OverflowTo(name) => router.queue_index.get(name).copied(),
+                    _ => None,
+                })
+                .collect();
+            for channel in &queue.channels {
+                router.intern_channel(channel);
+            }
+            router.queues.push(QueueState {
+                open: queue
+                    .business_hours
+                    .as_ref()
+                    .is_none_or(|hours| hours.is_open(now)),
+                config: queue,
+                next_tier,
+                overflow_targets,
+                lanes: Vec::new(),
+                by_priority: BTreeMap::new(),
+                by_age: BTreeSet::new(),
+                handle_times: VecDeque::new(),
+                handle_time_sum: 0,
+                staffed: Vec::new(),
+            });
+        }
+        let agent_configs = router.config.agents.clone();
+        for agent in agent_configs {
+            for language in &agent.languages {
+                router
+                    .spoken_languages
+                    .insert(rules::primary_language(language));
+            }
+            let mut capacity = Vec::new();
+            for (channel, slots) in &agent.capacity {
+                let index = router.intern_channel(channel) as usize;
+                if capacity.len() <= index {
+                    capacity.resize(index + 1, 0);
+                }
+                capacity[index] = *slots;
+            }
+            let serves = (0..router.queues.len() as u32)
+                .filter(|&queue| serves_queue(&agent, &router.queues[queue as usize].config))
+                .map(|queue| (queue, 0))
+                .collect();
+            let index = router.agents.len() as u32;
+            router.agent_index.insert(agent.id.clone(), index);
+            router.agents.push(AgentState {
+                id: agent.id.clone(),
+                config: agent,
+                presence: Presence::Offline,
+                serves,
+                lanes: Vec::new(),
+                capacity,
+                load: Vec::new(),
+                load_total: 0,
+                offers: Vec::new(),
+                assigned: Vec::new(),
+                wrap_ups: Vec::new(),
+                missed: 0,
+                last_offer_at: Timestamp(0),
+                reserved: BTreeSet::new(),
+                free_entries: Vec::new(),
+            });
+        }
+        // The lane every rule-less conversation uses exists from the start, so agents' lanes are known.
+        let plain = router.intern_class(Class {
+            skills: Vec::new(),
+            language: None,
+        });
+        for queue in 0..router.queues.len() as u32 {
+            router.lane_for(queue, plain);
+        }
+        Ok(router)
+    }
+
+    /// The time of the last command handled.
+    pub fn now(&self) -> Timestamp {
+        self.clock
+    }
+
+    pub fn config(&self) -> &RoutingConfig {
+        &self.config
+    }
+
+    /// Handles one command at `now`, appending its effects. A refused command changes nothing.
+    ///
+    /// Time never goes backwards: a `now` earlier than the last one seen is taken as the last one.
+    pub fn handle(
+        &mut self,
+        now: Timestamp,
+        command: Command,
+        effects: &mut Vec<Effect>,
+    ) -> Result<(), CommandError> {
+        let now = now.max(self.clock);
+        self.clock = now;
+        match command {
+            Command::Arrive(new) => self.arrive(now, &new, effects),
+            Command::CustomerMessage {
+                conversation,
+                message,
+                text,
+            } => self.customer_message(now, conversation, message, &text, effects),
+            Command::CustomerLeft { conversation } => {
+                self.customer_left(now, conversation, effects)
+            }
+            Command::AgentPresence { agent, presence } => {
+                let agent = self.agent_slot(&agent)?;
+                self.set_presence(now, agent, presence, effects);
+                Ok(())
+            }
+            Command::AgentDisconnected { agent } => {
+                let agent = self.agent_slot(&agent)?;
+                self.set_presence(now, agent, Presence::Offline, effects);
+                Ok(())
+            }
+            Command::Accept {
+                agent,
+                conversation,
+            } => self.accept(now, &agent, conversation, effects),
+            Command::Reject {
+                agent,
+                conversation,
+            } => {
+                let (slot, _) = self.offered_to(&agent, conversation)?;
+                self.end_offer(now, slot, OfferEnd::Rejected, effects);
+                Ok(())
+            }
+            Command::Resolve {
+                agent,
+                conversation,
+            } => self.resolve(now, &agent, conversation, effects),
+            Command::Transfer {
+                agent,
+                conversation,
+                to,
+            } => self.transfer(now, &agent, conversation, to, effects),
+            Command::Escalate {
+                agent,
+                conversation,
+            } => self.escalate(now, &agent, conversation, effects),
+            Command::TimerFired(key) => {
+                self.timer_fired(now, key, effects);
+                Ok(())
+            }
+            Command::ReplaceConfig(config) => {
+                let snapshot = self.snapshot();
+                *self = Router::restore(*config, snapshot, now, effects)?;
+                Ok(())
+            }
+        }
+    }
+
+    // ----- commands -------------------------------------------------------------------------------
+
+    fn arrive(
+        &mut self,
+        now: Timestamp,
+        new: &NewConversation,
+        effects: &mut Vec<Effect>,
+    ) -> Result<(), CommandError> {
+        if self.slot_of.contains_key(&new.id) {
+            return Err(CommandError::DuplicateConversation(new.id));
+        }
+        let mut decision = self.rules.decide(&self.config, new);
+        let channel = self.intern_channel(&new.channel);
+        let language = new.language.as_deref().map(rules::primary_language);
+        let class_language = language
+            .filter(|lang| decision.require_language && self.spoken_languages.contains(lang));
+        let priority = decision.priority();
+        let mut skills = std::mem::take(&mut decision.skills);
+        skills.sort();
+        skills.dedup();
+        let class = self.intern_class(Class {
+            skills,
+            language: class_language,
+        });
+        let queues = self.candidate_queues(&decision.queues, &new.channel);
+        let candidates: Vec<(u32, u32)> = queues
+            .into_iter()
+            .map(|queue| (queue, self.lane_for(queue, class)))
+            .collect();
+        let reasons: Vec<PriorityReason> = decision
+            .boosts
+            .iter()
+            .map(|(reason, _)| reason.clone())
+            .collect();
+        let conversation = Conversation {
+            id: new.id,
+            seq: self.next_seq,
+            channel,
+            class,
+            language: new.language.as_deref().map(Box::from),
+            priority,
+            base_priority: priority,
+            since: now,
+            eligible_mask: self.initial_mask(&candidates),
+            candidates,
+            state: ConvState::Waiting,
+            next_step: 0,
+            sla_breached: false,
+            repeats: 0,
+            keyword_boosted: reasons.contains(&PriorityReason::Keyword),
+            wording_boosted: reasons.contains(&PriorityReason::NegativeWording),
+            excluded: Vec::new(),
+            reserved_for: None,
+            follower: None,
+            last_agent: None,
+            wait_check_at: None,
+            indexed: false,
+            reasons,
+            tags: decision.tags,
+        };
+        self.next_seq += 1;
+        let slot = self.insert_conversation(conversation);
+        // First free queue: every candidate is tried at arrival, in order, before the conversation waits.
+        let candidate_count = self.conv(slot).candidates.len();
+        for index in 0..candidate_count {
+            let (queue, lane) = self.conv(slot).candidates[index];
+            if let Some(agent) = self.free_agent_in(slot, queue, lane, now) {
+                self.offer(now, slot, agent, queue, effects);
+                self.reschedule_wait_check(now, slot, effects);
+                return Ok(());
+            }
+        }
+        self.enqueue(slot, effects);
+        self.reschedule_wait_check(now, slot, effects);
+        Ok(())
+    }
+
+    fn customer_message(
+        &mut self,
+        now: Timestamp,
+        id: ConversationId,
+        message: MessageId,
+        text: &str,
+        effects: &mut Vec<Effect>,
+    ) -> Result<(), CommandError> {
+        let slot = self.slot(id)?;
+        match self.conv(slot).state {
+            ConvState::Assigned { agent, .. } => {
+                effects.push(Effect::DeliverToAgent {
+                    conversation: id,
+                    agent: self.agents[agent as usize].id.clone(),
+                    message,
+                });
+            }
+            ConvState::Waiting | ConvState::Offered { .. } => {
+                let conversation = self.conv(slot);
+                let mut boosts = Vec::new();
+                if conversation.repeats < self.config.priority.repeat_max
+                    && self.config.priority.repeat_message != 0
+                {
+                    boosts.push((
+                        PriorityReason::RepeatMessage,
+                        self.config.priority.repeat_message,
+                    ));
+                }
+                for (reason, boost) in
+                    rules::text_boosts(&self.config, conversation.language.as_deref(), text)
+                {
+                    let already = match reason {
+                        PriorityReason::Keyword => conversation.keyword_boosted,
+                        PriorityReason::NegativeWording => conversation.wording_boosted,
+                        _ => false,
+                    };
+                    if !already {
+                        boosts.push((reason, boost));
+                    }
+                }
+                for (reason, boost) in boosts {
+                    let conversation = self.conv_mut(slot);
+                    match reason {
+                        PriorityReason::RepeatMessage => conversation.repeats += 1,
+                        PriorityReason::Keyword => conversation.keyword_boosted = true,
+                        PriorityReason::NegativeWording => conversation.wording_boosted = true,
+                        _ => {}
+                    }
+                    let to = conversation.priority.saturating_add(boost);
+                    self.set_priority(slot, to, reason, effects);
+                }
+            }
+            ConvState::Resolved { agent, .. } => self.reopen(now, slot, agent, effects),
+        }
+        Ok(())
+    }
+
+    fn reopen(&mut self, now: Timestamp, slot: u32, last_agent: u32, effects: &mut Vec<Effect>) {
+        let prefer_for = self.config.reopen.prefer_last_agent_for;
+        let conversation = self.conv_mut(slot);
+        let id = conversation.id;
+        conversation.state = ConvState::Waiting;
+        conversation.since = now;
+        conversation.priority = conversation.base_priority;
+        conversation.next_step = 0;
+        conversation.sla_breached = false;
+        conversation.repeats = 0;
+        conversation.excluded.clear();
+        conversation.reserved_for =
+            (prefer_for > Millis::ZERO).then_some((last_agent, now + prefer_for));
+        conversation.eligible_mask = 1;
+        effects.push(Effect::CancelTimer {
+            key: TimerKey::ReopenWindow(id),
+        });
+        let preferred =
+            (prefer_for > Millis::ZERO).then(|| self.agents[last_agent as usize].id.clone());
+        effects.push(Effect::Reopened {
+            conversation: id,
+            preferred_agent: preferred,
+        });
+        self.requeue_and_route(now, slot, effects);
+    }
+
+    fn customer_left(
+        &mut self,
+        now: Timestamp,
+        id: ConversationId,
+        effects: &mut Vec<Effect>,
+    ) -> Result<(), CommandError> {
+        let slot = self.slot(id)?;
+        let (state, since) = {
+            let conversation = self.conv(slot);
+            (conversation.state, conversation.since)
+        };
+        match state {
+            ConvState::Waiting => self.unindex_conversation(slot),
+            ConvState::Offered { agent, .. } => {
+                self.take_back_offer(slot, OfferEnd::Abandoned, effects);
+                self.conv_mut(slot).state = ConvState::Waiting;
+                self.serve_agent(now, agent, effects);
+            }
+            // Answered already: leaving is not abandonment, and the conversation goes on.
+            ConvState::Assigned { .. } | ConvState::Resolved { .. } => return Ok(()),
+        }
+        effects.push(Effect::Abandoned {
+            conversation: id,
+            waited: now.since(since),
+        });
+        if self.conv(slot).wait_check_at.is_some() {
+            effects.push(Effect::CancelTimer {
+                key: TimerKey::WaitCheck(id),
+            });
+        }
+        self.remove_conversation(slot);
+        Ok(())
+    }
+
+    fn set_presence(
+        &mut self,
+        now: Timestamp,
+        agent: u32,
+        presence: Presence,
+        effects: &mut Vec<Effect>,
+    ) {
+        let previous = self.agents[agent as usize].presence;
+        if previous == presence {
+            return;
+        }
+        self.unindex_agent(agent);
+        self.adjust_staffing(agent, previous, presence);
+        let state = &mut self.agents[agent as usize];
+        state.presence = presence;
+        if presence == Presence::Available {
+            state.missed = 0;
+            state.last_offer_at = state.last_offer_at.max(now);
+            self.index_agent(agent);
+            self.serve_agent(now, agent, effects);
+        } else {
+            self.withdraw_all_offers(now, agent, OfferEnd::AgentLeft, effects);
+        }
+    }
+
+    fn accept(
+        &mut self,
+        now: Timestamp,
+        agent: &AgentId,
+        id: ConversationId,
+        effects: &mut Vec<Effect>,
+    ) -> Result<(), CommandError> {
+        let (slot, agent_slot) = self.offered_to(agent, id)?;
+        let ConvState::Offered { queue, .. } = self.conv(slot).state else {
+            return Err(CommandError::NotOffered {
+                conversation: id,
+                agent: agent.clone(),
+            });
+        };
+        let state = &mut self.agents[agent_slot as usize];
+        state.offers.retain(|&offered| offered != slot);
+        state.assigned.push(slot);
+        state.missed = 0;
+        effects.push(Effect::CancelTimer {
+            key: TimerKey::Offer(id),
+        });
+        self.assign(now, slot, agent_slot, queue, effects);
+        Ok(())
+    }
+
+    /// Makes the agent the owner; the conversation is answered. Load was taken when it was offered.
+    fn assign(
+        &mut self,
+        now: Timestamp,
+        slot: u32,
+        agent: u32,
+        queue: u32,
+        effects: &mut Vec<Effect>,
+    ) {
+        let conversation = self.conv_mut(slot);
+        conversation.state = ConvState::Assigned {
+            agent,
+            queue,
+            since: now,
+        };
+        conversation.last_agent = Some(agent);
+        conversation.excluded.clear();
+        conversation.reserved_for = None;
+        let id = conversation.id;
+        let waited = now.since(conversation.since);
+        if conversation.wait_check_at.take().is_some() {
+            effects.push(Effect::CancelTimer {
+                key: TimerKey::WaitCheck(id),
+            });
+        }
+        effects.push(Effect::Assigned {
+            conversation: id,
+            agent: self.agents[agent as usize].id.clone(),
+            queue: self.queues[queue as usize].config.name.clone(),
+            waited,
+        });
+    }
+
+    fn resolve(
+        &mut self,
+        now: Timestamp,
+        agent: &AgentId,
+        id: ConversationId,
+        effects: &mut Vec<Effect>,
+    ) -> Result<(), CommandError> {
+        let (slot, agent_slot, queue, assigned_since) = self.owned_by(agent, id)?;
+        let handle_time = now.since(assigned_since);
+        self.queues[queue as usize].record_handle_time(handle_time);
+        let wrap_up = self.queues[queue as usize].config.wrap_up;
+        let channel = self.conv(slot).channel;
+        self.agents[agent_slot as usize]
+            .assigned
+            .retain(|&owned| owned != slot);
+        if wrap_up > Millis::ZERO {
+            let until = now + wrap_up;
+            self.agents[agent_slot as usize].wrap_ups.push(WrapUp {
+                conversation: id,
+                channel,
+                until,
+            });
+            effects.push(Effect::ScheduleTimer {
+                key: TimerKey::WrapUp(agent.clone(), id),
+                at: until,
+            });
+        } else {
+            self.change_load(agent_slot, channel, -1);
+        }
+        let conversation = self.conv_mut(slot);
+        conversation.state = ConvState::Resolved {
+            agent: agent_slot,
+            at: now,
+        };
+        let follower = conversation.follower.take();
+        effects.push(Effect::Resolved {
+            conversation: id,
+            agent: agent.clone(),
+            handle_time,
+        });
+        if let Some(follower) = follower {
+            effects.push(Effect::FollowUp {
+                conversation: id,
+                agent: self.agents[follower as usize].id.clone(),
+            });
+        }
+        effects.push(Effect::ScheduleTimer {
+            key: TimerKey::ReopenWindow(id),
+            at: now + self.config.reopen.window,
+        });
+        self.serve_agent(now, agent_slot, effects);
+        Ok(())
+    }
+
+    fn transfer(
+        &mut self,
+        now: Timestamp,
+        agent: &AgentId,
+        id: ConversationId,
+        to: TransferTarget,
+        effects: &mut Vec<Effect>,
+    ) -> Result<(), CommandError> {
+        let (slot, agent_slot, _, _) = self.owned_by(agent, id)?;
+        enum Target {
+            Queue(u32),
+            Agent(u32),
+        }
+        let target = match &to {
+            TransferTarget::Queue(name) => Target::Queue(self.queue_slot(name)?),
+            TransferTarget::Agent(target) => {
+                let target_slot = self.agent_slot(target)?;
+                if target_slot == agent_slot {
+                    return Err(CommandError::TransferToSelf);
+                }
+                Target::Agent(target_slot)
+            }
+        };
+        self.release_owner(slot, agent_slot);
+        effects.push(Effect::Transferred {
+            conversation: id,
+            from_agent: agent.clone(),
+            to,
+        });
+        match target {
+            Target::Queue(queue) => self.move_to_queue(now, slot, queue),
+            Target::Agent(target) => {
+                let until = now + self.config.transfer_agent_wait;
+                self.conv_mut(slot).reserved_for = Some((target, until));
+            }
+        }
+        self.requeue_and_route(now, slot, effects);
+        self.serve_agent(now, agent_slot, effects);
+        Ok(())
+    }
+
+    fn escalate(
+        &mut self,
+        now: Timestamp,
+        agent: &AgentId,
+        id: ConversationId,
+        effects: &mut Vec<Effect>,
+    ) -> Result<(), CommandError> {
+        let (slot, agent_slot, queue, _) = self.owned_by(agent, id)?;
+        let Some(next_tier) = self.queues[queue as usize].next_tier else {
+            return Err(CommandError::NoNextTier(
+                self.queues[queue as usize].config.name.clone(),
+            ));
+        };
+        self.release_owner(slot, agent_slot);
+        self.conv_mut(slot).follower = Some(agent_slot);
+        self.move_to_queue(now, slot, next_tier);
+        effects.push(Effect::Escalated {
+            conversation: id,
+            from_agent: agent.clone(),
+            to_queue: self.queues[next_tier as usize].config.name.clone(),
+        });
+        let to = self
+            .conv(slot)
+            .priority
+            .saturating_add(self.config.priority.tier_escalation);
+        self.set_priority(slot, to, PriorityReason::TierEscalation, effects);
+        self.requeue_and_route(now, slot, effects);
+        self.serve_agent(now, agent_slot, effects);
+        Ok(())
+    }
+
+    fn timer_fired(&mut self, now: Timestamp, key: TimerKey, effects: &mut Vec<Effect>) {
+        match key {
+            TimerKey::Offer(id) => {
+                let Some(&slot) = self.slot_of.get(&id) else {
+                    return;
+                };
+                if let ConvState::Offered { deadline, .. } = self.conv(slot).state
+                    && deadline <= now
+                {
+                    self.end_offer(now, slot, OfferEnd::TimedOut, effects);
+                }
+            }
+            TimerKey::WaitCheck(id) => {
+                let Some(&slot) = self.slot_of.get(&id) else {
+                    return;
+                };
+                let conversation = self.conv(slot);
+                if conversation.is_unanswered()
+                    && conversation.wait_check_at.is_some_and(|at| at <= now)
+                {
+                    self.conv_mut(slot).wait_check_at = None;
+                    self.wait_check(now, slot, effects);
+                }
+            }
+            TimerKey::WrapUp(agent, id) => {
+                let Some(&agent) = self.agent_index.get(&agent) else {
+                    return;
+                };
+                let wrap_ups = &mut self.agents[agent as usize].wrap_ups;
+                let Some(position) = wrap_ups
+                    .iter()
+                    .position(|w| w.conversation == id && w.until <= now)
+                else {
+                    return;
+                };
+                let ended = wrap_ups.swap_remove(position);
+                self.change_load(agent, ended.channel, -1);
+                self.serve_agent(now, agent, effects);
+            }
+            TimerKey::ReopenWindow(id) => {
+                let Some(&slot) = self.slot_of.get(&id) else {
+                    return;
+                };
+                if let ConvState::Resolved { at, .. } = self.conv(slot).state
+                    && at + self.config.reopen.window <= now
+                {
+                    self.remove_conversation(slot);
+                    effects.push(Effect::Closed { conversation: id });
+                }
+            }
+            TimerKey::BusinessHours(name) => {
+                let Some(&queue) = self.queue_index.get(&name) else {
+                    return;
+                };
+                self.refresh_business_hours(now, queue, effects);
+            }
+        }
+    }
+
+    // ----- the moving parts -----------------------------------------------------------------------
+
+    /// Ends an offer without an accept and puts the conversation back in its original place.
+    fn end_offer(
+        &mut self,
+        now: Timestamp,
+        slot: u32,
+        reason: OfferEnd,
+        effects: &mut Vec<Effect>,
+    ) {
+        let agent = self.take_back_offer(slot, reason, effects);
+        self.conv_mut(slot).state = ConvState::Waiting;
+        let mut set_away = false;
+        if matches!(reason, OfferEnd::Rejected | OfferEnd::TimedOut) {
+            let cooldown = self.config.offers.reoffer_cooldown;
+            if cooldown > Millis::ZERO {
+                self.conv_mut(slot).excluded.push((agent, now + cooldown));
+            }
+            let state = &mut self.agents[agent as usize];
+            state.missed += 1;
+            set_away = state.missed >= self.config.offers.max_missed
+                && state.presence == Presence::Available;
+        }
+        self.requeue_and_route(now, slot, effects);
+        if set_away {
+            let missed = self.agents[agent as usize].missed;
+            effects.push(Effect::AgentSetAway {
+                agent: self.agents[agent as usize].id.clone(),
+                reason: AwayReason::MissedOffers(missed),
+            });
+            self.set_presence(now, agent, Presence::Away, effects);
+        } else {
+            self.serve_agent(now, agent, effects);
+        }
+    }
+
+    /// Releases an offer's capacity and tells the agent; the caller decides what becomes of the
+    /// conversation. Returns the agent.
+    fn take_back_offer(&mut self, slot: u32, reason: OfferEnd, effects: &mut Vec<Effect>) -> u32 {
+        let ConvState::Offered { agent, .. } = self.conv(slot).state else {
+            unreachable_state()
+        };
+        let (id, channel) = (self.conv(slot).id, self.conv(slot).channel);
+        self.agents[agent as usize]
+            .offers
+            .retain(|&offered| offered != slot);
+        self.change_load(agent, channel, -1);
+        if reason != OfferEnd::TimedOut {
+            effects.push(Effect::CancelTimer {
+                key: TimerKey::Offer(id),
+            });
+        }
+        effects.push(Effect::OfferWithdrawn {
+            conversation: id,
+            agent: self.agents[agent as usize].id.clone(),
+            reason,
+        });
+        agent
+    }
+
+    fn withdraw_all_offers(
+        &mut self,
+        now: Timestamp,
+        agent: u32,
+        reason: OfferEnd,
+        effects: &mut Vec<Effect>,
+    ) {
+        let offers = std::mem::take(&mut self.agents[agent as usize].offers);
+        for slot in offers {
+            // take_back_offer expects the slot in the list; it is gone already, which is fine.
+            self.take_back_offer(slot, reason, effects);
+            self.conv_mut(slot).state = ConvState::Waiting;
+            self.requeue_and_route(now, slot, effects);
+        }
+    }
+
+    /// The agent gives up ownership (transfer, escalation): the slot frees without wrap-up.
+    fn release_owner(&mut self, slot: u32, agent: u32) {
+        self.agents[agent as usize]
+            .assigned
+            .retain(|&owned| owned != slot);
+        let channel = self.conv(slot).channel;
+        self.change_load(agent, channel, -1);
+        let conversation = self.conv_mut(slot);
+        conversation.state = ConvState::Waiting;
+        conversation.excluded.clear();
+    }
+
+    /// Makes `queue` the conversation's only candidate, keeping its priority and waiting time. The
+    /// new queue's escalation steps that lie in the past are not replayed.
+    fn move_to_queue(&mut self, now: Timestamp, slot: u32, queue: u32) {
+        let class = self.conv(slot).class;
+        let lane = self.lane_for(queue, class);
+        let steps_passed = {
+            let waited = now.since(self.conv(slot).since);
+            self.queues[queue as usize]
+                .config
+                .escalation
+                .iter()
+                .take_while(|step| step.after <= waited)
+                .count() as u16
+        };
+        let conversation = self.conv_mut(slot);
+        conversation.candidates = vec![(queue, lane)];
+        conversation.eligible_mask = 1;
+        conversation.next_step = steps_passed;
+        conversation.reserved_for = None;
+    }
+
+    /// Puts a waiting conversation in the lanes, tells the customer their place, and offers it if an
+    /// eligible agent is free.
+    fn requeue_and_route(&mut self, now: Timestamp, slot: u32, effects: &mut Vec<Effect>) {
+        self.enqueue(slot, effects);
+        self.route_waiting(now, slot, effects);
+        if self.conv(slot).is_unanswered() {
+            self.reschedule_wait_check(now, slot, effects);
+        }
+    }
+
+    /// Indexes a waiting conversation and emits `Queued` with its position and estimated wait.
+    pub(super) fn enqueue(&mut self, slot: u32, effects: &mut Vec<Effect>) {
+        let (home, priority, channel, id) = {
+            let conversation = self.conv(slot);
+            (
+                conversation.home_queue(),
+                conversation.priority,
+                conversation.channel,
+                conversation.id,
+            )
+        };
+        let queue = &self.queues[home as usize];
+        let ahead: u32 = queue
+            .by_priority
+            .range(priority..)
+            .map(|(_, count)| *count)
+            .sum();
+        let position = ahead + 1;
+        let estimated_wait = queue.estimated_wait(position, channel);
+        effects.push(Effect::Queued {
+            conversation: id,
+            queue: queue.config.name.clone(),
+            position,
+            estimated_wait,
+        });
+        self.index_conversation(slot);
+    }
+
+    /// Offers a waiting conversation to a free eligible agent, if there is one.
+    fn route_waiting(&mut self, now: Timestamp, slot: u32, effects: &mut Vec<Effect>) {
+        let conversation = self.conv(slot);
+        if conversation.state != ConvState::Waiting {
+            return;
+        }
+        if let Some((agent, _)) = conversation.reserved_for {
+            if self.agents[agent as usize].has_room(conversation.channel)
+                && !conversation.is_excluded(agent, now)
+            {
+                let home = conversation.home_queue();
+                self.offer(now, slot, agent, home, effects);
+            }
+            return;
+        }
+        let mask = conversation.eligible_mask;
+        let candidates = conversation.candidates.clone();
+        for (index, (queue, lane)) in candidates.into_iter().enumerate() {
+            if mask & (1 << index) == 0 {
+                continue;
+            }
+            if let Some(agent) = self.free_agent_in(slot, queue, lane, now) {
+                self.offer(now, slot, agent, queue, effects);
+                return;
+            }
+        }
+    }
+
+    /// The best free agent of a lane for this conversation, if the queue is open.
+    fn free_agent_in(&self, slot: u32, queue: u32, lane: u32, now: Timestamp) -> Option<u32> {
+        if !self.queues[queue as usize].open {
+            return None;
+        }
+        let conversation = self.conv(slot);
+        let lane_channel = self.lanes[lane as usize]
+            .channels
+            .get(conversation.channel as usize)?;
+        lane_channel
+            .free
+            .iter()
+            .map(|key| key.agent)
+            .find(|&agent| !conversation.is_excluded(agent, now))
+    }
+
+    /// Offers (or, on auto-accept queues, assigns) a conversation. It must not be indexed afterwards.
+    fn offer(
+        &mut self,
+        now: Timestamp,
+        slot: u32,
+        agent: u32,
+        queue: u32,
+        effects: &mut Vec<Effect>,
+    ) {
+        self.unindex_conversation(slot);
+        let channel = self.conv(slot).channel;
+        self.unindex_agent(agent);
+        self.next_turn += 1;
+        let turn = self.next_turn;
+        let state = &mut self.agents[agent as usize];
+        add_load(state, channel, 1);
+        state.last_offer_at = now;
+        if let Some(entry) = state.serves.iter_mut().find(|(served, _)| *served == queue) {
+            entry.1 = turn;
+        }
+        self.index_agent(agent);
+        let queue_config = &self.queues[queue as usize].config;
+        if queue_config.auto_accept {
+            self.agents[agent as usize].assigned.push(slot);
+            self.assign(now, slot, agent, queue, effects);
+            return;
+        }
+        let deadline = now + queue_config.offer_timeout;
+        let queue_name = queue_config.name.clone();
+        self.agents[agent as usize].offers.push(slot);
+        let conversation = self.conv_mut(slot);
+        conversation.state = ConvState::Offered {
+            agent,
+            queue,
+            deadline,
+        };
+        let id = conversation.id;
+        effects.push(Effect::Offered {
+            conversation: id,
+            agent: self.agents[agent as usize].id.clone(),
+            queue: queue_name,
+            deadline,
+        });
+        effects.push(Effect::ScheduleTimer {
+            key: TimerKey::Offer(id),
+            at: deadline,
+        });
+    }
+
+    /// Gives an agent with free capacity the best eligible waiting conversations, one at a time, until
+    /// it is full or none is left. This is the "order of service" rule: highest priority, then longest
+    /// wait, across every lane the agent serves and its reserved conversations.
+    pub(super) fn serve_agent(&mut self, now: Timestamp, agent: u32, effects: &mut Vec<Effect>) {
+        while let Some((key, queue)) = self.best_waiting_for(agent, now) {
+            self.offer(now, key.slot, agent, queue, effects);
+            let conversation = self.conv(key.slot);
+            if conversation.is_unanswered() {
+                self.reschedule_wait_check(now, key.slot, effects);
+            }
+        }
+    }
+
+    fn best_waiting_for(&self, agent: u32, now: Timestamp) -> Option<(WaitKey, u32)> {
+        let state = &self.agents[agent as usize];
+        if state.presence != Presence::Available || state.load_total >= state.config.max_total {
+            return None;
+        }
+        let mut best: Option<(WaitKey, u32)> = None;
+        for key in &state.reserved {
+            let conversation = self.conv(key.slot);
+            if state.has_room(conversation.channel) && !conversation.is_excluded(agent, now) {
+                best = Some((*key, conversation.home_queue()));
+                break;
+            }
+        }
+        for &(lane, _) in &state.lanes {
+            let lane_state = &self.lanes[lane as usize];
+            if !self.queues[lane_state.queue as usize].open {
+                continue;
+            }
+            for (channel, lane_channel) in lane_state.channels.iter().enumerate() {
+                if lane_channel.waiting.is_empty() || !state.has_room(channel as u32) {
+                    continue;
+                }
+                let first = lane_channel
+                    .waiting
+                    .iter()
+                    .find(|key| !self.conv(key.slot).is_excluded(agent, now));
+                if let Some(key) = first
+                    && best.is_none_or(|(best_key, _)| *key < best_key)
+                {
+                    best = Some((*key, lane_state.queue));
+                }
+            }
+        }
+        best
+    }
+
+    /// Applies everything that has come due for an unanswered conversation, then re-routes it.
+    fn wait_check(&mut self, now: Timestamp, slot: u32, effects: &mut Vec<Effect>) {
+        let was_indexed = self.conv(slot).indexed;
+        self.unindex_conversation(slot);
+        let home = self.conv(slot).home_queue();
+        // Wait-time escalation steps of the home queue.
+        loop {
+            let conversation = self.conv(slot);
+            let step_index = conversation.next_step as usize;
+            let Some(step) = self.queues[home as usize].config.escalation.get(step_index) else {
+                break;
+            };
+            if conversation.since + step.after > now {
+                break;
+            }
+            let action = step.action.clone();
+            self.conv_mut(slot).next_step += 1;
+            let reason = PriorityReason::WaitStep {
+                queue: self.queues[home as usize].config.name.clone(),
+                step: step_index,
+            };
+            let current = self.conv(slot).priority;
+            match action {
+                EscalationAction::RaiseBy(by) => {
+                    self.set_priority(slot, current.saturating_add(by), reason, effects)
+                }
+                EscalationAction::SetTo(to) if to > current => {
+                    self.set_priority(slot, to, reason, effects)
+                }
+                EscalationAction::SetTo(_) => {}
+                EscalationAction::OverflowTo(_) => {
+                    if let Some(target) = self.queues[home as usize].overflow_targets[step_index] {
+                        let class = self.conv(slot).class;
+                        let lane = self.lane_for(target, class);
+                        let conversation = self.conv_mut(slot);
+                        let position = match conversation
+                            .candidates
+                            .iter()
+                            .position(|&(queue, _)| queue == target)
+                        {
+                            Some(position) => position,
+                            None if conversation.candidates.len() < 32 => {
+                                conversation.candidates.push((target, lane));
+                                conversation.candidates.len() - 1
+                            }
+                            None => continue,
+                        };
+                        conversation.eligible_mask |= 1 << position;
+                    }
+                }
+            }
+        }
+        // The SLA target.
+        let sla = self.queues[home as usize].config.sla_target;
+        if !self.conv(slot).sla_breached && self.conv(slot).since + sla <= now {
+            self.conv_mut(slot).sla_breached = true;
+            effects.push(Effect::SlaBreached {
+                conversation: self.conv(slot).id,
+                queue: self.queues[home as usize].config.name.clone(),
+            });
+            let to = self
+                .conv(slot)
+                .priority
+                .saturating_add(self.config.priority.sla_breach);
+            if self.config.priority.sla_breach != 0 {
+                self.set_priority(slot, to, PriorityReason::SlaBreached, effects);
+            }
+        }
+        // Overflow into later candidate queues, cooldowns and reservations that ended.
+        let overflow_due: u32 = {
+            let conversation = self.conv(slot);
+            conversation
+                .candidates
+                .iter()
+                .enumerate()
+                .skip(1)
+                .filter(|(_, (queue, _))| {
+                    conversation.since + self.queues[*queue as usize].config.overflow_after <= now
+                })
+                .fold(0, |mask, (index, _)| mask | (1 << index))
+        };
+        let conversation = self.conv_mut(slot);
+        conversation.eligible_mask |= overflow_due;
+        conversation.excluded.retain(|&(_, until)| until > now);
+        if conversation
+            .reserved_for
+            .is_some_and(|(_, until)| until <= now)
+        {
+            conversation.reserved_for = None;
+        }
+        if was_indexed {
+            self.index_conversation(slot);
+            self.route_waiting(now, slot, effects);
+        }
+        if self.conv(slot).is_unanswered() {
+            self.reschedule_wait_check(now, slot, effects);
+        }
+    }
+
+    /// Sets the wait-check timer to the next moment something changes for this conversation.
+    pub(super) fn reschedule_wait_check(
+        &mut self,
+        now: Timestamp,
+        slot: u32,
+        effects: &mut Vec<Effect>,
+    ) {
+        let conversation = self.conv(slot);
+        let home = &self.queues[conversation.home_queue() as usize];
+        let mut next: Option<Timestamp> = None;
+        // After a wait check nothing is past due; after a restore something may be, and comes due now.
+        let mut consider = |at: Timestamp| {
+            let at = at.max(now);
+            next = Some(next.map_or(at, |current| current.min(at)));
+        };
+        if let Some(step) = home.config.escalation.get(conversation.next_step as usize) {
+            consider(conversation.since + step.after);
+        }
+        if !conversation.sla_breached {
+            consider(conversation.since + home.config.sla_target);
+        }
+        for (index, (queue, _)) in conversation.candidates.iter().enumerate().skip(1) {
+            if conversation.eligible_mask & (1 << index) == 0 {
+                consider(conversation.since + self.queues[*queue as usize].config.overflow_after);
+            }
+        }
+        for &(_, until) in &conversation.excluded {
+            consider(until);
+        }
+        if let Some((_, until)) = conversation.reserved_for {
+            consider(until);
+        }
+        if next == conversation.wait_check_at {
+            return;
+        }
+        let id = conversation.id;
+        match next {
+            Some(at) => effects.push(Effect::ScheduleTimer {
+                key: TimerKey::WaitCheck(id),
+                at,
+            }),
+            None => effects.push(Effect::CancelTimer {
+                key: TimerKey::WaitCheck(id),
+            }),
+        }
+        self.conv_mut(slot).wait_check_at = next;
+    }
+
+    fn set_priority(
+        &mut self,
+        slot: u32,
+        to: Priority,
+        reason: PriorityReason,
+        effects: &mut Vec<Effect>,
+    ) {
+        let from = self.conv(slot).priority;
+        if from == to {
+            return;
+        }
+        let was_indexed = self.conv(slot).indexed;
+        self.unindex_conversation(slot);
+        let conversation = self.conv_mut(slot);
+        conversation.priority = to;
+        if !conversation.reasons.contains(&reason) {
+            conversation.reasons.push(reason.clone());
+        }
+        let id = conversation.id;
+        if was_indexed {
+            self.index_conversation(slot);
+        }
+        effects.push(Effect::PriorityChanged {
+            conversation: id,
+            from,
+            to,
+            reason,
+        });
+    }
+
+    pub(super) fn refresh_business_hours(
+        &mut self,
+        now: Timestamp,
+        queue: u32,
+        effects: &mut Vec<Effect>,
+    ) {
+        let Some(hours) = self.queues[queue as usize].config.business_hours.clone() else {
+            return;
+        };
+        let was_open = self.queues[queue as usize].open;
+        let open = hours.is_open(now);
+        self.queues[queue as usize].open = open;
+        if let Some(at) = hours.next_change(now) {
+            effects.push(Effect::ScheduleTimer {
+                key: TimerKey::BusinessHours(self.queues[queue as usize].config.name.clone()),
+                at,
+            });
+        }
+        if open && !was_open {
+            self.serve_queue(now, queue, effects);
+        }
+    }
+
+    /// Lets every free agent of a queue pull work (after it opened).
+    fn serve_queue(&mut self, now: Timestamp, queue: u32, effects: &mut Vec<Effect>) {
+        let mut agents: Vec<u32> = self.queues[queue as usize]
+            .lanes
+            .iter()
+            .flat_map(|&lane| {
+                self.lanes[lane as usize]
+                    .channels
+                    .iter()
+                    .flat_map(|channel| channel.free.iter().map(|key| key.agent))
+            })
+            .collect();
+        agents.sort_unstable();
+        agents.dedup();
+        for agent in agents {
+            self.serve_agent(now, agent, effects);
+        }
+    }
+
+    // ----- indexes --------------------------------------------------------------------------------
+
+    /// Puts a waiting conversation into its lanes (or its reserved agent's set) and the queue counts.
+    pub(super) fn index_conversation(&mut self, slot: u32) {
+        let conversation = self.conv(slot);
+        debug_assert!(conversation.state == ConvState::Waiting && !conversation.indexed);
+        let key = conversation.key(slot);
+        let (channel, home, mask, reserved) = (
+            conversation.channel,
+            conversation.home_queue(),
+            conversation.eligible_mask,
+            conversation.reserved_for,
+        );
+        match reserved {
+            Some((agent, _)) => {
+                self.agents[agent as usize].reserved.insert(key);
+            }
+            None => {
+                for index in 0..self.conv(slot).candidates.len() {
+                    if mask & (1 << index) != 0 {
+                        let lane = self.conv(slot).candidates[index].1;
+                        lane_channel(&mut self.lanes[lane as usize], channel)
+                            .waiting
+                            .insert(key);
+                    }
+                }
+            }
+        }
+        let queue = &mut self.queues[home as usize];
+        *queue.by_priority.entry(key.priority.0).or_insert(0) += 1;
+        queue.by_age.insert((key.since, key.seq));
+        self.conv_mut(slot).indexed = true;
+    }
+
+    pub(super) fn unindex_conversation(&mut self, slot: u32) {
+        let conversation = self.conv(slot);
+        if !conversation.indexed {
+            return;
+        }
+        let key = conversation.key(slot);
+        let (channel, home, mask, reserved) = (
+            conversation.channel,
+            conversation.home_queue(),
+            conversation.eligible_mask,
+            conversation.reserved_for,
+        );
+        match reserved {
+            Some((agent, _)) => {
+                self.agents[agent as usize].reserved.remove(&key);
+            }
+            None => {
+                for index in 0..self.conv(slot).candidates.len() {
+                    if mask & (1 << index) != 0 {
+                        let lane = self.conv(slot).candidates[index].1;
+                        lane_channel(&mut self.lanes[lane as usize], channel)
+                            .waiting
+                            .remove(&key);
+                    }
+                }
+            }
+        }
+        let queue = &mut self.queues[home as usize];
+        if let Some(count) = queue.by_priority.get_mut(&key.priority.0) {
+            *count -= 1;
+            if *count == 0 {
+                queue.by_priority.remove(&key.priority.0);
+            }
+        }
+        queue.by_age.remove(&(key.since, key.seq));
+        self.conv_mut(slot).indexed = false;
+    }
+
+    /// Puts an agent into the `free` set of every lane and channel where it has room.
+    pub(super) fn index_agent(&mut self, agent: u32) {
+        let state = &self.agents[agent as usize];
+        debug_assert!(state.free_entries.is_empty());
+        if state.presence != Presence::Available || state.load_total >= state.config.max_total {
+            return;
+        }
+        let mut entries = Vec::new();
+        for &(lane, skill_score) in &state.lanes {
+            let queue = self.lanes[lane as usize].queue;
+            let queue_state = &self.queues[queue as usize];
+            for channel in 0..state.capacity.len() as u32 {
+                if !state.has_room(channel)
+                    || !queue_state.config.accepts(&self.channels[channel as usize])
+                {
+                    continue;
+                }
+                let idle = state.last_offer_at.0;
+                let (primary, secondary) = match queue_state.config.strategy {
+                    Strategy::LongestIdle => (idle, 0),
+                    Strategy::LeastOccupied => (
+                        (u64::from(state.load_total) << 16) / u64::from(state.config.max_total),
+                        idle,
+                    ),
+                    Strategy::RoundRobin => (
+                        state
+                            .serves
+                            .iter()
+                            .find(|(q, _)| *q == queue)
+                            .map_or(0, |(_, turn)| *turn),
+                        0,
+                    ),
+                    Strategy::MostSkilled => (u64::from(u32::MAX - skill_score), idle),
+                };
+                entries.push((
+                    lane,
+                    channel,
+                    FreeKey {
+                        primary,
+                        secondary,
+                        agent,
+                    },
+                ));
+            }
+        }
+        for &(lane, channel, key) in &entries {
+            lane_channel(&mut self.lanes[lane as usize], channel)
+                .free
+                .insert(key);
+        }
+        self.agents[agent as usize].free_entries = entries;
+    }
+
+    pub(super) fn unindex_agent(&mut self, agent: u32) {
+        let entries = std::mem::take(&mut self.agents[agent as usize].free_entries);
+        for (lane, channel, key) in entries {
+            lane_channel(&mut self.lanes[lane as usize], channel)
+                .free
+                .remove(&key);
+        }
+    }
+
+    /// Adds `delta` to an agent's load on a channel, keeping the free-agent index right.
+    pub(super) fn change_load(&mut self, agent: u32, channel: u32, delta: i32) {
+        self.unindex_agent(agent);
+        add_load(&mut self.agents[agent as usize], channel, delta);
+        self.index_agent(agent);
+    }
+
+    fn adjust_staffing(&mut self, agent: u32, from: Presence, to: Presence) {
+        let sign: i64 = match (from == Presence::Available, to == Presence::Available) {
+            (false, true) => 1,
+            (true, false) => -1,
+            _ => return,
+        };
+        let state = &self.agents[agent as usize];
+        for &(queue, _) in &state.serves {
+            let staffed = &mut self.queues[queue as usize].staffed;
+            if staffed.len() < state.capacity.len() {
+                staffed.resize(state.capacity.len(), 0);
+            }
+            for (channel, &slots) in state.capacity.iter().enumerate() {
+                staffed[channel] =
+                    (i64::from(staffed[channel]) + sign * i64::from(slots)).max(0) as u32;
+            }
+        }
+    }
+
+    // ----- interning and lookups ------------------------------------------------------------------
+
+    pub(super) fn intern_channel(&mut self, channel: &Channel) -> u32 {
+        if let Some(&index) = self.channel_index.get(channel) {
+            return index;
+        }
+        let index = self.channels.len() as u32;
+        self.channels.push(channel.clone());
+        self.channel_index.insert(channel.clone(), index);
+        index
+    }
+
+    pub(super) fn intern_class(&mut self, class: Class) -> u32 {
+        if let Some(&index) = self.class_index.get(&class) {
+            return index;
+        }
+        let index = self.classes.len() as u32;
+        self.classes.push(class.clone());
+        self.class_index.insert(class, index);
+        index
+    }
+
+    /// The lane for (queue, class), created with its qualified agents on first use.
+    pub(super) fn lane_for(&mut self, queue: u32, class: u32) -> u32 {
+        if let Some(&lane) = self.lane_index.get(&(queue, class)) {
+            return lane;
+        }
+        let lane = self.lanes.len() as u32;
+        self.lanes.push(Lane {
+            queue,
+            channels: Vec::new(),
+        });
+        self.lane_index.insert((queue, class), lane);
+        self.queues[queue as usize].lanes.push(lane);
+        for agent in 0..self.agents.len() as u32 {
+            let Some(score) = self.qualification(agent, queue, class) else {
+                continue;
+            };
+            self.unindex_agent(agent);
+            self.agents[agent as usize].lanes.push((lane, score));
+            self.index_agent(agent);
+        }
+        lane
+    }
+
+    /// `Some(summed skill level)` if the agent serves the queue and meets the class's requirements.
+    fn qualification(&self, agent: u32, queue: u32, class: u32) -> Option<u32> {
+        let state = &self.agents[agent as usize];
+        if !state.serves.iter().any(|(served, _)| *served == queue) {
+            return None;
+        }
+        let class = &self.classes[class as usize];
+        if let Some(language) = &class.language
+            && !state
+                .config
+                .languages
+                .iter()
+                .any(|spoken| rules::primary_language(spoken) == *language)
+        {
+            return None;
+        }
+        let level = |skill: &str| {
+            state
+                .config
+                .skills
+                .iter()
+                .find(|(name, _)| &**name == skill)
+                .map(|(_, level)| *level)
+        };
+        let mut score = 0u32;
+        for requirement in class
+            .skills
+            .iter()
+            .chain(&self.queues[queue as usize].config.required_skills)
+        {
+            match level(&requirement.skill) {
+                Some(level) if level >= requirement.min_level => score += u32::from(level),
+                _ => return None,
+            }
+        }
+        Some(score)
+    }
+
+    /// Rule queues that accept the channel; else the default queues that do; else the rule's queues.
+    fn candidate_queues(&self, names: &[QueueName], channel: &Channel) -> Vec<u32> {
+        let accepting = |names: &[QueueName]| -> Vec<u32> {
+            names
+                .iter()
+                .filter_map(|name| self.queue_index.get(name).copied())
+                .filter(|&queue| self.queues[queue as usize].config.accepts(channel))
+                .take(32)
+                .collect()
+        };
+        let mut queues = accepting(names);
+        if queues.is_empty() {
+            queues = accepting(&self.config.default_queues);
+        }
+        if queues.is_empty() {
+            queues = names
+                .iter()
+                .chain(&self.config.default_queues)
+                .filter_map(|name| self.queue_index.get(name).copied())
+                .take(1)
+                .collect();
+        }
+        queues
+    }
+
+    /// Home is always eligible; later candidates whose overflow time is zero are eligible at once.
+    fn initial_mask(&self, candidates: &[(u32, u32)]) -> u32 {
+        candidates
+            .iter()
+            .enumerate()
+            .filter(|(index, (queue, _))| {
+                *index == 0 || self.queues[*queue as usize].config.overflow_after == Millis::ZERO
+            })
+            .fold(0, |mask, (index, _)| mask | (1 << index))
+    }
+
+    pub(super) fn insert_conversation(&mut self, conversation: Conversation) -> u32 {
+        let id = conversation.id;
+        let slot = match self.free_slots.pop() {
+            Some(slot) => {
+                self.conversations[slot as usize] = Some(conversation);
+                slot
+            }
+            None => {
+                self.conversations.push(Some(conversation));
+                (self.conversations.len() - 1) as u32
+            }
+        };
+        self.slot_of.insert(id, slot);
+        slot
+    }
+
+    fn remove_conversation(&mut self, slot: u32) {
+        if let Some(conversation) = self.conversations[slot as usize].take() {
+            self.slot_of.remove(&conversation.id);
+            self.free_slots.push(slot);
+        }
+    }
+
+    pub(super) fn conv(&self, slot: u32) -> &Conversation {
+        match &self.conversations[slot as usize] {
+            Some(conversation) => conversation,
+            None => unreachable_state(),
+        }
+    }
+
+    pub(super) fn conv_mut(&mut self, slot: u32) -> &mut Conversation {
+        match &mut self.conversations[slot as usize] {
+            Some(conversation) => conversation,
+            None => unreachable_state(),
+        }
+    }
+
+    fn slot(&self, id: ConversationId) -> Result<u32, CommandError> {
+        self.slot_of
+            .get(&id)
+            .copied()
+            .ok_or(CommandError::UnknownConversation(id))
+    }
+
+    fn agent_slot(&self, agent: &AgentId) -> Result<u32, CommandError> {
+        self.agent_index
+            .get(agent)
+            .copied()
+            .ok_or_else(|| CommandError::UnknownAgent(agent.clone()))
+    }
+
+    fn queue_slot(&self, queue: &QueueName) -> Result<u32, CommandError> {
+        self.queue_index
+            .get(queue)
+            .copied()
+            .ok_or_else(|| CommandError::UnknownQueue(queue.clone()))
+    }
+
+    /// The conversation, if it is offered to this agent right now.
+    fn offered_to(&self, agent: &AgentId, id: ConversationId) -> Result<(u32, u32), CommandError> {
+        let agent_slot = self.agent_slot(agent)?;
+        let slot = self.slot(id)?;
+        match self.conv(slot).state {
+            ConvState::Offered { agent: offered, .. } if offered == agent_slot => {
+                Ok((slot, agent_slot))
+            }
+            _ => Err(CommandError::NotOffered {
+                conversation: id,
+                agent: agent.clone(),
+            }),
+        }
+    }
+
+    /// The conversation, if this agent owns it: (slot, agent slot, serving queue, assigned since).
+    fn owned_by(
+        &self,
+        agent: &AgentId,
+        id: ConversationId,
+    ) -> Result<(u32, u32, u32, Timestamp), CommandError> {
+        let agent_slot = self.agent_slot(agent)?;
+        let slot = self.slot(id)?;
+        match self.conv(slot).state {
+            ConvState::Assigned {
+                agent: owner,
+                queue,
+                since,
+            } if owner == agent_slot => Ok((slot, agent_slot, queue, since)),
+            _ => Err(CommandError::NotOwner {
+                conversation: id,
+                agent: agent.clone(),
+            }),
+        }
+    }
+}
+
+impl QueueState {
+    fn record_handle_time(&mut self, handle_time: Millis) {
+        if self.handle_times.len() == HANDLE_TIME_WINDOW
+            && let Some(oldest) = self.handle_times.pop_front()
+        {
+            self.handle_time_sum -= oldest;
+        }
+        self.handle_times.push_back(handle_time.0);
+        self.handle_time_sum += handle_time.0;
+    }
+
+    /// Mean of the recent handle times, or the configured default before any was seen.
+    pub(super) fn average_handle_time(&self) -> Millis {
+        match self.handle_times.len() as u64 {
+            0 => self.config.default_handle_time,
+            count => Millis(self.handle_time_sum / count),
+        }
+    }
+
+    /// Estimated wait at `position`: the conversations ahead are served by the staffed slots of this
+    /// channel in parallel, each taking the recent average handle time.
+    pub(super) fn estimated_wait(&self, position: u32, channel: u32) -> Millis {
+        let slots = u64::from(
+            self.staffed
+                .get(channel as usize)
+                .copied()
+                .unwrap_or(0)
+                .max(1),
+        );
+        Millis(u64::from(position) * self.average_handle_time().0 / slots)
+    }
+}
+
+fn serves_queue(agent: &AgentConfig, queue: &QueueConfig) -> bool {
+    if agent.queues.contains(&queue.name) {
+        return true;
+    }
+    !queue.required_skills.is_empty()
+        && queue.required_skills.iter().all(|requirement| {
+            agent.skills.iter().any(|(skill, level)| {
+                **skill == *requirement.skill && *level >= requirement.min_level
+            })
+        })
+}
+
+fn add_load(state: &mut AgentState, channel: u32, delta: i32) {
+    let index = channel as usize;
+    if state.load.len() <= index {
+        state.load.resize(index + 1, 0);
+    }
+    state.load[index] = (i32::from(state.load[index]) + delta).max(0) as u16;
+    state.load_total = (i32::from(state.load_total) + delta).max(0) as u16;
+}
+
+fn lane_channel(lane: &mut Lane, channel: u32) -> &mut LaneChannel {
+    let index = channel as usize;
+    if lane.channels.len() <= index {
+        lane.channels.resize_with(index + 1, LaneChannel::default);
+    }
+    &mut lane.channels[index]
+}
+
+/// The router's own bookkeeping disagrees with itself: a bug, never caused by input.
+#[cold]
+fn unreachable_state() -> ! {
+    panic!("router state inconsistent: a slot referenced by an index is empty or in another state")
+}
