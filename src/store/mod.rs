@@ -1,0 +1,267 @@
+//! Durable state behind one trait: messages, contacts, conversations, routing state and the event outbox.
+//!
+//! Every backend (SQLite embedded, PostgreSQL for scale-out) implements [`Store`] with the same
+//! semantics, proven by the shared conformance suite in `tests/store_conformance.rs`. Writes are
+//! group-committed: many callers' writes share one transaction and one fsync, and each caller's
+//! future resolves only after that commit, so "acknowledged" always means "durable".
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use ulid::Ulid;
+
+use crate::message::InboundMessage;
+
+/// Why a store operation failed. Callers map `Unavailable` to "retry later" (HTTP 503, SMTP 451,
+/// bus nack) and never acknowledge the input.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot commit right now (disk full, read-only, busy, connection lost).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The request contradicts stored data (e.g. an unknown conversation).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// A write from a router whose leadership epoch is no longer current (scale-out fencing).
+    #[error("fenced: epoch {epoch} is stale")]
+    Fenced { epoch: u64 },
+    /// Stored data could not be read back (a bug or a damaged database).
+    #[error("corrupt data: {0}")]
+    Corrupt(String),
+}
+
+/// Where a conversation stands, as far as matching new messages is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConversationStatus {
+    /// Unanswered or assigned: new messages from the customer join it.
+    Open,
+    /// Resolved but within its reopen window: a new message joins it and the router reopens it.
+    Resolved,
+    /// Finished for good (reopen window passed, or abandoned): a new message starts a new conversation.
+    Closed,
+}
+
+impl ConversationStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConversationStatus::Open => "open",
+            ConversationStatus::Resolved => "resolved",
+            ConversationStatus::Closed => "closed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<ConversationStatus> {
+        match text {
+            "open" => Some(ConversationStatus::Open),
+            "resolved" => Some(ConversationStatus::Resolved),
+            "closed" => Some(ConversationStatus::Closed),
+            _ => None,
+        }
+    }
+}
+
+/// What became of an inbound message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IngestOutcome {
+    /// Stored for the first time, in this conversation.
+    Stored {
+        message_id: Ulid,
+        conversation_id: Ulid,
+        contact_id: Ulid,
+        new_conversation: bool,
+    },
+    /// Seen before (same channel and provider_message_id): nothing was written.
+    Duplicate {
+        message_id: Ulid,
+        conversation_id: Ulid,
+    },
+}
+
+/// A stored message, either direction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredMessage {
+    pub id: Ulid,
+    pub conversation_id: Ulid,
+    pub direction: Direction,
+    pub channel: String,
+    pub provider: String,
+    pub provider_message_id: Option<String>,
+    pub from_address: String,
+    pub to_address: String,
+    /// Inbound: the full `switchboard.message.v1`. Outbound: the reply as sent.
+    pub body: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+    /// Outbound only: `pending`, `sent`, `delivered`, `failed`.
+    pub delivery_status: Option<String>,
+    /// Outbound only: the agent who wrote it.
+    pub agent_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+/// A conversation's stored summary.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConversationRecord {
+    pub id: Ulid,
+    pub contact_id: Ulid,
+    pub status: ConversationStatus,
+    /// The channel of the first message.
+    pub channel: String,
+    /// Where replies go: the channel, provider and addresses of the customer's latest message.
+    pub reply_route: ReplyRoute,
+    pub subject: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// The router's state for this conversation (an opaque JSON document the daemon writes).
+    pub routing_state: Option<serde_json::Value>,
+    /// How many events this conversation has produced (the last event's sequence number).
+    pub event_seq: u64,
+}
+
+/// How to reach the customer: the channel they last wrote on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyRoute {
+    pub channel: String,
+    pub provider: String,
+    /// The customer's address there.
+    pub customer_address: String,
+    /// Our address there (the number, mailbox or page they wrote to).
+    pub our_address: String,
+    /// The thread key there (email threading, chat session...).
+    pub thread_key: String,
+}
+
+/// Filters for listing conversations (admin API). All optional; newest first.
+#[derive(Debug, Clone, Default)]
+pub struct ConversationFilter {
+    pub status: Option<ConversationStatus>,
+    pub channel: Option<String>,
+    pub contact_id: Option<Ulid>,
+    /// Only conversations updated before this instant (for paging).
+    pub updated_before: Option<DateTime<Utc>>,
+    pub limit: usize,
+}
+
+/// An event for other systems, written in the same commit as the state change that caused it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    pub event_id: Ulid,
+    /// `conversation.assigned`, `message.received`, `agent.presence`...
+    pub kind: String,
+    /// The conversation it belongs to; its sequence number is assigned by the store at commit.
+    pub conversation_id: Option<Ulid>,
+    pub data: serde_json::Value,
+    pub time: DateTime<Utc>,
+}
+
+/// An event waiting in (or read from) the outbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxEvent {
+    /// Position in the outbox: publish in this order.
+    pub position: i64,
+    pub event_id: Ulid,
+    pub kind: String,
+    pub conversation_id: Option<Ulid>,
+    /// Per-conversation sequence number, 1, 2, 3...; 0 for events without a conversation.
+    pub seq: u64,
+    pub data: serde_json::Value,
+    pub time: DateTime<Utc>,
+}
+
+/// One routing step's durable consequences, committed atomically.
+#[derive(Debug, Clone, Default)]
+pub struct RoutingWrite {
+    /// Conversations whose router state changed: (id, new status, state document).
+    pub conversations: Vec<(Ulid, ConversationStatus, serde_json::Value)>,
+    /// Agents whose router state changed: (agent id, state document).
+    pub agents: Vec<(String, serde_json::Value)>,
+    /// Inbound messages now handed to the router (recovery replays the others).
+    pub routed_messages: Vec<Ulid>,
+    pub events: Vec<NewEvent>,
+    /// The writer's leadership epoch (0 on a single node); the write is refused with `Fenced` if a
+    /// newer epoch exists.
+    pub epoch: u64,
+}
+
+/// An agent's reply, stored before it is sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewReply {
+    pub id: Ulid,
+    pub conversation_id: Ulid,
+    pub agent_id: String,
+    pub route: ReplyRoute,
+    pub text: String,
+    pub html: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// What restart recovery needs: every conversation with router state, every agent's state, and the
+/// inbound messages stored but not yet handed to the router.
+#[derive(Debug, Clone, Default)]
+pub struct Recovery {
+    pub conversations: Vec<(Ulid, serde_json::Value)>,
+    pub agents: Vec<(String, serde_json::Value)>,
+    pub unrouted: Vec<StoredMessage>,
+}
+
+/// The durable store. Implementations are cheap to clone handles (`Arc` inside).
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Stores a validated inbound message: deduplicates by (channel, provider_message_id), finds or
+    /// creates the contact from the message's identities (linking new identities to it), and finds the
+    /// conversation: the thread key's conversation if not closed, else the contact's conversation that
+    /// is not closed (any channel), else a new one. Updates the conversation's reply route. Returns
+    /// only after the commit. `received_at` is used when the message has none.
+    async fn ingest(
+        &self,
+        message: InboundMessage,
+        received_at: DateTime<Utc>,
+    ) -> Result<IngestOutcome, StoreError>;
+
+    /// Commits a routing step: conversation and agent states, routed marks and events, atomically.
+    /// Conversations set to `Closed` keep their history; their thread keys no longer match.
+    async fn apply_routing(&self, write: RoutingWrite) -> Result<(), StoreError>;
+
+    /// Stores an agent's reply as an outbound message (`pending`) together with its events.
+    async fn store_reply(&self, reply: NewReply, events: Vec<NewEvent>) -> Result<(), StoreError>;
+
+    /// Records a delivery status for an outbound message (`sent`, `delivered`, `failed`), with events.
+    async fn set_delivery_status(
+        &self,
+        message_id: Ulid,
+        status: &str,
+        provider_message_id: Option<String>,
+        events: Vec<NewEvent>,
+    ) -> Result<(), StoreError>;
+
+    async fn recovery(&self) -> Result<Recovery, StoreError>;
+
+    async fn conversation(&self, id: Ulid) -> Result<Option<ConversationRecord>, StoreError>;
+
+    async fn conversations(
+        &self,
+        filter: ConversationFilter,
+    ) -> Result<Vec<ConversationRecord>, StoreError>;
+
+    /// Every message of a conversation, oldest first.
+    async fn messages(&self, conversation_id: Ulid) -> Result<Vec<StoredMessage>, StoreError>;
+
+    async fn message(&self, id: Ulid) -> Result<Option<StoredMessage>, StoreError>;
+
+    /// The oldest unpublished events, in outbox order.
+    async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxEvent>, StoreError>;
+
+    /// Marks events published (after the broker confirmed them).
+    async fn outbox_mark_sent(&self, positions: &[i64]) -> Result<(), StoreError>;
+
+    /// How many events wait to be published.
+    async fn outbox_backlog(&self) -> Result<u64, StoreError>;
+
+    /// Can the store commit right now? (For `/readyz`.)
+    async fn check_writable(&self) -> Result<(), StoreError>;
+}

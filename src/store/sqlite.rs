@@ -1,0 +1,1 @@
+//! The embedded SQLite store (WAL, group commit): the default backend.
