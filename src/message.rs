@@ -370,7 +370,8 @@ mod tests {
     #[test]
     fn valid_messages_pass_and_each_bad_field_is_named() {
         assert_eq!(sms().validate(), Ok(()));
-        let cases: Vec<(&str, Box<dyn Fn(&mut InboundMessage)>)> = vec![
+        type Breaker = Box<dyn Fn(&mut InboundMessage)>;
+        let cases: Vec<(&str, Breaker)> = vec![
             ("schema", Box::new(|m| m.schema = "v0".into())),
             ("channel", Box::new(|m| m.channel = "SMS!".into())),
             (
