@@ -1,6 +1,7 @@
 //! Switchboard: an omnichannel contact-centre router (library half; the binary is `src/main.rs`).
 #![forbid(unsafe_code)]
 
+pub mod config;
 pub mod message;
 pub mod routing;
 pub mod sim;

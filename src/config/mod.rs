@@ -1,0 +1,426 @@
+//! Configuration: parsed once, validated, and passed down as typed [`Settings`].
+//!
+//! Layers, later wins: the embedded `config/default.toml`, an optional file (`--config`), then
+//! environment variables `SWITCHBOARD__SECTION__KEY` (e.g. `SWITCHBOARD__SERVER__LISTEN`,
+//! `SWITCHBOARD__AUTH__ADMIN_TOKENS`). Secrets are [`Secret`]s: they never print, in logs or in
+//! `check-config`.
+
+pub mod routing_file;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize, Serializer};
+
+use crate::routing::RoutingConfig;
+use routing_file::{AgentSection, QueueSection, RoutingFileError, RoutingSection, RuleSection};
+
+/// The configuration shipped with switchboard: a demo centre that runs with nothing else installed.
+pub const DEFAULT_CONFIG: &str = include_str!("../../config/default.toml");
+
+/// A secret value (token, password). Compared in constant time; never displayed.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: &str) -> Secret {
+        Secret(value.to_owned())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Constant-time comparison, so a token cannot be guessed byte by byte from response times.
+    pub fn matches(&self, candidate: &str) -> bool {
+        let (a, b) = (self.0.as_bytes(), candidate.as_bytes());
+        let mut difference = a.len() ^ b.len();
+        for index in 0..a.len().max(b.len()) {
+            difference |= usize::from(
+                a.get(index).copied().unwrap_or(0) ^ b.get(index).copied().unwrap_or(0),
+            );
+        }
+        difference == 0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(********)")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("********")
+    }
+}
+
+/// The whole file, as written. Unknown keys are errors, so a typo is caught at start.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub server: ServerSection,
+    pub store: StoreSection,
+    #[serde(default)]
+    pub auth: AuthSection,
+    #[serde(default)]
+    pub outbound: OutboundSection,
+    #[serde(default)]
+    pub log: LogSection,
+    pub routing: RoutingSection,
+    #[serde(default)]
+    pub queues: Vec<QueueSection>,
+    #[serde(default)]
+    pub rules: Vec<RuleSection>,
+    #[serde(default)]
+    pub agents: Vec<AgentSection>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// Address to listen on; port 0 picks a free port (logged and written to `port_file`).
+    pub listen: String,
+    /// The URL clients reach this server at (behind a proxy it differs from `listen`).
+    #[serde(default)]
+    pub public_url: Option<String>,
+    pub body_limit_bytes: usize,
+    pub request_timeout_seconds: u64,
+    pub shutdown_grace_seconds: u64,
+    /// If set, the bound address is written here once listening (for scripts and tests using port 0).
+    #[serde(default)]
+    pub port_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// `sqlite` (embedded, the default).
+    pub backend: String,
+    /// SQLite database file; relative paths are relative to the working directory.
+    pub path: PathBuf,
+    /// Writes grouped into one commit at most.
+    pub max_batch: usize,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    /// Adds well-known tokens for trying switchboard locally: ingest `demo-ingest-token`, admin
+    /// `demo-admin-token`, each agent `demo-<id>-token`. Refused unless listening on loopback.
+    pub demo_tokens: bool,
+    /// Bearer tokens accepted by `POST /v1/messages`.
+    pub ingest_tokens: Vec<Secret>,
+    /// Bearer tokens for `/v1/admin/*` and the supervisor view.
+    pub admin_tokens: Vec<Secret>,
+    /// Agent id → that agent's bearer token. From env: `SWITCHBOARD__AUTH__AGENT_TOKENS__ALICE`.
+    pub agent_tokens: BTreeMap<String, Secret>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboundSection {
+    /// Replies on the `api` channel are also POSTed here, signed (`X-Switchboard-Signature`).
+    pub api_webhook_url: Option<String>,
+    pub api_webhook_secret: Option<Secret>,
+    /// Delivery attempts before a reply is marked failed.
+    pub max_attempts: u32,
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+}
+
+impl Default for OutboundSection {
+    fn default() -> Self {
+        OutboundSection {
+            api_webhook_url: None,
+            api_webhook_secret: None,
+            max_attempts: 6,
+            initial_backoff_ms: 500,
+            max_backoff_ms: 60_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// `text` or `json`; `--log-format` overrides it.
+    pub format: String,
+    /// A `tracing` filter such as `info` or `switchboard=debug,info`; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+/// Validated settings, ready to run.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub public_url: String,
+    pub body_limit_bytes: usize,
+    pub request_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub port_file: Option<PathBuf>,
+    pub store: StoreSection,
+    pub auth: AuthSection,
+    pub outbound: OutboundSection,
+    pub log: LogSection,
+    pub routing: RoutingConfig,
+    /// The effective file, for `check-config` (secrets serialise masked).
+    pub file: ConfigFile,
+}
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigLoadError {
+    #[error("cannot read configuration: {0}")]
+    Source(#[from] config::ConfigError),
+    #[error("{place}: {reason}")]
+    Invalid { place: String, reason: String },
+    #[error(transparent)]
+    Routing(#[from] RoutingFileError),
+}
+
+fn invalid(place: &str, reason: impl Into<String>) -> ConfigLoadError {
+    ConfigLoadError::Invalid {
+        place: place.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// Loads defaults, the optional file and the environment given (pass `std::env::vars()`).
+pub fn load(
+    file: Option<&Path>,
+    environment: impl IntoIterator<Item = (String, String)>,
+) -> Result<Settings, ConfigLoadError> {
+    let mut builder = config::Config::builder().add_source(config::File::from_str(
+        DEFAULT_CONFIG,
+        config::FileFormat::Toml,
+    ));
+    if let Some(path) = file {
+        if !path.exists() {
+            return Err(invalid(
+                "--config",
+                format!("{} does not exist", path.display()),
+            ));
+        }
+        builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+    }
+    let overrides: config::Map<String, String> = environment
+        .into_iter()
+        .filter(|(key, _)| key.starts_with("SWITCHBOARD__"))
+        .collect();
+    builder = builder.add_source(
+        config::Environment::with_prefix("SWITCHBOARD")
+            .prefix_separator("__")
+            .separator("__")
+            .list_separator(",")
+            .with_list_parse_key("auth.ingest_tokens")
+            .with_list_parse_key("auth.admin_tokens")
+            .with_list_parse_key("routing.default_queues")
+            .try_parsing(true)
+            .source(Some(overrides)),
+    );
+    let file: ConfigFile = builder.build()?.try_deserialize()?;
+    settings_from(file)
+}
+
+/// Validates a parsed file into [`Settings`].
+pub fn settings_from(file: ConfigFile) -> Result<Settings, ConfigLoadError> {
+    let listen: SocketAddr = file.server.listen.parse().map_err(|_| {
+        invalid(
+            "server.listen",
+            format!("`{}` is not host:port", file.server.listen),
+        )
+    })?;
+    if file.server.body_limit_bytes < 1024 {
+        return Err(invalid("server.body_limit_bytes", "must be at least 1024"));
+    }
+    if file.store.backend != "sqlite" {
+        return Err(invalid(
+            "store.backend",
+            format!("unknown backend `{}` (sqlite)", file.store.backend),
+        ));
+    }
+    if file.store.max_batch == 0 {
+        return Err(invalid("store.max_batch", "must be at least 1"));
+    }
+    if file.outbound.api_webhook_url.is_some() && file.outbound.api_webhook_secret.is_none() {
+        return Err(invalid(
+            "outbound.api_webhook_secret",
+            "required when api_webhook_url is set (replies are signed)",
+        ));
+    }
+    if !matches!(file.log.format.as_str(), "text" | "json") {
+        return Err(invalid("log.format", "must be text or json"));
+    }
+    let routing = routing_file::build_routing(
+        &file.routing,
+        &file.queues,
+        &file.rules,
+        &file.agents,
+        &|path| std::fs::read_to_string(path).map_err(|error| error.to_string()),
+    )?;
+    for agent in file.auth.agent_tokens.keys() {
+        if !file.agents.iter().any(|known| &known.id == agent) {
+            return Err(invalid(
+                "auth.agent_tokens",
+                format!("token for unknown agent `{agent}`"),
+            ));
+        }
+    }
+    let mut auth = file.auth.clone();
+    if auth.demo_tokens {
+        if !listen.ip().is_loopback() {
+            return Err(invalid(
+                "auth.demo_tokens",
+                "demo tokens are well known: only allowed when listening on loopback",
+            ));
+        }
+        auth.ingest_tokens.push(Secret::new("demo-ingest-token"));
+        auth.admin_tokens.push(Secret::new("demo-admin-token"));
+        for agent in &file.agents {
+            auth.agent_tokens
+                .entry(agent.id.clone())
+                .or_insert_with(|| Secret::new(&format!("demo-{}-token", agent.id)));
+        }
+    }
+    Ok(Settings {
+        listen,
+        public_url: file
+            .server
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{listen}")),
+        body_limit_bytes: file.server.body_limit_bytes,
+        request_timeout: Duration::from_secs(file.server.request_timeout_seconds.max(1)),
+        shutdown_grace: Duration::from_secs(file.server.shutdown_grace_seconds),
+        port_file: file.server.port_file.clone(),
+        store: file.store.clone(),
+        auth,
+        outbound: file.outbound.clone(),
+        log: file.log.clone(),
+        routing,
+        file,
+    })
+}
+
+impl Settings {
+    /// The effective configuration as TOML, secrets masked.
+    pub fn effective_toml(&self) -> String {
+        toml::to_string_pretty(&self.file)
+            .unwrap_or_else(|error| format!("# cannot render: {error}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_load_and_validate() {
+        let settings = load(None, env(&[])).unwrap();
+        assert_eq!(settings.listen.ip().to_string(), "127.0.0.1");
+        assert!(
+            !settings.routing.agents.is_empty(),
+            "the demo config has agents"
+        );
+        assert!(settings.routing.wording.is_some());
+    }
+
+    #[test]
+    fn environment_overrides_and_secrets_never_print() {
+        let settings = load(
+            None,
+            env(&[
+                ("SWITCHBOARD__SERVER__LISTEN", "127.0.0.1:0"),
+                ("SWITCHBOARD__AUTH__ADMIN_TOKENS", "s3cret-admin,other"),
+                ("SWITCHBOARD__AUTH__AGENT_TOKENS__ALICE", "alice-s3cret"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(settings.listen.port(), 0);
+        assert!(
+            settings
+                .auth
+                .ingest_tokens
+                .iter()
+                .any(|token| token.matches("demo-ingest-token"))
+        );
+        assert!(settings.auth.admin_tokens[0].matches("s3cret-admin"));
+        assert!(settings.auth.agent_tokens["alice"].matches("alice-s3cret"));
+        let printed = format!("{}{:?}", settings.effective_toml(), settings);
+        assert!(!printed.contains("s3cret"), "a secret leaked: {printed}");
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let cases = [
+            (
+                "[[rules]]\nname = \"r\"\nqueues = [\"nope\"]\n",
+                "unknown queue `nope`",
+            ),
+            (
+                "[[rules]]\nname = \"r\"\nqueues = [\"support\"]\n[rules.match]\npattern = \"(\"\n",
+                "bad regex",
+            ),
+            (
+                "[[agents]]\nid = \"alice\"\ncapacity = { chat = 1 }\n[[agents]]\nid = \"alice\"\ncapacity = { chat = 1 }\n",
+                "agent `alice` is defined twice",
+            ),
+            (
+                "[[agents]]\nid = \"zed\"\ncapacity = { chat = 0 }\n",
+                "capacity 0",
+            ),
+            ("[server]\nlisten = \"nowhere\"\n", "server.listen"),
+            ("[routing]\ncolour = 1\n", "unknown field `colour`"),
+            (
+                "[server]\nlisten = \"0.0.0.0:8080\"\n",
+                "only allowed when listening on loopback",
+            ),
+        ];
+        for (extra, expected) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("extra.toml");
+            std::fs::write(&path, extra).unwrap();
+            let error = load(Some(&path), env(&[]))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                error.contains(expected),
+                "{extra:?}: expected `{expected}` in `{error}`"
+            );
+        }
+    }
+
+    #[test]
+    fn constant_time_secret_comparison_is_exact() {
+        let secret = Secret::new("abc");
+        assert!(secret.matches("abc"));
+        assert!(!secret.matches("abd"));
+        assert!(!secret.matches("abcd"));
+        assert!(!secret.matches(""));
+    }
+}
