@@ -1,0 +1,1457 @@
+//! Store conformance: the behaviours every `Store` backend must share, written once against
+//! `dyn Store` and instantiated for each backend (each test gets its own fresh database).
+//!
+//! To add a backend, give [`Backend`] a constructor (and `reopen`, `block_writes`) for it and add
+//! one line to `for_each_backend!`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use switchboard::message::{Address, IdentityLink, InboundMessage};
+use switchboard::store::sqlite::{SCHEMA_VERSION, SqliteOptions, SqliteStore};
+use switchboard::store::{
+    ConversationFilter, ConversationStatus, Direction, IngestOutcome, NewEvent, NewReply,
+    RoutingWrite, Store, StoreError,
+};
+use tempfile::TempDir;
+use ulid::Ulid;
+
+// ---------------------------------------------------------------------------------------------
+// Backends
+
+/// One backend under test, with its own empty database.
+struct Backend {
+    store: Arc<dyn Store>,
+    kind: Kind,
+}
+
+enum Kind {
+    Sqlite {
+        dir: TempDir,
+        path: PathBuf,
+        sqlite: SqliteStore,
+    },
+}
+
+/// Something that makes every write fail until it is dropped.
+type WriteBlock = Box<dyn std::any::Any + Send>;
+
+fn sqlite_options() -> SqliteOptions {
+    SqliteOptions {
+        // Short, so that the write-blocking test fails fast; nothing else in these tests contends.
+        busy_timeout: Duration::from_millis(200),
+        ..SqliteOptions::default()
+    }
+}
+
+impl Backend {
+    async fn sqlite() -> Backend {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("switchboard.sqlite");
+        let sqlite = SqliteStore::open(&path, sqlite_options()).unwrap();
+        Backend {
+            store: Arc::new(sqlite.clone()),
+            kind: Kind::Sqlite { dir, path, sqlite },
+        }
+    }
+
+    fn store(&self) -> &dyn Store {
+        self.store.as_ref()
+    }
+
+    /// Closes the store and opens the same database again.
+    async fn reopen(self) -> Backend {
+        match self.kind {
+            Kind::Sqlite { dir, path, sqlite } => {
+                sqlite.close().await.unwrap();
+                drop(sqlite);
+                drop(self.store);
+                let sqlite = SqliteStore::open(&path, sqlite_options()).unwrap();
+                Backend {
+                    store: Arc::new(sqlite.clone()),
+                    kind: Kind::Sqlite { dir, path, sqlite },
+                }
+            }
+        }
+    }
+
+    /// How many transactions the backend committed, if it can tell.
+    fn commit_count(&self) -> Option<u64> {
+        match &self.kind {
+            Kind::Sqlite { sqlite, .. } => Some(sqlite.commit_count()),
+        }
+    }
+
+    /// Makes commits fail: another connection takes the database's write lock and holds it (the
+    /// store's busy timeout runs out, as it would behind a stuck backup or a second process).
+    fn block_writes(&self) -> WriteBlock {
+        match &self.kind {
+            Kind::Sqlite { path, .. } => {
+                let conn = rusqlite::Connection::open(path).unwrap();
+                conn.execute_batch("BEGIN EXCLUSIVE").unwrap();
+                Box::new(conn)
+            }
+        }
+    }
+}
+
+macro_rules! backend_tests {
+    ($backend:ident: $($test:ident),* $(,)?) => {
+        mod $backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $test() {
+                    super::$test(super::Backend::$backend().await).await;
+                }
+            )*
+        }
+    };
+}
+
+macro_rules! for_each_backend {
+    ($($test:ident),* $(,)?) => {
+        backend_tests!(sqlite: $($test),*);
+    };
+}
+
+for_each_backend!(
+    first_message_creates_contact_and_conversation,
+    duplicate_is_acknowledged_and_writes_nothing,
+    same_thread_key_joins,
+    phone_identity_joins_across_channels,
+    customer_id_joins_across_channels,
+    identities_of_several_contacts_pick_the_oldest,
+    closed_conversation_starts_a_new_one,
+    resolved_conversation_is_joined,
+    routing_events_are_numbered_per_conversation,
+    outbox_pending_mark_sent_and_backlog,
+    stale_epoch_is_fenced,
+    failed_request_leaves_nothing,
+    recovery_returns_unrouted_and_states,
+    replies_and_delivery_status,
+    conversation_filters,
+    concurrent_ingest_is_stored_exactly_once,
+    data_survives_reopen,
+    failing_writes_are_unavailable_and_store_nothing,
+);
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+const PHONE: &str = "+15555550123";
+const OUR_NUMBER: &str = "+15555550100";
+
+fn sms(provider_message_id: &str, from: &str, text: &str) -> InboundMessage {
+    let mut message = InboundMessage::new("sms", "twilio", provider_message_id, from, text);
+    message.to = Some(address(OUR_NUMBER));
+    message
+}
+
+fn email(provider_message_id: &str, from: &str, thread: &str, text: &str) -> InboundMessage {
+    let mut message = InboundMessage::new("email", "smtp", provider_message_id, from, text);
+    message.to = Some(address("support@example.com"));
+    message.thread_key = Some(thread.to_owned());
+    message.subject = Some("Order 1234".into());
+    message
+}
+
+fn address(text: &str) -> Address {
+    Address {
+        address: text.to_owned(),
+        name: None,
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Stored {
+    message: Ulid,
+    conversation: Ulid,
+    contact: Ulid,
+    new_conversation: bool,
+}
+
+fn stored(outcome: IngestOutcome) -> Stored {
+    match outcome {
+        IngestOutcome::Stored {
+            message_id,
+            conversation_id,
+            contact_id,
+            new_conversation,
+        } => Stored {
+            message: message_id,
+            conversation: conversation_id,
+            contact: contact_id,
+            new_conversation,
+        },
+        other => panic!("expected a stored message, got {other:?}"),
+    }
+}
+
+async fn ingest(store: &dyn Store, message: InboundMessage) -> Stored {
+    message.validate().unwrap();
+    stored(store.ingest(message, Utc::now()).await.unwrap())
+}
+
+fn event(kind: &str, conversation: Option<Ulid>) -> NewEvent {
+    NewEvent {
+        event_id: Ulid::new(),
+        kind: kind.to_owned(),
+        conversation_id: conversation,
+        data: json!({ "kind": kind }),
+        time: Utc::now(),
+    }
+}
+
+fn set_status(conversation: Ulid, status: ConversationStatus) -> RoutingWrite {
+    RoutingWrite {
+        conversations: vec![(conversation, status, json!({ "status": status.as_str() }))],
+        ..RoutingWrite::default()
+    }
+}
+
+/// Every stored message, by id.
+async fn all_messages(store: &dyn Store) -> BTreeMap<Ulid, switchboard::store::StoredMessage> {
+    let mut all = BTreeMap::new();
+    for conversation in store
+        .conversations(ConversationFilter::default())
+        .await
+        .unwrap()
+    {
+        for message in store.messages(conversation.id).await.unwrap() {
+            assert!(all.insert(message.id, message).is_none());
+        }
+    }
+    all
+}
+
+fn reply(conversation: Ulid, text: &str, at: DateTime<Utc>) -> NewReply {
+    NewReply {
+        id: Ulid::new(),
+        conversation_id: conversation,
+        agent_id: "agent-7".into(),
+        route: switchboard::store::ReplyRoute {
+            channel: "sms".into(),
+            provider: "twilio".into(),
+            customer_address: PHONE.into(),
+            our_address: OUR_NUMBER.into(),
+            thread_key: format!("sms:{PHONE}:{OUR_NUMBER}"),
+        },
+        text: text.to_owned(),
+        html: None,
+        created_at: at,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Behaviours
+
+async fn first_message_creates_contact_and_conversation(backend: Backend) {
+    let store = backend.store();
+    let received = Utc::now();
+    let outcome = stored(
+        store
+            .ingest(sms("SM1", PHONE, "my parcel is late"), received)
+            .await
+            .unwrap(),
+    );
+    assert!(outcome.new_conversation);
+
+    let conversation = store
+        .conversation(outcome.conversation)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(conversation.id, outcome.conversation);
+    assert_eq!(conversation.contact_id, outcome.contact);
+    assert_eq!(conversation.status, ConversationStatus::Open);
+    assert_eq!(conversation.channel, "sms");
+    assert_eq!(conversation.reply_route.channel, "sms");
+    assert_eq!(conversation.reply_route.provider, "twilio");
+    assert_eq!(conversation.reply_route.customer_address, PHONE);
+    assert_eq!(conversation.reply_route.our_address, OUR_NUMBER);
+    assert_eq!(
+        conversation.reply_route.thread_key,
+        format!("sms:{PHONE}:{OUR_NUMBER}")
+    );
+    assert_eq!(conversation.routing_state, None);
+    assert_eq!(conversation.event_seq, 0);
+
+    let messages = store.messages(outcome.conversation).await.unwrap();
+    assert_eq!(messages.len(), 1);
+    let message = &messages[0];
+    assert_eq!(message.id, outcome.message);
+    assert_eq!(message.direction, Direction::Inbound);
+    assert_eq!(message.channel, "sms");
+    assert_eq!(message.provider_message_id.as_deref(), Some("SM1"));
+    assert_eq!(message.from_address, PHONE);
+    assert_eq!(message.to_address, OUR_NUMBER);
+    assert_eq!(message.created_at, received);
+    assert_eq!(message.delivery_status, None);
+    // The body is the full normalised message with switchboard's id and the intake time.
+    let body: InboundMessage = serde_json::from_value(message.body.clone()).unwrap();
+    assert_eq!(body.id, Some(outcome.message));
+    assert_eq!(body.received_at, Some(received));
+    assert_eq!(body.text, "my parcel is late");
+
+    assert_eq!(
+        store.message(outcome.message).await.unwrap().as_ref(),
+        Some(message)
+    );
+    assert_eq!(store.message(Ulid::new()).await.unwrap(), None);
+    assert_eq!(store.conversation(Ulid::new()).await.unwrap(), None);
+
+    // A provider timestamp wins over the intake time.
+    let mut later = sms("SM2", PHONE, "hello?");
+    let provider_time = received - chrono::Duration::seconds(30);
+    later.received_at = Some(provider_time);
+    let second = stored(store.ingest(later, Utc::now()).await.unwrap());
+    assert_eq!(
+        store
+            .message(second.message)
+            .await
+            .unwrap()
+            .unwrap()
+            .created_at,
+        provider_time
+    );
+}
+
+async fn duplicate_is_acknowledged_and_writes_nothing(backend: Backend) {
+    let store = backend.store();
+    let first = ingest(store, sms("SM1", PHONE, "first")).await;
+    let before = store
+        .conversation(first.conversation)
+        .await
+        .unwrap()
+        .unwrap();
+
+    let again = store
+        .ingest(sms("SM1", PHONE, "sent again"), Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        IngestOutcome::Duplicate {
+            message_id: first.message,
+            conversation_id: first.conversation,
+        }
+    );
+    let messages = all_messages(store).await;
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[&first.message].body["text"], "first");
+    assert_eq!(
+        store
+            .conversation(first.conversation)
+            .await
+            .unwrap()
+            .unwrap(),
+        before
+    );
+    assert_eq!(store.recovery().await.unwrap().unrouted.len(), 1);
+
+    // The key is the pair: the same provider id on another channel is another message.
+    let mut other = InboundMessage::new("whatsapp", "meta", "SM1", PHONE, "hi");
+    other.to = Some(address(OUR_NUMBER));
+    let other = ingest(store, other).await;
+    assert_ne!(other.message, first.message);
+    assert_eq!(all_messages(store).await.len(), 2);
+}
+
+async fn same_thread_key_joins(backend: Backend) {
+    let store = backend.store();
+    let first = ingest(
+        store,
+        email(
+            "<a1@example.com>",
+            "ann@example.com",
+            "<root@example.com>",
+            "hi",
+        ),
+    )
+    .await;
+    // A colleague of Ann's replies on the same email thread: the thread decides.
+    let second = ingest(
+        store,
+        email(
+            "<b1@example.com>",
+            "bob@example.org",
+            "<root@example.com>",
+            "me too",
+        ),
+    )
+    .await;
+    assert!(first.new_conversation);
+    assert!(!second.new_conversation);
+    assert_eq!(second.conversation, first.conversation);
+    assert_ne!(second.contact, first.contact);
+
+    // Without a thread key, the derived one (channel, from, to) threads an SMS exchange.
+    let a = ingest(store, sms("SM1", PHONE, "one")).await;
+    let b = ingest(store, sms("SM2", PHONE, "two")).await;
+    assert_eq!(a.conversation, b.conversation);
+    assert_ne!(a.conversation, first.conversation);
+    assert_eq!(store.messages(a.conversation).await.unwrap().len(), 2);
+}
+
+async fn phone_identity_joins_across_channels(backend: Backend) {
+    let store = backend.store();
+    let first = ingest(store, sms("SM1", PHONE, "my order is late")).await;
+
+    let mut whatsapp = InboundMessage::new("whatsapp", "meta", "wamid.1", PHONE, "any news?");
+    whatsapp.to = Some(address("+15555550199"));
+    let second = ingest(store, whatsapp).await;
+    assert!(!second.new_conversation);
+    assert_eq!(second.conversation, first.conversation);
+    assert_eq!(second.contact, first.contact);
+
+    let conversation = store
+        .conversation(first.conversation)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        conversation.channel, "sms",
+        "the first message's channel stays"
+    );
+    let route = conversation.reply_route;
+    assert_eq!(route.channel, "whatsapp");
+    assert_eq!(route.provider, "meta");
+    assert_eq!(route.customer_address, PHONE);
+    assert_eq!(route.our_address, "+15555550199");
+    assert_eq!(route.thread_key, format!("whatsapp:{PHONE}:+15555550199"));
+
+    // Back on SMS: the route follows the customer again.
+    ingest(store, sms("SM2", PHONE, "hello?")).await;
+    let route = store
+        .conversation(first.conversation)
+        .await
+        .unwrap()
+        .unwrap()
+        .reply_route;
+    assert_eq!(route.channel, "sms");
+    assert_eq!(store.messages(first.conversation).await.unwrap().len(), 3);
+}
+
+async fn customer_id_joins_across_channels(backend: Backend) {
+    let store = backend.store();
+    let mut first = email(
+        "<m1@example.com>",
+        "ann@example.com",
+        "<m1@example.com>",
+        "help",
+    );
+    first.customer.id = Some("crm-42".into());
+    first.customer.tier = Some("vip".into());
+    let first = ingest(store, first).await;
+
+    let mut chat = InboundMessage::new("chat", "webchat", "c-1", "visitor-9", "still waiting");
+    chat.thread_key = Some("session-9".into());
+    chat.customer.id = Some("crm-42".into());
+    let second = ingest(store, chat).await;
+    assert_eq!(second.conversation, first.conversation);
+    assert_eq!(second.contact, first.contact);
+    let route = store
+        .conversation(first.conversation)
+        .await
+        .unwrap()
+        .unwrap()
+        .reply_route;
+    assert_eq!(route.channel, "chat");
+    assert_eq!(route.provider, "webchat");
+    assert_eq!(route.customer_address, "visitor-9");
+    assert_eq!(route.our_address, "");
+    assert_eq!(route.thread_key, "session-9");
+
+    // The chat identity is now linked: the visitor is known without the customer id.
+    let mut anonymous = InboundMessage::new("chat", "webchat", "c-2", "visitor-9", "hello?");
+    anonymous.thread_key = Some("session-10".into());
+    assert_eq!(ingest(store, anonymous).await.contact, first.contact);
+
+    // An API-provided link joins too.
+    let mut linked = sms("SM1", PHONE, "text me instead");
+    linked.customer.links.push(IdentityLink {
+        kind: "email".into(),
+        value: "Ann@Example.com".into(),
+    });
+    let linked = ingest(store, linked).await;
+    assert_eq!(linked.conversation, first.conversation);
+}
+
+async fn identities_of_several_contacts_pick_the_oldest(backend: Backend) {
+    let store = backend.store();
+    let older = ingest(
+        store,
+        email(
+            "<m1@example.com>",
+            "ann@example.com",
+            "<m1@example.com>",
+            "hi",
+        ),
+    )
+    .await;
+    let newer = ingest(store, sms("SM1", PHONE, "hi")).await;
+    assert_ne!(older.contact, newer.contact);
+
+    // A message claiming both identities (and a new one) belongs to the older contact.
+    let mut both = InboundMessage::new("chat", "webchat", "c-1", "visitor-1", "it's me");
+    both.customer.links = vec![
+        IdentityLink {
+            kind: "email".into(),
+            value: "ann@example.com".into(),
+        },
+        IdentityLink {
+            kind: "phone".into(),
+            value: PHONE.into(),
+        },
+    ];
+    let joined = ingest(store, both).await;
+    assert_eq!(joined.contact, older.contact);
+    assert_eq!(joined.conversation, older.conversation);
+
+    // The new identity was attached to the older contact; the phone stays with its own contact.
+    let mut chat = InboundMessage::new("chat", "webchat", "c-2", "visitor-1", "again");
+    chat.thread_key = Some("new-session".into());
+    assert_eq!(ingest(store, chat).await.contact, older.contact);
+    assert_eq!(
+        ingest(store, sms("SM2", PHONE, "me")).await.contact,
+        newer.contact
+    );
+}
+
+async fn closed_conversation_starts_a_new_one(backend: Backend) {
+    let store = backend.store();
+    let first = ingest(store, sms("SM1", PHONE, "hi")).await;
+    store
+        .apply_routing(set_status(first.conversation, ConversationStatus::Closed))
+        .await
+        .unwrap();
+
+    let second = ingest(store, sms("SM2", PHONE, "hi again")).await;
+    assert!(second.new_conversation);
+    assert_ne!(second.conversation, first.conversation);
+    assert_eq!(second.contact, first.contact);
+
+    // The closed conversation keeps its history.
+    let closed = store
+        .conversation(first.conversation)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(closed.status, ConversationStatus::Closed);
+    assert_eq!(store.messages(first.conversation).await.unwrap().len(), 1);
+    // And the next message on the thread joins the new one.
+    let third = ingest(store, sms("SM3", PHONE, "?")).await;
+    assert_eq!(third.conversation, second.conversation);
+    assert!(
+        store
+            .recovery()
+            .await
+            .unwrap()
+            .conversations
+            .iter()
+            .all(|(id, _)| *id != first.conversation),
+        "closed conversations are not recovered"
+    );
+}
+
+async fn resolved_conversation_is_joined(backend: Backend) {
+    let store = backend.store();
+    let first = ingest(store, sms("SM1", PHONE, "hi")).await;
+    store
+        .apply_routing(set_status(first.conversation, ConversationStatus::Resolved))
+        .await
+        .unwrap();
+    let second = ingest(store, sms("SM2", PHONE, "one more thing")).await;
+    assert!(!second.new_conversation);
+    assert_eq!(second.conversation, first.conversation);
+    // The store does not reopen it: that is the router's decision.
+    let conversation = store
+        .conversation(first.conversation)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(conversation.status, ConversationStatus::Resolved);
+
+    // Another channel of the same customer joins the resolved conversation too.
+    let whatsapp = InboundMessage::new("whatsapp", "meta", "wamid.1", PHONE, "and another");
+    assert_eq!(
+        ingest(store, whatsapp).await.conversation,
+        first.conversation
+    );
+}
+
+async fn routing_events_are_numbered_per_conversation(backend: Backend) {
+    let store = backend.store();
+    let a = ingest(store, sms("SM1", PHONE, "a")).await.conversation;
+    let b = ingest(store, sms("SM2", "+15555550124", "b"))
+        .await
+        .conversation;
+    let events = vec![
+        event("conversation.created", Some(a)),
+        event("conversation.queued", Some(a)),
+        event("agent.presence", None),
+        event("conversation.created", Some(b)),
+        event("conversation.assigned", Some(a)),
+    ];
+    store
+        .apply_routing(RoutingWrite {
+            events: events.clone(),
+            ..RoutingWrite::default()
+        })
+        .await
+        .unwrap();
+    let pending = store.outbox_pending(100).await.unwrap();
+    assert_eq!(
+        pending.iter().map(|e| e.event_id).collect::<Vec<_>>(),
+        events.iter().map(|e| e.event_id).collect::<Vec<_>>(),
+        "outbox order is commit order"
+    );
+    assert_eq!(
+        pending.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![1, 2, 0, 1, 3]
+    );
+    assert!(pending.windows(2).all(|w| w[0].position < w[1].position));
+    for (stored, sent) in pending.iter().zip(&events) {
+        assert_eq!(stored.kind, sent.kind);
+        assert_eq!(stored.conversation_id, sent.conversation_id);
+        assert_eq!(stored.data, sent.data);
+        assert_eq!(stored.time, sent.time);
+    }
+    assert_eq!(store.conversation(a).await.unwrap().unwrap().event_seq, 3);
+    assert_eq!(store.conversation(b).await.unwrap().unwrap().event_seq, 1);
+
+    // Later writes (routing, replies, delivery) continue each conversation's sequence.
+    store
+        .apply_routing(RoutingWrite {
+            events: vec![event("conversation.resolved", Some(a))],
+            ..RoutingWrite::default()
+        })
+        .await
+        .unwrap();
+    let answer = reply(a, "on its way", Utc::now());
+    store
+        .store_reply(answer.clone(), vec![event("message.sent", Some(a))])
+        .await
+        .unwrap();
+    let pending = store.outbox_pending(100).await.unwrap();
+    assert_eq!(
+        pending
+            .iter()
+            .filter(|e| e.conversation_id == Some(a))
+            .map(|e| e.seq)
+            .collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5]
+    );
+    assert_eq!(store.conversation(a).await.unwrap().unwrap().event_seq, 5);
+}
+
+async fn outbox_pending_mark_sent_and_backlog(backend: Backend) {
+    let store = backend.store();
+    assert_eq!(store.outbox_backlog().await.unwrap(), 0);
+    assert!(store.outbox_pending(10).await.unwrap().is_empty());
+    let events: Vec<NewEvent> = (0..5).map(|_| event("agent.presence", None)).collect();
+    store
+        .apply_routing(RoutingWrite {
+            events: events.clone(),
+            ..RoutingWrite::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(store.outbox_backlog().await.unwrap(), 5);
+
+    let first = store.outbox_pending(2).await.unwrap();
+    assert_eq!(first.len(), 2);
+    assert_eq!(first[0].event_id, events[0].event_id);
+    assert_eq!(first[1].event_id, events[1].event_id);
+    // Reading does not consume.
+    assert_eq!(store.outbox_pending(2).await.unwrap(), first);
+
+    let positions: Vec<i64> = first.iter().map(|e| e.position).collect();
+    store.outbox_mark_sent(&positions).await.unwrap();
+    assert_eq!(store.outbox_backlog().await.unwrap(), 3);
+    let rest = store.outbox_pending(10).await.unwrap();
+    assert_eq!(
+        rest.iter().map(|e| e.event_id).collect::<Vec<_>>(),
+        events[2..].iter().map(|e| e.event_id).collect::<Vec<_>>()
+    );
+
+    // Marking again, or unknown positions, changes nothing.
+    store.outbox_mark_sent(&positions).await.unwrap();
+    store.outbox_mark_sent(&[999_999]).await.unwrap();
+    store.outbox_mark_sent(&[]).await.unwrap();
+    assert_eq!(store.outbox_backlog().await.unwrap(), 3);
+
+    let all: Vec<i64> = rest.iter().map(|e| e.position).collect();
+    store.outbox_mark_sent(&all).await.unwrap();
+    assert_eq!(store.outbox_backlog().await.unwrap(), 0);
+    assert!(store.outbox_pending(10).await.unwrap().is_empty());
+}
+
+async fn stale_epoch_is_fenced(backend: Backend) {
+    let store = backend.store();
+    let message = ingest(store, sms("SM1", PHONE, "hi")).await;
+    let conversation = message.conversation;
+
+    store
+        .apply_routing(RoutingWrite {
+            conversations: vec![(conversation, ConversationStatus::Open, json!({"leader": 2}))],
+            events: vec![event("conversation.queued", Some(conversation))],
+            epoch: 2,
+            ..RoutingWrite::default()
+        })
+        .await
+        .unwrap();
+
+    let stale = store
+        .apply_routing(RoutingWrite {
+            conversations: vec![(
+                conversation,
+                ConversationStatus::Closed,
+                json!({"leader": 1}),
+            )],
+            agents: vec![("agent-1".into(), json!({"leader": 1}))],
+            routed_messages: vec![message.message],
+            events: vec![event("conversation.assigned", Some(conversation))],
+            epoch: 1,
+        })
+        .await;
+    assert!(
+        matches!(stale, Err(StoreError::Fenced { epoch: 1 })),
+        "{stale:?}"
+    );
+
+    // Nothing of the fenced write is visible.
+    let record = store.conversation(conversation).await.unwrap().unwrap();
+    assert_eq!(record.status, ConversationStatus::Open);
+    assert_eq!(record.routing_state, Some(json!({"leader": 2})));
+    assert_eq!(record.event_seq, 1);
+    assert_eq!(store.outbox_backlog().await.unwrap(), 1);
+    let recovery = store.recovery().await.unwrap();
+    assert!(recovery.agents.is_empty());
+    assert_eq!(recovery.unrouted.len(), 1);
+    // The thread still matches (the fenced close did not happen).
+    assert_eq!(
+        ingest(store, sms("SM2", PHONE, "?")).await.conversation,
+        conversation
+    );
+
+    // The current epoch may keep writing; a newer one takes over and fences the old.
+    store
+        .apply_routing(RoutingWrite {
+            epoch: 2,
+            ..RoutingWrite::default()
+        })
+        .await
+        .unwrap();
+    store
+        .apply_routing(RoutingWrite {
+            agents: vec![("agent-1".into(), json!({"leader": 3}))],
+            epoch: 3,
+            ..RoutingWrite::default()
+        })
+        .await
+        .unwrap();
+    let old = store
+        .apply_routing(RoutingWrite {
+            epoch: 2,
+            ..RoutingWrite::default()
+        })
+        .await;
+    assert!(
+        matches!(old, Err(StoreError::Fenced { epoch: 2 })),
+        "{old:?}"
+    );
+}
+
+async fn failed_request_leaves_nothing(backend: Backend) {
+    let store = backend.store();
+    let message = ingest(store, sms("SM1", PHONE, "hi")).await;
+    let unknown = Ulid::new();
+    let result = store
+        .apply_routing(RoutingWrite {
+            conversations: vec![
+                (message.conversation, ConversationStatus::Closed, json!({})),
+                (unknown, ConversationStatus::Open, json!({})),
+            ],
+            agents: vec![("agent-1".into(), json!({}))],
+            events: vec![event("conversation.closed", Some(message.conversation))],
+            ..RoutingWrite::default()
+        })
+        .await;
+    assert!(matches!(result, Err(StoreError::NotFound(_))), "{result:?}");
+    let result = store
+        .apply_routing(RoutingWrite {
+            routed_messages: vec![message.message, Ulid::new()],
+            ..RoutingWrite::default()
+        })
+        .await;
+    assert!(matches!(result, Err(StoreError::NotFound(_))), "{result:?}");
+    let result = store
+        .apply_routing(RoutingWrite {
+            agents: vec![("agent-2".into(), json!({}))],
+            events: vec![event("conversation.created", Some(unknown))],
+            ..RoutingWrite::default()
+        })
+        .await;
+    assert!(matches!(result, Err(StoreError::NotFound(_))), "{result:?}");
+
+    let record = store
+        .conversation(message.conversation)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.status, ConversationStatus::Open);
+    assert_eq!(record.routing_state, None);
+    assert_eq!(record.event_seq, 0);
+    assert_eq!(store.outbox_backlog().await.unwrap(), 0);
+    let recovery = store.recovery().await.unwrap();
+    assert!(recovery.agents.is_empty());
+    assert_eq!(recovery.unrouted.len(), 1);
+
+    // Failures interleaved with good writes (likely sharing a batch) spoil only themselves.
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let store = Arc::clone(&backend.store);
+        tasks.push(tokio::spawn(async move {
+            if i % 2 == 0 {
+                store
+                    .ingest(sms(&format!("B{i}"), PHONE, "more"), Utc::now())
+                    .await
+                    .map(|_| ())
+            } else {
+                store
+                    .apply_routing(RoutingWrite {
+                        events: vec![event("conversation.created", Some(Ulid::new()))],
+                        ..RoutingWrite::default()
+                    })
+                    .await
+            }
+        }));
+    }
+    for (i, task) in tasks.into_iter().enumerate() {
+        let result = task.await.unwrap();
+        if i % 2 == 0 {
+            assert!(result.is_ok(), "{result:?}");
+        } else {
+            assert!(matches!(result, Err(StoreError::NotFound(_))), "{result:?}");
+        }
+    }
+    assert_eq!(all_messages(store).await.len(), 11);
+    assert_eq!(store.outbox_backlog().await.unwrap(), 0);
+}
+
+async fn recovery_returns_unrouted_and_states(backend: Backend) {
+    let store = backend.store();
+    let empty = store.recovery().await.unwrap();
+    assert!(empty.conversations.is_empty() && empty.agents.is_empty() && empty.unrouted.is_empty());
+
+    let m1 = ingest(store, sms("SM1", PHONE, "one")).await;
+    let m2 = ingest(store, sms("SM2", "+15555550124", "two")).await;
+    let m3 = ingest(store, sms("SM3", PHONE, "three")).await;
+    let recovery = store.recovery().await.unwrap();
+    assert_eq!(
+        recovery.unrouted.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![m1.message, m2.message, m3.message],
+        "oldest first"
+    );
+    assert!(
+        recovery.conversations.is_empty(),
+        "no router state saved yet"
+    );
+
+    store
+        .apply_routing(RoutingWrite {
+            conversations: vec![
+                (
+                    m1.conversation,
+                    ConversationStatus::Open,
+                    json!({"queue": "sales"}),
+                ),
+                (
+                    m2.conversation,
+                    ConversationStatus::Resolved,
+                    json!({"queue": "support"}),
+                ),
+            ],
+            agents: vec![
+                ("agent-1".into(), json!({"presence": "available"})),
+                ("agent-2".into(), json!({"presence": "away"})),
+            ],
+            routed_messages: vec![m1.message, m2.message],
+            ..RoutingWrite::default()
+        })
+        .await
+        .unwrap();
+    let recovery = store.recovery().await.unwrap();
+    assert_eq!(
+        recovery.unrouted.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![m3.message]
+    );
+    let conversations: BTreeMap<Ulid, serde_json::Value> =
+        recovery.conversations.into_iter().collect();
+    assert_eq!(conversations.len(), 2);
+    assert_eq!(conversations[&m1.conversation], json!({"queue": "sales"}));
+    assert_eq!(conversations[&m2.conversation], json!({"queue": "support"}));
+    let agents: BTreeMap<String, serde_json::Value> = recovery.agents.into_iter().collect();
+    assert_eq!(agents.len(), 2);
+    assert_eq!(agents["agent-1"], json!({"presence": "available"}));
+
+    // Agent states are replaced, not duplicated; closed conversations drop out.
+    store
+        .apply_routing(RoutingWrite {
+            conversations: vec![(m2.conversation, ConversationStatus::Closed, json!({}))],
+            agents: vec![("agent-1".into(), json!({"presence": "offline"}))],
+            routed_messages: vec![m3.message],
+            ..RoutingWrite::default()
+        })
+        .await
+        .unwrap();
+    let recovery = store.recovery().await.unwrap();
+    assert!(recovery.unrouted.is_empty());
+    assert_eq!(
+        recovery.conversations,
+        vec![(m1.conversation, json!({"queue": "sales"}))]
+    );
+    let agents: BTreeMap<String, serde_json::Value> = recovery.agents.into_iter().collect();
+    assert_eq!(agents.len(), 2);
+    assert_eq!(agents["agent-1"], json!({"presence": "offline"}));
+}
+
+async fn replies_and_delivery_status(backend: Backend) {
+    let store = backend.store();
+    let inbound = ingest(store, sms("SM1", PHONE, "where is it?")).await;
+    let at = Utc::now() + chrono::Duration::seconds(1);
+    let mut answer = reply(inbound.conversation, "it ships today", at);
+    answer.html = Some("<p>it ships today</p>".into());
+    store
+        .store_reply(
+            answer.clone(),
+            vec![event("message.sent", Some(inbound.conversation))],
+        )
+        .await
+        .unwrap();
+
+    let messages = store.messages(inbound.conversation).await.unwrap();
+    assert_eq!(
+        messages.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![inbound.message, answer.id]
+    );
+    let outbound = &messages[1];
+    assert_eq!(outbound.direction, Direction::Outbound);
+    assert_eq!(outbound.delivery_status.as_deref(), Some("pending"));
+    assert_eq!(outbound.agent_id.as_deref(), Some("agent-7"));
+    assert_eq!(outbound.channel, "sms");
+    assert_eq!(outbound.provider, "twilio");
+    assert_eq!(outbound.from_address, OUR_NUMBER);
+    assert_eq!(outbound.to_address, PHONE);
+    assert_eq!(outbound.provider_message_id, None);
+    assert_eq!(outbound.created_at, at);
+    assert_eq!(outbound.body["text"], "it ships today");
+    assert_eq!(outbound.body["html"], "<p>it ships today</p>");
+    // Replies are never replayed to the router.
+    let recovery = store.recovery().await.unwrap();
+    assert_eq!(
+        recovery.unrouted.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![inbound.message]
+    );
+
+    store
+        .set_delivery_status(
+            answer.id,
+            "sent",
+            Some("SM-out-1".into()),
+            vec![event("message.sent", Some(inbound.conversation))],
+        )
+        .await
+        .unwrap();
+    store
+        .set_delivery_status(answer.id, "delivered", None, Vec::new())
+        .await
+        .unwrap();
+    let outbound = store.message(answer.id).await.unwrap().unwrap();
+    assert_eq!(outbound.delivery_status.as_deref(), Some("delivered"));
+    assert_eq!(outbound.provider_message_id.as_deref(), Some("SM-out-1"));
+    assert_eq!(
+        store
+            .outbox_pending(10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+
+    let unknown = store
+        .set_delivery_status(Ulid::new(), "failed", None, Vec::new())
+        .await;
+    assert!(
+        matches!(unknown, Err(StoreError::NotFound(_))),
+        "{unknown:?}"
+    );
+    // An inbound message has no delivery status.
+    let inbound_status = store
+        .set_delivery_status(inbound.message, "sent", None, Vec::new())
+        .await;
+    assert!(
+        matches!(inbound_status, Err(StoreError::NotFound(_))),
+        "{inbound_status:?}"
+    );
+    let orphan = store
+        .store_reply(reply(Ulid::new(), "lost", Utc::now()), Vec::new())
+        .await;
+    assert!(matches!(orphan, Err(StoreError::NotFound(_))), "{orphan:?}");
+    assert_eq!(store.outbox_backlog().await.unwrap(), 2);
+}
+
+async fn conversation_filters(backend: Backend) {
+    let store = backend.store();
+    let a = ingest(store, sms("SM1", PHONE, "a")).await;
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    let b = ingest(
+        store,
+        email(
+            "<m1@example.com>",
+            "ann@example.com",
+            "<m1@example.com>",
+            "b",
+        ),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    let c = ingest(store, sms("SM2", "+15555550124", "c")).await;
+    store
+        .apply_routing(set_status(c.conversation, ConversationStatus::Resolved))
+        .await
+        .unwrap();
+
+    let ids = |list: Vec<switchboard::store::ConversationRecord>| {
+        list.into_iter().map(|c| c.id).collect::<Vec<_>>()
+    };
+    let all = store
+        .conversations(ConversationFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(all.clone()),
+        vec![c.conversation, b.conversation, a.conversation],
+        "newest first"
+    );
+    let sms_only = ConversationFilter {
+        channel: Some("sms".into()),
+        ..ConversationFilter::default()
+    };
+    assert_eq!(
+        ids(store.conversations(sms_only).await.unwrap()),
+        vec![c.conversation, a.conversation]
+    );
+    let resolved = ConversationFilter {
+        status: Some(ConversationStatus::Resolved),
+        ..ConversationFilter::default()
+    };
+    assert_eq!(
+        ids(store.conversations(resolved).await.unwrap()),
+        vec![c.conversation]
+    );
+    let by_contact = ConversationFilter {
+        contact_id: Some(b.contact),
+        ..ConversationFilter::default()
+    };
+    assert_eq!(
+        ids(store.conversations(by_contact).await.unwrap()),
+        vec![b.conversation]
+    );
+    let first_page = ConversationFilter {
+        limit: 2,
+        ..ConversationFilter::default()
+    };
+    let page = store.conversations(first_page).await.unwrap();
+    assert_eq!(ids(page.clone()), vec![c.conversation, b.conversation]);
+    let next_page = ConversationFilter {
+        limit: 2,
+        updated_before: Some(page[1].updated_at),
+        ..ConversationFilter::default()
+    };
+    assert_eq!(
+        ids(store.conversations(next_page).await.unwrap()),
+        vec![a.conversation]
+    );
+}
+
+async fn concurrent_ingest_is_stored_exactly_once(backend: Backend) {
+    const TASKS: usize = 20;
+    const PER_TASK: usize = 10;
+    let commits_before = backend.commit_count();
+    let ingest_all = |duplicates: bool| {
+        let mut tasks = Vec::new();
+        for task in 0..TASKS {
+            let store = Arc::clone(&backend.store);
+            tasks.push(tokio::spawn(async move {
+                let mut outcomes = Vec::new();
+                for i in 0..PER_TASK {
+                    // Each task is one customer on their own number.
+                    let from = format!("+1555600{task:04}");
+                    let message = sms(&format!("SM-{task}-{i}"), &from, "hello");
+                    let outcome = store.ingest(message, Utc::now()).await.unwrap();
+                    assert_eq!(
+                        matches!(outcome, IngestOutcome::Duplicate { .. }),
+                        duplicates,
+                        "{outcome:?}"
+                    );
+                    outcomes.push(outcome);
+                }
+                outcomes
+            }));
+        }
+        tasks
+    };
+
+    let mut stored_ids = BTreeSet::new();
+    let mut conversations = BTreeSet::new();
+    for task in ingest_all(false) {
+        for outcome in task.await.unwrap() {
+            let outcome = stored(outcome);
+            assert!(stored_ids.insert(outcome.message));
+            conversations.insert(outcome.conversation);
+        }
+    }
+    assert_eq!(stored_ids.len(), TASKS * PER_TASK);
+    assert_eq!(conversations.len(), TASKS);
+    if let (Some(before), Some(after)) = (commits_before, backend.commit_count()) {
+        let commits = after - before;
+        assert!(
+            commits < (TASKS * PER_TASK) as u64,
+            "group commit should share commits: {commits} commits for {} messages",
+            TASKS * PER_TASK
+        );
+    }
+
+    // Everything again, concurrently: all acknowledged as duplicates, nothing new stored.
+    let mut duplicate_ids = BTreeSet::new();
+    for task in ingest_all(true) {
+        for outcome in task.await.unwrap() {
+            match outcome {
+                IngestOutcome::Duplicate { message_id, .. } => {
+                    duplicate_ids.insert(message_id);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    assert_eq!(duplicate_ids, stored_ids);
+    let all = all_messages(backend.store()).await;
+    assert_eq!(all.keys().copied().collect::<BTreeSet<_>>(), stored_ids);
+    for conversation in conversations {
+        assert_eq!(
+            backend.store().messages(conversation).await.unwrap().len(),
+            PER_TASK
+        );
+    }
+}
+
+async fn data_survives_reopen(backend: Backend) {
+    let store = backend.store();
+    let inbound = ingest(store, sms("SM1", PHONE, "hi")).await;
+    let unrouted = ingest(store, sms("SM2", PHONE, "still there?")).await;
+    store
+        .apply_routing(RoutingWrite {
+            conversations: vec![(
+                inbound.conversation,
+                ConversationStatus::Open,
+                json!({"queue": "support"}),
+            )],
+            agents: vec![("agent-1".into(), json!({"presence": "available"}))],
+            routed_messages: vec![inbound.message],
+            events: vec![event("conversation.queued", Some(inbound.conversation))],
+            epoch: 4,
+        })
+        .await
+        .unwrap();
+    let answer = reply(inbound.conversation, "yes", Utc::now());
+    store.store_reply(answer.clone(), Vec::new()).await.unwrap();
+
+    let conversation = store.conversation(inbound.conversation).await.unwrap();
+    let messages = store.messages(inbound.conversation).await.unwrap();
+    let outbox = store.outbox_pending(10).await.unwrap();
+
+    let backend = backend.reopen().await;
+    let store = backend.store();
+    assert_eq!(
+        store.conversation(inbound.conversation).await.unwrap(),
+        conversation
+    );
+    assert_eq!(
+        store.messages(inbound.conversation).await.unwrap(),
+        messages
+    );
+    assert_eq!(store.outbox_pending(10).await.unwrap(), outbox);
+    let recovery = store.recovery().await.unwrap();
+    assert_eq!(
+        recovery.unrouted.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![unrouted.message]
+    );
+    assert_eq!(recovery.agents.len(), 1);
+    assert_eq!(recovery.conversations.len(), 1);
+    // Deduplication, threads and fencing survive too.
+    assert!(matches!(
+        store
+            .ingest(sms("SM1", PHONE, "hi"), Utc::now())
+            .await
+            .unwrap(),
+        IngestOutcome::Duplicate { .. }
+    ));
+    assert_eq!(
+        ingest(store, sms("SM3", PHONE, "more")).await.conversation,
+        inbound.conversation
+    );
+    let stale = store
+        .apply_routing(RoutingWrite {
+            epoch: 3,
+            ..RoutingWrite::default()
+        })
+        .await;
+    assert!(
+        matches!(stale, Err(StoreError::Fenced { epoch: 3 })),
+        "{stale:?}"
+    );
+    store.check_writable().await.unwrap();
+}
+
+async fn failing_writes_are_unavailable_and_store_nothing(backend: Backend) {
+    let store = backend.store();
+    store.check_writable().await.unwrap();
+
+    let block = backend.block_writes();
+    let result = store.ingest(sms("SM1", PHONE, "hi"), Utc::now()).await;
+    assert!(
+        matches!(result, Err(StoreError::Unavailable(_))),
+        "{result:?}"
+    );
+    let result = store.check_writable().await;
+    assert!(
+        matches!(result, Err(StoreError::Unavailable(_))),
+        "{result:?}"
+    );
+    // Several callers at once (one batch or several): none is acknowledged.
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let store = Arc::clone(&backend.store);
+        tasks.push(tokio::spawn(async move {
+            store
+                .ingest(sms(&format!("SM-{i}"), PHONE, "hi"), Utc::now())
+                .await
+        }));
+    }
+    for task in tasks {
+        let result = task.await.unwrap();
+        assert!(
+            matches!(result, Err(StoreError::Unavailable(_))),
+            "{result:?}"
+        );
+    }
+    let result = store
+        .apply_routing(RoutingWrite {
+            agents: vec![("agent-1".into(), json!({}))],
+            events: vec![event("agent.presence", None)],
+            ..RoutingWrite::default()
+        })
+        .await;
+    assert!(
+        matches!(result, Err(StoreError::Unavailable(_))),
+        "{result:?}"
+    );
+    // Reads still work while writes fail.
+    assert!(
+        store
+            .conversations(ConversationFilter::default())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    drop(block);
+
+    // Nothing was half-stored: no contact, conversation, message or event survived.
+    assert!(all_messages(store).await.is_empty());
+    assert_eq!(store.outbox_backlog().await.unwrap(), 0);
+    assert!(store.recovery().await.unwrap().agents.is_empty());
+    // The retry is a first delivery, on a fresh contact and conversation.
+    store.check_writable().await.unwrap();
+    let retried = stored(
+        store
+            .ingest(sms("SM1", PHONE, "hi"), Utc::now())
+            .await
+            .unwrap(),
+    );
+    assert!(retried.new_conversation);
+    let conversations = store
+        .conversations(ConversationFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(conversations.len(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// SQLite only
+
+mod sqlite_only {
+    use super::*;
+
+    fn schema_versions(path: &std::path::Path) -> Vec<i64> {
+        let conn = rusqlite::Connection::open(path).unwrap();
+        let mut stmt = conn
+            .prepare("SELECT version FROM schema_migrations ORDER BY version")
+            .unwrap();
+        stmt.query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<Vec<i64>, _>>()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn opens_in_wal_mode_with_full_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        store.check_writable().await.unwrap();
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        assert!(format!("{store:?}").contains("SqliteStore"));
+    }
+
+    #[tokio::test]
+    async fn migrations_are_idempotent_and_newer_schemas_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let store = SqliteStore::open(&path, sqlite_options()).unwrap();
+        let first = ingest(&store, sms("SM1", PHONE, "hi")).await;
+        store.close().await.unwrap();
+        drop(store);
+        let expected: Vec<i64> = (1..=SCHEMA_VERSION).collect();
+        assert_eq!(schema_versions(&path), expected);
+
+        for _ in 0..2 {
+            let store = SqliteStore::open(&path, sqlite_options()).unwrap();
+            assert!(store.message(first.message).await.unwrap().is_some());
+            drop(store);
+            assert_eq!(schema_versions(&path), expected);
+        }
+
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute(
+            "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, 'later')",
+            [SCHEMA_VERSION + 1],
+        )
+        .unwrap();
+        drop(conn);
+        match SqliteStore::open(&path, sqlite_options()) {
+            Err(StoreError::Unavailable(message)) => {
+                assert!(message.contains("newer"), "{message}");
+                assert!(
+                    message.contains(&format!("version {}", SCHEMA_VERSION + 1)),
+                    "{message}"
+                );
+            }
+            other => panic!("a newer schema must be refused, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_file_that_is_not_a_database_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        std::fs::write(&path, vec![b'x'; 8192]).unwrap();
+        let result = SqliteStore::open(&path, sqlite_options());
+        assert!(result.is_err(), "{result:?}");
+    }
+
+    /// Closing (or dropping) flushes: every write acknowledged before is on disk, every write after
+    /// is refused, and no caller is left hanging.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn close_commits_queued_writes_and_refuses_later_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let store = SqliteStore::open(&path, sqlite_options()).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let message = sms(&format!("SM-{i}"), PHONE, "hi");
+                store.ingest(message, Utc::now()).await.map(stored)
+            }));
+        }
+        tokio::task::yield_now().await;
+        store.close().await.unwrap();
+        let mut acknowledged = BTreeSet::new();
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok(outcome) => {
+                    acknowledged.insert(outcome.message);
+                }
+                Err(StoreError::Unavailable(_)) => {}
+                Err(other) => panic!("{other:?}"),
+            }
+        }
+        let after = store.ingest(sms("late", PHONE, "hi"), Utc::now()).await;
+        assert!(
+            matches!(after, Err(StoreError::Unavailable(_))),
+            "{after:?}"
+        );
+        store.close().await.unwrap();
+        drop(store);
+
+        let store = SqliteStore::open(&path, sqlite_options()).unwrap();
+        let stored: BTreeSet<Ulid> = all_messages(&store).await.into_keys().collect();
+        assert_eq!(stored, acknowledged);
+
+        // Dropping the last handle flushes too: requests already queued by callers that stopped
+        // waiting are still committed before the writer exits.
+        let before = stored.len();
+        for i in 0..20 {
+            let mut request =
+                Box::pin(store.ingest(sms(&format!("SM-drop-{i}"), PHONE, "bye"), Utc::now()));
+            // Polled once: the request is queued; then the caller gives up.
+            tokio::select! {
+                biased;
+                _ = &mut request => {}
+                () = std::future::ready(()) => {}
+            }
+        }
+        drop(store);
+        let store = SqliteStore::open(&path, sqlite_options()).unwrap();
+        assert_eq!(all_messages(&store).await.len(), before + 20);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn batches_share_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let store = SqliteStore::open(&path, sqlite_options()).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..500 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let from = format!("+1555700{:04}", i % 50);
+                store
+                    .ingest(sms(&format!("SM-{i}"), &from, "hi"), Utc::now())
+                    .await
+                    .map(stored)
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        let stats = store.stats();
+        assert_eq!(stats.requests, 500);
+        assert!(stats.commits < 500, "{stats:?}");
+        assert!(stats.average_batch() > 1.0, "{stats:?}");
+        assert_eq!(stats.failed_batches, 0);
+    }
+}
