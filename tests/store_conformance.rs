@@ -959,6 +959,8 @@ async fn replies_and_delivery_status(backend: Backend) {
         recovery.unrouted.iter().map(|m| m.id).collect::<Vec<_>>(),
         vec![inbound.message]
     );
+    // A pending reply is re-queued after a restart; once sent it is not.
+    assert_eq!(store.pending_replies().await.unwrap(), vec![answer.id]);
 
     store
         .set_delivery_status(
@@ -975,6 +977,7 @@ async fn replies_and_delivery_status(backend: Backend) {
         .unwrap();
     let outbound = store.message(answer.id).await.unwrap().unwrap();
     assert_eq!(outbound.delivery_status.as_deref(), Some("delivered"));
+    assert!(store.pending_replies().await.unwrap().is_empty());
     assert_eq!(outbound.provider_message_id.as_deref(), Some("SM-out-1"));
     assert_eq!(
         store

@@ -395,78 +395,60 @@ impl Router {
 
     /// Everything the router holds besides its configuration.
     pub fn snapshot(&self) -> RouterSnapshot {
-        let agent_id = |slot: u32| self.agents[slot as usize].id.clone();
-        let conversations = self
-            .conversations
-            .iter()
-            .flatten()
-            .map(|conversation| {
-                let class = &self.classes[conversation.class as usize];
-                ConversationSnapshot {
-                    id: conversation.id,
-                    seq: conversation.seq,
-                    channel: self.channels[conversation.channel as usize].clone(),
-                    language: conversation.language.as_deref().map(str::to_owned),
-                    skills: class.skills.clone(),
-                    required_language: class.language.clone(),
-                    priority: conversation.priority,
-                    base_priority: conversation.base_priority,
-                    since: conversation.since,
-                    candidates: conversation
-                        .candidates
-                        .iter()
-                        .map(|(queue, _)| self.queues[*queue as usize].config.name.clone())
-                        .collect(),
-                    eligible_mask: conversation.eligible_mask,
-                    state: self.state_of(conversation),
-                    next_step: conversation.next_step,
-                    sla_breached: conversation.sla_breached,
-                    repeats: conversation.repeats,
-                    keyword_boosted: conversation.keyword_boosted,
-                    wording_boosted: conversation.wording_boosted,
-                    excluded: conversation
-                        .excluded
-                        .iter()
-                        .map(|(agent, until)| (agent_id(*agent), *until))
-                        .collect(),
-                    reserved_for: conversation
-                        .reserved_for
-                        .map(|(agent, until)| (agent_id(agent), until)),
-                    follower: conversation.follower.map(agent_id),
-                    last_agent: conversation.last_agent.map(agent_id),
-                    reasons: conversation.reasons.clone(),
-                    tags: conversation
-                        .tags
-                        .iter()
-                        .map(|tag| tag.to_string())
-                        .collect(),
-                }
-            })
-            .collect();
-        let agents = self
-            .agents
-            .iter()
-            .map(|agent| AgentSnapshot {
-                id: agent.id.clone(),
-                presence: agent.presence,
-                missed: agent.missed,
-                last_offer_at: agent.last_offer_at,
-                wrap_ups: agent
-                    .wrap_ups
-                    .iter()
-                    .map(|wrap_up| {
-                        (
-                            wrap_up.conversation,
-                            self.channels[wrap_up.channel as usize].clone(),
-                            wrap_up.until,
-                        )
-                    })
-                    .collect(),
-            })
-            .collect();
         RouterSnapshot {
-            conversations,
-            agents,
+            conversations: self.conversations.iter().flatten().map(|conversation| self.snapshot_of(conversation)).collect(),
+            agents: self.agents.iter().filter_map(|agent| self.agent_snapshot(&agent.id)).collect(),
+        }
+    }
+
+    /// One conversation's part of [`Router::snapshot`]; `None` once the router forgot it.
+    pub fn conversation_snapshot(&self, id: ConversationId) -> Option<ConversationSnapshot> {
+        Some(self.snapshot_of(self.conv(*self.slot_of.get(&id)?)))
+    }
+
+    /// One agent's part of [`Router::snapshot`].
+    pub fn agent_snapshot(&self, id: &AgentId) -> Option<AgentSnapshot> {
+        let agent = &self.agents[*self.agent_index.get(id)? as usize];
+        Some(AgentSnapshot {
+            id: agent.id.clone(),
+            presence: agent.presence,
+            missed: agent.missed,
+            last_offer_at: agent.last_offer_at,
+            wrap_ups: agent
+                .wrap_ups
+                .iter()
+                .map(|wrap_up| (wrap_up.conversation, self.channels[wrap_up.channel as usize].clone(), wrap_up.until))
+                .collect(),
+        })
+    }
+
+    fn snapshot_of(&self, conversation: &Conversation) -> ConversationSnapshot {
+        let agent_id = |slot: u32| self.agents[slot as usize].id.clone();
+        let class = &self.classes[conversation.class as usize];
+        ConversationSnapshot {
+            id: conversation.id,
+            seq: conversation.seq,
+            channel: self.channels[conversation.channel as usize].clone(),
+            language: conversation.language.as_deref().map(str::to_owned),
+            skills: class.skills.clone(),
+            required_language: class.language.clone(),
+            priority: conversation.priority,
+            base_priority: conversation.base_priority,
+            since: conversation.since,
+            candidates: conversation.candidates.iter().map(|(queue, _)| self.queues[*queue as usize].config.name.clone()).collect(),
+            eligible_mask: conversation.eligible_mask,
+            state: self.state_of(conversation),
+            next_step: conversation.next_step,
+            sla_breached: conversation.sla_breached,
+            repeats: conversation.repeats,
+            keyword_boosted: conversation.keyword_boosted,
+            wording_boosted: conversation.wording_boosted,
+            excluded: conversation.excluded.iter().map(|(agent, until)| (agent_id(*agent), *until)).collect(),
+            reserved_for: conversation.reserved_for.map(|(agent, until)| (agent_id(agent), until)),
+            follower: conversation.follower.map(agent_id),
+            last_agent: conversation.last_agent.map(agent_id),
+            reasons: conversation.reasons.clone(),
+            tags: conversation.tags.iter().map(|tag| tag.to_string()).collect(),
         }
     }
 

@@ -241,6 +241,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     async fn recovery(&self) -> Result<Recovery, StoreError>;
 
+    /// Outbound replies still `pending` (not yet sent or failed), oldest first: re-queued on start.
+    async fn pending_replies(&self) -> Result<Vec<Ulid>, StoreError>;
+
     async fn conversation(&self, id: Ulid) -> Result<Option<ConversationRecord>, StoreError>;
 
     async fn conversations(

@@ -1360,6 +1360,18 @@ fn message_by_id(conn: &Connection, id: Ulid) -> Result<Option<StoredMessage>, S
         .transpose()
 }
 
+fn pending_replies_read(conn: &Connection) -> Result<Vec<Ulid>, StoreError> {
+    let ids = conn
+        .prepare_cached(
+            "SELECT id FROM messages WHERE direction = 'outbound' AND delivery_status = 'pending' ORDER BY id",
+        )?
+        .query_map([], |row| row.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<String>>>()?;
+    ids.iter()
+        .map(|id| id.parse::<Ulid>().map_err(|error| StoreError::Corrupt(format!("message id {id}: {error}"))))
+        .collect()
+}
+
 fn recovery_read(conn: &Connection) -> Result<Recovery, StoreError> {
     // One snapshot for all three reads, so they agree with each other.
     let tx = conn.unchecked_transaction()?;
@@ -1486,6 +1498,10 @@ impl Store for SqliteStore {
 
     async fn recovery(&self) -> Result<Recovery, StoreError> {
         self.read(recovery_read).await
+    }
+
+    async fn pending_replies(&self) -> Result<Vec<Ulid>, StoreError> {
+        self.read(pending_replies_read).await
     }
 
     async fn conversation(&self, id: Ulid) -> Result<Option<ConversationRecord>, StoreError> {

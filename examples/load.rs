@@ -1,0 +1,159 @@
+//! Load tool for the ingest benchmark (`scripts/bench-ingest`), run as a separate process.
+//!
+//! * `load bare [--listen ADDR]` — the baseline: a bare axum endpoint that parses and validates the
+//!   same `switchboard.message.v1` JSON and answers 200, storing nothing.
+//! * `load drive --url URL --token T --messages N [--concurrency C | --rate R] [--agents a,b,c]` —
+//!   posts N distinct messages and prints one JSON line: messages/s and latency percentiles of the
+//!   HTTP answer; with `--agents` (their WebSockets opened with `demo-<id>-token`) also the latency
+//!   from sending a message to its offer or assignment reaching an agent (ingest → offer).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::http::StatusCode;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use switchboard::message::InboundMessage;
+use tokio_tungstenite::tungstenite::Message;
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("bare") => bare(arg(&args, "--listen").unwrap_or_else(|| "127.0.0.1:0".into())).await,
+        Some("drive") => drive(&args).await,
+        _ => eprintln!("usage: load bare [--listen ADDR] | load drive --url URL --token T --messages N [--concurrency C] [--rate R] [--agents a,b]"),
+    }
+}
+
+async fn bare(listen: String) {
+    async fn ingest(body: axum::body::Bytes) -> (StatusCode, Json<Value>) {
+        match serde_json::from_slice::<InboundMessage>(&body) {
+            Ok(message) if message.validate().is_ok() => (StatusCode::OK, Json(json!({ "ok": true }))),
+            _ => (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({ "ok": false }))),
+        }
+    }
+    let app = axum::Router::new().route("/v1/messages", axum::routing::post(ingest));
+    let listener = tokio::net::TcpListener::bind(listen).await.unwrap();
+    println!("listening on http://{}", listener.local_addr().unwrap());
+    axum::serve(listener, app).await.unwrap();
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn summary(mut samples: Vec<f64>) -> Value {
+    samples.sort_by(|a, b| a.total_cmp(b));
+    json!({ "count": samples.len(), "p50_ms": percentile(&samples, 0.5), "p99_ms": percentile(&samples, 0.99), "p999_ms": percentile(&samples, 0.999), "max_ms": samples.last() })
+}
+
+async fn drive(args: &[String]) {
+    let url = arg(args, "--url").expect("--url");
+    let token = arg(args, "--token").unwrap_or_default();
+    let messages: usize = arg(args, "--messages").map_or(10_000, |n| n.parse().unwrap());
+    let concurrency: usize = arg(args, "--concurrency").map_or(32, |n| n.parse().unwrap());
+    let rate: Option<f64> = arg(args, "--rate").map(|r| r.parse().unwrap());
+    let run = arg(args, "--run").unwrap_or_else(|| ulid::Ulid::new().to_string());
+    let sent_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let offer_latencies: Arc<Mutex<Vec<f64>>> = Arc::default();
+    let mut listeners = Vec::new();
+    if let Some(agents) = arg(args, "--agents") {
+        for agent in agents.split(',') {
+            let ws = format!("{}/v1/agents/{agent}/stream?access_token=demo-{agent}-token", url.replace("http://", "ws://"));
+            let (mut socket, _) = tokio_tungstenite::connect_async(ws).await.expect("agent websocket");
+            socket.send(Message::Text(json!({ "type": "presence", "presence": "available" }).to_string().into())).await.unwrap();
+            let (sent_at, latencies) = (sent_at.clone(), offer_latencies.clone());
+            listeners.push(tokio::spawn(async move {
+                while let Some(Ok(Message::Text(text))) = socket.next().await {
+                    let push: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                    if push["type"] == "offer" || push["type"] == "assigned" {
+                        let conversation = push["conversation_id"].as_str().unwrap_or_default().to_owned();
+                        if let Some(started) = sent_at.lock().unwrap().remove(&conversation) {
+                            latencies.lock().unwrap().push(started.elapsed().as_secs_f64() * 1000.0);
+                        }
+                    }
+                }
+            }));
+        }
+    }
+    let client = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build().unwrap();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let http_latencies: Arc<Mutex<Vec<f64>>> = Arc::default();
+    let errors = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let workers = if rate.is_some() { concurrency.max(64) } else { concurrency };
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (client, url, token, run, next, http_latencies, errors, sent_at) =
+            (client.clone(), url.clone(), token.clone(), run.clone(), next.clone(), http_latencies.clone(), errors.clone(), sent_at.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if index >= messages {
+                    break;
+                }
+                if let Some(rate) = rate {
+                    // Open loop: message i leaves at i / rate, whatever the answers do.
+                    let due = started + Duration::from_secs_f64(index as f64 / rate);
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let body = json!({
+                    "channel": "api", "provider": "load", "provider_message_id": format!("{run}-{index}"),
+                    "from": { "address": format!("load-{run}-{index}") }, "text": "Hello, I need help with my order please."
+                });
+                let begun = Instant::now();
+                let response = client.post(format!("{url}/v1/messages")).bearer_auth(&token).json(&body).send().await;
+                match response {
+                    Ok(response) if response.status().is_success() => {
+                        let elapsed = begun.elapsed().as_secs_f64() * 1000.0;
+                        http_latencies.lock().unwrap().push(elapsed);
+                        if let Ok(answer) = response.json::<Value>().await
+                            && let Some(conversation) = answer["conversation_id"].as_str()
+                        {
+                            sent_at.lock().unwrap().insert(conversation.to_owned(), begun);
+                        }
+                    }
+                    _ => {
+                        errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // Offers for the last messages may still be in flight: wait for them briefly.
+    let wait_until = Instant::now() + Duration::from_secs(5);
+    while !listeners.is_empty() && !sent_at.lock().unwrap().is_empty() && Instant::now() < wait_until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let http = http_latencies.lock().unwrap().clone();
+    let offers = offer_latencies.lock().unwrap().clone();
+    println!(
+        "{}",
+        json!({
+            "messages": messages,
+            "errors": errors.load(std::sync::atomic::Ordering::Relaxed),
+            "seconds": elapsed,
+            "messages_per_second": http.len() as f64 / elapsed,
+            "http": summary(http),
+            "ingest_to_offer": if listeners.is_empty() { Value::Null } else { summary(offers) },
+        })
+    );
+    for listener in listeners {
+        listener.abort();
+    }
+}

@@ -1,0 +1,620 @@
+//! The routing engine: the one task that owns the router, and the dispatcher that makes each decision
+//! durable before anyone hears of it.
+//!
+//! ```text
+//!  requests ─► engine task ─► Router::handle ─► effects ─► (write, effects) ─► dispatcher task
+//!  (ingested, agent commands,   timers kept in a TimerQueue            merges what queued into one
+//!   reloads, inspections)                                              store commit, then pushes to
+//!                                                                      agents and answers callers
+//! ```
+//!
+//! The engine never waits for the disk, so routing keeps its pace; the dispatcher commits in order and
+//! retries a failing commit until the store is back, so nothing the router decided is lost and no
+//! agent sees an offer the store does not know.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tracing::{error, info, warn};
+use ulid::Ulid;
+
+use super::events;
+use super::hub::AgentHub;
+use super::metrics::Metrics;
+use super::persist::{StoredAgent, StoredConversation, status_of};
+use crate::message::InboundMessage;
+use crate::routing::inspect::RouterSnapshot;
+use crate::routing::{
+    AgentId, Command, CommandError, ConversationId, Effect, MessageId, OfferEnd, Presence, Router, RoutingConfig, TimerQueue,
+    Timestamp, TransferTarget,
+};
+use crate::store::{ConversationStatus, NewEvent, RoutingWrite, Store, StoreError, StoredMessage};
+
+/// The wall clock, read only here at the edge: milliseconds since the Unix epoch.
+pub fn wall_clock() -> Timestamp {
+    Timestamp(SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis() as u64).unwrap_or(0))
+}
+
+fn utc(at: Timestamp) -> DateTime<Utc> {
+    DateTime::<Utc>::from_timestamp_millis(at.0 as i64).unwrap_or_default()
+}
+
+/// Why an engine request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the routing engine has stopped")]
+    Stopped,
+}
+
+/// What an agent (or a system acting for one) asks of the router.
+#[derive(Debug, Clone)]
+pub enum AgentAction {
+    Presence(Presence),
+    Disconnected,
+    Accept(ConversationId),
+    Reject(ConversationId),
+    Resolve(ConversationId),
+    Transfer(ConversationId, TransferTarget),
+    Escalate(ConversationId),
+}
+
+/// A stored inbound message, handed to the router.
+#[derive(Debug)]
+pub struct Ingested {
+    pub message_id: Ulid,
+    pub conversation_id: Ulid,
+    pub contact_id: Option<Ulid>,
+    pub new_conversation: bool,
+    pub message: InboundMessage,
+    /// When intake received it, for the ingest-to-offer latency.
+    pub received: Instant,
+}
+
+type Inspection = Box<dyn FnOnce(&Router) + Send>;
+
+enum Request {
+    Ingested(Box<Ingested>),
+    Agent { agent: AgentId, action: AgentAction, reply: oneshot::Sender<Result<(), EngineError>> },
+    Reload { routing: Box<RoutingConfig>, reply: oneshot::Sender<Result<(), EngineError>> },
+    Inspect(Inspection),
+    Stop,
+}
+
+/// A cheap handle to the engine task.
+#[derive(Debug, Clone)]
+pub struct EngineHandle {
+    requests: mpsc::Sender<Request>,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Request::Ingested(_) => "Ingested",
+            Request::Agent { .. } => "Agent",
+            Request::Reload { .. } => "Reload",
+            Request::Inspect(_) => "Inspect",
+            Request::Stop => "Stop",
+        })
+    }
+}
+
+impl EngineHandle {
+    /// Hands a stored message to the router. Returns once queued (the message is already durable).
+    pub async fn ingested(&self, ingested: Ingested) -> Result<(), EngineError> {
+        self.requests.send(Request::Ingested(Box::new(ingested))).await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// Runs an agent command; resolves after its consequences are committed (or it was refused).
+    pub async fn agent(&self, agent: AgentId, action: AgentAction) -> Result<(), EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.requests.send(Request::Agent { agent, action, reply }).await.map_err(|_| EngineError::Stopped)?;
+        answer.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Replaces queues, rules and agents, keeping every conversation and agent state.
+    pub async fn reload(&self, routing: RoutingConfig) -> Result<(), EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.requests.send(Request::Reload { routing: Box::new(routing), reply }).await.map_err(|_| EngineError::Stopped)?;
+        answer.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Reads the router's state (runs on the engine task, between two commands).
+    pub async fn inspect<T: Send + 'static>(&self, look: impl FnOnce(&Router) -> T + Send + 'static) -> Result<T, EngineError> {
+        let (reply, answer) = oneshot::channel();
+        let inspection: Inspection = Box::new(move |router| {
+            let _ = reply.send(look(router));
+        });
+        self.requests.send(Request::Inspect(inspection)).await.map_err(|_| EngineError::Stopped)?;
+        answer.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// Stops the engine after everything queued before was handled and committed.
+    pub async fn stop(&self) {
+        let _ = self.requests.send(Request::Stop).await;
+    }
+}
+
+/// One routing step's consequences, on their way to the store and then to the agents.
+struct Step {
+    write: RoutingWrite,
+    effects: Vec<Effect>,
+    reply: Option<oneshot::Sender<Result<(), EngineError>>>,
+    /// Arrival time of the inbound message this step routed, for the ingest-to-offer latency.
+    received: Option<(ConversationId, Instant)>,
+}
+
+/// Everything the engine and dispatcher share with the rest of the daemon.
+#[derive(Debug, Clone)]
+pub struct EngineContext {
+    pub store: Arc<dyn Store>,
+    pub hub: Arc<AgentHub>,
+    pub metrics: Metrics,
+    /// Woken after each commit that wrote events, so the outbox relay publishes promptly.
+    pub outbox_written: Arc<Notify>,
+}
+
+/// Rebuilds the router from the store and starts the engine. Returns once recovery is committed;
+/// messages stored but never routed (a crash between the two) are routed again first.
+pub async fn start(
+    routing: RoutingConfig,
+    context: EngineContext,
+) -> Result<(EngineHandle, tokio::task::JoinHandle<()>), EngineError> {
+    let recovery = context.store.recovery().await?;
+    let mut snapshot = RouterSnapshot::default();
+    for (id, document) in recovery.conversations {
+        let stored: StoredConversation =
+            serde_json::from_value(document).map_err(|error| StoreError::Corrupt(format!("conversation {id}: {error}")))?;
+        snapshot.conversations.push(stored.into_snapshot(ConversationId(id.0)));
+    }
+    for (id, document) in recovery.agents {
+        let stored: StoredAgent = serde_json::from_value(document).map_err(|error| StoreError::Corrupt(format!("agent {id}: {error}")))?;
+        let mut agent = stored.into_snapshot(&id);
+        // Agents come back offline until their desktop reconnects; their conversations stay theirs.
+        agent.presence = Presence::Offline;
+        snapshot.agents.push(agent);
+    }
+    let restored_conversations = snapshot.conversations.len();
+    let now = wall_clock();
+    let mut effects = Vec::new();
+    let router = Router::restore(routing, snapshot, now, &mut effects)?;
+    let (requests, receiver) = mpsc::channel(4096);
+    let (steps, step_receiver) = mpsc::unbounded_channel();
+    let mut engine = Engine { router, timers: TimerQueue::new(), context: context.clone(), steps };
+    engine.timers.apply(&effects);
+    engine.record(now, effects, Vec::new(), Vec::new(), None, None, true);
+    let unrouted = recovery.unrouted.len();
+    for stored in recovery.unrouted {
+        match replay(stored) {
+            Ok(ingested) => engine.route_ingested(ingested),
+            Err(reason) => error!(%reason, "skipping an unreadable stored message during recovery"),
+        }
+    }
+    info!(conversations = restored_conversations, replayed = unrouted, "router state recovered");
+    let dispatcher = tokio::spawn(dispatch(step_receiver, context));
+    let engine_task = tokio::spawn(async move {
+        engine.run(receiver).await;
+        // The engine dropped its sender: the dispatcher commits what is left, then ends.
+        let _ = dispatcher.await;
+    });
+    Ok((EngineHandle { requests }, engine_task))
+}
+
+/// A stored message that was never routed, handed to the router again.
+fn replay(stored: StoredMessage) -> Result<Ingested, String> {
+    let message: InboundMessage = serde_json::from_value(stored.body).map_err(|error| format!("message {}: {error}", stored.id))?;
+    Ok(Ingested {
+        message_id: stored.id,
+        conversation_id: stored.conversation_id,
+        contact_id: None,
+        new_conversation: false,
+        message,
+        received: Instant::now(),
+    })
+}
+
+struct Engine {
+    router: Router,
+    timers: TimerQueue,
+    context: EngineContext,
+    steps: mpsc::UnboundedSender<Step>,
+}
+
+impl Engine {
+    async fn run(&mut self, mut requests: mpsc::Receiver<Request>) {
+        let mut gauges = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let sleep = self.timers.next_deadline().map(|at| Duration::from_millis(at.0.saturating_sub(wall_clock().0)));
+            tokio::select! {
+                biased;
+                request = requests.recv() => match request {
+                    Some(Request::Stop) | None => break,
+                    Some(request) => self.handle(request),
+                },
+                _ = tokio::time::sleep(sleep.unwrap_or(Duration::from_secs(3600))), if sleep.is_some() => self.fire_due_timers(),
+                _ = gauges.tick() => self.update_gauges(),
+            }
+        }
+        // Finish what was queued before the stop, so nothing acknowledged is left unrouted.
+        requests.close();
+        while let Ok(request) = requests.try_recv() {
+            if !matches!(request, Request::Stop) {
+                self.handle(request);
+            }
+        }
+    }
+
+    fn handle(&mut self, request: Request) {
+        match request {
+            Request::Ingested(ingested) => self.route_ingested(*ingested),
+            Request::Agent { agent, action, reply } => {
+                let now = wall_clock();
+                let (command, presence) = match action {
+                    AgentAction::Presence(presence) => (Command::AgentPresence { agent: agent.clone(), presence }, Some((presence, "agent"))),
+                    AgentAction::Disconnected => (Command::AgentDisconnected { agent: agent.clone() }, Some((Presence::Offline, "disconnected"))),
+                    AgentAction::Accept(conversation) => (Command::Accept { agent: agent.clone(), conversation }, None),
+                    AgentAction::Reject(conversation) => (Command::Reject { agent: agent.clone(), conversation }, None),
+                    AgentAction::Resolve(conversation) => (Command::Resolve { agent: agent.clone(), conversation }, None),
+                    AgentAction::Transfer(conversation, to) => (Command::Transfer { agent: agent.clone(), conversation, to }, None),
+                    AgentAction::Escalate(conversation) => (Command::Escalate { agent: agent.clone(), conversation }, None),
+                };
+                let was = self.router.agent(&agent).map(|view| view.presence);
+                match self.run_command(now, command) {
+                    Ok(effects) => {
+                        let mut extra = Vec::new();
+                        if let Some((presence, reason)) = presence
+                            && was != Some(presence)
+                        {
+                            extra.push(events::agent_presence(agent.as_str(), presence, reason, utc(now)));
+                        }
+                        self.record(now, effects, extra, vec![agent], Some(reply), None, false);
+                    }
+                    Err(error) => {
+                        let _ = reply.send(Err(error.into()));
+                    }
+                }
+            }
+            Request::Reload { routing, reply } => {
+                let now = wall_clock();
+                match self.run_command(now, Command::ReplaceConfig(routing)) {
+                    Ok(effects) => self.record(now, effects, Vec::new(), Vec::new(), Some(reply), None, true),
+                    Err(error) => {
+                        let _ = reply.send(Err(error.into()));
+                    }
+                }
+            }
+            Request::Inspect(look) => look(&self.router),
+            Request::Stop => {}
+        }
+    }
+
+    /// Runs one command through the router, timing it and keeping its timers.
+    fn run_command(&mut self, now: Timestamp, command: Command) -> Result<Vec<Effect>, CommandError> {
+        let started = Instant::now();
+        let mut effects = Vec::new();
+        let result = self.router.handle(now, command, &mut effects);
+        self.context.metrics.routing_decision_seconds.observe(started.elapsed().as_secs_f64());
+        result?;
+        self.timers.apply(&effects);
+        Ok(effects)
+    }
+
+    /// A stored message reaches the router: a conversation the router holds gets a customer message,
+    /// any other is a new arrival (also a conversation the store reopened after the router forgot it).
+    fn route_ingested(&mut self, ingested: Ingested) {
+        let now = wall_clock();
+        let conversation = ConversationId(ingested.conversation_id.0);
+        let message = MessageId(ingested.message_id.0);
+        let mut extra = Vec::new();
+        if ingested.new_conversation
+            && let Some(contact) = ingested.contact_id
+        {
+            extra.push(events::conversation_created(conversation, &ingested.message.channel, contact, utc(now)));
+        }
+        let body = serde_json::to_value(&ingested.message).unwrap_or(Value::Null);
+        extra.push(events::message_received(conversation, &body, utc(now)));
+        let command = if self.router.conversation(conversation).is_some() {
+            Command::CustomerMessage { conversation, message, text: ingested.message.text.clone() }
+        } else {
+            Command::Arrive(Box::new(ingested.message.routing_facts(conversation, message)))
+        };
+        match self.run_command(now, command) {
+            Ok(effects) => {
+                let received = Some((conversation, ingested.received));
+                self.record_with_routed(now, effects, extra, ingested.message_id, received);
+            }
+            Err(error) => error!(%error, conversation = %ingested.conversation_id, "router refused a stored message"),
+        }
+    }
+
+    fn fire_due_timers(&mut self) {
+        let now = wall_clock();
+        while let Some((_, key)) = self.timers.pop_due(now) {
+            match self.run_command(now, Command::TimerFired(key)) {
+                Ok(effects) => self.record(now, effects, Vec::new(), Vec::new(), None, None, false),
+                Err(error) => warn!(%error, "timer refused"),
+            }
+        }
+    }
+
+    fn record_with_routed(
+        &mut self,
+        now: Timestamp,
+        effects: Vec<Effect>,
+        extra: Vec<NewEvent>,
+        routed: Ulid,
+        received: Option<(ConversationId, Instant)>,
+    ) {
+        let mut write = self.routing_write(now, &effects, extra, &[], false);
+        write.routed_messages.push(routed);
+        let _ = self.steps.send(Step { write, effects, reply: None, received });
+    }
+
+    /// Sends a step's durable consequences to the dispatcher.
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &mut self,
+        now: Timestamp,
+        effects: Vec<Effect>,
+        extra: Vec<NewEvent>,
+        agents: Vec<AgentId>,
+        reply: Option<oneshot::Sender<Result<(), EngineError>>>,
+        received: Option<(ConversationId, Instant)>,
+        everything: bool,
+    ) {
+        let write = self.routing_write(now, &effects, extra, &agents, everything);
+        if self.steps.send(Step { write, effects, reply, received }).is_err() {
+            error!("dispatcher stopped; a routing step cannot be committed");
+        }
+    }
+
+    /// The state documents of everything a step touched (or of everything, after a restore), and its events.
+    fn routing_write(&self, now: Timestamp, effects: &[Effect], mut events: Vec<NewEvent>, agents: &[AgentId], everything: bool) -> RoutingWrite {
+        let mut conversations: BTreeSet<ConversationId> = BTreeSet::new();
+        let mut touched_agents: BTreeSet<AgentId> = agents.iter().cloned().collect();
+        if everything {
+            conversations.extend(self.router.conversation_ids());
+            touched_agents.extend(self.router.agents().map(|view| view.id));
+        }
+        for effect in effects {
+            if let Some(conversation) = effect_conversation(effect) {
+                conversations.insert(conversation);
+            }
+            if let Some(agent) = effect_agent(effect) {
+                touched_agents.insert(agent.clone());
+            }
+            if let Effect::AgentSetAway { agent, .. } = effect {
+                events.push(events::agent_presence(agent.as_str(), Presence::Away, "missed_offers", utc(now)));
+            }
+            events.extend(events::for_effect(effect, utc(now)));
+        }
+        let mut write = RoutingWrite { events, epoch: 0, ..RoutingWrite::default() };
+        for conversation in conversations {
+            let id = events::conversation_ulid(conversation);
+            match self.router.conversation_snapshot(conversation) {
+                Some(snapshot) => {
+                    let document = serde_json::to_value(StoredConversation::from(&snapshot)).unwrap_or(Value::Null);
+                    write.conversations.push((id, status_of(&snapshot.state), document));
+                }
+                None => write.conversations.push((id, ConversationStatus::Closed, Value::Null)),
+            }
+        }
+        for agent in touched_agents {
+            if let Some(snapshot) = self.router.agent_snapshot(&agent) {
+                write.agents.push((agent.to_string(), serde_json::to_value(StoredAgent::from(&snapshot)).unwrap_or(Value::Null)));
+            }
+        }
+        write
+    }
+
+    fn update_gauges(&self) {
+        let metrics = &self.context.metrics;
+        let mut waiting = 0;
+        for queue in self.router.queues() {
+            waiting += i64::from(queue.waiting);
+            metrics.queue_waiting.with_label_values(&[queue.name.as_str()]).set(i64::from(queue.waiting));
+            let oldest = queue.oldest_since.map_or(0.0, |since| wall_clock().since(since).as_secs_f64());
+            metrics.queue_oldest_wait.with_label_values(&[queue.name.as_str()]).set(oldest);
+        }
+        let (mut offered, mut assigned) = (0, 0);
+        let mut presence: HashMap<&'static str, i64> = HashMap::from([("available", 0), ("away", 0), ("offline", 0), ("wrap_up", 0)]);
+        for agent in self.router.agents() {
+            offered += agent.offers.len() as i64;
+            assigned += agent.assigned.len() as i64;
+            *presence.entry(agent.presence.as_str()).or_default() += 1;
+            if agent.wrapping_up {
+                *presence.entry("wrap_up").or_default() += 1;
+            }
+        }
+        let total = self.router.conversation_count() as i64;
+        metrics.conversations.with_label_values(&["waiting"]).set(waiting);
+        metrics.conversations.with_label_values(&["offered"]).set(offered);
+        metrics.conversations.with_label_values(&["assigned"]).set(assigned);
+        metrics.conversations.with_label_values(&["resolved"]).set((total - waiting - offered - assigned).max(0));
+        for (state, count) in presence {
+            metrics.agents.with_label_values(&[state]).set(count);
+        }
+    }
+}
+
+fn effect_conversation(effect: &Effect) -> Option<ConversationId> {
+    match effect {
+        Effect::Offered { conversation, .. }
+        | Effect::OfferWithdrawn { conversation, .. }
+        | Effect::Assigned { conversation, .. }
+        | Effect::DeliverToAgent { conversation, .. }
+        | Effect::Queued { conversation, .. }
+        | Effect::PriorityChanged { conversation, .. }
+        | Effect::SlaBreached { conversation, .. }
+        | Effect::Escalated { conversation, .. }
+        | Effect::Transferred { conversation, .. }
+        | Effect::Resolved { conversation, .. }
+        | Effect::Reopened { conversation, .. }
+        | Effect::Abandoned { conversation, .. }
+        | Effect::Closed { conversation }
+        | Effect::FollowUp { conversation, .. } => Some(*conversation),
+        Effect::AgentSetAway { .. } | Effect::ScheduleTimer { .. } | Effect::CancelTimer { .. } => None,
+    }
+}
+
+fn effect_agent(effect: &Effect) -> Option<&AgentId> {
+    match effect {
+        Effect::Offered { agent, .. }
+        | Effect::OfferWithdrawn { agent, .. }
+        | Effect::Assigned { agent, .. }
+        | Effect::Resolved { agent, .. }
+        | Effect::AgentSetAway { agent, .. }
+        | Effect::FollowUp { agent, .. } => Some(agent),
+        Effect::Escalated { from_agent, .. } | Effect::Transferred { from_agent, .. } => Some(from_agent),
+        _ => None,
+    }
+}
+
+/// Merges queued steps into one write: the last state of each conversation and agent wins, events
+/// and routed marks keep their order.
+fn merge(steps: &[Step]) -> RoutingWrite {
+    let mut merged = RoutingWrite::default();
+    let mut conversation_index = HashMap::new();
+    let mut agent_index = HashMap::new();
+    for step in steps {
+        for (id, status, document) in &step.write.conversations {
+            match conversation_index.get(id) {
+                Some(&index) => merged.conversations[index] = (*id, *status, document.clone()),
+                None => {
+                    conversation_index.insert(*id, merged.conversations.len());
+                    merged.conversations.push((*id, *status, document.clone()));
+                }
+            }
+        }
+        for (id, document) in &step.write.agents {
+            match agent_index.get(id) {
+                Some(&index) => merged.agents[index] = (id.clone(), document.clone()),
+                None => {
+                    agent_index.insert(id.clone(), merged.agents.len());
+                    merged.agents.push((id.clone(), document.clone()));
+                }
+            }
+        }
+        merged.routed_messages.extend(&step.write.routed_messages);
+        merged.events.extend(step.write.events.iter().cloned());
+        merged.epoch = merged.epoch.max(step.write.epoch);
+    }
+    merged
+}
+
+/// Commits steps in order (merging whatever queued meanwhile) and only then tells anyone about them.
+async fn dispatch(mut steps: mpsc::UnboundedReceiver<Step>, context: EngineContext) {
+    const MAX_MERGED: usize = 1024;
+    let mut backoff = Duration::from_millis(50);
+    while let Some(first) = steps.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_MERGED {
+            match steps.try_recv() {
+                Ok(step) => batch.push(step),
+                Err(_) => break,
+            }
+        }
+        let write = merge(&batch);
+        let has_events = !write.events.is_empty();
+        // The router already decided: the commit must happen. Retry until the store is back.
+        loop {
+            let started = Instant::now();
+            match context.store.apply_routing(write.clone()).await {
+                Ok(()) => {
+                    context.metrics.store_commit_seconds.with_label_values(&["routing"]).observe(started.elapsed().as_secs_f64());
+                    backoff = Duration::from_millis(50);
+                    break;
+                }
+                Err(StoreError::Fenced { epoch }) => {
+                    error!(epoch, "a newer router leader exists; this instance's routing writes are refused");
+                    for step in batch {
+                        if let Some(reply) = step.reply {
+                            let _ = reply.send(Err(EngineError::Store(StoreError::Fenced { epoch })));
+                        }
+                    }
+                    return;
+                }
+                Err(error) => {
+                    warn!(%error, retry_in_ms = backoff.as_millis() as u64, "routing commit failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        if has_events {
+            context.outbox_written.notify_one();
+        }
+        for step in batch {
+            announce(&context, &step).await;
+            if let Some(reply) = step.reply {
+                let _ = reply.send(Ok(()));
+            }
+        }
+    }
+}
+
+/// Pushes a committed step's effects to agents' desktops and counts them.
+async fn announce(context: &EngineContext, step: &Step) {
+    let metrics = &context.metrics;
+    let mut offered_now: HashSet<ConversationId> = HashSet::new();
+    for effect in &step.effects {
+        let id = |conversation: &ConversationId| events::conversation_ulid(*conversation).to_string();
+        match effect {
+            Effect::Offered { conversation, agent, queue, deadline } => {
+                metrics.offers.with_label_values(&["offered"]).inc();
+                offered_now.insert(*conversation);
+                context.hub.push(
+                    agent,
+                    &json!({ "type": "offer", "conversation_id": id(conversation), "queue": queue.as_str(), "deadline": events::millis_to_rfc3339(deadline.0) }),
+                );
+            }
+            Effect::OfferWithdrawn { conversation, agent, reason } => {
+                let result = match reason {
+                    OfferEnd::Rejected => "rejected",
+                    OfferEnd::TimedOut => "timed_out",
+                    _ => "withdrawn",
+                };
+                metrics.offers.with_label_values(&[result]).inc();
+                context.hub.push(agent, &json!({ "type": "offer_withdrawn", "conversation_id": id(conversation), "reason": result }));
+            }
+            Effect::Assigned { conversation, agent, queue, .. } => {
+                metrics.offers.with_label_values(&["accepted"]).inc();
+                offered_now.insert(*conversation);
+                context.hub.push(agent, &json!({ "type": "assigned", "conversation_id": id(conversation), "queue": queue.as_str() }));
+            }
+            Effect::DeliverToAgent { conversation, agent, message } => {
+                let body = match context.store.message(Ulid(message.0)).await {
+                    Ok(Some(stored)) => stored.body,
+                    _ => Value::Null,
+                };
+                context.hub.push(
+                    agent,
+                    &json!({ "type": "message", "conversation_id": id(conversation), "message_id": Ulid(message.0).to_string(), "message": body }),
+                );
+            }
+            Effect::FollowUp { conversation, agent } => {
+                context.hub.push(agent, &json!({ "type": "follow_up", "conversation_id": id(conversation), "status": "resolved" }));
+            }
+            Effect::AgentSetAway { agent, .. } => {
+                context.hub.push(agent, &json!({ "type": "presence", "presence": "away", "reason": "missed_offers" }));
+            }
+            Effect::Escalated { .. } => metrics.escalations.inc(),
+            Effect::Transferred { .. } => metrics.transfers.inc(),
+            Effect::Abandoned { .. } => metrics.abandoned.inc(),
+            Effect::SlaBreached { queue, .. } => metrics.sla_breaches.with_label_values(&[queue.as_str()]).inc(),
+            _ => {}
+        }
+    }
+    if let Some((conversation, received)) = step.received
+        && offered_now.contains(&conversation)
+    {
+        metrics.ingest_to_offer_seconds.observe(received.elapsed().as_secs_f64());
+    }
+}

@@ -1,0 +1,213 @@
+//! The daemon: `switchboard run` wires the store, the routing engine, delivery, the outbox relay and
+//! the HTTP API together, and takes them down in order on shutdown.
+//!
+//! Start: open the store (migrations) → recover the router (replaying unrouted messages) → re-queue
+//! pending replies → serve. Ready (`/readyz`) only after recovery. Stop: intake answers 503, in-flight
+//! requests finish, the engine routes what it had queued and the dispatcher commits it, the relay
+//! publishes what it can, the store drains its writer.
+
+pub mod engine;
+pub mod events;
+pub mod http;
+pub mod hub;
+pub mod metrics;
+pub mod openapi;
+pub mod outbound;
+pub mod persist;
+pub mod relay;
+pub mod views;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::{Notify, watch};
+use tracing::{info, warn};
+
+use crate::config::{self, Settings};
+use crate::store::sqlite::{SqliteOptions, SqliteStore};
+use crate::store::{Store, StoreError};
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("routing engine: {0}")]
+    Engine(#[from] engine::EngineError),
+    #[error("cannot listen on {address}: {source}")]
+    Listen { address: SocketAddr, source: std::io::Error },
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Where the configuration came from, so a reload reads the same sources again.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    pub file: Option<PathBuf>,
+    /// The environment captured at start (`SWITCHBOARD__*` overrides apply on reload too).
+    pub environment: Vec<(String, String)>,
+}
+
+/// A running daemon: its address, and how to reload or stop it.
+#[derive(Debug)]
+pub struct Daemon {
+    pub local_addr: SocketAddr,
+    pub bus: relay::InProcessBus,
+    reload: Reloader,
+    stop: Arc<Notify>,
+    finished: tokio::task::JoinHandle<()>,
+}
+
+type ReloadFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+
+/// Reloads the configuration from its sources (SIGHUP and `POST /v1/admin/reload`).
+#[derive(Clone)]
+pub struct Reloader(Arc<dyn Fn() -> ReloadFuture + Send + Sync>);
+
+impl Reloader {
+    /// An invalid configuration is refused with the reason, and the old one kept.
+    pub async fn reload(&self) -> Result<(), String> {
+        (self.0)().await
+    }
+}
+
+impl std::fmt::Debug for Reloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reloader")
+    }
+}
+
+impl Daemon {
+    /// Reloads the configuration from its sources; an invalid one is refused and the old one kept.
+    pub async fn reload(&self) -> Result<(), String> {
+        self.reload.reload().await
+    }
+
+    /// Begins a graceful shutdown and waits for it to finish.
+    pub async fn shutdown(self) {
+        self.stop.notify_one();
+        let _ = self.finished.await;
+    }
+}
+
+fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, DaemonError> {
+    if let Some(parent) = settings.store.path.parent()
+        && !parent.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(parent)?;
+    }
+    let store = SqliteStore::open(&settings.store.path, SqliteOptions { max_batch: settings.store.max_batch, ..SqliteOptions::default() })?;
+    Ok(Arc::new(store))
+}
+
+/// Starts everything and returns once the daemon is serving and ready.
+pub async fn start(settings: Settings, source: ConfigSource) -> Result<Daemon, DaemonError> {
+    let metrics = metrics::Metrics::new()?;
+    let store = open_store(&settings)?;
+    let hub = Arc::new(hub::AgentHub::default());
+    let outbox_written = Arc::new(Notify::new());
+    let context = engine::EngineContext { store: store.clone(), hub: hub.clone(), metrics: metrics.clone(), outbox_written: outbox_written.clone() };
+    let (engine, engine_task) = engine::start(settings.routing.clone(), context).await?;
+
+    let mut senders: HashMap<String, Arc<dyn outbound::ChannelSender>> = HashMap::new();
+    senders.insert("api".into(), Arc::new(outbound::ApiChannel::new(&settings.outbound)));
+    let (outbound, outbound_task) = outbound::start(outbound::OutboundContext {
+        store: store.clone(),
+        hub: hub.clone(),
+        metrics: metrics.clone(),
+        senders: Arc::new(senders),
+        settings: settings.outbound.clone(),
+        outbox_written: outbox_written.clone(),
+    });
+    for reply in store.pending_replies().await? {
+        outbound.deliver(reply);
+    }
+
+    let bus = relay::InProcessBus::new();
+    let (stop_relay, relay_stopped) = watch::channel(false);
+    let relay_task = tokio::spawn(relay::run(
+        store.clone(),
+        vec![Arc::new(bus.clone())],
+        outbox_written,
+        format!("switchboard://{}", settings.listen),
+        metrics.clone(),
+        relay_stopped,
+    ));
+
+    let auth = Arc::new(RwLock::new(settings.auth.clone()));
+    let reload = {
+        let (engine, auth) = (engine.clone(), auth.clone());
+        Reloader(Arc::new(move || -> ReloadFuture {
+            let (engine, auth, source) = (engine.clone(), auth.clone(), source.clone());
+            Box::pin(async move {
+                let fresh = config::load(source.file.as_deref(), source.environment.clone()).map_err(|error| error.to_string())?;
+                engine.reload(fresh.routing).await.map_err(|error| error.to_string())?;
+                if let Ok(mut current) = auth.write() {
+                    *current = fresh.auth;
+                }
+                info!("configuration reloaded");
+                Ok(())
+            })
+        }))
+    };
+    let accepting = Arc::new(AtomicBool::new(true));
+    let state = http::AppState {
+        engine: engine.clone(),
+        store: store.clone(),
+        hub,
+        metrics: metrics.clone(),
+        auth,
+        outbound,
+        accepting: accepting.clone(),
+        reloader: reload.clone(),
+    };
+    let app = http::router(state, settings.body_limit_bytes).layer(tower_http::timeout::TimeoutLayer::with_status_code(
+        axum::http::StatusCode::REQUEST_TIMEOUT,
+        settings.request_timeout,
+    ));
+    let listener = tokio::net::TcpListener::bind(settings.listen).await.map_err(|source| DaemonError::Listen { address: settings.listen, source })?;
+    let local_addr = listener.local_addr()?;
+    if let Some(path) = &settings.port_file {
+        std::fs::write(path, local_addr.to_string())?;
+    }
+    metrics.ready.set(1);
+    info!(address = %local_addr, store = %settings.store.path.display(), "switchboard is ready");
+
+    let stop = Arc::new(Notify::new());
+    let grace = settings.shutdown_grace;
+    let finished = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let (drain_tx, drain_rx) = watch::channel(false);
+            let server = tokio::spawn(async move {
+                let mut drain_rx = drain_rx;
+                let _ = axum::serve(listener, app).with_graceful_shutdown(async move {
+                    let _ = drain_rx.changed().await;
+                }).await;
+            });
+            stop.notified().await;
+            info!("shutting down: intake closed, finishing in-flight requests");
+            accepting.store(false, Ordering::SeqCst);
+            metrics.ready.set(0);
+            let _ = drain_tx.send(true);
+            if tokio::time::timeout(grace, server).await.is_err() {
+                warn!("in-flight requests did not finish within the grace period");
+            }
+            engine.stop().await;
+            let _ = engine_task.await;
+            let _ = stop_relay.send(true);
+            let _ = tokio::time::timeout(grace, relay_task).await;
+            outbound_task.abort();
+            drop(store);
+            info!("switchboard stopped");
+        }
+    });
+    Ok(Daemon { local_addr, bus, reload, stop, finished })
+}

@@ -1,0 +1,238 @@
+//! Delivering agents' replies: a channel adapter per channel, retries with backoff, status events.
+//!
+//! A reply is stored (`pending`) before it is queued here, so a restart re-queues what was not sent.
+//! Retryable failures (5xx, 429, network) back off exponentially with jitter; permanent ones (4xx, no
+//! adapter) fail at once. Either outcome is stored with its event and pushed to the agent.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use hmac::{Hmac, Mac};
+use serde_json::json;
+use sha2::Sha256;
+use tokio::sync::{Notify, mpsc};
+use tracing::warn;
+use ulid::Ulid;
+
+use super::events;
+use super::hub::AgentHub;
+use super::metrics::Metrics;
+use crate::config::{OutboundSection, Secret};
+use crate::routing::AgentId;
+use crate::store::{Direction, Store, StoredMessage};
+
+/// Why a send failed, and whether trying again may help.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendError {
+    pub retryable: bool,
+    pub reason: String,
+    /// A provider's `Retry-After`, if it gave one.
+    pub retry_after: Option<Duration>,
+}
+
+/// One channel's way out. Every adapter has this shape; provider quirks stay inside it.
+#[async_trait]
+pub trait ChannelSender: Send + Sync + std::fmt::Debug {
+    /// Sends the reply; returns the provider's message id, if any.
+    async fn send(&self, reply: &StoredMessage) -> Result<Option<String>, SendError>;
+}
+
+/// The `api` channel: the reply is published as the `message.sent` event (and on the bus for systems
+/// that deliver it themselves); with a webhook configured it is also POSTed there, signed with
+/// HMAC-SHA256 over `timestamp.body` in `X-Switchboard-Signature: t=<unix>,v1=<hex>`.
+#[derive(Debug)]
+pub struct ApiChannel {
+    client: reqwest::Client,
+    webhook: Option<(String, Secret)>,
+}
+
+impl ApiChannel {
+    pub fn new(settings: &OutboundSection) -> ApiChannel {
+        let webhook = settings.api_webhook_url.clone().zip(settings.api_webhook_secret.clone());
+        ApiChannel { client: reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap_or_default(), webhook }
+    }
+}
+
+/// `t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`, the signature a webhook receiver checks.
+pub fn webhook_signature(secret: &Secret, timestamp: i64, body: &[u8]) -> String {
+    let mut mac = match Hmac::<Sha256>::new_from_slice(secret.expose().as_bytes()) {
+        Ok(mac) => mac,
+        Err(_) => return String::new(),
+    };
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!("t={timestamp},v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+#[async_trait]
+impl ChannelSender for ApiChannel {
+    async fn send(&self, reply: &StoredMessage) -> Result<Option<String>, SendError> {
+        let Some((url, secret)) = &self.webhook else { return Ok(None) };
+        let body = json!({
+            "message_id": reply.id.to_string(),
+            "conversation_id": reply.conversation_id.to_string(),
+            "to": reply.to_address,
+            "agent_id": reply.agent_id,
+            "reply": reply.body,
+        })
+        .to_string();
+        let timestamp = Utc::now().timestamp();
+        let response = self
+            .client
+            .post(url)
+            .header("content-type", "application/json")
+            .header("x-switchboard-signature", webhook_signature(secret, timestamp, body.as_bytes()))
+            .body(body)
+            .send()
+            .await
+            .map_err(|error| SendError { retryable: true, reason: format!("webhook unreachable: {error}"), retry_after: None })?;
+        classify(response.status(), response.headers()).map(|()| None)
+    }
+}
+
+/// 2xx ok; 429 and 5xx retryable (honouring `Retry-After` seconds); any other status permanent.
+pub fn classify(status: reqwest::StatusCode, headers: &reqwest::header::HeaderMap) -> Result<(), SendError> {
+    if status.is_success() {
+        return Ok(());
+    }
+    let retry_after = headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let retryable = status == reqwest::StatusCode::TOO_MANY_REQUESTS || status.is_server_error();
+    Err(SendError { retryable, reason: format!("provider answered {status}"), retry_after })
+}
+
+/// Queues replies for delivery; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    queue: mpsc::UnboundedSender<Ulid>,
+}
+
+impl Outbound {
+    pub fn deliver(&self, message: Ulid) {
+        let _ = self.queue.send(message);
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct OutboundContext {
+    pub store: Arc<dyn Store>,
+    pub hub: Arc<AgentHub>,
+    pub metrics: Metrics,
+    pub senders: Arc<HashMap<String, Arc<dyn ChannelSender>>>,
+    pub settings: OutboundSection,
+    pub outbox_written: Arc<Notify>,
+}
+
+/// Starts the delivery worker; each reply is delivered in its own task so a slow provider does not
+/// hold up the others.
+pub fn start(context: OutboundContext) -> (Outbound, tokio::task::JoinHandle<()>) {
+    let (queue, mut receiver) = mpsc::unbounded_channel::<Ulid>();
+    let worker = tokio::spawn(async move {
+        let mut deliveries = tokio::task::JoinSet::new();
+        while let Some(message) = receiver.recv().await {
+            deliveries.spawn(deliver(context.clone(), message));
+            while deliveries.try_join_next().is_some() {}
+        }
+        while deliveries.join_next().await.is_some() {}
+    });
+    (Outbound { queue }, worker)
+}
+
+async fn deliver(context: OutboundContext, id: Ulid) {
+    let reply = match context.store.message(id).await {
+        Ok(Some(reply)) if reply.direction == Direction::Outbound => reply,
+        Ok(_) => return,
+        Err(error) => {
+            warn!(%error, message = %id, "cannot read a reply to deliver");
+            return;
+        }
+    };
+    let channel = reply.channel.clone();
+    let outcome = match context.senders.get(&channel) {
+        None => Err(SendError { retryable: false, reason: format!("no adapter is configured for channel `{channel}`"), retry_after: None }),
+        Some(sender) => send_with_retries(sender.as_ref(), &reply, &context.settings).await,
+    };
+    let (status, kind, detail, provider_id) = match outcome {
+        Ok(provider_id) => ("sent", "message.sent", None, provider_id),
+        Err(error) => ("failed", "message.delivery_failed", Some(error.reason), None),
+    };
+    let event = events::message_delivery(kind, reply.conversation_id, reply.id, &channel, detail.as_deref(), Utc::now());
+    if let Err(error) = context.store.set_delivery_status(reply.id, status, provider_id, vec![event]).await {
+        warn!(%error, message = %id, "cannot record a delivery status");
+        return;
+    }
+    context.outbox_written.notify_one();
+    if status == "sent" {
+        context.metrics.messages_sent.with_label_values(&[&channel]).inc();
+    } else {
+        context.metrics.messages_failed.with_label_values(&[&channel]).inc();
+    }
+    if let Some(agent) = &reply.agent_id {
+        context.hub.push(
+            &AgentId::new(agent),
+            &json!({ "type": "reply_status", "conversation_id": reply.conversation_id.to_string(), "message_id": reply.id.to_string(), "status": status, "reason": detail }),
+        );
+    }
+}
+
+async fn send_with_retries(sender: &dyn ChannelSender, reply: &StoredMessage, settings: &OutboundSection) -> Result<Option<String>, SendError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match sender.send(reply).await {
+            Ok(provider_id) => return Ok(provider_id),
+            Err(error) if !error.retryable || attempt >= settings.max_attempts => return Err(error),
+            Err(error) => {
+                let delay = error.retry_after.unwrap_or_else(|| backoff(attempt, settings));
+                warn!(reason = %error.reason, attempt, delay_ms = delay.as_millis() as u64, "reply delivery failed; retrying");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// Exponential backoff with full jitter: a random delay up to `initial × 2^(attempt-1)`, capped.
+pub fn backoff(attempt: u32, settings: &OutboundSection) -> Duration {
+    let ceiling = settings.initial_backoff_ms.saturating_mul(1 << attempt.saturating_sub(1).min(20)).min(settings.max_backoff_ms);
+    Duration::from_millis(rand::random_range(ceiling / 2..=ceiling.max(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signature_is_hmac_sha256_of_timestamp_and_body() {
+        // Reference value computed with: printf '1700000000.{"a":1}' | openssl dgst -sha256 -hmac s3cret
+        let signature = webhook_signature(&Secret::new("s3cret"), 1_700_000_000, br#"{"a":1}"#);
+        assert_eq!(signature, "t=1700000000,v1=1698a50bc74d1ff1db85c4e0a5297c2ad9fdba245d5737cdb789e4cc6e098940");
+    }
+
+    #[test]
+    fn statuses_are_classified() {
+        let headers = reqwest::header::HeaderMap::new();
+        assert!(classify(reqwest::StatusCode::OK, &headers).is_ok());
+        assert!(classify(reqwest::StatusCode::BAD_GATEWAY, &headers).is_err_and(|e| e.retryable));
+        assert!(classify(reqwest::StatusCode::BAD_REQUEST, &headers).is_err_and(|e| !e.retryable));
+        let mut limited = reqwest::header::HeaderMap::new();
+        limited.insert(reqwest::header::RETRY_AFTER, reqwest::header::HeaderValue::from_static("7"));
+        let error = classify(reqwest::StatusCode::TOO_MANY_REQUESTS, &limited).unwrap_err();
+        assert!(error.retryable);
+        assert_eq!(error.retry_after, Some(Duration::from_secs(7)));
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let settings = OutboundSection { initial_backoff_ms: 100, max_backoff_ms: 1000, ..OutboundSection::default() };
+        assert!(backoff(1, &settings) <= Duration::from_millis(100));
+        assert!(backoff(3, &settings) >= Duration::from_millis(200));
+        assert!(backoff(30, &settings) <= Duration::from_millis(1000));
+    }
+}

@@ -1,0 +1,192 @@
+//! Test support: run the real `switchboard` binary on a free port in a temp directory, and talk to it
+//! as clients do (HTTP with reqwest, WebSocket with tokio-tungstenite).
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+pub const INGEST: &str = "demo-ingest-token";
+pub const ADMIN: &str = "demo-admin-token";
+
+pub fn agent_token(agent: &str) -> String {
+    format!("demo-{agent}-token")
+}
+
+/// A running daemon process with its own data directory.
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub base: String,
+    child: Option<Child>,
+    pub http: reqwest::Client,
+}
+
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_switchboard"))
+}
+
+/// The config used by tests: the demo centre, a temp store, port 0, short offer timeouts.
+pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
+    let path = dir.join("switchboard.toml");
+    let store = dir.join("switchboard.sqlite");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_seconds = 5\n\n[store]\npath = \"{}\"\n\n{extra}",
+            store.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+impl Daemon {
+    pub fn start(extra_config: &str) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        write_config(dir.path(), extra_config);
+        let mut daemon = Daemon { dir, base: String::new(), child: None, http: reqwest::Client::new() };
+        daemon.spawn();
+        daemon
+    }
+
+    /// Starts the binary and waits for its `listening on` line (no polling, no sleeps).
+    pub fn spawn(&mut self) {
+        let mut child = Command::new(binary())
+            .arg("run")
+            .arg("--config")
+            .arg(self.dir.path().join("switchboard.toml"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start switchboard");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let address = loop {
+            let line = lines.next().expect("switchboard exited before listening").unwrap();
+            if let Some(address) = line.strip_prefix("listening on ") {
+                break address.trim().to_owned();
+            }
+        };
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        self.base = address;
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, and the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+        child.wait().unwrap()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn post(&self, path: &str, token: &str, body: Value) -> (u16, Value) {
+        let response = self.http.post(self.url(path)).bearer_auth(token).json(&body).send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn put(&self, path: &str, token: &str, body: Value) -> (u16, Value) {
+        let response = self.http.put(self.url(path)).bearer_auth(token).json(&body).send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> (u16, Value) {
+        let response = self.http.get(self.url(path)).bearer_auth(token).send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn ingest(&self, message: Value) -> (u16, Value) {
+        self.post("/v1/messages", INGEST, message).await
+    }
+
+    pub async fn agent_socket(&self, agent: &str) -> AgentSocket {
+        let url = format!("{}/v1/agents/{agent}/stream?access_token={}", self.base.replace("http://", "ws://"), agent_token(agent));
+        let (socket, _) = tokio_tungstenite::connect_async(url).await.expect("agent websocket");
+        let mut socket = AgentSocket { socket, next_request: 0 };
+        let hello = socket.next().await;
+        assert_eq!(hello["type"], "hello");
+        socket
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An agent desktop's WebSocket.
+pub struct AgentSocket {
+    socket: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    next_request: u64,
+}
+
+impl AgentSocket {
+    /// The next JSON message from the server (fails the test after 10 s of silence).
+    pub async fn next(&mut self) -> Value {
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(10), self.socket.next())
+                .await
+                .expect("a push within 10 s")
+                .expect("socket open")
+                .expect("socket ok");
+            if let Message::Text(text) = message {
+                return serde_json::from_str(&text).unwrap();
+            }
+        }
+    }
+
+    /// The next message of a given type, skipping others.
+    pub async fn next_of(&mut self, kind: &str) -> Value {
+        loop {
+            let message = self.next().await;
+            if message["type"] == kind {
+                return message;
+            }
+        }
+    }
+
+    /// Sends a command and returns its `ack` or `error` answer (pushes in between are skipped).
+    pub async fn command(&mut self, mut command: Value) -> Value {
+        self.next_request += 1;
+        let request_id = self.next_request.to_string();
+        command["request_id"] = json!(request_id);
+        self.socket.send(Message::Text(command.to_string().into())).await.unwrap();
+        loop {
+            let message = self.next().await;
+            if (message["type"] == "ack" || message["type"] == "error") && message["request_id"] == json!(request_id) {
+                return message;
+            }
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.socket.close(None).await;
+    }
+}
+
+/// A normalised message on the `api` channel.
+pub fn api_message(id: &str, from: &str, text: &str) -> Value {
+    json!({ "channel": "api", "provider": "crm", "provider_message_id": id, "from": { "address": from }, "text": text })
+}
