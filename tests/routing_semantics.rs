@@ -895,3 +895,59 @@ fn refused_commands_change_nothing() {
         Err(CommandError::DuplicateConversation(ConversationId(1)))
     );
 }
+
+#[test]
+fn replace_config_keeps_the_free_agent_index_exact_for_skill_lanes() {
+    // A rule sends "invoice" conversations to a skill lane of `support`. After a configuration change
+    // that lane is rebuilt while amy's assignment is restored; amy's only chat slot is taken, so she
+    // must not be left among the lane's free agents.
+    let mut amy = agent("amy", &["support"], 1);
+    amy.skills = vec![(Arc::from("billing"), 5)];
+    let mut routing = config(vec![queue("support")], vec![amy]);
+    routing.rules.push(RoutingRule {
+        name: "billing".into(),
+        when: RuleMatch {
+            keywords: vec!["invoice".into()],
+            ..RuleMatch::default()
+        },
+        then: RuleAction {
+            queues: vec![QueueName::new("support")],
+            skills: vec![switchboard::routing::model::SkillRequirement {
+                skill: Arc::from("billing"),
+                min_level: 2,
+            }],
+            ..RuleAction::default()
+        },
+    });
+    let mut h = Harness::new(routing.clone());
+    h.online("amy");
+    assert_eq!(offers(&h.arrive(1, "invoice")), vec![(1, "amy".into())]);
+    h.accept("amy", 1).unwrap();
+    h.send(Command::ReplaceConfig(Box::new(routing))).unwrap();
+    assert!(
+        offers(&h.arrive(2, "another invoice")).is_empty(),
+        "amy is at capacity"
+    );
+    assert_eq!(h.state(2), ConversationState::Waiting);
+}
+
+#[test]
+fn snapshot_lists_conversations_in_arrival_order_whatever_the_slots() {
+    let routing = config(vec![queue("support")], vec![]);
+    let mut h = Harness::new(routing.clone());
+    for id in 1..=3 {
+        h.arrive(id, "hi");
+    }
+    // 1 leaves: its slot is reused by 4, which now sits before 2 and 3 internally.
+    h.send(Command::CustomerLeft {
+        conversation: ConversationId(1),
+    })
+    .unwrap();
+    h.arrive(4, "hi");
+    let snapshot = h.router.snapshot();
+    let ids: Vec<u128> = snapshot.conversations.iter().map(|c| c.id.0).collect();
+    assert_eq!(ids, [2, 3, 4]);
+    let mut effects = Vec::new();
+    let restored = Router::restore(routing, snapshot.clone(), h.now, &mut effects).unwrap();
+    assert_eq!(restored.snapshot(), snapshot);
+}

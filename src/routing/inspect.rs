@@ -197,6 +197,9 @@ impl Router {
             }
         }
         for agent in 0..router.agents.len() as u32 {
+            // A lane first needed by a restored conversation indexed the available agents it qualifies
+            // for before their offers, assignments and wrap-ups were loaded: drop those entries.
+            router.unindex_agent(agent);
             router.index_agent(agent);
         }
         for slot in 0..router.conversations.len() as u32 {
@@ -393,10 +396,11 @@ impl Router {
         }
     }
 
-    /// Everything the router holds besides its configuration.
+    /// Everything the router holds besides its configuration. Conversations are listed in arrival
+    /// order, so equal states give equal snapshots whatever slots they happen to occupy.
     pub fn snapshot(&self) -> RouterSnapshot {
         let agent_id = |slot: u32| self.agents[slot as usize].id.clone();
-        let conversations = self
+        let mut conversations: Vec<ConversationSnapshot> = self
             .conversations
             .iter()
             .flatten()
@@ -443,6 +447,7 @@ impl Router {
                 }
             })
             .collect();
+        conversations.sort_unstable_by_key(|conversation| conversation.seq);
         let agents = self
             .agents
             .iter()
