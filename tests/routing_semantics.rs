@@ -951,3 +951,52 @@ fn snapshot_lists_conversations_in_arrival_order_whatever_the_slots() {
     let restored = Router::restore(routing, snapshot.clone(), h.now, &mut effects).unwrap();
     assert_eq!(restored.snapshot(), snapshot);
 }
+
+#[test]
+fn cooldowns_ending_at_the_same_instant_keep_the_router_consistent_between_their_timers() {
+    // amy rejects two conversations at the same moment, so both cooldowns end at the same instant and
+    // two wait checks fire one after the other. Between them the router must still be consistent: the
+    // second conversation is not eligible for amy until its own wait check lifts the cooldown.
+    let mut routing = config(vec![queue("support")], vec![agent("amy", &["support"], 2)]);
+    routing.offers.reoffer_cooldown = Millis::from_secs(60);
+    let mut h = Harness::new(routing);
+    h.online("amy");
+    h.arrive(1, "one");
+    h.arrive(2, "two");
+    h.advance(1);
+    assert!(offers(&h.reject("amy", 1)).is_empty());
+    assert!(offers(&h.reject("amy", 2)).is_empty());
+    // The harness audits after each timer it fires.
+    let effects = h.advance(60);
+    assert_eq!(offers(&effects), vec![(1, "amy".into()), (2, "amy".into())]);
+}
+
+#[test]
+fn overflow_into_a_queue_that_does_not_take_the_channel_offers_nothing_there() {
+    // Email overflows into the chat-only queue: cat serves that queue (and has email capacity for
+    // her other work), but the queue does not take email, so the conversation stays waiting for the
+    // email queue, whichever side looks for a match.
+    let mut email = queue("email");
+    email.channels = vec![Channel::Email];
+    email.escalation = vec![EscalationStep {
+        after: Millis::from_secs(10),
+        action: EscalationAction::OverflowTo(QueueName::new("chat")),
+    }];
+    let mut chat = queue("chat");
+    chat.channels = vec![Channel::Chat];
+    let mut h = Harness::new(config(vec![email, chat], vec![agent("cat", &["chat"], 1)]));
+    h.online("cat");
+    h.arrive_with(1, |new| new.channel = Channel::Email);
+    assert!(offers(&h.advance(10)).is_empty());
+    assert!(
+        !h.router
+            .is_eligible(ConversationId(1), &AgentId::new("cat"))
+    );
+    h.send(Command::AgentPresence {
+        agent: AgentId::new("cat"),
+        presence: Presence::Away,
+    })
+    .unwrap();
+    assert!(offers(&h.online("cat")).is_empty());
+    assert_eq!(h.state(1), ConversationState::Waiting);
+}

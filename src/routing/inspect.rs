@@ -652,7 +652,7 @@ impl Router {
         let conversation = self.conv(slot);
         if conversation.state != ConvState::Waiting
             || self.agents[agent as usize].presence != Presence::Available
-            || conversation.is_excluded(agent, self.clock)
+            || conversation.is_excluded(agent)
         {
             return false;
         }
@@ -664,8 +664,12 @@ impl Router {
             .iter()
             .enumerate()
             .any(|(index, &(queue, lane))| {
+                let queue = &self.queues[queue as usize];
                 conversation.eligible_mask & (1 << index) != 0
-                    && self.queues[queue as usize].open
+                    && queue.open
+                    && queue
+                        .config
+                        .accepts(&self.channels[conversation.channel as usize])
                     && self.agents[agent as usize]
                         .lanes
                         .iter()

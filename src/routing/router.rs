@@ -187,7 +187,8 @@ pub(super) struct Conversation {
     pub(super) repeats: u8,
     pub(super) keyword_boosted: bool,
     pub(super) wording_boosted: bool,
-    /// Agents who missed this conversation recently, and until when they are skipped.
+    /// Agents who missed this conversation recently, and until when they are skipped (the wait
+    /// check at that time removes them).
     pub(super) excluded: Vec<(u32, Timestamp)>,
     /// Waits for this agent only, until the deadline.
     pub(super) reserved_for: Option<(u32, Timestamp)>,
@@ -218,10 +219,11 @@ impl Conversation {
         matches!(self.state, ConvState::Waiting | ConvState::Offered { .. })
     }
 
-    pub(super) fn is_excluded(&self, agent: u32, now: Timestamp) -> bool {
-        self.excluded
-            .iter()
-            .any(|&(who, until)| who == agent && until > now)
+    /// Skipped for this agent after a miss. The cooldown ends when the wait check due at its end
+    /// runs, not merely when the clock passes it: otherwise, between two timers due at the same
+    /// instant, a conversation would be eligible for an agent without having been routed to it.
+    pub(super) fn is_excluded(&self, agent: u32) -> bool {
+        self.excluded.iter().any(|&(who, _)| who == agent)
     }
 }
 
@@ -540,7 +542,7 @@ impl Router {
         let candidate_count = self.conv(slot).candidates.len();
         for index in 0..candidate_count {
             let (queue, lane) = self.conv(slot).candidates[index];
-            if let Some(agent) = self.free_agent_in(slot, queue, lane, now) {
+            if let Some(agent) = self.free_agent_in(slot, queue, lane) {
                 self.offer(now, slot, agent, queue, effects);
                 self.reschedule_wait_check(now, slot, effects);
                 return Ok(());
@@ -1091,7 +1093,7 @@ impl Router {
         }
         if let Some((agent, _)) = conversation.reserved_for {
             if self.agents[agent as usize].has_room(conversation.channel)
-                && !conversation.is_excluded(agent, now)
+                && !conversation.is_excluded(agent)
             {
                 let home = conversation.home_queue();
                 self.offer(now, slot, agent, home, effects);
@@ -1104,7 +1106,7 @@ impl Router {
             if mask & (1 << index) == 0 {
                 continue;
             }
-            if let Some(agent) = self.free_agent_in(slot, queue, lane, now) {
+            if let Some(agent) = self.free_agent_in(slot, queue, lane) {
                 self.offer(now, slot, agent, queue, effects);
                 return;
             }
@@ -1112,7 +1114,7 @@ impl Router {
     }
 
     /// The best free agent of a lane for this conversation, if the queue is open.
-    fn free_agent_in(&self, slot: u32, queue: u32, lane: u32, now: Timestamp) -> Option<u32> {
+    fn free_agent_in(&self, slot: u32, queue: u32, lane: u32) -> Option<u32> {
         if !self.queues[queue as usize].open {
             return None;
         }
@@ -1124,7 +1126,7 @@ impl Router {
             .free
             .iter()
             .map(|key| key.agent)
-            .find(|&agent| !conversation.is_excluded(agent, now))
+            .find(|&agent| !conversation.is_excluded(agent))
     }
 
     /// Offers (or, on auto-accept queues, assigns) a conversation. It must not be indexed afterwards.
@@ -1180,7 +1182,7 @@ impl Router {
     /// it is full or none is left. This is the "order of service" rule: highest priority, then longest
     /// wait, across every lane the agent serves and its reserved conversations.
     pub(super) fn serve_agent(&mut self, now: Timestamp, agent: u32, effects: &mut Vec<Effect>) {
-        while let Some((key, queue)) = self.best_waiting_for(agent, now) {
+        while let Some((key, queue)) = self.best_waiting_for(agent) {
             self.offer(now, key.slot, agent, queue, effects);
             let conversation = self.conv(key.slot);
             if conversation.is_unanswered() {
@@ -1189,7 +1191,7 @@ impl Router {
         }
     }
 
-    fn best_waiting_for(&self, agent: u32, now: Timestamp) -> Option<(WaitKey, u32)> {
+    fn best_waiting_for(&self, agent: u32) -> Option<(WaitKey, u32)> {
         let state = &self.agents[agent as usize];
         if state.presence != Presence::Available || state.load_total >= state.config.max_total {
             return None;
@@ -1197,24 +1199,30 @@ impl Router {
         let mut best: Option<(WaitKey, u32)> = None;
         for key in &state.reserved {
             let conversation = self.conv(key.slot);
-            if state.has_room(conversation.channel) && !conversation.is_excluded(agent, now) {
+            if state.has_room(conversation.channel) && !conversation.is_excluded(agent) {
                 best = Some((*key, conversation.home_queue()));
                 break;
             }
         }
         for &(lane, _) in &state.lanes {
             let lane_state = &self.lanes[lane as usize];
-            if !self.queues[lane_state.queue as usize].open {
+            let queue = &self.queues[lane_state.queue as usize];
+            if !queue.open {
                 continue;
             }
             for (channel, lane_channel) in lane_state.channels.iter().enumerate() {
-                if lane_channel.waiting.is_empty() || !state.has_room(channel as u32) {
+                // A queue serves only the channels it accepts, as the free sets do (a conversation can
+                // wait in another queue's lane by overflow, transfer or the no-queue fallback).
+                if lane_channel.waiting.is_empty()
+                    || !state.has_room(channel as u32)
+                    || !queue.config.accepts(&self.channels[channel])
+                {
                     continue;
                 }
                 let first = lane_channel
                     .waiting
                     .iter()
-                    .find(|key| !self.conv(key.slot).is_excluded(agent, now));
+                    .find(|key| !self.conv(key.slot).is_excluded(agent));
                 if let Some(key) = first
                     && best.is_none_or(|(best_key, _)| *key < best_key)
                 {
