@@ -1000,3 +1000,83 @@ fn overflow_into_a_queue_that_does_not_take_the_channel_offers_nothing_there() {
     assert!(offers(&h.online("cat")).is_empty());
     assert_eq!(h.state(1), ConversationState::Waiting);
 }
+
+#[test]
+fn auto_accepted_arrival_schedules_no_wait_check_so_a_later_transfer_gets_its_own() {
+    let mut support = queue("support");
+    support.auto_accept = true;
+    let mut h = Harness::new(config(
+        vec![support],
+        vec![agent("amy", &["support"], 1), agent("ben", &["support"], 1)],
+    ));
+    h.online("amy");
+    let effects = h.arrive(1, "hi");
+    assert!(matches!(h.state(1), ConversationState::Assigned { .. }));
+    assert!(
+        !effects.iter().any(|e| matches!(
+            e,
+            Effect::ScheduleTimer {
+                key: switchboard::routing::TimerKey::WaitCheck(_),
+                ..
+            }
+        )),
+        "an answered conversation has nothing to wait for: {effects:?}"
+    );
+    h.advance(60);
+    // ben is signed out: the transfer waits for him 60 s (SLA already due), then falls back to the
+    // queue, where amy is free again.
+    h.send(Command::Transfer {
+        agent: AgentId::new("amy"),
+        conversation: ConversationId(1),
+        to: TransferTarget::Agent(AgentId::new("ben")),
+    })
+    .unwrap();
+    let effects = h.advance(1);
+    assert!(effects.contains(&Effect::SlaBreached {
+        conversation: ConversationId(1),
+        queue: QueueName::new("support")
+    }));
+    let effects = h.advance(60);
+    assert!(
+        effects.iter().any(|e| matches!(
+            e,
+            Effect::Assigned { conversation: ConversationId(1), agent, .. } if agent.as_str() == "amy"
+        )),
+        "{effects:?}"
+    );
+}
+
+#[test]
+fn resolving_a_reopened_conversation_again_during_its_wrap_up_frees_every_slot() {
+    // Wrap-up timers are keyed by (agent, conversation): amy resolves 1, the customer writes again
+    // during the wrap-up, amy takes it and resolves it again. Both wrap-ups must end, so that amy's
+    // two chat slots are free afterwards.
+    let mut support = queue("support");
+    support.wrap_up = Millis::from_secs(30);
+    let mut routing = config(vec![support], vec![agent("amy", &["support"], 2)]);
+    routing.reopen.prefer_last_agent_for = Millis::from_secs(60);
+    let mut h = Harness::new(routing);
+    h.online("amy");
+    h.arrive(1, "hi");
+    h.accept("amy", 1).unwrap();
+    h.resolve("amy", 1);
+    h.advance(5);
+    let effects = h
+        .send(Command::CustomerMessage {
+            conversation: ConversationId(1),
+            message: MessageId(2),
+            text: "one more thing".into(),
+        })
+        .unwrap();
+    assert_eq!(offers(&effects), vec![(1, "amy".into())]);
+    h.accept("amy", 1).unwrap();
+    h.advance(5);
+    h.resolve("amy", 1);
+    h.advance(3600);
+    let amy = h.router.agent(&AgentId::new("amy")).unwrap();
+    assert!(!amy.wrapping_up);
+    assert_eq!(amy.load_total, 0);
+    let mut offered = offers(&h.arrive(2, "a"));
+    offered.extend(offers(&h.arrive(3, "b")));
+    assert_eq!(offered, vec![(2, "amy".into()), (3, "amy".into())]);
+}

@@ -679,7 +679,8 @@ impl Router {
 
     /// Checks every invariant the router promises, by brute force. For tests; O(conversations × agents).
     ///
-    /// * no agent above capacity, per channel or in total;
+    /// * no agent above capacity, per channel or in total, nor with two wrap-ups for one conversation
+    ///   (they would share one timer);
     /// * every conversation is in exactly one state, and each offered/assigned one is held by exactly
     ///   that agent (no two owners, no two live offers);
     /// * indexes agree with the states (waiting ones indexed exactly where eligible, nothing else);
@@ -710,8 +711,18 @@ impl Router {
                 }
                 load[self.conv(conversation).channel as usize] += 1;
             }
-            for wrap_up in &agent.wrap_ups {
+            for (index, wrap_up) in agent.wrap_ups.iter().enumerate() {
                 load[wrap_up.channel as usize] += 1;
+                // Its timer key is (agent, conversation): a second one would share the first's timer.
+                if agent.wrap_ups[..index]
+                    .iter()
+                    .any(|earlier| earlier.conversation == wrap_up.conversation)
+                {
+                    return Err(format!(
+                        "agent {} has two wrap-ups for conversation {:?}",
+                        agent.id, wrap_up.conversation
+                    ));
+                }
             }
             for (channel, &count) in load.iter().enumerate() {
                 if count != agent.load_for(channel as u32) {

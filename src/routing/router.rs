@@ -544,7 +544,11 @@ impl Router {
             let (queue, lane) = self.conv(slot).candidates[index];
             if let Some(agent) = self.free_agent_in(slot, queue, lane) {
                 self.offer(now, slot, agent, queue, effects);
-                self.reschedule_wait_check(now, slot, effects);
+                // Auto-accepted, it is answered and waits for nothing: a wait check recorded now
+                // would outlive the assignment and hide the one a later transfer needs.
+                if self.conv(slot).is_unanswered() {
+                    self.reschedule_wait_check(now, slot, effects);
+                }
                 return Ok(());
             }
         }
@@ -769,6 +773,14 @@ impl Router {
             .assigned
             .retain(|&owned| owned != slot);
         if wrap_up > Millis::ZERO {
+            // Wrap-up timers are keyed by (agent, conversation), so there is at most one wrap-up per
+            // pair: one still running from an earlier resolve of this (reopened) conversation ends now
+            // instead of losing its timer to the new one and holding its slot for good.
+            let wrap_ups = &mut self.agents[agent_slot as usize].wrap_ups;
+            if let Some(position) = wrap_ups.iter().position(|w| w.conversation == id) {
+                let earlier = wrap_ups.swap_remove(position);
+                self.change_load(agent_slot, earlier.channel, -1);
+            }
             let until = now + wrap_up;
             self.agents[agent_slot as usize].wrap_ups.push(WrapUp {
                 conversation: id,
