@@ -953,6 +953,49 @@ fn snapshot_lists_conversations_in_arrival_order_whatever_the_slots() {
 }
 
 #[test]
+fn capacity_freed_by_transfer_escalate_or_reject_goes_to_the_best_waiting_conversation() {
+    // amy (one chat slot) holds conversation 1 (priority 0) while VIP conversation 2 (priority 20)
+    // waits for her. Whatever way she hands 1 back, her freed slot must go to 2, not to 1 again.
+    for hand_back in ["transfer", "escalate", "reject"] {
+        let mut tier1 = queue("tier1");
+        tier1.next_tier = Some(QueueName::new("tier2"));
+        let mut routing = config(
+            vec![tier1, queue("tier2")],
+            vec![agent("amy", &["tier1", "tier2"], 1)],
+        );
+        routing.offers.reoffer_cooldown = Millis::ZERO;
+        let mut h = Harness::new(routing);
+        h.online("amy");
+        assert_eq!(offers(&h.arrive(1, "hi")), vec![(1, "amy".into())]);
+        if hand_back != "reject" {
+            h.accept("amy", 1).unwrap();
+        }
+        h.arrive_with(2, |new| new.customer_tier = Some("vip".into()));
+        assert_eq!(h.state(2), ConversationState::Waiting);
+        let amy = AgentId::new("amy");
+        let conversation = ConversationId(1);
+        let command = match hand_back {
+            "transfer" => Command::Transfer {
+                agent: amy,
+                conversation,
+                to: TransferTarget::Queue(QueueName::new("tier1")),
+            },
+            "escalate" => Command::Escalate {
+                agent: amy,
+                conversation,
+            },
+            _ => Command::Reject {
+                agent: amy,
+                conversation,
+            },
+        };
+        let effects = h.send(command).unwrap();
+        assert_eq!(offers(&effects), vec![(2, "amy".into())], "{hand_back}");
+        assert_eq!(h.state(1), ConversationState::Waiting, "{hand_back}");
+    }
+}
+
+#[test]
 fn cooldowns_ending_at_the_same_instant_keep_the_router_consistent_between_their_timers() {
     // amy rejects two conversations at the same moment, so both cooldowns end at the same instant and
     // two wait checks fire one after the other. Between them the router must still be consistent: the
@@ -1044,6 +1087,37 @@ fn auto_accepted_arrival_schedules_no_wait_check_so_a_later_transfer_gets_its_ow
         )),
         "{effects:?}"
     );
+}
+
+#[test]
+fn offers_taken_back_together_are_rerouted_best_first() {
+    // amy holds two offers: 1 (priority 0, offered first) and VIP 2 (priority 20). ben has one free
+    // slot. Whether amy is set away by a missed offer or goes away herself, ben must get 2.
+    for how in ["missed offer", "away"] {
+        let mut routing = config(
+            vec![queue("support")],
+            vec![agent("amy", &["support"], 2), agent("ben", &["support"], 1)],
+        );
+        routing.offers.max_missed = 1;
+        let mut h = Harness::new(routing);
+        h.online("amy");
+        assert_eq!(offers(&h.arrive(1, "hi")), vec![(1, "amy".into())]);
+        let vip = h.arrive_with(2, |new| new.customer_tier = Some("vip".into()));
+        assert_eq!(offers(&vip), vec![(2, "amy".into())]);
+        h.online("ben");
+        let effects = if how == "away" {
+            h.send(Command::AgentPresence {
+                agent: AgentId::new("amy"),
+                presence: Presence::Away,
+            })
+            .unwrap()
+        } else {
+            // 1's offer times out first: amy's miss sets her away, which takes back 2 as well.
+            h.advance(20)
+        };
+        assert_eq!(offers(&effects), vec![(2, "ben".into())], "{how}");
+        assert_eq!(h.state(1), ConversationState::Waiting, "{how}");
+    }
 }
 
 #[test]

@@ -656,6 +656,7 @@ impl Router {
             ConvState::Offered { agent, .. } => {
                 self.take_back_offer(slot, OfferEnd::Abandoned, effects);
                 self.conv_mut(slot).state = ConvState::Waiting;
+                self.free_slot(agent, slot);
                 self.serve_agent(now, agent, effects);
             }
             // Answered already: leaving is not abandonment, and the conversation goes on.
@@ -681,9 +682,23 @@ impl Router {
         presence: Presence,
         effects: &mut Vec<Effect>,
     ) {
+        let requeued = self.change_presence(now, agent, presence, effects);
+        self.route_best_first(now, requeued, effects);
+    }
+
+    /// Sets the presence. An agent who becomes available is served; one who stops being available
+    /// loses its offers, whose conversations are returned waiting (indexed, not yet routed: the
+    /// caller routes them with [`Router::route_best_first`]).
+    fn change_presence(
+        &mut self,
+        now: Timestamp,
+        agent: u32,
+        presence: Presence,
+        effects: &mut Vec<Effect>,
+    ) -> Vec<u32> {
         let previous = self.agents[agent as usize].presence;
         if previous == presence {
-            return;
+            return Vec::new();
         }
         self.unindex_agent(agent);
         self.adjust_staffing(agent, previous, presence);
@@ -694,8 +709,9 @@ impl Router {
             state.last_offer_at = state.last_offer_at.max(now);
             self.index_agent(agent);
             self.serve_agent(now, agent, effects);
+            Vec::new()
         } else {
-            self.withdraw_all_offers(now, agent, OfferEnd::AgentLeft, effects);
+            self.withdraw_all_offers(agent, OfferEnd::AgentLeft, effects)
         }
     }
 
@@ -856,6 +872,7 @@ impl Router {
             }
         }
         self.requeue_and_route(now, slot, effects);
+        self.free_slot(agent_slot, slot);
         self.serve_agent(now, agent_slot, effects);
         Ok(())
     }
@@ -887,6 +904,7 @@ impl Router {
             .saturating_add(self.config.priority.tier_escalation);
         self.set_priority(slot, to, PriorityReason::TierEscalation, effects);
         self.requeue_and_route(now, slot, effects);
+        self.free_slot(agent_slot, slot);
         self.serve_agent(now, agent_slot, effects);
         Ok(())
     }
@@ -953,6 +971,11 @@ impl Router {
     // ----- the moving parts -----------------------------------------------------------------------
 
     /// Ends an offer without an accept and puts the conversation back in its original place.
+    ///
+    /// The conversation is routed on while the agent still holds its slot; only then does the slot
+    /// free and the agent take the best conversation waiting for it (which may be this one again when
+    /// there is no re-offer cooldown). Freeing the slot first would let the conversation-side choice
+    /// hand the agent this conversation ahead of better-ranked ones waiting for it.
     fn end_offer(
         &mut self,
         now: Timestamp,
@@ -973,30 +996,36 @@ impl Router {
             set_away = state.missed >= self.config.offers.max_missed
                 && state.presence == Presence::Available;
         }
-        self.requeue_and_route(now, slot, effects);
         if set_away {
+            // The agent's other offers come back too: route them all together, best first, so this
+            // one does not take a free agent that a better-ranked one needs.
+            self.enqueue(slot, effects);
+            self.free_slot(agent, slot);
             let missed = self.agents[agent as usize].missed;
             effects.push(Effect::AgentSetAway {
                 agent: self.agents[agent as usize].id.clone(),
                 reason: AwayReason::MissedOffers(missed),
             });
-            self.set_presence(now, agent, Presence::Away, effects);
+            let mut requeued = self.change_presence(now, agent, Presence::Away, effects);
+            requeued.push(slot);
+            self.route_best_first(now, requeued, effects);
         } else {
+            self.requeue_and_route(now, slot, effects);
+            self.free_slot(agent, slot);
             self.serve_agent(now, agent, effects);
         }
     }
 
-    /// Releases an offer's capacity and tells the agent; the caller decides what becomes of the
-    /// conversation. Returns the agent.
+    /// Withdraws an offer and tells the agent; the caller decides what becomes of the conversation and
+    /// when the agent's slot frees ([`Router::free_slot`]). Returns the agent.
     fn take_back_offer(&mut self, slot: u32, reason: OfferEnd, effects: &mut Vec<Effect>) -> u32 {
         let ConvState::Offered { agent, .. } = self.conv(slot).state else {
             unreachable_state()
         };
-        let (id, channel) = (self.conv(slot).id, self.conv(slot).channel);
+        let id = self.conv(slot).id;
         self.agents[agent as usize]
             .offers
             .retain(|&offered| offered != slot);
-        self.change_load(agent, channel, -1);
         if reason != OfferEnd::TimedOut {
             effects.push(Effect::CancelTimer {
                 key: TimerKey::Offer(id),
@@ -1010,32 +1039,52 @@ impl Router {
         agent
     }
 
+    /// Takes back every offer of the agent and returns the conversations waiting and indexed, for
+    /// the caller to route with [`Router::route_best_first`].
     fn withdraw_all_offers(
         &mut self,
-        now: Timestamp,
         agent: u32,
         reason: OfferEnd,
         effects: &mut Vec<Effect>,
-    ) {
+    ) -> Vec<u32> {
         let offers = std::mem::take(&mut self.agents[agent as usize].offers);
-        for slot in offers {
+        for &slot in &offers {
             // take_back_offer expects the slot in the list; it is gone already, which is fine.
             self.take_back_offer(slot, reason, effects);
+            self.free_slot(agent, slot);
             self.conv_mut(slot).state = ConvState::Waiting;
-            self.requeue_and_route(now, slot, effects);
+            self.enqueue(slot, effects);
+        }
+        offers
+    }
+
+    /// Routes conversations put back waiting together, in the order of service: routed one by one in
+    /// offer order, a worse-ranked one could take the only free agent a better-ranked one needs.
+    fn route_best_first(&mut self, now: Timestamp, mut slots: Vec<u32>, effects: &mut Vec<Effect>) {
+        slots.sort_unstable_by_key(|&slot| self.conv(slot).key(slot));
+        for slot in slots {
+            self.route_waiting(now, slot, effects);
+            if self.conv(slot).is_unanswered() {
+                self.reschedule_wait_check(now, slot, effects);
+            }
         }
     }
 
-    /// The agent gives up ownership (transfer, escalation): the slot frees without wrap-up.
+    /// The agent gives up ownership (transfer, escalation). The slot frees without wrap-up, once the
+    /// caller has routed the conversation on ([`Router::free_slot`]).
     fn release_owner(&mut self, slot: u32, agent: u32) {
         self.agents[agent as usize]
             .assigned
             .retain(|&owned| owned != slot);
-        let channel = self.conv(slot).channel;
-        self.change_load(agent, channel, -1);
         let conversation = self.conv_mut(slot);
         conversation.state = ConvState::Waiting;
         conversation.excluded.clear();
+    }
+
+    /// Frees the slot an agent held for this conversation (an offer taken back, or ownership given up).
+    fn free_slot(&mut self, agent: u32, slot: u32) {
+        let channel = self.conv(slot).channel;
+        self.change_load(agent, channel, -1);
     }
 
     /// Makes `queue` the conversation's only candidate, keeping its priority and waiting time. The
