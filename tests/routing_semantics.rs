@@ -895,3 +895,262 @@ fn refused_commands_change_nothing() {
         Err(CommandError::DuplicateConversation(ConversationId(1)))
     );
 }
+
+#[test]
+fn replace_config_keeps_the_free_agent_index_exact_for_skill_lanes() {
+    // A rule sends "invoice" conversations to a skill lane of `support`. After a configuration change
+    // that lane is rebuilt while amy's assignment is restored; amy's only chat slot is taken, so she
+    // must not be left among the lane's free agents.
+    let mut amy = agent("amy", &["support"], 1);
+    amy.skills = vec![(Arc::from("billing"), 5)];
+    let mut routing = config(vec![queue("support")], vec![amy]);
+    routing.rules.push(RoutingRule {
+        name: "billing".into(),
+        when: RuleMatch {
+            keywords: vec!["invoice".into()],
+            ..RuleMatch::default()
+        },
+        then: RuleAction {
+            queues: vec![QueueName::new("support")],
+            skills: vec![switchboard::routing::model::SkillRequirement {
+                skill: Arc::from("billing"),
+                min_level: 2,
+            }],
+            ..RuleAction::default()
+        },
+    });
+    let mut h = Harness::new(routing.clone());
+    h.online("amy");
+    assert_eq!(offers(&h.arrive(1, "invoice")), vec![(1, "amy".into())]);
+    h.accept("amy", 1).unwrap();
+    h.send(Command::ReplaceConfig(Box::new(routing))).unwrap();
+    assert!(
+        offers(&h.arrive(2, "another invoice")).is_empty(),
+        "amy is at capacity"
+    );
+    assert_eq!(h.state(2), ConversationState::Waiting);
+}
+
+#[test]
+fn snapshot_lists_conversations_in_arrival_order_whatever_the_slots() {
+    let routing = config(vec![queue("support")], vec![]);
+    let mut h = Harness::new(routing.clone());
+    for id in 1..=3 {
+        h.arrive(id, "hi");
+    }
+    // 1 leaves: its slot is reused by 4, which now sits before 2 and 3 internally.
+    h.send(Command::CustomerLeft {
+        conversation: ConversationId(1),
+    })
+    .unwrap();
+    h.arrive(4, "hi");
+    let snapshot = h.router.snapshot();
+    let ids: Vec<u128> = snapshot.conversations.iter().map(|c| c.id.0).collect();
+    assert_eq!(ids, [2, 3, 4]);
+    let mut effects = Vec::new();
+    let restored = Router::restore(routing, snapshot.clone(), h.now, &mut effects).unwrap();
+    assert_eq!(restored.snapshot(), snapshot);
+}
+
+#[test]
+fn capacity_freed_by_transfer_escalate_or_reject_goes_to_the_best_waiting_conversation() {
+    // amy (one chat slot) holds conversation 1 (priority 0) while VIP conversation 2 (priority 20)
+    // waits for her. Whatever way she hands 1 back, her freed slot must go to 2, not to 1 again.
+    for hand_back in ["transfer", "escalate", "reject"] {
+        let mut tier1 = queue("tier1");
+        tier1.next_tier = Some(QueueName::new("tier2"));
+        let mut routing = config(
+            vec![tier1, queue("tier2")],
+            vec![agent("amy", &["tier1", "tier2"], 1)],
+        );
+        routing.offers.reoffer_cooldown = Millis::ZERO;
+        let mut h = Harness::new(routing);
+        h.online("amy");
+        assert_eq!(offers(&h.arrive(1, "hi")), vec![(1, "amy".into())]);
+        if hand_back != "reject" {
+            h.accept("amy", 1).unwrap();
+        }
+        h.arrive_with(2, |new| new.customer_tier = Some("vip".into()));
+        assert_eq!(h.state(2), ConversationState::Waiting);
+        let amy = AgentId::new("amy");
+        let conversation = ConversationId(1);
+        let command = match hand_back {
+            "transfer" => Command::Transfer {
+                agent: amy,
+                conversation,
+                to: TransferTarget::Queue(QueueName::new("tier1")),
+            },
+            "escalate" => Command::Escalate {
+                agent: amy,
+                conversation,
+            },
+            _ => Command::Reject {
+                agent: amy,
+                conversation,
+            },
+        };
+        let effects = h.send(command).unwrap();
+        assert_eq!(offers(&effects), vec![(2, "amy".into())], "{hand_back}");
+        assert_eq!(h.state(1), ConversationState::Waiting, "{hand_back}");
+    }
+}
+
+#[test]
+fn cooldowns_ending_at_the_same_instant_keep_the_router_consistent_between_their_timers() {
+    // amy rejects two conversations at the same moment, so both cooldowns end at the same instant and
+    // two wait checks fire one after the other. Between them the router must still be consistent: the
+    // second conversation is not eligible for amy until its own wait check lifts the cooldown.
+    let mut routing = config(vec![queue("support")], vec![agent("amy", &["support"], 2)]);
+    routing.offers.reoffer_cooldown = Millis::from_secs(60);
+    let mut h = Harness::new(routing);
+    h.online("amy");
+    h.arrive(1, "one");
+    h.arrive(2, "two");
+    h.advance(1);
+    assert!(offers(&h.reject("amy", 1)).is_empty());
+    assert!(offers(&h.reject("amy", 2)).is_empty());
+    // The harness audits after each timer it fires.
+    let effects = h.advance(60);
+    assert_eq!(offers(&effects), vec![(1, "amy".into()), (2, "amy".into())]);
+}
+
+#[test]
+fn overflow_into_a_queue_that_does_not_take_the_channel_offers_nothing_there() {
+    // Email overflows into the chat-only queue: cat serves that queue (and has email capacity for
+    // her other work), but the queue does not take email, so the conversation stays waiting for the
+    // email queue, whichever side looks for a match.
+    let mut email = queue("email");
+    email.channels = vec![Channel::Email];
+    email.escalation = vec![EscalationStep {
+        after: Millis::from_secs(10),
+        action: EscalationAction::OverflowTo(QueueName::new("chat")),
+    }];
+    let mut chat = queue("chat");
+    chat.channels = vec![Channel::Chat];
+    let mut h = Harness::new(config(vec![email, chat], vec![agent("cat", &["chat"], 1)]));
+    h.online("cat");
+    h.arrive_with(1, |new| new.channel = Channel::Email);
+    assert!(offers(&h.advance(10)).is_empty());
+    assert!(
+        !h.router
+            .is_eligible(ConversationId(1), &AgentId::new("cat"))
+    );
+    h.send(Command::AgentPresence {
+        agent: AgentId::new("cat"),
+        presence: Presence::Away,
+    })
+    .unwrap();
+    assert!(offers(&h.online("cat")).is_empty());
+    assert_eq!(h.state(1), ConversationState::Waiting);
+}
+
+#[test]
+fn auto_accepted_arrival_schedules_no_wait_check_so_a_later_transfer_gets_its_own() {
+    let mut support = queue("support");
+    support.auto_accept = true;
+    let mut h = Harness::new(config(
+        vec![support],
+        vec![agent("amy", &["support"], 1), agent("ben", &["support"], 1)],
+    ));
+    h.online("amy");
+    let effects = h.arrive(1, "hi");
+    assert!(matches!(h.state(1), ConversationState::Assigned { .. }));
+    assert!(
+        !effects.iter().any(|e| matches!(
+            e,
+            Effect::ScheduleTimer {
+                key: switchboard::routing::TimerKey::WaitCheck(_),
+                ..
+            }
+        )),
+        "an answered conversation has nothing to wait for: {effects:?}"
+    );
+    h.advance(60);
+    // ben is signed out: the transfer waits for him 60 s (SLA already due), then falls back to the
+    // queue, where amy is free again.
+    h.send(Command::Transfer {
+        agent: AgentId::new("amy"),
+        conversation: ConversationId(1),
+        to: TransferTarget::Agent(AgentId::new("ben")),
+    })
+    .unwrap();
+    let effects = h.advance(1);
+    assert!(effects.contains(&Effect::SlaBreached {
+        conversation: ConversationId(1),
+        queue: QueueName::new("support")
+    }));
+    let effects = h.advance(60);
+    assert!(
+        effects.iter().any(|e| matches!(
+            e,
+            Effect::Assigned { conversation: ConversationId(1), agent, .. } if agent.as_str() == "amy"
+        )),
+        "{effects:?}"
+    );
+}
+
+#[test]
+fn offers_taken_back_together_are_rerouted_best_first() {
+    // amy holds two offers: 1 (priority 0, offered first) and VIP 2 (priority 20). ben has one free
+    // slot. Whether amy is set away by a missed offer or goes away herself, ben must get 2.
+    for how in ["missed offer", "away"] {
+        let mut routing = config(
+            vec![queue("support")],
+            vec![agent("amy", &["support"], 2), agent("ben", &["support"], 1)],
+        );
+        routing.offers.max_missed = 1;
+        let mut h = Harness::new(routing);
+        h.online("amy");
+        assert_eq!(offers(&h.arrive(1, "hi")), vec![(1, "amy".into())]);
+        let vip = h.arrive_with(2, |new| new.customer_tier = Some("vip".into()));
+        assert_eq!(offers(&vip), vec![(2, "amy".into())]);
+        h.online("ben");
+        let effects = if how == "away" {
+            h.send(Command::AgentPresence {
+                agent: AgentId::new("amy"),
+                presence: Presence::Away,
+            })
+            .unwrap()
+        } else {
+            // 1's offer times out first: amy's miss sets her away, which takes back 2 as well.
+            h.advance(20)
+        };
+        assert_eq!(offers(&effects), vec![(2, "ben".into())], "{how}");
+        assert_eq!(h.state(1), ConversationState::Waiting, "{how}");
+    }
+}
+
+#[test]
+fn resolving_a_reopened_conversation_again_during_its_wrap_up_frees_every_slot() {
+    // Wrap-up timers are keyed by (agent, conversation): amy resolves 1, the customer writes again
+    // during the wrap-up, amy takes it and resolves it again. Both wrap-ups must end, so that amy's
+    // two chat slots are free afterwards.
+    let mut support = queue("support");
+    support.wrap_up = Millis::from_secs(30);
+    let mut routing = config(vec![support], vec![agent("amy", &["support"], 2)]);
+    routing.reopen.prefer_last_agent_for = Millis::from_secs(60);
+    let mut h = Harness::new(routing);
+    h.online("amy");
+    h.arrive(1, "hi");
+    h.accept("amy", 1).unwrap();
+    h.resolve("amy", 1);
+    h.advance(5);
+    let effects = h
+        .send(Command::CustomerMessage {
+            conversation: ConversationId(1),
+            message: MessageId(2),
+            text: "one more thing".into(),
+        })
+        .unwrap();
+    assert_eq!(offers(&effects), vec![(1, "amy".into())]);
+    h.accept("amy", 1).unwrap();
+    h.advance(5);
+    h.resolve("amy", 1);
+    h.advance(3600);
+    let amy = h.router.agent(&AgentId::new("amy")).unwrap();
+    assert!(!amy.wrapping_up);
+    assert_eq!(amy.load_total, 0);
+    let mut offered = offers(&h.arrive(2, "a"));
+    offered.extend(offers(&h.arrive(3, "b")));
+    assert_eq!(offered, vec![(2, "amy".into()), (3, "amy".into())]);
+}

@@ -197,6 +197,9 @@ impl Router {
             }
         }
         for agent in 0..router.agents.len() as u32 {
+            // A lane first needed by a restored conversation indexed the available agents it qualifies
+            // for before their offers, assignments and wrap-ups were loaded: drop those entries.
+            router.unindex_agent(agent);
             router.index_agent(agent);
         }
         for slot in 0..router.conversations.len() as u32 {
@@ -393,12 +396,13 @@ impl Router {
         }
     }
 
-    /// Everything the router holds besides its configuration.
+    /// Everything the router holds besides its configuration. Conversations are listed in arrival
+    /// order, so equal states give equal snapshots whatever slots they happen to occupy.
     pub fn snapshot(&self) -> RouterSnapshot {
-        RouterSnapshot {
-            conversations: self.conversations.iter().flatten().map(|conversation| self.snapshot_of(conversation)).collect(),
-            agents: self.agents.iter().filter_map(|agent| self.agent_snapshot(&agent.id)).collect(),
-        }
+        let mut conversations: Vec<ConversationSnapshot> =
+            self.conversations.iter().flatten().map(|conversation| self.snapshot_of(conversation)).collect();
+        conversations.sort_unstable_by_key(|conversation| conversation.seq);
+        RouterSnapshot { conversations, agents: self.agents.iter().filter_map(|agent| self.agent_snapshot(&agent.id)).collect() }
     }
 
     /// One conversation's part of [`Router::snapshot`]; `None` once the router forgot it.
@@ -629,7 +633,7 @@ impl Router {
         let conversation = self.conv(slot);
         if conversation.state != ConvState::Waiting
             || self.agents[agent as usize].presence != Presence::Available
-            || conversation.is_excluded(agent, self.clock)
+            || conversation.is_excluded(agent)
         {
             return false;
         }
@@ -641,8 +645,12 @@ impl Router {
             .iter()
             .enumerate()
             .any(|(index, &(queue, lane))| {
+                let queue = &self.queues[queue as usize];
                 conversation.eligible_mask & (1 << index) != 0
-                    && self.queues[queue as usize].open
+                    && queue.open
+                    && queue
+                        .config
+                        .accepts(&self.channels[conversation.channel as usize])
                     && self.agents[agent as usize]
                         .lanes
                         .iter()
@@ -652,7 +660,8 @@ impl Router {
 
     /// Checks every invariant the router promises, by brute force. For tests; O(conversations × agents).
     ///
-    /// * no agent above capacity, per channel or in total;
+    /// * no agent above capacity, per channel or in total, nor with two wrap-ups for one conversation
+    ///   (they would share one timer);
     /// * every conversation is in exactly one state, and each offered/assigned one is held by exactly
     ///   that agent (no two owners, no two live offers);
     /// * indexes agree with the states (waiting ones indexed exactly where eligible, nothing else);
@@ -683,8 +692,18 @@ impl Router {
                 }
                 load[self.conv(conversation).channel as usize] += 1;
             }
-            for wrap_up in &agent.wrap_ups {
+            for (index, wrap_up) in agent.wrap_ups.iter().enumerate() {
                 load[wrap_up.channel as usize] += 1;
+                // Its timer key is (agent, conversation): a second one would share the first's timer.
+                if agent.wrap_ups[..index]
+                    .iter()
+                    .any(|earlier| earlier.conversation == wrap_up.conversation)
+                {
+                    return Err(format!(
+                        "agent {} has two wrap-ups for conversation {:?}",
+                        agent.id, wrap_up.conversation
+                    ));
+                }
             }
             for (channel, &count) in load.iter().enumerate() {
                 if count != agent.load_for(channel as u32) {

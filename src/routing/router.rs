@@ -187,7 +187,8 @@ pub(super) struct Conversation {
     pub(super) repeats: u8,
     pub(super) keyword_boosted: bool,
     pub(super) wording_boosted: bool,
-    /// Agents who missed this conversation recently, and until when they are skipped.
+    /// Agents who missed this conversation recently, and until when they are skipped (the wait
+    /// check at that time removes them).
     pub(super) excluded: Vec<(u32, Timestamp)>,
     /// Waits for this agent only, until the deadline.
     pub(super) reserved_for: Option<(u32, Timestamp)>,
@@ -218,10 +219,11 @@ impl Conversation {
         matches!(self.state, ConvState::Waiting | ConvState::Offered { .. })
     }
 
-    pub(super) fn is_excluded(&self, agent: u32, now: Timestamp) -> bool {
-        self.excluded
-            .iter()
-            .any(|&(who, until)| who == agent && until > now)
+    /// Skipped for this agent after a miss. The cooldown ends when the wait check due at its end
+    /// runs, not merely when the clock passes it: otherwise, between two timers due at the same
+    /// instant, a conversation would be eligible for an agent without having been routed to it.
+    pub(super) fn is_excluded(&self, agent: u32) -> bool {
+        self.excluded.iter().any(|&(who, _)| who == agent)
     }
 }
 
@@ -540,9 +542,13 @@ impl Router {
         let candidate_count = self.conv(slot).candidates.len();
         for index in 0..candidate_count {
             let (queue, lane) = self.conv(slot).candidates[index];
-            if let Some(agent) = self.free_agent_in(slot, queue, lane, now) {
+            if let Some(agent) = self.free_agent_in(slot, queue, lane) {
                 self.offer(now, slot, agent, queue, effects);
-                self.reschedule_wait_check(now, slot, effects);
+                // Auto-accepted, it is answered and waits for nothing: a wait check recorded now
+                // would outlive the assignment and hide the one a later transfer needs.
+                if self.conv(slot).is_unanswered() {
+                    self.reschedule_wait_check(now, slot, effects);
+                }
                 return Ok(());
             }
         }
@@ -650,6 +656,7 @@ impl Router {
             ConvState::Offered { agent, .. } => {
                 self.take_back_offer(slot, OfferEnd::Abandoned, effects);
                 self.conv_mut(slot).state = ConvState::Waiting;
+                self.free_slot(agent, slot);
                 self.serve_agent(now, agent, effects);
             }
             // Answered already: leaving is not abandonment, and the conversation goes on.
@@ -675,9 +682,23 @@ impl Router {
         presence: Presence,
         effects: &mut Vec<Effect>,
     ) {
+        let requeued = self.change_presence(now, agent, presence, effects);
+        self.route_best_first(now, requeued, effects);
+    }
+
+    /// Sets the presence. An agent who becomes available is served; one who stops being available
+    /// loses its offers, whose conversations are returned waiting (indexed, not yet routed: the
+    /// caller routes them with [`Router::route_best_first`]).
+    fn change_presence(
+        &mut self,
+        now: Timestamp,
+        agent: u32,
+        presence: Presence,
+        effects: &mut Vec<Effect>,
+    ) -> Vec<u32> {
         let previous = self.agents[agent as usize].presence;
         if previous == presence {
-            return;
+            return Vec::new();
         }
         self.unindex_agent(agent);
         self.adjust_staffing(agent, previous, presence);
@@ -688,8 +709,9 @@ impl Router {
             state.last_offer_at = state.last_offer_at.max(now);
             self.index_agent(agent);
             self.serve_agent(now, agent, effects);
+            Vec::new()
         } else {
-            self.withdraw_all_offers(now, agent, OfferEnd::AgentLeft, effects);
+            self.withdraw_all_offers(agent, OfferEnd::AgentLeft, effects)
         }
     }
 
@@ -767,6 +789,14 @@ impl Router {
             .assigned
             .retain(|&owned| owned != slot);
         if wrap_up > Millis::ZERO {
+            // Wrap-up timers are keyed by (agent, conversation), so there is at most one wrap-up per
+            // pair: one still running from an earlier resolve of this (reopened) conversation ends now
+            // instead of losing its timer to the new one and holding its slot for good.
+            let wrap_ups = &mut self.agents[agent_slot as usize].wrap_ups;
+            if let Some(position) = wrap_ups.iter().position(|w| w.conversation == id) {
+                let earlier = wrap_ups.swap_remove(position);
+                self.change_load(agent_slot, earlier.channel, -1);
+            }
             let until = now + wrap_up;
             self.agents[agent_slot as usize].wrap_ups.push(WrapUp {
                 conversation: id,
@@ -842,6 +872,7 @@ impl Router {
             }
         }
         self.requeue_and_route(now, slot, effects);
+        self.free_slot(agent_slot, slot);
         self.serve_agent(now, agent_slot, effects);
         Ok(())
     }
@@ -873,6 +904,7 @@ impl Router {
             .saturating_add(self.config.priority.tier_escalation);
         self.set_priority(slot, to, PriorityReason::TierEscalation, effects);
         self.requeue_and_route(now, slot, effects);
+        self.free_slot(agent_slot, slot);
         self.serve_agent(now, agent_slot, effects);
         Ok(())
     }
@@ -939,6 +971,11 @@ impl Router {
     // ----- the moving parts -----------------------------------------------------------------------
 
     /// Ends an offer without an accept and puts the conversation back in its original place.
+    ///
+    /// The conversation is routed on while the agent still holds its slot; only then does the slot
+    /// free and the agent take the best conversation waiting for it (which may be this one again when
+    /// there is no re-offer cooldown). Freeing the slot first would let the conversation-side choice
+    /// hand the agent this conversation ahead of better-ranked ones waiting for it.
     fn end_offer(
         &mut self,
         now: Timestamp,
@@ -959,30 +996,36 @@ impl Router {
             set_away = state.missed >= self.config.offers.max_missed
                 && state.presence == Presence::Available;
         }
-        self.requeue_and_route(now, slot, effects);
         if set_away {
+            // The agent's other offers come back too: route them all together, best first, so this
+            // one does not take a free agent that a better-ranked one needs.
+            self.enqueue(slot, effects);
+            self.free_slot(agent, slot);
             let missed = self.agents[agent as usize].missed;
             effects.push(Effect::AgentSetAway {
                 agent: self.agents[agent as usize].id.clone(),
                 reason: AwayReason::MissedOffers(missed),
             });
-            self.set_presence(now, agent, Presence::Away, effects);
+            let mut requeued = self.change_presence(now, agent, Presence::Away, effects);
+            requeued.push(slot);
+            self.route_best_first(now, requeued, effects);
         } else {
+            self.requeue_and_route(now, slot, effects);
+            self.free_slot(agent, slot);
             self.serve_agent(now, agent, effects);
         }
     }
 
-    /// Releases an offer's capacity and tells the agent; the caller decides what becomes of the
-    /// conversation. Returns the agent.
+    /// Withdraws an offer and tells the agent; the caller decides what becomes of the conversation and
+    /// when the agent's slot frees ([`Router::free_slot`]). Returns the agent.
     fn take_back_offer(&mut self, slot: u32, reason: OfferEnd, effects: &mut Vec<Effect>) -> u32 {
         let ConvState::Offered { agent, .. } = self.conv(slot).state else {
             unreachable_state()
         };
-        let (id, channel) = (self.conv(slot).id, self.conv(slot).channel);
+        let id = self.conv(slot).id;
         self.agents[agent as usize]
             .offers
             .retain(|&offered| offered != slot);
-        self.change_load(agent, channel, -1);
         if reason != OfferEnd::TimedOut {
             effects.push(Effect::CancelTimer {
                 key: TimerKey::Offer(id),
@@ -996,32 +1039,52 @@ impl Router {
         agent
     }
 
+    /// Takes back every offer of the agent and returns the conversations waiting and indexed, for
+    /// the caller to route with [`Router::route_best_first`].
     fn withdraw_all_offers(
         &mut self,
-        now: Timestamp,
         agent: u32,
         reason: OfferEnd,
         effects: &mut Vec<Effect>,
-    ) {
+    ) -> Vec<u32> {
         let offers = std::mem::take(&mut self.agents[agent as usize].offers);
-        for slot in offers {
+        for &slot in &offers {
             // take_back_offer expects the slot in the list; it is gone already, which is fine.
             self.take_back_offer(slot, reason, effects);
+            self.free_slot(agent, slot);
             self.conv_mut(slot).state = ConvState::Waiting;
-            self.requeue_and_route(now, slot, effects);
+            self.enqueue(slot, effects);
+        }
+        offers
+    }
+
+    /// Routes conversations put back waiting together, in the order of service: routed one by one in
+    /// offer order, a worse-ranked one could take the only free agent a better-ranked one needs.
+    fn route_best_first(&mut self, now: Timestamp, mut slots: Vec<u32>, effects: &mut Vec<Effect>) {
+        slots.sort_unstable_by_key(|&slot| self.conv(slot).key(slot));
+        for slot in slots {
+            self.route_waiting(now, slot, effects);
+            if self.conv(slot).is_unanswered() {
+                self.reschedule_wait_check(now, slot, effects);
+            }
         }
     }
 
-    /// The agent gives up ownership (transfer, escalation): the slot frees without wrap-up.
+    /// The agent gives up ownership (transfer, escalation). The slot frees without wrap-up, once the
+    /// caller has routed the conversation on ([`Router::free_slot`]).
     fn release_owner(&mut self, slot: u32, agent: u32) {
         self.agents[agent as usize]
             .assigned
             .retain(|&owned| owned != slot);
-        let channel = self.conv(slot).channel;
-        self.change_load(agent, channel, -1);
         let conversation = self.conv_mut(slot);
         conversation.state = ConvState::Waiting;
         conversation.excluded.clear();
+    }
+
+    /// Frees the slot an agent held for this conversation (an offer taken back, or ownership given up).
+    fn free_slot(&mut self, agent: u32, slot: u32) {
+        let channel = self.conv(slot).channel;
+        self.change_load(agent, channel, -1);
     }
 
     /// Makes `queue` the conversation's only candidate, keeping its priority and waiting time. The
@@ -1091,7 +1154,7 @@ impl Router {
         }
         if let Some((agent, _)) = conversation.reserved_for {
             if self.agents[agent as usize].has_room(conversation.channel)
-                && !conversation.is_excluded(agent, now)
+                && !conversation.is_excluded(agent)
             {
                 let home = conversation.home_queue();
                 self.offer(now, slot, agent, home, effects);
@@ -1104,7 +1167,7 @@ impl Router {
             if mask & (1 << index) == 0 {
                 continue;
             }
-            if let Some(agent) = self.free_agent_in(slot, queue, lane, now) {
+            if let Some(agent) = self.free_agent_in(slot, queue, lane) {
                 self.offer(now, slot, agent, queue, effects);
                 return;
             }
@@ -1112,7 +1175,7 @@ impl Router {
     }
 
     /// The best free agent of a lane for this conversation, if the queue is open.
-    fn free_agent_in(&self, slot: u32, queue: u32, lane: u32, now: Timestamp) -> Option<u32> {
+    fn free_agent_in(&self, slot: u32, queue: u32, lane: u32) -> Option<u32> {
         if !self.queues[queue as usize].open {
             return None;
         }
@@ -1124,7 +1187,7 @@ impl Router {
             .free
             .iter()
             .map(|key| key.agent)
-            .find(|&agent| !conversation.is_excluded(agent, now))
+            .find(|&agent| !conversation.is_excluded(agent))
     }
 
     /// Offers (or, on auto-accept queues, assigns) a conversation. It must not be indexed afterwards.
@@ -1180,7 +1243,7 @@ impl Router {
     /// it is full or none is left. This is the "order of service" rule: highest priority, then longest
     /// wait, across every lane the agent serves and its reserved conversations.
     pub(super) fn serve_agent(&mut self, now: Timestamp, agent: u32, effects: &mut Vec<Effect>) {
-        while let Some((key, queue)) = self.best_waiting_for(agent, now) {
+        while let Some((key, queue)) = self.best_waiting_for(agent) {
             self.offer(now, key.slot, agent, queue, effects);
             let conversation = self.conv(key.slot);
             if conversation.is_unanswered() {
@@ -1189,7 +1252,7 @@ impl Router {
         }
     }
 
-    fn best_waiting_for(&self, agent: u32, now: Timestamp) -> Option<(WaitKey, u32)> {
+    fn best_waiting_for(&self, agent: u32) -> Option<(WaitKey, u32)> {
         let state = &self.agents[agent as usize];
         if state.presence != Presence::Available || state.load_total >= state.config.max_total {
             return None;
@@ -1197,24 +1260,30 @@ impl Router {
         let mut best: Option<(WaitKey, u32)> = None;
         for key in &state.reserved {
             let conversation = self.conv(key.slot);
-            if state.has_room(conversation.channel) && !conversation.is_excluded(agent, now) {
+            if state.has_room(conversation.channel) && !conversation.is_excluded(agent) {
                 best = Some((*key, conversation.home_queue()));
                 break;
             }
         }
         for &(lane, _) in &state.lanes {
             let lane_state = &self.lanes[lane as usize];
-            if !self.queues[lane_state.queue as usize].open {
+            let queue = &self.queues[lane_state.queue as usize];
+            if !queue.open {
                 continue;
             }
             for (channel, lane_channel) in lane_state.channels.iter().enumerate() {
-                if lane_channel.waiting.is_empty() || !state.has_room(channel as u32) {
+                // A queue serves only the channels it accepts, as the free sets do (a conversation can
+                // wait in another queue's lane by overflow, transfer or the no-queue fallback).
+                if lane_channel.waiting.is_empty()
+                    || !state.has_room(channel as u32)
+                    || !queue.config.accepts(&self.channels[channel])
+                {
                     continue;
                 }
                 let first = lane_channel
                     .waiting
                     .iter()
-                    .find(|key| !self.conv(key.slot).is_excluded(agent, now));
+                    .find(|key| !self.conv(key.slot).is_excluded(agent));
                 if let Some(key) = first
                     && best.is_none_or(|(best_key, _)| *key < best_key)
                 {
