@@ -129,7 +129,7 @@ async fn restart_keeps_offers_and_assignments() {
 
 #[tokio::test]
 async fn bad_input_gets_a_clear_4xx_and_stores_nothing() {
-    let daemon = Daemon::start("[server]\nbody_limit_bytes = 4096\n");
+    let daemon = Daemon::start_with("body_limit_bytes = 4096", "");
     let raw = |body: &'static str| {
         daemon.http.post(daemon.url("/v1/messages")).bearer_auth(INGEST).header("content-type", "application/json").body(body).send()
     };

@@ -201,7 +201,8 @@ pub async fn start(
     let dispatcher = tokio::spawn(dispatch(step_receiver, context));
     let engine_task = tokio::spawn(async move {
         engine.run(receiver).await;
-        // The engine dropped its sender: the dispatcher commits what is left, then ends.
+        // Dropping the engine drops its step sender: the dispatcher commits what is left, then ends.
+        drop(engine);
         let _ = dispatcher.await;
     });
     Ok((EngineHandle { requests }, engine_task))

@@ -30,14 +30,15 @@ pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_switchboard"))
 }
 
-/// The config used by tests: the demo centre, a temp store, port 0, short offer timeouts.
-pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
+/// The config used by tests: the demo centre, a temp store, port 0. `server` adds keys to `[server]`;
+/// `extra` adds whole tables.
+pub fn write_config(dir: &Path, server: &str, extra: &str) -> PathBuf {
     let path = dir.join("switchboard.toml");
     let store = dir.join("switchboard.sqlite");
     std::fs::write(
         &path,
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_seconds = 5\n\n[store]\npath = \"{}\"\n\n{extra}",
+            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_seconds = 5\n{server}\n\n[store]\npath = \"{}\"\n\n{extra}",
             store.display()
         ),
     )
@@ -47,8 +48,12 @@ pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
 
 impl Daemon {
     pub fn start(extra_config: &str) -> Daemon {
+        Daemon::start_with("", extra_config)
+    }
+
+    pub fn start_with(server: &str, extra_config: &str) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
-        write_config(dir.path(), extra_config);
+        write_config(dir.path(), server, extra_config);
         let mut daemon = Daemon { dir, base: String::new(), child: None, http: reqwest::Client::new() };
         daemon.spawn();
         daemon
