@@ -20,7 +20,9 @@ use switchboard::message::InboundMessage;
 use tokio_tungstenite::tungstenite::Message;
 
 fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
 }
 
 #[tokio::main]
@@ -29,15 +31,22 @@ async fn main() {
     match args.get(1).map(String::as_str) {
         Some("bare") => bare(arg(&args, "--listen").unwrap_or_else(|| "127.0.0.1:0".into())).await,
         Some("drive") => drive(&args).await,
-        _ => eprintln!("usage: load bare [--listen ADDR] | load drive --url URL --token T --messages N [--concurrency C] [--rate R] [--agents a,b]"),
+        _ => eprintln!(
+            "usage: load bare [--listen ADDR] | load drive --url URL --token T --messages N [--concurrency C] [--rate R] [--agents a,b]"
+        ),
     }
 }
 
 async fn bare(listen: String) {
     async fn ingest(body: axum::body::Bytes) -> (StatusCode, Json<Value>) {
         match serde_json::from_slice::<InboundMessage>(&body) {
-            Ok(message) if message.validate().is_ok() => (StatusCode::OK, Json(json!({ "ok": true }))),
-            _ => (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({ "ok": false }))),
+            Ok(message) if message.validate().is_ok() => {
+                (StatusCode::OK, Json(json!({ "ok": true })))
+            }
+            _ => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Json(json!({ "ok": false })),
+            ),
         }
     }
     let app = axum::Router::new().route("/v1/messages", axum::routing::post(ingest));
@@ -70,33 +79,66 @@ async fn drive(args: &[String]) {
     let mut listeners = Vec::new();
     if let Some(agents) = arg(args, "--agents") {
         for agent in agents.split(',') {
-            let ws = format!("{}/v1/agents/{agent}/stream?access_token=demo-{agent}-token", url.replace("http://", "ws://"));
-            let (mut socket, _) = tokio_tungstenite::connect_async(ws).await.expect("agent websocket");
-            socket.send(Message::Text(json!({ "type": "presence", "presence": "available" }).to_string().into())).await.unwrap();
+            let ws = format!(
+                "{}/v1/agents/{agent}/stream?access_token=demo-{agent}-token",
+                url.replace("http://", "ws://")
+            );
+            let (mut socket, _) = tokio_tungstenite::connect_async(ws)
+                .await
+                .expect("agent websocket");
+            socket
+                .send(Message::Text(
+                    json!({ "type": "presence", "presence": "available" })
+                        .to_string()
+                        .into(),
+                ))
+                .await
+                .unwrap();
             let (sent_at, latencies) = (sent_at.clone(), offer_latencies.clone());
             listeners.push(tokio::spawn(async move {
                 while let Some(Ok(Message::Text(text))) = socket.next().await {
                     let push: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
                     if push["type"] == "offer" || push["type"] == "assigned" {
-                        let conversation = push["conversation_id"].as_str().unwrap_or_default().to_owned();
+                        let conversation = push["conversation_id"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_owned();
                         if let Some(started) = sent_at.lock().unwrap().remove(&conversation) {
-                            latencies.lock().unwrap().push(started.elapsed().as_secs_f64() * 1000.0);
+                            latencies
+                                .lock()
+                                .unwrap()
+                                .push(started.elapsed().as_secs_f64() * 1000.0);
                         }
                     }
                 }
             }));
         }
     }
-    let client = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build().unwrap();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .build()
+        .unwrap();
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let http_latencies: Arc<Mutex<Vec<f64>>> = Arc::default();
     let errors = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
-    let workers = if rate.is_some() { concurrency.max(64) } else { concurrency };
+    let workers = if rate.is_some() {
+        concurrency.max(64)
+    } else {
+        concurrency
+    };
     let mut tasks = Vec::new();
     for _ in 0..workers {
-        let (client, url, token, run, next, http_latencies, errors, sent_at) =
-            (client.clone(), url.clone(), token.clone(), run.clone(), next.clone(), http_latencies.clone(), errors.clone(), sent_at.clone());
+        let (client, url, token, run, next, http_latencies, errors, sent_at) = (
+            client.clone(),
+            url.clone(),
+            token.clone(),
+            run.clone(),
+            next.clone(),
+            http_latencies.clone(),
+            errors.clone(),
+            sent_at.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             loop {
                 let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -137,7 +179,10 @@ async fn drive(args: &[String]) {
     let elapsed = started.elapsed().as_secs_f64();
     // Offers for the last messages may still be in flight: wait for them briefly.
     let wait_until = Instant::now() + Duration::from_secs(5);
-    while !listeners.is_empty() && !sent_at.lock().unwrap().is_empty() && Instant::now() < wait_until {
+    while !listeners.is_empty()
+        && !sent_at.lock().unwrap().is_empty()
+        && Instant::now() < wait_until
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let http = http_latencies.lock().unwrap().clone();

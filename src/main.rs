@@ -87,7 +87,8 @@ fn environment() -> Vec<(String, String)> {
 }
 
 fn check_config(args: &ConfigArgs) -> anyhow::Result<()> {
-    let settings = config::load(args.config.as_deref(), environment()).context("invalid configuration")?;
+    let settings =
+        config::load(args.config.as_deref(), environment()).context("invalid configuration")?;
     print!("{}", settings.effective_toml());
     eprintln!(
         "configuration ok: {} queues, {} rules, {} agents",
@@ -106,7 +107,9 @@ fn init_logging(settings: &config::Settings, format: Option<LogFormat>) {
         Some(LogFormat::Text) => false,
         None => settings.log.format == "json",
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -116,9 +119,13 @@ fn init_logging(settings: &config::Settings, format: Option<LogFormat>) {
 
 fn run(args: &RunArgs) -> anyhow::Result<()> {
     let environment = environment();
-    let settings = config::load(args.config.config.as_deref(), environment.clone()).context("invalid configuration")?;
+    let settings = config::load(args.config.config.as_deref(), environment.clone())
+        .context("invalid configuration")?;
     init_logging(&settings, args.log_format);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         use tokio::signal::unix::{SignalKind, signal};
         let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;

@@ -10,10 +10,18 @@ use serde_json::json;
 async fn ingest_offer_accept_reply_resolve() {
     let daemon = Daemon::start("");
     let mut alice = daemon.agent_socket("alice").await;
-    let ack = alice.command(json!({ "type": "presence", "presence": "available" })).await;
+    let ack = alice
+        .command(json!({ "type": "presence", "presence": "available" }))
+        .await;
     assert_eq!(ack["type"], "ack", "{ack}");
 
-    let (status, stored) = daemon.ingest(api_message("crm-1", "customer-42", "Hello, my parcel is late")).await;
+    let (status, stored) = daemon
+        .ingest(api_message(
+            "crm-1",
+            "customer-42",
+            "Hello, my parcel is late",
+        ))
+        .await;
     assert_eq!(status, 202, "{stored}");
     assert_eq!(stored["new_conversation"], true);
     let conversation = stored["conversation_id"].as_str().unwrap().to_owned();
@@ -23,33 +31,56 @@ async fn ingest_offer_accept_reply_resolve() {
     assert_eq!(offer["queue"], "support");
     assert!(offer["deadline"].as_str().is_some());
 
-    let ack = alice.command(json!({ "type": "accept", "conversation_id": conversation })).await;
+    let ack = alice
+        .command(json!({ "type": "accept", "conversation_id": conversation }))
+        .await;
     assert_eq!(ack["type"], "ack", "{ack}");
 
     // A second customer message goes straight to the owner.
-    let (status, _) = daemon.ingest(api_message("crm-2", "customer-42", "Any news?")).await;
+    let (status, _) = daemon
+        .ingest(api_message("crm-2", "customer-42", "Any news?"))
+        .await;
     assert_eq!(status, 202);
     let pushed = alice.next_of("message").await;
     assert_eq!(pushed["message"]["text"], "Any news?");
 
     let (status, reply) = daemon
-        .post(&format!("/v1/agents/alice/conversations/{conversation}/reply"), &agent_token("alice"), json!({ "text": "It arrives tomorrow." }))
+        .post(
+            &format!("/v1/agents/alice/conversations/{conversation}/reply"),
+            &agent_token("alice"),
+            json!({ "text": "It arrives tomorrow." }),
+        )
         .await;
     assert_eq!(status, 202, "{reply}");
     let delivered = alice.next_of("reply_status").await;
     assert_eq!(delivered["status"], "sent");
 
-    let (status, history) = daemon.get(&format!("/v1/agents/alice/conversations/{conversation}/messages"), &agent_token("alice")).await;
+    let (status, history) = daemon
+        .get(
+            &format!("/v1/agents/alice/conversations/{conversation}/messages"),
+            &agent_token("alice"),
+        )
+        .await;
     assert_eq!(status, 200);
-    let directions: Vec<&str> = history["messages"].as_array().unwrap().iter().map(|m| m["direction"].as_str().unwrap()).collect();
+    let directions: Vec<&str> = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["direction"].as_str().unwrap())
+        .collect();
     assert_eq!(directions, ["inbound", "inbound", "outbound"]);
     assert_eq!(history["reply_channel"], "api");
 
-    let ack = alice.command(json!({ "type": "resolve", "conversation_id": conversation })).await;
+    let ack = alice
+        .command(json!({ "type": "resolve", "conversation_id": conversation }))
+        .await;
     assert_eq!(ack["type"], "ack", "{ack}");
     let (_, view) = daemon.get("/v1/agents/alice", &agent_token("alice")).await;
     assert_eq!(view["assigned"], json!([]));
-    assert_eq!(view["wrap_up"], true, "the demo support queue has 15 s of wrap-up");
+    assert_eq!(
+        view["wrap_up"], true,
+        "the demo support queue has 15 s of wrap-up"
+    );
 }
 
 #[tokio::test]
@@ -60,7 +91,15 @@ async fn a_repeated_message_is_stored_once() {
     assert_eq!((first, second), (202, 200));
     assert_eq!(again["duplicate"], true);
     assert_eq!(again["message_id"], stored["message_id"]);
-    let (_, detail) = daemon.get(&format!("/v1/admin/conversations/{}", stored["conversation_id"].as_str().unwrap()), ADMIN).await;
+    let (_, detail) = daemon
+        .get(
+            &format!(
+                "/v1/admin/conversations/{}",
+                stored["conversation_id"].as_str().unwrap()
+            ),
+            ADMIN,
+        )
+        .await;
     assert_eq!(detail["messages"].as_array().unwrap().len(), 1);
 }
 
@@ -74,7 +113,15 @@ async fn a_second_channel_joins_the_open_conversation_and_replies_follow_it() {
     assert_eq!(status, 202);
     assert_eq!(second["conversation_id"], first["conversation_id"]);
     assert_eq!(second["new_conversation"], false);
-    let (_, detail) = daemon.get(&format!("/v1/admin/conversations/{}", first["conversation_id"].as_str().unwrap()), ADMIN).await;
+    let (_, detail) = daemon
+        .get(
+            &format!(
+                "/v1/admin/conversations/{}",
+                first["conversation_id"].as_str().unwrap()
+            ),
+            ADMIN,
+        )
+        .await;
     assert_eq!(detail["conversation"]["reply_channel"], "whatsapp");
 }
 
@@ -82,19 +129,30 @@ async fn a_second_channel_joins_the_open_conversation_and_replies_follow_it() {
 async fn transfer_to_another_agent() {
     let daemon = Daemon::start("");
     let mut alice = daemon.agent_socket("alice").await;
-    alice.command(json!({ "type": "presence", "presence": "available" })).await;
-    let (_, stored) = daemon.ingest(api_message("t-1", "c-9", "please help")).await;
+    alice
+        .command(json!({ "type": "presence", "presence": "available" }))
+        .await;
+    let (_, stored) = daemon
+        .ingest(api_message("t-1", "c-9", "please help"))
+        .await;
     let conversation = stored["conversation_id"].as_str().unwrap().to_owned();
     alice.next_of("offer").await;
-    alice.command(json!({ "type": "accept", "conversation_id": conversation })).await;
+    alice
+        .command(json!({ "type": "accept", "conversation_id": conversation }))
+        .await;
 
     let mut bob = daemon.agent_socket("bob").await;
-    bob.command(json!({ "type": "presence", "presence": "available" })).await;
-    let ack = alice.command(json!({ "type": "transfer", "conversation_id": conversation, "to_agent": "bob" })).await;
+    bob.command(json!({ "type": "presence", "presence": "available" }))
+        .await;
+    let ack = alice
+        .command(json!({ "type": "transfer", "conversation_id": conversation, "to_agent": "bob" }))
+        .await;
     assert_eq!(ack["type"], "ack", "{ack}");
     let offer = bob.next_of("offer").await;
     assert_eq!(offer["conversation_id"], conversation.as_str());
-    let refused = alice.command(json!({ "type": "resolve", "conversation_id": conversation })).await;
+    let refused = alice
+        .command(json!({ "type": "resolve", "conversation_id": conversation }))
+        .await;
     assert_eq!(refused["error"]["code"], "not_owner");
 }
 
@@ -102,11 +160,15 @@ async fn transfer_to_another_agent() {
 async fn restart_keeps_offers_and_assignments() {
     let mut daemon = Daemon::start("");
     let mut alice = daemon.agent_socket("alice").await;
-    alice.command(json!({ "type": "presence", "presence": "available" })).await;
+    alice
+        .command(json!({ "type": "presence", "presence": "available" }))
+        .await;
     let (_, first) = daemon.ingest(api_message("r-1", "c-1", "first")).await;
     let first = first["conversation_id"].as_str().unwrap().to_owned();
     alice.next_of("offer").await;
-    alice.command(json!({ "type": "accept", "conversation_id": first })).await;
+    alice
+        .command(json!({ "type": "accept", "conversation_id": first }))
+        .await;
     let (_, waiting) = daemon.ingest(api_message("r-2", "c-2", "second")).await;
     let waiting = waiting["conversation_id"].as_str().unwrap().to_owned();
     alice.next_of("offer").await;
@@ -118,11 +180,18 @@ async fn restart_keeps_offers_and_assignments() {
     let (_, view) = daemon.get("/v1/agents/alice", &agent_token("alice")).await;
     assert_eq!(view["assigned"], json!([first]));
     assert_eq!(view["presence"], "offline");
-    let (_, detail) = daemon.get(&format!("/v1/admin/conversations/{waiting}"), ADMIN).await;
-    assert_eq!(detail["routing"]["state"], "waiting", "the offer to an offline agent went back to waiting: {detail}");
+    let (_, detail) = daemon
+        .get(&format!("/v1/admin/conversations/{waiting}"), ADMIN)
+        .await;
+    assert_eq!(
+        detail["routing"]["state"], "waiting",
+        "the offer to an offline agent went back to waiting: {detail}"
+    );
     // When she comes back she gets it again.
     let mut alice = daemon.agent_socket("alice").await;
-    alice.command(json!({ "type": "presence", "presence": "available" })).await;
+    alice
+        .command(json!({ "type": "presence", "presence": "available" }))
+        .await;
     let offer = alice.next_of("offer").await;
     assert_eq!(offer["conversation_id"], waiting.as_str());
 }
@@ -131,7 +200,13 @@ async fn restart_keeps_offers_and_assignments() {
 async fn bad_input_gets_a_clear_4xx_and_stores_nothing() {
     let daemon = Daemon::start_with("body_limit_bytes = 4096", "");
     let raw = |body: &'static str| {
-        daemon.http.post(daemon.url("/v1/messages")).bearer_auth(INGEST).header("content-type", "application/json").body(body).send()
+        daemon
+            .http
+            .post(daemon.url("/v1/messages"))
+            .bearer_auth(INGEST)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
     };
     let response = raw("{not json").await.unwrap();
     assert_eq!(response.status(), 400);
@@ -140,53 +215,142 @@ async fn bad_input_gets_a_clear_4xx_and_stores_nothing() {
 
     let (status, error) = daemon.ingest(json!({ "channel": "api", "provider": "crm", "provider_message_id": "x", "from": { "address": "a" }, "text": "x", "colour": "red" })).await;
     assert_eq!(status, 422);
-    assert!(error["error"]["message"].as_str().unwrap().contains("colour"));
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("colour")
+    );
 
     let (status, error) = daemon.ingest(json!({ "channel": "sms", "provider": "twilio", "provider_message_id": "x", "from": { "address": "0155" }, "text": "x" })).await;
     assert_eq!(status, 422);
-    assert!(error["error"]["message"].as_str().unwrap().starts_with("from.address"), "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("from.address"),
+        "{error}"
+    );
 
-    let (status, error) = daemon.ingest(api_message("big", "c", &"x".repeat(10_000))).await;
+    let (status, error) = daemon
+        .ingest(api_message("big", "c", &"x".repeat(10_000)))
+        .await;
     assert_eq!(status, 413, "{error}");
 
-    let (status, error) = daemon.post("/v1/agents/alice/conversations/not-a-ulid/accept", &agent_token("alice"), json!({})).await;
-    assert_eq!((status, error["error"]["code"].as_str()), (400, Some("bad_id")));
-    let (status, error) = daemon.post(&format!("/v1/agents/alice/conversations/{}/accept", ulid::Ulid::new()), &agent_token("alice"), json!({})).await;
-    assert_eq!((status, error["error"]["code"].as_str()), (404, Some("unknown_conversation")), "{error}");
+    let (status, error) = daemon
+        .post(
+            "/v1/agents/alice/conversations/not-a-ulid/accept",
+            &agent_token("alice"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (400, Some("bad_id"))
+    );
+    let (status, error) = daemon
+        .post(
+            &format!(
+                "/v1/agents/alice/conversations/{}/accept",
+                ulid::Ulid::new()
+            ),
+            &agent_token("alice"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (404, Some("unknown_conversation")),
+        "{error}"
+    );
 
     let (_, conversations) = daemon.get("/v1/admin/conversations", ADMIN).await;
-    assert_eq!(conversations["conversations"], json!([]), "nothing was stored");
+    assert_eq!(
+        conversations["conversations"],
+        json!([]),
+        "nothing was stored"
+    );
 }
 
 #[tokio::test]
 async fn accepting_an_offer_that_is_not_yours_conflicts() {
     let daemon = Daemon::start("");
     let mut alice = daemon.agent_socket("alice").await;
-    alice.command(json!({ "type": "presence", "presence": "available" })).await;
+    alice
+        .command(json!({ "type": "presence", "presence": "available" }))
+        .await;
     let (_, stored) = daemon.ingest(api_message("o-1", "c", "hello")).await;
     alice.next_of("offer").await;
     let conversation = stored["conversation_id"].as_str().unwrap();
-    let (status, error) = daemon.post(&format!("/v1/agents/bob/conversations/{conversation}/accept"), &agent_token("bob"), json!({})).await;
-    assert_eq!((status, error["error"]["code"].as_str()), (409, Some("not_offered")));
+    let (status, error) = daemon
+        .post(
+            &format!("/v1/agents/bob/conversations/{conversation}/accept"),
+            &agent_token("bob"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (409, Some("not_offered"))
+    );
 }
 
 #[tokio::test]
 async fn tokens_are_scoped() {
     let daemon = Daemon::start("");
-    let no_token = daemon.http.get(daemon.url("/v1/admin/queues")).send().await.unwrap();
+    let no_token = daemon
+        .http
+        .get(daemon.url("/v1/admin/queues"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(no_token.status(), 401);
     assert_eq!(daemon.get("/v1/admin/queues", "wrong").await.0, 401);
-    assert_eq!(daemon.get("/v1/admin/queues", INGEST).await.0, 403, "ingest token is not admin");
-    assert_eq!(daemon.get("/v1/admin/queues", &agent_token("alice")).await.0, 403);
-    assert_eq!(daemon.get("/v1/agents/bob", &agent_token("alice")).await.0, 403, "alice cannot act as bob");
-    assert_eq!(daemon.post("/v1/messages", ADMIN, api_message("a", "b", "c")).await.0, 403, "admin token cannot ingest");
+    assert_eq!(
+        daemon.get("/v1/admin/queues", INGEST).await.0,
+        403,
+        "ingest token is not admin"
+    );
+    assert_eq!(
+        daemon
+            .get("/v1/admin/queues", &agent_token("alice"))
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        daemon.get("/v1/agents/bob", &agent_token("alice")).await.0,
+        403,
+        "alice cannot act as bob"
+    );
+    assert_eq!(
+        daemon
+            .post("/v1/messages", ADMIN, api_message("a", "b", "c"))
+            .await
+            .0,
+        403,
+        "admin token cannot ingest"
+    );
     let (status, queues) = daemon.get("/v1/admin/queues", ADMIN).await;
     assert_eq!(status, 200);
-    let names: Vec<&str> = queues["queues"].as_array().unwrap().iter().map(|q| q["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = queues["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["support", "billing", "tier2"]);
     // Someone else's conversation history is not visible.
     let (_, stored) = daemon.ingest(api_message("s-1", "c", "private")).await;
-    let (status, _) = daemon.get(&format!("/v1/agents/bob/conversations/{}/messages", stored["conversation_id"].as_str().unwrap()), &agent_token("bob")).await;
+    let (status, _) = daemon
+        .get(
+            &format!(
+                "/v1/agents/bob/conversations/{}/messages",
+                stored["conversation_id"].as_str().unwrap()
+            ),
+            &agent_token("bob"),
+        )
+        .await;
     assert_eq!(status, 403);
 }
 
@@ -195,7 +359,15 @@ async fn metrics_health_and_openapi() {
     let daemon = Daemon::start("");
     daemon.ingest(api_message("m-1", "c", "hello")).await;
     daemon.ingest(api_message("m-1", "c", "hello")).await;
-    let text = daemon.http.get(daemon.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let text = daemon
+        .http
+        .get(daemon.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     for expected in [
         "switchboard_messages_received_total{channel=\"api\"} 1",
         "switchboard_messages_duplicate_total{channel=\"api\"} 1",

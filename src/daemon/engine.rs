@@ -29,14 +29,19 @@ use super::persist::{StoredAgent, StoredConversation, status_of};
 use crate::message::InboundMessage;
 use crate::routing::inspect::RouterSnapshot;
 use crate::routing::{
-    AgentId, Command, CommandError, ConversationId, Effect, MessageId, OfferEnd, Presence, Router, RoutingConfig, TimerQueue,
-    Timestamp, TransferTarget,
+    AgentId, Command, CommandError, ConversationId, Effect, MessageId, OfferEnd, Presence, Router,
+    RoutingConfig, TimerQueue, Timestamp, TransferTarget,
 };
 use crate::store::{ConversationStatus, NewEvent, RoutingWrite, Store, StoreError, StoredMessage};
 
 /// The wall clock, read only here at the edge: milliseconds since the Unix epoch.
 pub fn wall_clock() -> Timestamp {
-    Timestamp(SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis() as u64).unwrap_or(0))
+    Timestamp(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_millis() as u64)
+            .unwrap_or(0),
+    )
 }
 
 fn utc(at: Timestamp) -> DateTime<Utc> {
@@ -82,8 +87,15 @@ type Inspection = Box<dyn FnOnce(&Router) + Send>;
 
 enum Request {
     Ingested(Box<Ingested>),
-    Agent { agent: AgentId, action: AgentAction, reply: oneshot::Sender<Result<(), EngineError>> },
-    Reload { routing: Box<RoutingConfig>, reply: oneshot::Sender<Result<(), EngineError>> },
+    Agent {
+        agent: AgentId,
+        action: AgentAction,
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
+    Reload {
+        routing: Box<RoutingConfig>,
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
     Inspect(Inspection),
     Stop,
 }
@@ -109,30 +121,52 @@ impl std::fmt::Debug for Request {
 impl EngineHandle {
     /// Hands a stored message to the router. Returns once queued (the message is already durable).
     pub async fn ingested(&self, ingested: Ingested) -> Result<(), EngineError> {
-        self.requests.send(Request::Ingested(Box::new(ingested))).await.map_err(|_| EngineError::Stopped)
+        self.requests
+            .send(Request::Ingested(Box::new(ingested)))
+            .await
+            .map_err(|_| EngineError::Stopped)
     }
 
     /// Runs an agent command; resolves after its consequences are committed (or it was refused).
     pub async fn agent(&self, agent: AgentId, action: AgentAction) -> Result<(), EngineError> {
         let (reply, answer) = oneshot::channel();
-        self.requests.send(Request::Agent { agent, action, reply }).await.map_err(|_| EngineError::Stopped)?;
+        self.requests
+            .send(Request::Agent {
+                agent,
+                action,
+                reply,
+            })
+            .await
+            .map_err(|_| EngineError::Stopped)?;
         answer.await.map_err(|_| EngineError::Stopped)?
     }
 
     /// Replaces queues, rules and agents, keeping every conversation and agent state.
     pub async fn reload(&self, routing: RoutingConfig) -> Result<(), EngineError> {
         let (reply, answer) = oneshot::channel();
-        self.requests.send(Request::Reload { routing: Box::new(routing), reply }).await.map_err(|_| EngineError::Stopped)?;
+        self.requests
+            .send(Request::Reload {
+                routing: Box::new(routing),
+                reply,
+            })
+            .await
+            .map_err(|_| EngineError::Stopped)?;
         answer.await.map_err(|_| EngineError::Stopped)?
     }
 
     /// Reads the router's state (runs on the engine task, between two commands).
-    pub async fn inspect<T: Send + 'static>(&self, look: impl FnOnce(&Router) -> T + Send + 'static) -> Result<T, EngineError> {
+    pub async fn inspect<T: Send + 'static>(
+        &self,
+        look: impl FnOnce(&Router) -> T + Send + 'static,
+    ) -> Result<T, EngineError> {
         let (reply, answer) = oneshot::channel();
         let inspection: Inspection = Box::new(move |router| {
             let _ = reply.send(look(router));
         });
-        self.requests.send(Request::Inspect(inspection)).await.map_err(|_| EngineError::Stopped)?;
+        self.requests
+            .send(Request::Inspect(inspection))
+            .await
+            .map_err(|_| EngineError::Stopped)?;
         answer.await.map_err(|_| EngineError::Stopped)
     }
 
@@ -170,12 +204,15 @@ pub async fn start(
     let recovery = context.store.recovery().await?;
     let mut snapshot = RouterSnapshot::default();
     for (id, document) in recovery.conversations {
-        let stored: StoredConversation =
-            serde_json::from_value(document).map_err(|error| StoreError::Corrupt(format!("conversation {id}: {error}")))?;
-        snapshot.conversations.push(stored.into_snapshot(ConversationId(id.0)));
+        let stored: StoredConversation = serde_json::from_value(document)
+            .map_err(|error| StoreError::Corrupt(format!("conversation {id}: {error}")))?;
+        snapshot
+            .conversations
+            .push(stored.into_snapshot(ConversationId(id.0)));
     }
     for (id, document) in recovery.agents {
-        let stored: StoredAgent = serde_json::from_value(document).map_err(|error| StoreError::Corrupt(format!("agent {id}: {error}")))?;
+        let stored: StoredAgent = serde_json::from_value(document)
+            .map_err(|error| StoreError::Corrupt(format!("agent {id}: {error}")))?;
         let mut agent = stored.into_snapshot(&id);
         // Agents come back offline until their desktop reconnects; their conversations stay theirs.
         agent.presence = Presence::Offline;
@@ -187,17 +224,26 @@ pub async fn start(
     let router = Router::restore(routing, snapshot, now, &mut effects)?;
     let (requests, receiver) = mpsc::channel(4096);
     let (steps, step_receiver) = mpsc::unbounded_channel();
-    let mut engine = Engine { router, timers: TimerQueue::new(), context: context.clone(), steps };
+    let mut engine = Engine {
+        router,
+        timers: TimerQueue::new(),
+        context: context.clone(),
+        steps,
+    };
     engine.timers.apply(&effects);
-    engine.record(now, effects, Vec::new(), Vec::new(), None, None, true);
+    engine.record(now, effects, Vec::new(), &[], None, None, true);
     let unrouted = recovery.unrouted.len();
     for stored in recovery.unrouted {
         match replay(stored) {
-            Ok(ingested) => engine.route_ingested(ingested),
+            Ok(ingested) => engine.route_ingested(&ingested),
             Err(reason) => error!(%reason, "skipping an unreadable stored message during recovery"),
         }
     }
-    info!(conversations = restored_conversations, replayed = unrouted, "router state recovered");
+    info!(
+        conversations = restored_conversations,
+        replayed = unrouted,
+        "router state recovered"
+    );
     let dispatcher = tokio::spawn(dispatch(step_receiver, context));
     let engine_task = tokio::spawn(async move {
         engine.run(receiver).await;
@@ -210,7 +256,8 @@ pub async fn start(
 
 /// A stored message that was never routed, handed to the router again.
 fn replay(stored: StoredMessage) -> Result<Ingested, String> {
-    let message: InboundMessage = serde_json::from_value(stored.body).map_err(|error| format!("message {}: {error}", stored.id))?;
+    let message: InboundMessage = serde_json::from_value(stored.body)
+        .map_err(|error| format!("message {}: {error}", stored.id))?;
     Ok(Ingested {
         message_id: stored.id,
         conversation_id: stored.conversation_id,
@@ -232,7 +279,10 @@ impl Engine {
     async fn run(&mut self, mut requests: mpsc::Receiver<Request>) {
         let mut gauges = tokio::time::interval(Duration::from_secs(1));
         loop {
-            let sleep = self.timers.next_deadline().map(|at| Duration::from_millis(at.0.saturating_sub(wall_clock().0)));
+            let sleep = self
+                .timers
+                .next_deadline()
+                .map(|at| Duration::from_millis(at.0.saturating_sub(wall_clock().0)));
             tokio::select! {
                 biased;
                 request = requests.recv() => match request {
@@ -254,17 +304,63 @@ impl Engine {
 
     fn handle(&mut self, request: Request) {
         match request {
-            Request::Ingested(ingested) => self.route_ingested(*ingested),
-            Request::Agent { agent, action, reply } => {
+            Request::Ingested(ingested) => self.route_ingested(&ingested),
+            Request::Agent {
+                agent,
+                action,
+                reply,
+            } => {
                 let now = wall_clock();
                 let (command, presence) = match action {
-                    AgentAction::Presence(presence) => (Command::AgentPresence { agent: agent.clone(), presence }, Some((presence, "agent"))),
-                    AgentAction::Disconnected => (Command::AgentDisconnected { agent: agent.clone() }, Some((Presence::Offline, "disconnected"))),
-                    AgentAction::Accept(conversation) => (Command::Accept { agent: agent.clone(), conversation }, None),
-                    AgentAction::Reject(conversation) => (Command::Reject { agent: agent.clone(), conversation }, None),
-                    AgentAction::Resolve(conversation) => (Command::Resolve { agent: agent.clone(), conversation }, None),
-                    AgentAction::Transfer(conversation, to) => (Command::Transfer { agent: agent.clone(), conversation, to }, None),
-                    AgentAction::Escalate(conversation) => (Command::Escalate { agent: agent.clone(), conversation }, None),
+                    AgentAction::Presence(presence) => (
+                        Command::AgentPresence {
+                            agent: agent.clone(),
+                            presence,
+                        },
+                        Some((presence, "agent")),
+                    ),
+                    AgentAction::Disconnected => (
+                        Command::AgentDisconnected {
+                            agent: agent.clone(),
+                        },
+                        Some((Presence::Offline, "disconnected")),
+                    ),
+                    AgentAction::Accept(conversation) => (
+                        Command::Accept {
+                            agent: agent.clone(),
+                            conversation,
+                        },
+                        None,
+                    ),
+                    AgentAction::Reject(conversation) => (
+                        Command::Reject {
+                            agent: agent.clone(),
+                            conversation,
+                        },
+                        None,
+                    ),
+                    AgentAction::Resolve(conversation) => (
+                        Command::Resolve {
+                            agent: agent.clone(),
+                            conversation,
+                        },
+                        None,
+                    ),
+                    AgentAction::Transfer(conversation, to) => (
+                        Command::Transfer {
+                            agent: agent.clone(),
+                            conversation,
+                            to,
+                        },
+                        None,
+                    ),
+                    AgentAction::Escalate(conversation) => (
+                        Command::Escalate {
+                            agent: agent.clone(),
+                            conversation,
+                        },
+                        None,
+                    ),
                 };
                 let was = self.router.agent(&agent).map(|view| view.presence);
                 match self.run_command(now, command) {
@@ -273,9 +369,14 @@ impl Engine {
                         if let Some((presence, reason)) = presence
                             && was != Some(presence)
                         {
-                            extra.push(events::agent_presence(agent.as_str(), presence, reason, utc(now)));
+                            extra.push(events::agent_presence(
+                                agent.as_str(),
+                                presence,
+                                reason,
+                                utc(now),
+                            ));
                         }
-                        self.record(now, effects, extra, vec![agent], Some(reply), None, false);
+                        self.record(now, effects, extra, &[agent], Some(reply), None, false);
                     }
                     Err(error) => {
                         let _ = reply.send(Err(error.into()));
@@ -285,7 +386,9 @@ impl Engine {
             Request::Reload { routing, reply } => {
                 let now = wall_clock();
                 match self.run_command(now, Command::ReplaceConfig(routing)) {
-                    Ok(effects) => self.record(now, effects, Vec::new(), Vec::new(), Some(reply), None, true),
+                    Ok(effects) => {
+                        self.record(now, effects, Vec::new(), &[], Some(reply), None, true)
+                    }
                     Err(error) => {
                         let _ = reply.send(Err(error.into()));
                     }
@@ -297,11 +400,18 @@ impl Engine {
     }
 
     /// Runs one command through the router, timing it and keeping its timers.
-    fn run_command(&mut self, now: Timestamp, command: Command) -> Result<Vec<Effect>, CommandError> {
+    fn run_command(
+        &mut self,
+        now: Timestamp,
+        command: Command,
+    ) -> Result<Vec<Effect>, CommandError> {
         let started = Instant::now();
         let mut effects = Vec::new();
         let result = self.router.handle(now, command, &mut effects);
-        self.context.metrics.routing_decision_seconds.observe(started.elapsed().as_secs_f64());
+        self.context
+            .metrics
+            .routing_decision_seconds
+            .observe(started.elapsed().as_secs_f64());
         result?;
         self.timers.apply(&effects);
         Ok(effects)
@@ -309,7 +419,7 @@ impl Engine {
 
     /// A stored message reaches the router: a conversation the router holds gets a customer message,
     /// any other is a new arrival (also a conversation the store reopened after the router forgot it).
-    fn route_ingested(&mut self, ingested: Ingested) {
+    fn route_ingested(&mut self, ingested: &Ingested) {
         let now = wall_clock();
         let conversation = ConversationId(ingested.conversation_id.0);
         let message = MessageId(ingested.message_id.0);
@@ -317,21 +427,34 @@ impl Engine {
         if ingested.new_conversation
             && let Some(contact) = ingested.contact_id
         {
-            extra.push(events::conversation_created(conversation, &ingested.message.channel, contact, utc(now)));
+            extra.push(events::conversation_created(
+                conversation,
+                &ingested.message.channel,
+                contact,
+                utc(now),
+            ));
         }
         let body = serde_json::to_value(&ingested.message).unwrap_or(Value::Null);
         extra.push(events::message_received(conversation, &body, utc(now)));
         let command = if self.router.conversation(conversation).is_some() {
-            Command::CustomerMessage { conversation, message, text: ingested.message.text.clone() }
+            Command::CustomerMessage {
+                conversation,
+                message,
+                text: ingested.message.text.clone(),
+            }
         } else {
-            Command::Arrive(Box::new(ingested.message.routing_facts(conversation, message)))
+            Command::Arrive(Box::new(
+                ingested.message.routing_facts(conversation, message),
+            ))
         };
         match self.run_command(now, command) {
             Ok(effects) => {
                 let received = Some((conversation, ingested.received));
                 self.record_with_routed(now, effects, extra, ingested.message_id, received);
             }
-            Err(error) => error!(%error, conversation = %ingested.conversation_id, "router refused a stored message"),
+            Err(error) => {
+                error!(%error, conversation = %ingested.conversation_id, "router refused a stored message")
+            }
         }
     }
 
@@ -339,7 +462,7 @@ impl Engine {
         let now = wall_clock();
         while let Some((_, key)) = self.timers.pop_due(now) {
             match self.run_command(now, Command::TimerFired(key)) {
-                Ok(effects) => self.record(now, effects, Vec::new(), Vec::new(), None, None, false),
+                Ok(effects) => self.record(now, effects, Vec::new(), &[], None, None, false),
                 Err(error) => warn!(%error, "timer refused"),
             }
         }
@@ -355,7 +478,12 @@ impl Engine {
     ) {
         let mut write = self.routing_write(now, &effects, extra, &[], false);
         write.routed_messages.push(routed);
-        let _ = self.steps.send(Step { write, effects, reply: None, received });
+        let _ = self.steps.send(Step {
+            write,
+            effects,
+            reply: None,
+            received,
+        });
     }
 
     /// Sends a step's durable consequences to the dispatcher.
@@ -365,19 +493,35 @@ impl Engine {
         now: Timestamp,
         effects: Vec<Effect>,
         extra: Vec<NewEvent>,
-        agents: Vec<AgentId>,
+        agents: &[AgentId],
         reply: Option<oneshot::Sender<Result<(), EngineError>>>,
         received: Option<(ConversationId, Instant)>,
         everything: bool,
     ) {
-        let write = self.routing_write(now, &effects, extra, &agents, everything);
-        if self.steps.send(Step { write, effects, reply, received }).is_err() {
+        let write = self.routing_write(now, &effects, extra, agents, everything);
+        if self
+            .steps
+            .send(Step {
+                write,
+                effects,
+                reply,
+                received,
+            })
+            .is_err()
+        {
             error!("dispatcher stopped; a routing step cannot be committed");
         }
     }
 
     /// The state documents of everything a step touched (or of everything, after a restore), and its events.
-    fn routing_write(&self, now: Timestamp, effects: &[Effect], mut events: Vec<NewEvent>, agents: &[AgentId], everything: bool) -> RoutingWrite {
+    fn routing_write(
+        &self,
+        now: Timestamp,
+        effects: &[Effect],
+        mut events: Vec<NewEvent>,
+        agents: &[AgentId],
+        everything: bool,
+    ) -> RoutingWrite {
         let mut conversations: BTreeSet<ConversationId> = BTreeSet::new();
         let mut touched_agents: BTreeSet<AgentId> = agents.iter().cloned().collect();
         if everything {
@@ -392,24 +536,41 @@ impl Engine {
                 touched_agents.insert(agent.clone());
             }
             if let Effect::AgentSetAway { agent, .. } = effect {
-                events.push(events::agent_presence(agent.as_str(), Presence::Away, "missed_offers", utc(now)));
+                events.push(events::agent_presence(
+                    agent.as_str(),
+                    Presence::Away,
+                    "missed_offers",
+                    utc(now),
+                ));
             }
             events.extend(events::for_effect(effect, utc(now)));
         }
-        let mut write = RoutingWrite { events, epoch: 0, ..RoutingWrite::default() };
+        let mut write = RoutingWrite {
+            events,
+            epoch: 0,
+            ..RoutingWrite::default()
+        };
         for conversation in conversations {
             let id = events::conversation_ulid(conversation);
             match self.router.conversation_snapshot(conversation) {
                 Some(snapshot) => {
-                    let document = serde_json::to_value(StoredConversation::from(&snapshot)).unwrap_or(Value::Null);
-                    write.conversations.push((id, status_of(&snapshot.state), document));
+                    let document = serde_json::to_value(StoredConversation::from(&snapshot))
+                        .unwrap_or(Value::Null);
+                    write
+                        .conversations
+                        .push((id, status_of(&snapshot.state), document));
                 }
-                None => write.conversations.push((id, ConversationStatus::Closed, Value::Null)),
+                None => write
+                    .conversations
+                    .push((id, ConversationStatus::Closed, Value::Null)),
             }
         }
         for agent in touched_agents {
             if let Some(snapshot) = self.router.agent_snapshot(&agent) {
-                write.agents.push((agent.to_string(), serde_json::to_value(StoredAgent::from(&snapshot)).unwrap_or(Value::Null)));
+                write.agents.push((
+                    agent.to_string(),
+                    serde_json::to_value(StoredAgent::from(&snapshot)).unwrap_or(Value::Null),
+                ));
             }
         }
         write
@@ -420,12 +581,25 @@ impl Engine {
         let mut waiting = 0;
         for queue in self.router.queues() {
             waiting += i64::from(queue.waiting);
-            metrics.queue_waiting.with_label_values(&[queue.name.as_str()]).set(i64::from(queue.waiting));
-            let oldest = queue.oldest_since.map_or(0.0, |since| wall_clock().since(since).as_secs_f64());
-            metrics.queue_oldest_wait.with_label_values(&[queue.name.as_str()]).set(oldest);
+            metrics
+                .queue_waiting
+                .with_label_values(&[queue.name.as_str()])
+                .set(i64::from(queue.waiting));
+            let oldest = queue
+                .oldest_since
+                .map_or(0.0, |since| wall_clock().since(since).as_secs_f64());
+            metrics
+                .queue_oldest_wait
+                .with_label_values(&[queue.name.as_str()])
+                .set(oldest);
         }
         let (mut offered, mut assigned) = (0, 0);
-        let mut presence: HashMap<&'static str, i64> = HashMap::from([("available", 0), ("away", 0), ("offline", 0), ("wrap_up", 0)]);
+        let mut presence: HashMap<&'static str, i64> = HashMap::from([
+            ("available", 0),
+            ("away", 0),
+            ("offline", 0),
+            ("wrap_up", 0),
+        ]);
         for agent in self.router.agents() {
             offered += agent.offers.len() as i64;
             assigned += agent.assigned.len() as i64;
@@ -435,10 +609,22 @@ impl Engine {
             }
         }
         let total = self.router.conversation_count() as i64;
-        metrics.conversations.with_label_values(&["waiting"]).set(waiting);
-        metrics.conversations.with_label_values(&["offered"]).set(offered);
-        metrics.conversations.with_label_values(&["assigned"]).set(assigned);
-        metrics.conversations.with_label_values(&["resolved"]).set((total - waiting - offered - assigned).max(0));
+        metrics
+            .conversations
+            .with_label_values(&["waiting"])
+            .set(waiting);
+        metrics
+            .conversations
+            .with_label_values(&["offered"])
+            .set(offered);
+        metrics
+            .conversations
+            .with_label_values(&["assigned"])
+            .set(assigned);
+        metrics
+            .conversations
+            .with_label_values(&["resolved"])
+            .set((total - waiting - offered - assigned).max(0));
         for (state, count) in presence {
             metrics.agents.with_label_values(&[state]).set(count);
         }
@@ -461,7 +647,9 @@ fn effect_conversation(effect: &Effect) -> Option<ConversationId> {
         | Effect::Abandoned { conversation, .. }
         | Effect::Closed { conversation }
         | Effect::FollowUp { conversation, .. } => Some(*conversation),
-        Effect::AgentSetAway { .. } | Effect::ScheduleTimer { .. } | Effect::CancelTimer { .. } => None,
+        Effect::AgentSetAway { .. } | Effect::ScheduleTimer { .. } | Effect::CancelTimer { .. } => {
+            None
+        }
     }
 }
 
@@ -473,7 +661,9 @@ fn effect_agent(effect: &Effect) -> Option<&AgentId> {
         | Effect::Resolved { agent, .. }
         | Effect::AgentSetAway { agent, .. }
         | Effect::FollowUp { agent, .. } => Some(agent),
-        Effect::Escalated { from_agent, .. } | Effect::Transferred { from_agent, .. } => Some(from_agent),
+        Effect::Escalated { from_agent, .. } | Effect::Transferred { from_agent, .. } => {
+            Some(from_agent)
+        }
         _ => None,
     }
 }
@@ -529,15 +719,23 @@ async fn dispatch(mut steps: mpsc::UnboundedReceiver<Step>, context: EngineConte
             let started = Instant::now();
             match context.store.apply_routing(write.clone()).await {
                 Ok(()) => {
-                    context.metrics.store_commit_seconds.with_label_values(&["routing"]).observe(started.elapsed().as_secs_f64());
+                    context
+                        .metrics
+                        .store_commit_seconds
+                        .with_label_values(&["routing"])
+                        .observe(started.elapsed().as_secs_f64());
                     backoff = Duration::from_millis(50);
                     break;
                 }
                 Err(StoreError::Fenced { epoch }) => {
-                    error!(epoch, "a newer router leader exists; this instance's routing writes are refused");
+                    error!(
+                        epoch,
+                        "a newer router leader exists; this instance's routing writes are refused"
+                    );
                     for step in batch {
                         if let Some(reply) = step.reply {
-                            let _ = reply.send(Err(EngineError::Store(StoreError::Fenced { epoch })));
+                            let _ =
+                                reply.send(Err(EngineError::Store(StoreError::Fenced { epoch })));
                         }
                     }
                     return;
@@ -566,9 +764,15 @@ async fn announce(context: &EngineContext, step: &Step) {
     let metrics = &context.metrics;
     let mut offered_now: HashSet<ConversationId> = HashSet::new();
     for effect in &step.effects {
-        let id = |conversation: &ConversationId| events::conversation_ulid(*conversation).to_string();
+        let id =
+            |conversation: &ConversationId| events::conversation_ulid(*conversation).to_string();
         match effect {
-            Effect::Offered { conversation, agent, queue, deadline } => {
+            Effect::Offered {
+                conversation,
+                agent,
+                queue,
+                deadline,
+            } => {
                 metrics.offers.with_label_values(&["offered"]).inc();
                 offered_now.insert(*conversation);
                 context.hub.push(
@@ -576,7 +780,11 @@ async fn announce(context: &EngineContext, step: &Step) {
                     &json!({ "type": "offer", "conversation_id": id(conversation), "queue": queue.as_str(), "deadline": events::millis_to_rfc3339(deadline.0) }),
                 );
             }
-            Effect::OfferWithdrawn { conversation, agent, reason } => {
+            Effect::OfferWithdrawn {
+                conversation,
+                agent,
+                reason,
+            } => {
                 let result = match reason {
                     OfferEnd::Rejected => "rejected",
                     OfferEnd::TimedOut => "timed_out",
@@ -585,12 +793,21 @@ async fn announce(context: &EngineContext, step: &Step) {
                 metrics.offers.with_label_values(&[result]).inc();
                 context.hub.push(agent, &json!({ "type": "offer_withdrawn", "conversation_id": id(conversation), "reason": result }));
             }
-            Effect::Assigned { conversation, agent, queue, .. } => {
+            Effect::Assigned {
+                conversation,
+                agent,
+                queue,
+                ..
+            } => {
                 metrics.offers.with_label_values(&["accepted"]).inc();
                 offered_now.insert(*conversation);
                 context.hub.push(agent, &json!({ "type": "assigned", "conversation_id": id(conversation), "queue": queue.as_str() }));
             }
-            Effect::DeliverToAgent { conversation, agent, message } => {
+            Effect::DeliverToAgent {
+                conversation,
+                agent,
+                message,
+            } => {
                 let body = match context.store.message(Ulid(message.0)).await {
                     Ok(Some(stored)) => stored.body,
                     _ => Value::Null,
@@ -600,22 +817,33 @@ async fn announce(context: &EngineContext, step: &Step) {
                     &json!({ "type": "message", "conversation_id": id(conversation), "message_id": Ulid(message.0).to_string(), "message": body }),
                 );
             }
-            Effect::FollowUp { conversation, agent } => {
+            Effect::FollowUp {
+                conversation,
+                agent,
+            } => {
                 context.hub.push(agent, &json!({ "type": "follow_up", "conversation_id": id(conversation), "status": "resolved" }));
             }
             Effect::AgentSetAway { agent, .. } => {
-                context.hub.push(agent, &json!({ "type": "presence", "presence": "away", "reason": "missed_offers" }));
+                context.hub.push(
+                    agent,
+                    &json!({ "type": "presence", "presence": "away", "reason": "missed_offers" }),
+                );
             }
             Effect::Escalated { .. } => metrics.escalations.inc(),
             Effect::Transferred { .. } => metrics.transfers.inc(),
             Effect::Abandoned { .. } => metrics.abandoned.inc(),
-            Effect::SlaBreached { queue, .. } => metrics.sla_breaches.with_label_values(&[queue.as_str()]).inc(),
+            Effect::SlaBreached { queue, .. } => metrics
+                .sla_breaches
+                .with_label_values(&[queue.as_str()])
+                .inc(),
             _ => {}
         }
     }
     if let Some((conversation, received)) = step.received
         && offered_now.contains(&conversation)
     {
-        metrics.ingest_to_offer_seconds.observe(received.elapsed().as_secs_f64());
+        metrics
+            .ingest_to_offer_seconds
+            .observe(received.elapsed().as_secs_f64());
     }
 }

@@ -18,8 +18,19 @@ pub fn conversation_ulid(id: ConversationId) -> Ulid {
     Ulid(id.0)
 }
 
-fn event(kind: &str, conversation: Option<ConversationId>, data: Value, time: DateTime<Utc>) -> NewEvent {
-    NewEvent { event_id: Ulid::new(), kind: kind.to_owned(), conversation_id: conversation.map(conversation_ulid), data, time }
+fn event(
+    kind: &str,
+    conversation: Option<ConversationId>,
+    data: Value,
+    time: DateTime<Utc>,
+) -> NewEvent {
+    NewEvent {
+        event_id: Ulid::new(),
+        kind: kind.to_owned(),
+        conversation_id: conversation.map(conversation_ulid),
+        data,
+        time,
+    }
 }
 
 /// The event an effect produces for other systems, if any. Timers, withdrawals and deliveries to
@@ -27,27 +38,50 @@ fn event(kind: &str, conversation: Option<ConversationId>, data: Value, time: Da
 pub fn for_effect(effect: &Effect, time: DateTime<Utc>) -> Option<NewEvent> {
     let id = |conversation: &ConversationId| conversation_ulid(*conversation).to_string();
     let (kind, conversation, data) = match effect {
-        Effect::Queued { conversation, queue, position, estimated_wait } => (
+        Effect::Queued {
+            conversation,
+            queue,
+            position,
+            estimated_wait,
+        } => (
             "conversation.queued",
             conversation,
             json!({ "conversation_id": id(conversation), "queue": queue.as_str(), "position": position, "estimated_wait_seconds": estimated_wait.as_secs_f64() }),
         ),
-        Effect::Offered { conversation, agent, queue, deadline } => (
+        Effect::Offered {
+            conversation,
+            agent,
+            queue,
+            deadline,
+        } => (
             "conversation.offered",
             conversation,
             json!({ "conversation_id": id(conversation), "agent_id": agent.as_str(), "queue": queue.as_str(), "deadline": millis_to_rfc3339(deadline.0) }),
         ),
-        Effect::Assigned { conversation, agent, queue, waited } => (
+        Effect::Assigned {
+            conversation,
+            agent,
+            queue,
+            waited,
+        } => (
             "conversation.assigned",
             conversation,
             json!({ "conversation_id": id(conversation), "agent_id": agent.as_str(), "queue": queue.as_str(), "waited_seconds": waited.as_secs_f64() }),
         ),
-        Effect::Escalated { conversation, from_agent, to_queue } => (
+        Effect::Escalated {
+            conversation,
+            from_agent,
+            to_queue,
+        } => (
             "conversation.escalated",
             conversation,
             json!({ "conversation_id": id(conversation), "from_agent_id": from_agent.as_str(), "to_queue": to_queue.as_str() }),
         ),
-        Effect::Transferred { conversation, from_agent, to } => {
+        Effect::Transferred {
+            conversation,
+            from_agent,
+            to,
+        } => {
             let (to_agent, to_queue) = match to {
                 TransferTarget::Agent(agent) => (Some(agent.as_str()), None),
                 TransferTarget::Queue(queue) => (None, Some(queue.as_str())),
@@ -58,31 +92,51 @@ pub fn for_effect(effect: &Effect, time: DateTime<Utc>) -> Option<NewEvent> {
                 json!({ "conversation_id": id(conversation), "from_agent_id": from_agent.as_str(), "to_agent_id": to_agent, "to_queue": to_queue }),
             )
         }
-        Effect::Resolved { conversation, agent, handle_time } => (
+        Effect::Resolved {
+            conversation,
+            agent,
+            handle_time,
+        } => (
             "conversation.resolved",
             conversation,
             json!({ "conversation_id": id(conversation), "agent_id": agent.as_str(), "handle_seconds": handle_time.as_secs_f64() }),
         ),
-        Effect::Reopened { conversation, preferred_agent } => (
+        Effect::Reopened {
+            conversation,
+            preferred_agent,
+        } => (
             "conversation.reopened",
             conversation,
             json!({ "conversation_id": id(conversation), "preferred_agent_id": preferred_agent.as_ref().map(|agent| agent.as_str()) }),
         ),
-        Effect::Abandoned { conversation, waited } => (
+        Effect::Abandoned {
+            conversation,
+            waited,
+        } => (
             "conversation.abandoned",
             conversation,
             json!({ "conversation_id": id(conversation), "waited_seconds": waited.as_secs_f64() }),
         ),
-        Effect::SlaBreached { conversation, queue } => {
-            ("conversation.sla_breached", conversation, json!({ "conversation_id": id(conversation), "queue": queue.as_str() }))
-        }
+        Effect::SlaBreached {
+            conversation,
+            queue,
+        } => (
+            "conversation.sla_breached",
+            conversation,
+            json!({ "conversation_id": id(conversation), "queue": queue.as_str() }),
+        ),
         _ => return None,
     };
     Some(event(kind, Some(*conversation), data, time))
 }
 
 /// `conversation.created` for a conversation's first message.
-pub fn conversation_created(conversation: ConversationId, channel: &str, contact_id: Ulid, time: DateTime<Utc>) -> NewEvent {
+pub fn conversation_created(
+    conversation: ConversationId,
+    channel: &str,
+    contact_id: Ulid,
+    time: DateTime<Utc>,
+) -> NewEvent {
     event(
         "conversation.created",
         Some(conversation),
@@ -92,7 +146,11 @@ pub fn conversation_created(conversation: ConversationId, channel: &str, contact
 }
 
 /// `message.received`, carrying the whole normalised message.
-pub fn message_received(conversation: ConversationId, message: &Value, time: DateTime<Utc>) -> NewEvent {
+pub fn message_received(
+    conversation: ConversationId,
+    message: &Value,
+    time: DateTime<Utc>,
+) -> NewEvent {
     event(
         "message.received",
         Some(conversation),
@@ -120,8 +178,18 @@ pub fn message_delivery(
 }
 
 /// `agent.presence`, including presence set by the router (missed offers).
-pub fn agent_presence(agent: &str, presence: Presence, reason: &str, time: DateTime<Utc>) -> NewEvent {
-    event("agent.presence", None, json!({ "agent_id": agent, "presence": presence.as_str(), "reason": reason }), time)
+pub fn agent_presence(
+    agent: &str,
+    presence: Presence,
+    reason: &str,
+    time: DateTime<Utc>,
+) -> NewEvent {
+    event(
+        "agent.presence",
+        None,
+        json!({ "agent_id": agent, "presence": presence.as_str(), "reason": reason }),
+        time,
+    )
 }
 
 pub fn millis_to_rfc3339(millis: u64) -> String {
@@ -158,7 +226,12 @@ mod tests {
     #[test]
     fn assigned_becomes_a_cloud_event_with_subject_and_sequence() {
         let conversation = ConversationId(Ulid::new().0);
-        let effect = Effect::Assigned { conversation, agent: AgentId::new("alice"), queue: QueueName::new("support"), waited: Millis(1500) };
+        let effect = Effect::Assigned {
+            conversation,
+            agent: AgentId::new("alice"),
+            queue: QueueName::new("support"),
+            waited: Millis(1500),
+        };
         let new = for_effect(&effect, Utc::now()).unwrap();
         assert_eq!(new.kind, "conversation.assigned");
         let outbox = OutboxEvent {
@@ -173,7 +246,10 @@ mod tests {
         let document = cloud_event(&outbox, "switchboard://node-1");
         assert_eq!(document["specversion"], "1.0");
         assert_eq!(document["type"], "io.switchboard.conversation.assigned");
-        assert_eq!(document["subject"], conversation_ulid(conversation).to_string());
+        assert_eq!(
+            document["subject"],
+            conversation_ulid(conversation).to_string()
+        );
         assert_eq!(document["sequence"], "3");
         assert_eq!(document["data"]["agent_id"], "alice");
         assert_eq!(document["data"]["waited_seconds"], 1.5);
@@ -182,7 +258,9 @@ mod tests {
     #[test]
     fn internal_effects_produce_no_event() {
         let conversation = ConversationId(1);
-        let effect = Effect::CancelTimer { key: crate::routing::TimerKey::Offer(conversation) };
+        let effect = Effect::CancelTimer {
+            key: crate::routing::TimerKey::Offer(conversation),
+        };
         assert!(for_effect(&effect, Utc::now()).is_none());
     }
 }

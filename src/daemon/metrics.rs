@@ -1,6 +1,9 @@
 //! Prometheus metrics: names follow Prometheus conventions (prefix `switchboard_`, base units, `_total`).
 
-use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 /// Every metric switchboard exports, registered in its own registry.
 #[derive(Debug, Clone)]
@@ -27,19 +30,34 @@ pub struct Metrics {
     pub ready: IntGauge,
 }
 
-fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, prometheus::Error> {
+fn counter_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntCounterVec, prometheus::Error> {
     let metric = IntCounterVec::new(Opts::new(name, help), labels)?;
     registry.register(Box::new(metric.clone()))?;
     Ok(metric)
 }
 
-fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntGaugeVec, prometheus::Error> {
+fn gauge_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntGaugeVec, prometheus::Error> {
     let metric = IntGaugeVec::new(Opts::new(name, help), labels)?;
     registry.register(Box::new(metric.clone()))?;
     Ok(metric)
 }
 
-fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Result<Histogram, prometheus::Error> {
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    buckets: Vec<f64>,
+) -> Result<Histogram, prometheus::Error> {
     let metric = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
     registry.register(Box::new(metric.clone()))?;
     Ok(metric)
@@ -48,47 +66,133 @@ fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> 
 impl Metrics {
     pub fn new() -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
-        let latency = vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
-        let fast = vec![0.000_001, 0.000_005, 0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01];
+        let latency = vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        ];
+        let fast = vec![
+            0.000_001, 0.000_005, 0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01,
+        ];
         let queue_oldest_wait = prometheus::GaugeVec::new(
-            Opts::new("switchboard_queue_oldest_wait_seconds", "How long the oldest unanswered conversation of a queue has waited."),
+            Opts::new(
+                "switchboard_queue_oldest_wait_seconds",
+                "How long the oldest unanswered conversation of a queue has waited.",
+            ),
             &["queue"],
         )?;
         registry.register(Box::new(queue_oldest_wait.clone()))?;
         let store_commit_seconds = HistogramVec::new(
-            HistogramOpts::new("switchboard_store_commit_seconds", "Time to commit a group of writes to the store.").buckets(latency.clone()),
+            HistogramOpts::new(
+                "switchboard_store_commit_seconds",
+                "Time to commit a group of writes to the store.",
+            )
+            .buckets(latency.clone()),
             &["kind"],
         )?;
         registry.register(Box::new(store_commit_seconds.clone()))?;
-        let escalations = IntCounter::new("switchboard_escalations_total", "Conversations escalated to the next tier by an agent.")?;
+        let escalations = IntCounter::new(
+            "switchboard_escalations_total",
+            "Conversations escalated to the next tier by an agent.",
+        )?;
         registry.register(Box::new(escalations.clone()))?;
-        let transfers = IntCounter::new("switchboard_transfers_total", "Conversations transferred by an agent.")?;
+        let transfers = IntCounter::new(
+            "switchboard_transfers_total",
+            "Conversations transferred by an agent.",
+        )?;
         registry.register(Box::new(transfers.clone()))?;
-        let abandoned = IntCounter::new("switchboard_conversations_abandoned_total", "Customers who left before being answered.")?;
+        let abandoned = IntCounter::new(
+            "switchboard_conversations_abandoned_total",
+            "Customers who left before being answered.",
+        )?;
         registry.register(Box::new(abandoned.clone()))?;
-        let outbox_backlog = IntGauge::new("switchboard_outbox_backlog", "Events written but not yet published.")?;
+        let outbox_backlog = IntGauge::new(
+            "switchboard_outbox_backlog",
+            "Events written but not yet published.",
+        )?;
         registry.register(Box::new(outbox_backlog.clone()))?;
-        let ready = IntGauge::new("switchboard_ready", "1 when recovery is done and the store is writable.")?;
+        let ready = IntGauge::new(
+            "switchboard_ready",
+            "1 when recovery is done and the store is writable.",
+        )?;
         registry.register(Box::new(ready.clone()))?;
         Ok(Metrics {
-            messages_received: counter_vec(&registry, "switchboard_messages_received_total", "Inbound messages stored, by channel.", &["channel"])?,
-            messages_duplicate: counter_vec(&registry, "switchboard_messages_duplicate_total", "Inbound messages already stored (provider retries), by channel.", &["channel"])?,
-            messages_sent: counter_vec(&registry, "switchboard_messages_sent_total", "Agent replies delivered to their channel, by channel.", &["channel"])?,
-            messages_failed: counter_vec(&registry, "switchboard_messages_failed_total", "Agent replies that could not be delivered, by channel.", &["channel"])?,
-            conversations: gauge_vec(&registry, "switchboard_conversations", "Conversations held by the router, by state.", &["state"])?,
-            queue_waiting: gauge_vec(&registry, "switchboard_queue_waiting", "Unanswered conversations waiting, by home queue.", &["queue"])?,
+            messages_received: counter_vec(
+                &registry,
+                "switchboard_messages_received_total",
+                "Inbound messages stored, by channel.",
+                &["channel"],
+            )?,
+            messages_duplicate: counter_vec(
+                &registry,
+                "switchboard_messages_duplicate_total",
+                "Inbound messages already stored (provider retries), by channel.",
+                &["channel"],
+            )?,
+            messages_sent: counter_vec(
+                &registry,
+                "switchboard_messages_sent_total",
+                "Agent replies delivered to their channel, by channel.",
+                &["channel"],
+            )?,
+            messages_failed: counter_vec(
+                &registry,
+                "switchboard_messages_failed_total",
+                "Agent replies that could not be delivered, by channel.",
+                &["channel"],
+            )?,
+            conversations: gauge_vec(
+                &registry,
+                "switchboard_conversations",
+                "Conversations held by the router, by state.",
+                &["state"],
+            )?,
+            queue_waiting: gauge_vec(
+                &registry,
+                "switchboard_queue_waiting",
+                "Unanswered conversations waiting, by home queue.",
+                &["queue"],
+            )?,
             queue_oldest_wait,
-            offers: counter_vec(&registry, "switchboard_offers_total", "Offers made and how they ended.", &["result"])?,
-            sla_breaches: counter_vec(&registry, "switchboard_sla_breaches_total", "Conversations not answered within their queue's SLA target.", &["queue"])?,
+            offers: counter_vec(
+                &registry,
+                "switchboard_offers_total",
+                "Offers made and how they ended.",
+                &["result"],
+            )?,
+            sla_breaches: counter_vec(
+                &registry,
+                "switchboard_sla_breaches_total",
+                "Conversations not answered within their queue's SLA target.",
+                &["queue"],
+            )?,
             escalations,
             transfers,
             abandoned,
-            agents: gauge_vec(&registry, "switchboard_agents", "Agents by presence.", &["presence"])?,
-            routing_decision_seconds: histogram(&registry, "switchboard_routing_decision_seconds", "Time the router takes to handle one command.", fast)?,
-            ingest_to_offer_seconds: histogram(&registry, "switchboard_ingest_to_offer_seconds", "From an inbound message's arrival to its offer reaching the agent.", latency)?,
+            agents: gauge_vec(
+                &registry,
+                "switchboard_agents",
+                "Agents by presence.",
+                &["presence"],
+            )?,
+            routing_decision_seconds: histogram(
+                &registry,
+                "switchboard_routing_decision_seconds",
+                "Time the router takes to handle one command.",
+                fast,
+            )?,
+            ingest_to_offer_seconds: histogram(
+                &registry,
+                "switchboard_ingest_to_offer_seconds",
+                "From an inbound message's arrival to its offer reaching the agent.",
+                latency,
+            )?,
             store_commit_seconds,
             outbox_backlog,
-            http_requests: counter_vec(&registry, "switchboard_http_requests_total", "HTTP requests by route and status class.", &["route", "status"])?,
+            http_requests: counter_vec(
+                &registry,
+                "switchboard_http_requests_total",
+                "HTTP requests by route and status class.",
+                &["route", "status"],
+            )?,
             ready,
             registry,
         })
@@ -97,7 +201,10 @@ impl Metrics {
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut buffer = Vec::new();
-        if TextEncoder::new().encode(&self.registry.gather(), &mut buffer).is_err() {
+        if TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buffer)
+            .is_err()
+        {
             return String::new();
         }
         String::from_utf8(buffer).unwrap_or_default()

@@ -40,7 +40,10 @@ pub enum DaemonError {
     #[error("routing engine: {0}")]
     Engine(#[from] engine::EngineError),
     #[error("cannot listen on {address}: {source}")]
-    Listen { address: SocketAddr, source: std::io::Error },
+    Listen {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("{0}")]
@@ -103,7 +106,13 @@ fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, DaemonError> {
     {
         std::fs::create_dir_all(parent)?;
     }
-    let store = SqliteStore::open(&settings.store.path, SqliteOptions { max_batch: settings.store.max_batch, ..SqliteOptions::default() })?;
+    let store = SqliteStore::open(
+        &settings.store.path,
+        SqliteOptions {
+            max_batch: settings.store.max_batch,
+            ..SqliteOptions::default()
+        },
+    )?;
     Ok(Arc::new(store))
 }
 
@@ -113,11 +122,19 @@ pub async fn start(settings: Settings, source: ConfigSource) -> Result<Daemon, D
     let store = open_store(&settings)?;
     let hub = Arc::new(hub::AgentHub::default());
     let outbox_written = Arc::new(Notify::new());
-    let context = engine::EngineContext { store: store.clone(), hub: hub.clone(), metrics: metrics.clone(), outbox_written: outbox_written.clone() };
+    let context = engine::EngineContext {
+        store: store.clone(),
+        hub: hub.clone(),
+        metrics: metrics.clone(),
+        outbox_written: outbox_written.clone(),
+    };
     let (engine, engine_task) = engine::start(settings.routing.clone(), context).await?;
 
     let mut senders: HashMap<String, Arc<dyn outbound::ChannelSender>> = HashMap::new();
-    senders.insert("api".into(), Arc::new(outbound::ApiChannel::new(&settings.outbound)));
+    senders.insert(
+        "api".into(),
+        Arc::new(outbound::ApiChannel::new(&settings.outbound)),
+    );
     let (outbound, outbound_task) = outbound::start(outbound::OutboundContext {
         store: store.clone(),
         hub: hub.clone(),
@@ -147,8 +164,12 @@ pub async fn start(settings: Settings, source: ConfigSource) -> Result<Daemon, D
         Reloader(Arc::new(move || -> ReloadFuture {
             let (engine, auth, source) = (engine.clone(), auth.clone(), source.clone());
             Box::pin(async move {
-                let fresh = config::load(source.file.as_deref(), source.environment.clone()).map_err(|error| error.to_string())?;
-                engine.reload(fresh.routing).await.map_err(|error| error.to_string())?;
+                let fresh = config::load(source.file.as_deref(), source.environment.clone())
+                    .map_err(|error| error.to_string())?;
+                engine
+                    .reload(fresh.routing)
+                    .await
+                    .map_err(|error| error.to_string())?;
                 if let Ok(mut current) = auth.write() {
                     *current = fresh.auth;
                 }
@@ -168,11 +189,18 @@ pub async fn start(settings: Settings, source: ConfigSource) -> Result<Daemon, D
         accepting: accepting.clone(),
         reloader: reload.clone(),
     };
-    let app = http::router(state, settings.body_limit_bytes).layer(tower_http::timeout::TimeoutLayer::with_status_code(
-        axum::http::StatusCode::REQUEST_TIMEOUT,
-        settings.request_timeout,
-    ));
-    let listener = tokio::net::TcpListener::bind(settings.listen).await.map_err(|source| DaemonError::Listen { address: settings.listen, source })?;
+    let app = http::router(state, settings.body_limit_bytes).layer(
+        tower_http::timeout::TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            settings.request_timeout,
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|source| DaemonError::Listen {
+            address: settings.listen,
+            source,
+        })?;
     let local_addr = listener.local_addr()?;
     if let Some(path) = &settings.port_file {
         std::fs::write(path, local_addr.to_string())?;
@@ -188,9 +216,11 @@ pub async fn start(settings: Settings, source: ConfigSource) -> Result<Daemon, D
             let (drain_tx, drain_rx) = watch::channel(false);
             let server = tokio::spawn(async move {
                 let mut drain_rx = drain_rx;
-                let _ = axum::serve(listener, app).with_graceful_shutdown(async move {
-                    let _ = drain_rx.changed().await;
-                }).await;
+                let _ = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = drain_rx.changed().await;
+                    })
+                    .await;
             });
             stop.notified().await;
             info!("shutting down: intake closed, finishing in-flight requests");
@@ -209,5 +239,11 @@ pub async fn start(settings: Settings, source: ConfigSource) -> Result<Daemon, D
             info!("switchboard stopped");
         }
     });
-    Ok(Daemon { local_addr, bus, reload, stop, finished })
+    Ok(Daemon {
+        local_addr,
+        bus,
+        reload,
+        stop,
+        finished,
+    })
 }

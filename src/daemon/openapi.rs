@@ -59,15 +59,21 @@ fn message_schemas() -> (Value, serde_json::Map<String, Value>) {
 
 /// The document, with the message schema generated from the Rust type.
 pub fn document() -> Value {
-    let mut ingest = operation("Ingest a normalised message (the `api` channel). Idempotent by (channel, provider_message_id). Answered only after the message is durably stored.", "ingestToken", "202");
+    let mut ingest = operation(
+        "Ingest a normalised message (the `api` channel). Idempotent by (channel, provider_message_id). Answered only after the message is durably stored.",
+        "ingestToken",
+        "202",
+    );
     ingest["requestBody"] = json!({ "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Message" } } } });
-    ingest["responses"]["200"] = json!({ "description": "Already stored (duplicate); nothing written" });
+    ingest["responses"]["200"] =
+        json!({ "description": "Already stored (duplicate); nothing written" });
     let mut presence = operation("Set presence", "agentToken", "200");
     presence["parameters"] = json!([{ "$ref": "#/components/parameters/agent" }]);
     presence["requestBody"] = json!({ "required": true, "content": { "application/json": { "schema": {
         "type": "object", "additionalProperties": false, "required": ["presence"],
         "properties": { "presence": { "enum": ["available", "away", "offline"] } } } } } });
-    let mut transfer = agent_action("Transfer to an agent or a queue (keeps priority and waiting time)");
+    let mut transfer =
+        agent_action("Transfer to an agent or a queue (keeps priority and waiting time)");
     transfer["requestBody"] = json!({ "required": true, "content": { "application/json": { "schema": {
         "type": "object", "additionalProperties": false,
         "properties": { "to_agent": { "type": "string" }, "to_queue": { "type": "string" } } } } } });
@@ -76,9 +82,17 @@ pub fn document() -> Value {
     reply["requestBody"] = json!({ "required": true, "content": { "application/json": { "schema": {
         "type": "object", "additionalProperties": false, "required": ["text"],
         "properties": { "text": { "type": "string" }, "html": { "type": "string" } } } } } });
-    let mut agent_get = operation("The agent's presence, load, offers and conversations", "agentToken", "200");
+    let mut agent_get = operation(
+        "The agent's presence, load, offers and conversations",
+        "agentToken",
+        "200",
+    );
     agent_get["parameters"] = json!([{ "$ref": "#/components/parameters/agent" }]);
-    let mut stream = operation("WebSocket: pushes offers (with deadline), assignments, customer messages, withdrawals, follow-ups and reply statuses; takes `{\"type\": \"accept\" | \"reject\" | \"resolve\" | \"escalate\" | \"transfer\" | \"reply\" | \"presence\", ...}` commands, each answered by `ack` or `error` with its `request_id`. The token may also be given as `?access_token=`.", "agentToken", "101");
+    let mut stream = operation(
+        "WebSocket: pushes offers (with deadline), assignments, customer messages, withdrawals, follow-ups and reply statuses; takes `{\"type\": \"accept\" | \"reject\" | \"resolve\" | \"escalate\" | \"transfer\" | \"reply\" | \"presence\", ...}` commands, each answered by `ack` or `error` with its `request_id`. The token may also be given as `?access_token=`.",
+        "agentToken",
+        "101",
+    );
     stream["parameters"] = json!([{ "$ref": "#/components/parameters/agent" }]);
     let mut conversations = operation("List conversations (newest first)", "adminToken", "200");
     conversations["parameters"] = json!([
@@ -87,9 +101,15 @@ pub fn document() -> Value {
         { "name": "contact_id", "in": "query", "schema": { "type": "string" } },
         { "name": "limit", "in": "query", "schema": { "type": "integer", "maximum": 1000 } }
     ]);
-    let mut conversation = operation("One conversation: record, live routing state, messages", "adminToken", "200");
+    let mut conversation = operation(
+        "One conversation: record, live routing state, messages",
+        "adminToken",
+        "200",
+    );
     conversation["parameters"] = json!([{ "$ref": "#/components/parameters/conversation" }]);
-    let mut history = agent_action("Conversation history across channels (owner, offered agent or follower only)");
+    let mut history = agent_action(
+        "Conversation history across channels (owner, offered agent or follower only)",
+    );
     history["responses"]["200"] = json!({ "description": "Messages, oldest first" });
     let (message, definitions) = message_schemas();
     let mut document = json!({

@@ -51,8 +51,17 @@ pub struct ApiChannel {
 
 impl ApiChannel {
     pub fn new(settings: &OutboundSection) -> ApiChannel {
-        let webhook = settings.api_webhook_url.clone().zip(settings.api_webhook_secret.clone());
-        ApiChannel { client: reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap_or_default(), webhook }
+        let webhook = settings
+            .api_webhook_url
+            .clone()
+            .zip(settings.api_webhook_secret.clone());
+        ApiChannel {
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(15))
+                .build()
+                .unwrap_or_default(),
+            webhook,
+        }
     }
 }
 
@@ -65,13 +74,18 @@ pub fn webhook_signature(secret: &Secret, timestamp: i64, body: &[u8]) -> String
     mac.update(timestamp.to_string().as_bytes());
     mac.update(b".");
     mac.update(body);
-    format!("t={timestamp},v1={}", hex::encode(mac.finalize().into_bytes()))
+    format!(
+        "t={timestamp},v1={}",
+        hex::encode(mac.finalize().into_bytes())
+    )
 }
 
 #[async_trait]
 impl ChannelSender for ApiChannel {
     async fn send(&self, reply: &StoredMessage) -> Result<Option<String>, SendError> {
-        let Some((url, secret)) = &self.webhook else { return Ok(None) };
+        let Some((url, secret)) = &self.webhook else {
+            return Ok(None);
+        };
         let body = json!({
             "message_id": reply.id.to_string(),
             "conversation_id": reply.conversation_id.to_string(),
@@ -85,17 +99,27 @@ impl ChannelSender for ApiChannel {
             .client
             .post(url)
             .header("content-type", "application/json")
-            .header("x-switchboard-signature", webhook_signature(secret, timestamp, body.as_bytes()))
+            .header(
+                "x-switchboard-signature",
+                webhook_signature(secret, timestamp, body.as_bytes()),
+            )
             .body(body)
             .send()
             .await
-            .map_err(|error| SendError { retryable: true, reason: format!("webhook unreachable: {error}"), retry_after: None })?;
+            .map_err(|error| SendError {
+                retryable: true,
+                reason: format!("webhook unreachable: {error}"),
+                retry_after: None,
+            })?;
         classify(response.status(), response.headers()).map(|()| None)
     }
 }
 
 /// 2xx ok; 429 and 5xx retryable (honouring `Retry-After` seconds); any other status permanent.
-pub fn classify(status: reqwest::StatusCode, headers: &reqwest::header::HeaderMap) -> Result<(), SendError> {
+pub fn classify(
+    status: reqwest::StatusCode,
+    headers: &reqwest::header::HeaderMap,
+) -> Result<(), SendError> {
     if status.is_success() {
         return Ok(());
     }
@@ -105,7 +129,11 @@ pub fn classify(status: reqwest::StatusCode, headers: &reqwest::header::HeaderMa
         .and_then(|value| value.trim().parse::<u64>().ok())
         .map(Duration::from_secs);
     let retryable = status == reqwest::StatusCode::TOO_MANY_REQUESTS || status.is_server_error();
-    Err(SendError { retryable, reason: format!("provider answered {status}"), retry_after })
+    Err(SendError {
+        retryable,
+        reason: format!("provider answered {status}"),
+        retry_after,
+    })
 }
 
 /// Queues replies for delivery; cheap to clone.
@@ -156,23 +184,51 @@ async fn deliver(context: OutboundContext, id: Ulid) {
     };
     let channel = reply.channel.clone();
     let outcome = match context.senders.get(&channel) {
-        None => Err(SendError { retryable: false, reason: format!("no adapter is configured for channel `{channel}`"), retry_after: None }),
+        None => Err(SendError {
+            retryable: false,
+            reason: format!("no adapter is configured for channel `{channel}`"),
+            retry_after: None,
+        }),
         Some(sender) => send_with_retries(sender.as_ref(), &reply, &context.settings).await,
     };
     let (status, kind, detail, provider_id) = match outcome {
         Ok(provider_id) => ("sent", "message.sent", None, provider_id),
-        Err(error) => ("failed", "message.delivery_failed", Some(error.reason), None),
+        Err(error) => (
+            "failed",
+            "message.delivery_failed",
+            Some(error.reason),
+            None,
+        ),
     };
-    let event = events::message_delivery(kind, reply.conversation_id, reply.id, &channel, detail.as_deref(), Utc::now());
-    if let Err(error) = context.store.set_delivery_status(reply.id, status, provider_id, vec![event]).await {
+    let event = events::message_delivery(
+        kind,
+        reply.conversation_id,
+        reply.id,
+        &channel,
+        detail.as_deref(),
+        Utc::now(),
+    );
+    if let Err(error) = context
+        .store
+        .set_delivery_status(reply.id, status, provider_id, vec![event])
+        .await
+    {
         warn!(%error, message = %id, "cannot record a delivery status");
         return;
     }
     context.outbox_written.notify_one();
     if status == "sent" {
-        context.metrics.messages_sent.with_label_values(&[&channel]).inc();
+        context
+            .metrics
+            .messages_sent
+            .with_label_values(&[&channel])
+            .inc();
     } else {
-        context.metrics.messages_failed.with_label_values(&[&channel]).inc();
+        context
+            .metrics
+            .messages_failed
+            .with_label_values(&[&channel])
+            .inc();
     }
     if let Some(agent) = &reply.agent_id {
         context.hub.push(
@@ -182,15 +238,23 @@ async fn deliver(context: OutboundContext, id: Ulid) {
     }
 }
 
-async fn send_with_retries(sender: &dyn ChannelSender, reply: &StoredMessage, settings: &OutboundSection) -> Result<Option<String>, SendError> {
+async fn send_with_retries(
+    sender: &dyn ChannelSender,
+    reply: &StoredMessage,
+    settings: &OutboundSection,
+) -> Result<Option<String>, SendError> {
     let mut attempt = 0;
     loop {
         attempt += 1;
         match sender.send(reply).await {
             Ok(provider_id) => return Ok(provider_id),
-            Err(error) if !error.retryable || attempt >= settings.max_attempts => return Err(error),
+            Err(error) if !error.retryable || attempt >= settings.max_attempts => {
+                return Err(error);
+            }
             Err(error) => {
-                let delay = error.retry_after.unwrap_or_else(|| backoff(attempt, settings));
+                let delay = error
+                    .retry_after
+                    .unwrap_or_else(|| backoff(attempt, settings));
                 warn!(reason = %error.reason, attempt, delay_ms = delay.as_millis() as u64, "reply delivery failed; retrying");
                 tokio::time::sleep(delay).await;
             }
@@ -200,19 +264,26 @@ async fn send_with_retries(sender: &dyn ChannelSender, reply: &StoredMessage, se
 
 /// Exponential backoff with full jitter: a random delay up to `initial × 2^(attempt-1)`, capped.
 pub fn backoff(attempt: u32, settings: &OutboundSection) -> Duration {
-    let ceiling = settings.initial_backoff_ms.saturating_mul(1 << attempt.saturating_sub(1).min(20)).min(settings.max_backoff_ms);
+    let ceiling = settings
+        .initial_backoff_ms
+        .saturating_mul(1 << attempt.saturating_sub(1).min(20))
+        .min(settings.max_backoff_ms);
     Duration::from_millis(rand::random_range(ceiling / 2..=ceiling.max(1)))
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
     fn signature_is_hmac_sha256_of_timestamp_and_body() {
         // Reference value computed with: printf '1700000000.{"a":1}' | openssl dgst -sha256 -hmac s3cret
         let signature = webhook_signature(&Secret::new("s3cret"), 1_700_000_000, br#"{"a":1}"#);
-        assert_eq!(signature, "t=1700000000,v1=1698a50bc74d1ff1db85c4e0a5297c2ad9fdba245d5737cdb789e4cc6e098940");
+        assert_eq!(
+            signature,
+            "t=1700000000,v1=1698a50bc74d1ff1db85c4e0a5297c2ad9fdba245d5737cdb789e4cc6e098940"
+        );
     }
 
     #[test]
@@ -222,7 +293,10 @@ mod tests {
         assert!(classify(reqwest::StatusCode::BAD_GATEWAY, &headers).is_err_and(|e| e.retryable));
         assert!(classify(reqwest::StatusCode::BAD_REQUEST, &headers).is_err_and(|e| !e.retryable));
         let mut limited = reqwest::header::HeaderMap::new();
-        limited.insert(reqwest::header::RETRY_AFTER, reqwest::header::HeaderValue::from_static("7"));
+        limited.insert(
+            reqwest::header::RETRY_AFTER,
+            reqwest::header::HeaderValue::from_static("7"),
+        );
         let error = classify(reqwest::StatusCode::TOO_MANY_REQUESTS, &limited).unwrap_err();
         assert!(error.retryable);
         assert_eq!(error.retry_after, Some(Duration::from_secs(7)));
@@ -230,7 +304,11 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_is_capped() {
-        let settings = OutboundSection { initial_backoff_ms: 100, max_backoff_ms: 1000, ..OutboundSection::default() };
+        let settings = OutboundSection {
+            initial_backoff_ms: 100,
+            max_backoff_ms: 1000,
+            ..OutboundSection::default()
+        };
         assert!(backoff(1, &settings) <= Duration::from_millis(100));
         assert!(backoff(3, &settings) >= Duration::from_millis(200));
         assert!(backoff(30, &settings) <= Duration::from_millis(1000));

@@ -49,9 +49,20 @@ pub struct StoredConversation {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum StoredState {
     Waiting,
-    Offered { agent: String, queue: String, deadline: u64 },
-    Assigned { agent: String, queue: String, since: u64 },
-    Resolved { agent: String, at: u64 },
+    Offered {
+        agent: String,
+        queue: String,
+        deadline: u64,
+    },
+    Assigned {
+        agent: String,
+        queue: String,
+        since: u64,
+    },
+    Resolved {
+        agent: String,
+        at: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -87,7 +98,10 @@ fn parse_reason(name: &str) -> Option<PriorityReason> {
         other => {
             let rest = other.strip_prefix("wait_step:")?;
             let (queue, step) = rest.rsplit_once(':')?;
-            PriorityReason::WaitStep { queue: QueueName::new(queue), step: step.parse().ok()? }
+            PriorityReason::WaitStep {
+                queue: QueueName::new(queue),
+                step: step.parse().ok()?,
+            }
         }
     })
 }
@@ -106,30 +120,60 @@ impl From<&ConversationSnapshot> for StoredConversation {
             seq: snapshot.seq,
             channel: snapshot.channel.to_string(),
             language: snapshot.language.clone(),
-            skills: snapshot.skills.iter().map(|skill| (skill.skill.to_string(), skill.min_level)).collect(),
+            skills: snapshot
+                .skills
+                .iter()
+                .map(|skill| (skill.skill.to_string(), skill.min_level))
+                .collect(),
             required_language: snapshot.required_language.clone(),
             priority: snapshot.priority,
             base_priority: snapshot.base_priority,
             since: snapshot.since.0,
-            candidates: snapshot.candidates.iter().map(ToString::to_string).collect(),
+            candidates: snapshot
+                .candidates
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
             eligible_mask: snapshot.eligible_mask,
             state: match &snapshot.state {
                 ConversationState::Waiting => StoredState::Waiting,
-                ConversationState::Offered { agent, queue, deadline } => {
-                    StoredState::Offered { agent: agent.to_string(), queue: queue.to_string(), deadline: deadline.0 }
-                }
-                ConversationState::Assigned { agent, queue, since } => {
-                    StoredState::Assigned { agent: agent.to_string(), queue: queue.to_string(), since: since.0 }
-                }
-                ConversationState::Resolved { agent, at } => StoredState::Resolved { agent: agent.to_string(), at: at.0 },
+                ConversationState::Offered {
+                    agent,
+                    queue,
+                    deadline,
+                } => StoredState::Offered {
+                    agent: agent.to_string(),
+                    queue: queue.to_string(),
+                    deadline: deadline.0,
+                },
+                ConversationState::Assigned {
+                    agent,
+                    queue,
+                    since,
+                } => StoredState::Assigned {
+                    agent: agent.to_string(),
+                    queue: queue.to_string(),
+                    since: since.0,
+                },
+                ConversationState::Resolved { agent, at } => StoredState::Resolved {
+                    agent: agent.to_string(),
+                    at: at.0,
+                },
             },
             next_step: snapshot.next_step,
             sla_breached: snapshot.sla_breached,
             repeats: snapshot.repeats,
             keyword_boosted: snapshot.keyword_boosted,
             wording_boosted: snapshot.wording_boosted,
-            excluded: snapshot.excluded.iter().map(|(agent, until)| (agent.to_string(), until.0)).collect(),
-            reserved_for: snapshot.reserved_for.as_ref().map(|(agent, until)| (agent.to_string(), until.0)),
+            excluded: snapshot
+                .excluded
+                .iter()
+                .map(|(agent, until)| (agent.to_string(), until.0))
+                .collect(),
+            reserved_for: snapshot
+                .reserved_for
+                .as_ref()
+                .map(|(agent, until)| (agent.to_string(), until.0)),
             follower: snapshot.follower.as_ref().map(ToString::to_string),
             last_agent: snapshot.last_agent.as_ref().map(ToString::to_string),
             reasons: snapshot.reasons.iter().map(reason_name).collect(),
@@ -146,33 +190,70 @@ impl StoredConversation {
             seq: self.seq,
             channel: Channel::parse(&self.channel),
             language: self.language,
-            skills: self.skills.iter().map(|(skill, level)| SkillRequirement { skill: skill.as_str().into(), min_level: *level }).collect(),
+            skills: self
+                .skills
+                .iter()
+                .map(|(skill, level)| SkillRequirement {
+                    skill: skill.as_str().into(),
+                    min_level: *level,
+                })
+                .collect(),
             required_language: self.required_language,
             priority: self.priority,
             base_priority: self.base_priority,
             since: Timestamp(self.since),
-            candidates: self.candidates.iter().map(|queue| QueueName::new(queue)).collect(),
+            candidates: self
+                .candidates
+                .iter()
+                .map(|queue| QueueName::new(queue))
+                .collect(),
             eligible_mask: self.eligible_mask,
             state: match self.state {
                 StoredState::Waiting => ConversationState::Waiting,
-                StoredState::Offered { agent: who, queue, deadline } => {
-                    ConversationState::Offered { agent: agent(&who), queue: QueueName::new(&queue), deadline: Timestamp(deadline) }
-                }
-                StoredState::Assigned { agent: who, queue, since } => {
-                    ConversationState::Assigned { agent: agent(&who), queue: QueueName::new(&queue), since: Timestamp(since) }
-                }
-                StoredState::Resolved { agent: who, at } => ConversationState::Resolved { agent: agent(&who), at: Timestamp(at) },
+                StoredState::Offered {
+                    agent: who,
+                    queue,
+                    deadline,
+                } => ConversationState::Offered {
+                    agent: agent(&who),
+                    queue: QueueName::new(&queue),
+                    deadline: Timestamp(deadline),
+                },
+                StoredState::Assigned {
+                    agent: who,
+                    queue,
+                    since,
+                } => ConversationState::Assigned {
+                    agent: agent(&who),
+                    queue: QueueName::new(&queue),
+                    since: Timestamp(since),
+                },
+                StoredState::Resolved { agent: who, at } => ConversationState::Resolved {
+                    agent: agent(&who),
+                    at: Timestamp(at),
+                },
             },
             next_step: self.next_step,
             sla_breached: self.sla_breached,
             repeats: self.repeats,
             keyword_boosted: self.keyword_boosted,
             wording_boosted: self.wording_boosted,
-            excluded: self.excluded.iter().map(|(who, until)| (agent(who), Timestamp(*until))).collect(),
-            reserved_for: self.reserved_for.as_ref().map(|(who, until)| (agent(who), Timestamp(*until))),
+            excluded: self
+                .excluded
+                .iter()
+                .map(|(who, until)| (agent(who), Timestamp(*until)))
+                .collect(),
+            reserved_for: self
+                .reserved_for
+                .as_ref()
+                .map(|(who, until)| (agent(who), Timestamp(*until))),
             follower: self.follower.as_deref().map(agent),
             last_agent: self.last_agent.as_deref().map(agent),
-            reasons: self.reasons.iter().filter_map(|name| parse_reason(name)).collect(),
+            reasons: self
+                .reasons
+                .iter()
+                .filter_map(|name| parse_reason(name))
+                .collect(),
             tags: self.tags,
         }
     }
@@ -187,7 +268,13 @@ impl From<&AgentSnapshot> for StoredAgent {
             wrap_ups: snapshot
                 .wrap_ups
                 .iter()
-                .map(|(conversation, channel, until)| (ulid::Ulid(conversation.0).to_string(), channel.to_string(), until.0))
+                .map(|(conversation, channel, until)| {
+                    (
+                        ulid::Ulid(conversation.0).to_string(),
+                        channel.to_string(),
+                        until.0,
+                    )
+                })
                 .collect(),
         }
     }
@@ -205,7 +292,11 @@ impl StoredAgent {
                 .iter()
                 .filter_map(|(conversation, channel, until)| {
                     let conversation = conversation.parse::<ulid::Ulid>().ok()?;
-                    Some((ConversationId(conversation.0), Channel::parse(channel), Timestamp(*until)))
+                    Some((
+                        ConversationId(conversation.0),
+                        Channel::parse(channel),
+                        Timestamp(*until),
+                    ))
                 })
                 .collect(),
         }

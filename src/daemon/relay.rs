@@ -37,7 +37,9 @@ pub struct InProcessBus {
 
 impl InProcessBus {
     pub fn new() -> InProcessBus {
-        InProcessBus { sender: broadcast::channel(4096).0 }
+        InProcessBus {
+            sender: broadcast::channel(4096).0,
+        }
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Value> {
@@ -119,7 +121,9 @@ pub async fn run(
                 warn!(%error, "cannot mark events published; they will be published again (consumers dedupe by id)");
             }
             if let Ok(backlog) = store.outbox_backlog().await {
-                metrics.outbox_backlog.set(i64::try_from(backlog).unwrap_or(i64::MAX));
+                metrics
+                    .outbox_backlog
+                    .set(i64::try_from(backlog).unwrap_or(i64::MAX));
             }
         }
         if failed {

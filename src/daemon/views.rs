@@ -10,7 +10,11 @@ use crate::routing::{ConversationState, Timestamp};
 use crate::store::{ConversationRecord, Direction, StoredMessage};
 
 pub fn agent(view: &AgentView) -> Value {
-    let ids = |ids: &[crate::routing::ConversationId]| ids.iter().map(|id| Ulid(id.0).to_string()).collect::<Vec<_>>();
+    let ids = |ids: &[crate::routing::ConversationId]| {
+        ids.iter()
+            .map(|id| Ulid(id.0).to_string())
+            .collect::<Vec<_>>()
+    };
     json!({
         "id": view.id.as_str(),
         "name": view.name,
@@ -28,9 +32,23 @@ pub fn agent(view: &AgentView) -> Value {
 pub fn conversation(view: &ConversationView) -> Value {
     let (state, agent, detail) = match &view.state {
         ConversationState::Waiting => ("waiting", None, Value::Null),
-        ConversationState::Offered { agent, deadline, .. } => ("offered", Some(agent), json!({ "deadline": millis_to_rfc3339(deadline.0) })),
-        ConversationState::Assigned { agent, since, .. } => ("assigned", Some(agent), json!({ "since": millis_to_rfc3339(since.0) })),
-        ConversationState::Resolved { agent, at } => ("resolved", Some(agent), json!({ "at": millis_to_rfc3339(at.0) })),
+        ConversationState::Offered {
+            agent, deadline, ..
+        } => (
+            "offered",
+            Some(agent),
+            json!({ "deadline": millis_to_rfc3339(deadline.0) }),
+        ),
+        ConversationState::Assigned { agent, since, .. } => (
+            "assigned",
+            Some(agent),
+            json!({ "since": millis_to_rfc3339(since.0) }),
+        ),
+        ConversationState::Resolved { agent, at } => (
+            "resolved",
+            Some(agent),
+            json!({ "at": millis_to_rfc3339(at.0) }),
+        ),
     };
     json!({
         "id": Ulid(view.id.0).to_string(),

@@ -399,10 +399,21 @@ impl Router {
     /// Everything the router holds besides its configuration. Conversations are listed in arrival
     /// order, so equal states give equal snapshots whatever slots they happen to occupy.
     pub fn snapshot(&self) -> RouterSnapshot {
-        let mut conversations: Vec<ConversationSnapshot> =
-            self.conversations.iter().flatten().map(|conversation| self.snapshot_of(conversation)).collect();
+        let mut conversations: Vec<ConversationSnapshot> = self
+            .conversations
+            .iter()
+            .flatten()
+            .map(|conversation| self.snapshot_of(conversation))
+            .collect();
         conversations.sort_unstable_by_key(|conversation| conversation.seq);
-        RouterSnapshot { conversations, agents: self.agents.iter().filter_map(|agent| self.agent_snapshot(&agent.id)).collect() }
+        RouterSnapshot {
+            conversations,
+            agents: self
+                .agents
+                .iter()
+                .filter_map(|agent| self.agent_snapshot(&agent.id))
+                .collect(),
+        }
     }
 
     /// One conversation's part of [`Router::snapshot`]; `None` once the router forgot it.
@@ -421,7 +432,13 @@ impl Router {
             wrap_ups: agent
                 .wrap_ups
                 .iter()
-                .map(|wrap_up| (wrap_up.conversation, self.channels[wrap_up.channel as usize].clone(), wrap_up.until))
+                .map(|wrap_up| {
+                    (
+                        wrap_up.conversation,
+                        self.channels[wrap_up.channel as usize].clone(),
+                        wrap_up.until,
+                    )
+                })
                 .collect(),
         })
     }
@@ -439,7 +456,11 @@ impl Router {
             priority: conversation.priority,
             base_priority: conversation.base_priority,
             since: conversation.since,
-            candidates: conversation.candidates.iter().map(|(queue, _)| self.queues[*queue as usize].config.name.clone()).collect(),
+            candidates: conversation
+                .candidates
+                .iter()
+                .map(|(queue, _)| self.queues[*queue as usize].config.name.clone())
+                .collect(),
             eligible_mask: conversation.eligible_mask,
             state: self.state_of(conversation),
             next_step: conversation.next_step,
@@ -447,12 +468,22 @@ impl Router {
             repeats: conversation.repeats,
             keyword_boosted: conversation.keyword_boosted,
             wording_boosted: conversation.wording_boosted,
-            excluded: conversation.excluded.iter().map(|(agent, until)| (agent_id(*agent), *until)).collect(),
-            reserved_for: conversation.reserved_for.map(|(agent, until)| (agent_id(agent), until)),
+            excluded: conversation
+                .excluded
+                .iter()
+                .map(|(agent, until)| (agent_id(*agent), *until))
+                .collect(),
+            reserved_for: conversation
+                .reserved_for
+                .map(|(agent, until)| (agent_id(agent), until)),
             follower: conversation.follower.map(agent_id),
             last_agent: conversation.last_agent.map(agent_id),
             reasons: conversation.reasons.clone(),
-            tags: conversation.tags.iter().map(|tag| tag.to_string()).collect(),
+            tags: conversation
+                .tags
+                .iter()
+                .map(|tag| tag.to_string())
+                .collect(),
         }
     }
 

@@ -1368,7 +1368,10 @@ fn pending_replies_read(conn: &Connection) -> Result<Vec<Ulid>, StoreError> {
         .query_map([], |row| row.get::<_, String>(0))?
         .collect::<rusqlite::Result<Vec<String>>>()?;
     ids.iter()
-        .map(|id| id.parse::<Ulid>().map_err(|error| StoreError::Corrupt(format!("message id {id}: {error}"))))
+        .map(|id| {
+            id.parse::<Ulid>()
+                .map_err(|error| StoreError::Corrupt(format!("message id {id}: {error}")))
+        })
         .collect()
 }
 

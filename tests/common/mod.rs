@@ -54,7 +54,12 @@ impl Daemon {
     pub fn start_with(server: &str, extra_config: &str) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         write_config(dir.path(), server, extra_config);
-        let mut daemon = Daemon { dir, base: String::new(), child: None, http: reqwest::Client::new() };
+        let mut daemon = Daemon {
+            dir,
+            base: String::new(),
+            child: None,
+            http: reqwest::Client::new(),
+        };
         daemon.spawn();
         daemon
     }
@@ -73,7 +78,10 @@ impl Daemon {
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
         let address = loop {
-            let line = lines.next().expect("switchboard exited before listening").unwrap();
+            let line = lines
+                .next()
+                .expect("switchboard exited before listening")
+                .unwrap();
             if let Some(address) = line.strip_prefix("listening on ") {
                 break address.trim().to_owned();
             }
@@ -95,7 +103,11 @@ impl Daemon {
     /// SIGTERM, and the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
-        Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
         child.wait().unwrap()
     }
 
@@ -104,19 +116,39 @@ impl Daemon {
     }
 
     pub async fn post(&self, path: &str, token: &str, body: Value) -> (u16, Value) {
-        let response = self.http.post(self.url(path)).bearer_auth(token).json(&body).send().await.unwrap();
+        let response = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
     pub async fn put(&self, path: &str, token: &str, body: Value) -> (u16, Value) {
-        let response = self.http.put(self.url(path)).bearer_auth(token).json(&body).send().await.unwrap();
+        let response = self
+            .http
+            .put(self.url(path))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
     pub async fn get(&self, path: &str, token: &str) -> (u16, Value) {
-        let response = self.http.get(self.url(path)).bearer_auth(token).send().await.unwrap();
+        let response = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
     }
@@ -126,9 +158,18 @@ impl Daemon {
     }
 
     pub async fn agent_socket(&self, agent: &str) -> AgentSocket {
-        let url = format!("{}/v1/agents/{agent}/stream?access_token={}", self.base.replace("http://", "ws://"), agent_token(agent));
-        let (socket, _) = tokio_tungstenite::connect_async(url).await.expect("agent websocket");
-        let mut socket = AgentSocket { socket, next_request: 0 };
+        let url = format!(
+            "{}/v1/agents/{agent}/stream?access_token={}",
+            self.base.replace("http://", "ws://"),
+            agent_token(agent)
+        );
+        let (socket, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("agent websocket");
+        let mut socket = AgentSocket {
+            socket,
+            next_request: 0,
+        };
         let hello = socket.next().await;
         assert_eq!(hello["type"], "hello");
         socket
@@ -143,7 +184,9 @@ impl Drop for Daemon {
 
 /// An agent desktop's WebSocket.
 pub struct AgentSocket {
-    socket: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    socket: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
     next_request: u64,
 }
 
@@ -177,10 +220,15 @@ impl AgentSocket {
         self.next_request += 1;
         let request_id = self.next_request.to_string();
         command["request_id"] = json!(request_id);
-        self.socket.send(Message::Text(command.to_string().into())).await.unwrap();
+        self.socket
+            .send(Message::Text(command.to_string().into()))
+            .await
+            .unwrap();
         loop {
             let message = self.next().await;
-            if (message["type"] == "ack" || message["type"] == "error") && message["request_id"] == json!(request_id) {
+            if (message["type"] == "ack" || message["type"] == "error")
+                && message["request_id"] == json!(request_id)
+            {
                 return message;
             }
         }
