@@ -41,11 +41,16 @@
 //!   prints the resident bytes per waiting conversation (`VmRSS` after minus before, over N).
 //! * `SWITCHBOARD_BENCH_QUICK=1` (or `=N` waiting, default 100 000): a fixed number of commands without
 //!   criterion, for `valgrind --tool=callgrind --collect-atstart=no --toggle-collect='*timed_*'`.
+//!   With `SWITCHBOARD_BENCH_DIGEST=1` as well it prints a hash of every effect of the run (set-up
+//!   included), so two builds of the router can be shown to behave identically.
+//! * `SWITCHBOARD_BENCH_WORDING=1`: turns on the negative-wording scorer (built-in English lexicon) for
+//!   any mode; it is off by default (see docs/BENCHMARKS.md).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 // Arrivals are boxed untimed, ahead of the chunk that hands them to `Command::Arrive`.
 #![allow(clippy::vec_box)]
 
 use std::collections::VecDeque;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -278,6 +283,9 @@ struct Fixture {
     resolved: VecDeque<(ConversationId, u64)>,
     decisions: u64,
     decisions_at_arrival: u64,
+    /// With `SWITCHBOARD_BENCH_DIGEST` set: a hash of every effect, to check that two builds of the
+    /// router behave identically on the same workload.
+    digest: Option<DefaultHasher>,
 }
 
 impl Fixture {
@@ -297,6 +305,7 @@ impl Fixture {
             resolved: VecDeque::new(),
             decisions: 0,
             decisions_at_arrival: 0,
+            digest: std::env::var_os("SWITCHBOARD_BENCH_DIGEST").map(|_| DefaultHasher::new()),
         }
     }
 
@@ -393,6 +402,11 @@ impl Fixture {
     }
 
     fn take_offers(&mut self, at_arrival: bool) -> bool {
+        if let Some(digest) = &mut self.digest {
+            for effect in &self.effects {
+                format!("{effect:?}").hash(digest);
+            }
+        }
         let mut offered = false;
         for effect in self.effects.drain(..) {
             if let Effect::Offered {
@@ -436,7 +450,7 @@ impl Fixture {
                 &mut self.effects,
             )
             .unwrap();
-        self.effects.clear();
+        self.take_offers(false);
         self.router
             .handle(
                 now,
@@ -480,7 +494,7 @@ impl Fixture {
                     &mut self.effects,
                 )
                 .unwrap();
-            self.effects.clear();
+            self.take_offers(false);
         }
     }
 
@@ -651,6 +665,9 @@ fn quick(waiting: usize) {
             tally.decisions,
             tally.timed.as_nanos() as f64 / tally.commands as f64
         );
+    }
+    if let Some(digest) = &fixture.digest {
+        println!("quick: digest of every effect {:016x}", digest.finish());
     }
 }
 
