@@ -170,7 +170,7 @@ pub(super) enum ConvState {
 
 /// A conversation's candidate (queue, lane) pairs in order, at most 32. Nearly every conversation has
 /// one or two, kept inline, so a conversation costs no allocation for them.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(super) enum Candidates {
     Inline { len: u8, pairs: [(u32, u32); 2] },
     Spilled(Box<[(u32, u32)]>),
