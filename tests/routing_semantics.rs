@@ -235,6 +235,48 @@ fn first_free_queue_then_overflow_by_time() {
 }
 
 #[test]
+fn overflow_escalation_adds_a_queue_behind_the_candidates() {
+    let mut tier1 = queue("tier1");
+    tier1.escalation = vec![EscalationStep {
+        after: Millis::from_secs(30),
+        action: EscalationAction::OverflowTo(QueueName::new("experts")),
+    }];
+    let mut routing = config(
+        vec![tier1, queue("spare"), queue("experts")],
+        vec![agent("sam", &["experts"], 1)],
+    );
+    routing.rules.push(RoutingRule {
+        name: "broken".into(),
+        when: RuleMatch {
+            keywords: vec!["broken".into()],
+            ..RuleMatch::default()
+        },
+        then: RuleAction {
+            queues: vec![QueueName::new("tier1"), QueueName::new("spare")],
+            ..RuleAction::default()
+        },
+    });
+    let mut h = Harness::new(routing);
+    h.online("sam");
+    // Two candidates, neither served by sam: the conversation waits.
+    let effects = h.arrive(1, "it is broken");
+    assert!(offers(&effects).is_empty());
+    let effects = h.advance(29);
+    assert!(offers(&effects).is_empty());
+    // The escalation step makes it eligible in a third queue, where sam is free.
+    let effects = h.advance(1);
+    assert_eq!(offers(&effects), vec![(1, "sam".into())]);
+    assert_eq!(
+        h.state(1),
+        ConversationState::Offered {
+            agent: AgentId::new("sam"),
+            queue: QueueName::new("experts"),
+            deadline: Timestamp(50_000),
+        }
+    );
+}
+
+#[test]
 fn order_of_service_is_priority_then_longest_wait_across_queues() {
     let mut routing = config(
         vec![queue("a"), queue("b")],

@@ -12,7 +12,7 @@ use super::config::RoutingConfig;
 use super::model::{
     AgentId, Channel, ConversationId, Presence, Priority, QueueName, SkillRequirement,
 };
-use super::router::{Class, ConvState, Conversation, Router};
+use super::router::{Candidates, Class, ConvState, Conversation, Detours, Router};
 use super::time::{Millis, Timestamp};
 
 /// Where a conversation stands, by name.
@@ -187,7 +187,7 @@ impl Router {
         let mut requeued = BTreeSet::new();
         for saved in conversations {
             let id = saved.id;
-            if router.slot_of.contains_key(&id) {
+            if router.slot_of.contains(id) {
                 continue;
             }
             router.next_seq = router.next_seq.max(saved.seq + 1);
@@ -256,7 +256,7 @@ impl Router {
             }
             mask = 1;
         }
-        let candidates: Vec<(u32, u32)> = queues
+        let candidates: Candidates = queues
             .into_iter()
             .map(|queue| (queue, self.lane_for(queue, class)))
             .collect();
@@ -346,7 +346,10 @@ impl Router {
             seq: saved.seq,
             channel,
             class,
-            language: saved.language.as_deref().map(Box::from),
+            language: saved
+                .language
+                .as_deref()
+                .map(|tag| self.shared_language(tag)),
             priority: saved.priority,
             base_priority: saved.base_priority,
             since: saved.since,
@@ -358,12 +361,15 @@ impl Router {
             repeats: saved.repeats,
             keyword_boosted: saved.keyword_boosted,
             wording_boosted: saved.wording_boosted,
-            excluded: agents_of(self, &saved.excluded),
-            reserved_for: saved
-                .reserved_for
-                .as_ref()
-                .and_then(|(id, until)| agent(self, id).map(|slot| (slot, *until))),
-            follower: saved.follower.as_ref().and_then(|id| agent(self, id)),
+            detours: Detours {
+                excluded: agents_of(self, &saved.excluded),
+                reserved_for: saved
+                    .reserved_for
+                    .as_ref()
+                    .and_then(|(id, until)| agent(self, id).map(|slot| (slot, *until))),
+                follower: saved.follower.as_ref().and_then(|id| agent(self, id)),
+            }
+            .boxed(),
             last_agent: saved.last_agent.as_ref().and_then(|id| agent(self, id)),
             wait_check_at: None,
             indexed: false,
@@ -418,7 +424,7 @@ impl Router {
 
     /// One conversation's part of [`Router::snapshot`]; `None` once the router forgot it.
     pub fn conversation_snapshot(&self, id: ConversationId) -> Option<ConversationSnapshot> {
-        Some(self.snapshot_of(self.conv(*self.slot_of.get(&id)?)))
+        Some(self.snapshot_of(self.conv(self.slot_of.get(id)?)))
     }
 
     /// One agent's part of [`Router::snapshot`].
@@ -469,14 +475,14 @@ impl Router {
             keyword_boosted: conversation.keyword_boosted,
             wording_boosted: conversation.wording_boosted,
             excluded: conversation
-                .excluded
+                .excluded()
                 .iter()
                 .map(|(agent, until)| (agent_id(*agent), *until))
                 .collect(),
             reserved_for: conversation
-                .reserved_for
+                .reserved_for()
                 .map(|(agent, until)| (agent_id(agent), until)),
-            follower: conversation.follower.map(agent_id),
+            follower: conversation.follower().map(agent_id),
             last_agent: conversation.last_agent.map(agent_id),
             reasons: conversation.reasons.clone(),
             tags: conversation
@@ -518,7 +524,7 @@ impl Router {
     }
 
     pub fn conversation(&self, id: ConversationId) -> Option<ConversationView> {
-        let conversation = self.conv(*self.slot_of.get(&id)?);
+        let conversation = self.conv(self.slot_of.get(id)?);
         let queue = match conversation.state {
             ConvState::Offered { queue, .. } | ConvState::Assigned { queue, .. } => queue,
             _ => conversation.home_queue(),
@@ -537,7 +543,7 @@ impl Router {
                 .map(|tag| tag.to_string())
                 .collect(),
             follower: conversation
-                .follower
+                .follower()
                 .map(|agent| self.agents[agent as usize].id.clone()),
         })
     }
@@ -615,7 +621,7 @@ impl Router {
 
     /// Where the conversation stands in its home queue right now (1 = next), and its estimated wait.
     pub fn queue_position(&self, id: ConversationId) -> Option<(u32, Millis)> {
-        let slot = *self.slot_of.get(&id)?;
+        let slot = self.slot_of.get(id)?;
         let conversation = self.conv(slot);
         if conversation.state != ConvState::Waiting {
             return None;
@@ -643,7 +649,7 @@ impl Router {
 
     /// The conversation's place in the order of service: lower is served first.
     pub fn wait_rank(&self, id: ConversationId) -> Option<(Reverse<Priority>, Timestamp, u64)> {
-        let conversation = self.conv(*self.slot_of.get(&id)?);
+        let conversation = self.conv(self.slot_of.get(id)?);
         Some((
             Reverse(conversation.priority),
             conversation.since,
@@ -653,8 +659,7 @@ impl Router {
 
     /// Could `agent` be offered this waiting conversation if it had room on its channel?
     pub fn is_eligible(&self, id: ConversationId, agent: &AgentId) -> bool {
-        let (Some(&slot), Some(&agent)) = (self.slot_of.get(&id), self.agent_index.get(agent))
-        else {
+        let (Some(slot), Some(&agent)) = (self.slot_of.get(id), self.agent_index.get(agent)) else {
             return false;
         };
         self.eligible(slot, agent)
@@ -668,7 +673,7 @@ impl Router {
         {
             return false;
         }
-        if let Some((reserved, _)) = conversation.reserved_for {
+        if let Some((reserved, _)) = conversation.reserved_for() {
             return reserved == agent;
         }
         conversation
@@ -800,7 +805,7 @@ impl Router {
                 continue;
             };
             let slot = slot as u32;
-            if self.slot_of.get(&conversation.id) != Some(&slot) {
+            if self.slot_of.get(conversation.id) != Some(slot) {
                 return Err(format!(
                     "conversation {:?} not found by id",
                     conversation.id
@@ -853,7 +858,7 @@ impl Router {
                 })
                 .map(|(index, _)| index as u32)
                 .collect();
-            let expected: BTreeSet<u32> = match conversation.reserved_for {
+            let expected: BTreeSet<u32> = match conversation.reserved_for() {
                 Some(_) => BTreeSet::new(),
                 None => conversation
                     .candidates
@@ -889,7 +894,7 @@ impl Router {
             .conversations
             .iter()
             .flatten()
-            .filter(|c| c.state == ConvState::Waiting && c.reserved_for.is_some())
+            .filter(|c| c.state == ConvState::Waiting && c.reserved_for().is_some())
             .count();
         if reserved != expected_reserved {
             return Err(format!(

@@ -26,7 +26,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::Arc;
 
 use super::command::{
@@ -42,6 +42,9 @@ use super::time::{Millis, Timestamp};
 
 /// How many recent handle times per queue feed the estimated wait.
 const HANDLE_TIME_WINDOW: usize = 64;
+
+/// How many recently seen language tags conversations share (see [`Router::shared_language`]).
+const RECENT_LANGUAGES: usize = 16;
 
 /// Order of service among waiting conversations: highest priority, then longest wait, then arrival.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -165,19 +168,98 @@ pub(super) enum ConvState {
     Resolved { agent: u32, at: Timestamp },
 }
 
+/// A conversation's candidate (queue, lane) pairs in order, at most 32. Nearly every conversation has
+/// one or two, kept inline, so a conversation costs no allocation for them.
+#[derive(Debug, Clone)]
+pub(super) enum Candidates {
+    Inline { len: u8, pairs: [(u32, u32); 2] },
+    Spilled(Box<[(u32, u32)]>),
+}
+
+impl Candidates {
+    pub(super) fn one(pair: (u32, u32)) -> Candidates {
+        Candidates::Inline {
+            len: 1,
+            pairs: [pair, (0, 0)],
+        }
+    }
+
+    pub(super) fn push(&mut self, pair: (u32, u32)) {
+        match self {
+            Candidates::Inline { len, pairs } if usize::from(*len) < pairs.len() => {
+                pairs[usize::from(*len)] = pair;
+                *len += 1;
+            }
+            _ => {
+                let mut spilled = self.to_vec();
+                spilled.push(pair);
+                *self = Candidates::Spilled(spilled.into_boxed_slice());
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for Candidates {
+    type Target = [(u32, u32)];
+
+    fn deref(&self) -> &[(u32, u32)] {
+        match self {
+            Candidates::Inline { len, pairs } => &pairs[..usize::from(*len)],
+            Candidates::Spilled(pairs) => pairs,
+        }
+    }
+}
+
+impl FromIterator<(u32, u32)> for Candidates {
+    fn from_iter<I: IntoIterator<Item = (u32, u32)>>(pairs: I) -> Candidates {
+        let mut candidates = Candidates::Inline {
+            len: 0,
+            pairs: [(0, 0); 2],
+        };
+        for pair in pairs {
+            candidates.push(pair);
+        }
+        candidates
+    }
+}
+
+/// What only a conversation that was missed, transferred, reopened or escalated carries. Boxed in
+/// [`Conversation`] so the usual conversation does not pay for it, and dropped when empty again.
+#[derive(Debug, Default)]
+pub(super) struct Detours {
+    /// Agents who missed this conversation recently, and until when they are skipped.
+    pub(super) excluded: Vec<(u32, Timestamp)>,
+    /// Waits for this agent only, until the deadline.
+    pub(super) reserved_for: Option<(u32, Timestamp)>,
+    /// The former owner to tell when it is resolved (after an escalation).
+    pub(super) follower: Option<u32>,
+}
+
+impl Detours {
+    fn is_empty(&self) -> bool {
+        self.excluded.is_empty() && self.reserved_for.is_none() && self.follower.is_none()
+    }
+
+    /// `None` when there is nothing to keep.
+    pub(super) fn boxed(self) -> Option<Box<Detours>> {
+        (!self.is_empty()).then(|| Box::new(self))
+    }
+}
+
 #[derive(Debug)]
 pub(super) struct Conversation {
     pub(super) id: ConversationId,
     pub(super) seq: u64,
     pub(super) channel: u32,
     pub(super) class: u32,
-    pub(super) language: Option<Box<str>>,
+    /// Shared with other conversations in the same language (see [`Router::shared_language`]).
+    pub(super) language: Option<Arc<str>>,
     pub(super) priority: Priority,
     pub(super) base_priority: Priority,
     /// Waiting since: the order key. Kept across rejects, timeouts and transfers.
     pub(super) since: Timestamp,
     /// Candidate queues (queue, lane) in order; the first is home.
-    pub(super) candidates: Vec<(u32, u32)>,
+    pub(super) candidates: Candidates,
     /// Bit i: eligible in `candidates[i]` while waiting (home always; later ones after overflow).
     pub(super) eligible_mask: u32,
     pub(super) state: ConvState,
@@ -187,12 +269,8 @@ pub(super) struct Conversation {
     pub(super) repeats: u8,
     pub(super) keyword_boosted: bool,
     pub(super) wording_boosted: bool,
-    /// Agents who missed this conversation recently, and until when they are skipped (the wait
-    /// check at that time removes them).
-    pub(super) excluded: Vec<(u32, Timestamp)>,
-    /// Waits for this agent only, until the deadline.
-    pub(super) reserved_for: Option<(u32, Timestamp)>,
-    pub(super) follower: Option<u32>,
+    /// Exclusions, a reservation, a follower: `None` for most conversations.
+    pub(super) detours: Option<Box<Detours>>,
     pub(super) last_agent: Option<u32>,
     pub(super) wait_check_at: Option<Timestamp>,
     /// In the lanes or a reserved set right now (must be taken out before its key fields change).
@@ -223,7 +301,82 @@ impl Conversation {
     /// runs, not merely when the clock passes it: otherwise, between two timers due at the same
     /// instant, a conversation would be eligible for an agent without having been routed to it.
     pub(super) fn is_excluded(&self, agent: u32) -> bool {
-        self.excluded.iter().any(|&(who, _)| who == agent)
+        self.excluded().iter().any(|&(who, _)| who == agent)
+    }
+
+    /// Agents who missed this conversation recently, and until when they are skipped.
+    pub(super) fn excluded(&self) -> &[(u32, Timestamp)] {
+        self.detours
+            .as_ref()
+            .map_or(&[], |detours| detours.excluded.as_slice())
+    }
+
+    /// The agent this conversation waits for, and until when.
+    pub(super) fn reserved_for(&self) -> Option<(u32, Timestamp)> {
+        self.detours
+            .as_ref()
+            .and_then(|detours| detours.reserved_for)
+    }
+
+    pub(super) fn follower(&self) -> Option<u32> {
+        self.detours.as_ref().and_then(|detours| detours.follower)
+    }
+
+    fn detours_mut(&mut self) -> &mut Detours {
+        self.detours.get_or_insert_with(Box::default)
+    }
+
+    fn tidy_detours(&mut self) {
+        if self
+            .detours
+            .as_ref()
+            .is_some_and(|detours| detours.is_empty())
+        {
+            self.detours = None;
+        }
+    }
+
+    pub(super) fn exclude(&mut self, agent: u32, until: Timestamp) {
+        self.detours_mut().excluded.push((agent, until));
+    }
+
+    pub(super) fn clear_exclusions(&mut self) {
+        if let Some(detours) = &mut self.detours {
+            detours.excluded.clear();
+        }
+        self.tidy_detours();
+    }
+
+    pub(super) fn set_reserved_for(&mut self, reserved: Option<(u32, Timestamp)>) {
+        if reserved.is_none() && self.detours.is_none() {
+            return;
+        }
+        self.detours_mut().reserved_for = reserved;
+        self.tidy_detours();
+    }
+
+    pub(super) fn set_follower(&mut self, agent: u32) {
+        self.detours_mut().follower = Some(agent);
+    }
+
+    pub(super) fn take_follower(&mut self) -> Option<u32> {
+        let follower = self
+            .detours
+            .as_mut()
+            .and_then(|detours| detours.follower.take());
+        self.tidy_detours();
+        follower
+    }
+
+    /// Drops the exclusions and the reservation whose time has passed.
+    pub(super) fn expire_detours(&mut self, now: Timestamp) {
+        if let Some(detours) = &mut self.detours {
+            detours.excluded.retain(|&(_, until)| until > now);
+            if detours.reserved_for.is_some_and(|(_, until)| until <= now) {
+                detours.reserved_for = None;
+            }
+        }
+        self.tidy_detours();
     }
 }
 
@@ -247,7 +400,109 @@ impl Hasher for IdHasher {
     }
 }
 
-pub(super) type IdMap<V> = HashMap<ConversationId, V, BuildHasherDefault<IdHasher>>;
+/// Conversation id → slot. A key is kept as two `u64`s: as a `u128` it would align every entry to 16
+/// bytes, 32 per entry instead of 24. It hashes exactly as the `u128` does.
+#[derive(Debug, Default)]
+pub(super) struct SlotIndex(HashMap<IdKey, u32, BuildHasherDefault<IdHasher>>);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct IdKey {
+    low: u64,
+    high: u64,
+}
+
+impl From<ConversationId> for IdKey {
+    fn from(id: ConversationId) -> IdKey {
+        IdKey {
+            low: id.0 as u64,
+            high: (id.0 >> 64) as u64,
+        }
+    }
+}
+
+impl Hash for IdKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u128((u128::from(self.high) << 64) | u128::from(self.low));
+    }
+}
+
+impl SlotIndex {
+    pub(super) fn get(&self, id: ConversationId) -> Option<u32> {
+        self.0.get(&IdKey::from(id)).copied()
+    }
+
+    pub(super) fn contains(&self, id: ConversationId) -> bool {
+        self.0.contains_key(&IdKey::from(id))
+    }
+
+    fn insert(&mut self, id: ConversationId, slot: u32) {
+        self.0.insert(IdKey::from(id), slot);
+    }
+
+    fn remove(&mut self, id: ConversationId) {
+        self.0.remove(&IdKey::from(id));
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// For keys the configuration decides (agent ids, queue names, channels, requirement classes, lanes):
+/// there are few, they do not grow with traffic, and they are looked up on every command, so a fast
+/// unkeyed hash (FxHash's word-at-a-time mix) serves them better than SipHash.
+#[derive(Debug, Default)]
+pub(super) struct KeyHasher(u64);
+
+impl KeyHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7C_C1_B7_27_22_0A_95);
+    }
+}
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        // The multiply leaves the low bits weakest; the table indexes by them.
+        self.0.rotate_left(26)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut words = bytes.chunks_exact(8);
+        for word in &mut words {
+            let mut buffer = [0u8; 8];
+            buffer.copy_from_slice(word);
+            self.add(u64::from_le_bytes(buffer));
+        }
+        let rest = words.remainder();
+        if !rest.is_empty() {
+            let mut buffer = [0u8; 8];
+            buffer[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(buffer));
+        }
+    }
+
+    fn write_u8(&mut self, value: u8) {
+        self.add(u64::from(value));
+    }
+
+    fn write_u16(&mut self, value: u16) {
+        self.add(u64::from(value));
+    }
+
+    fn write_u32(&mut self, value: u32) {
+        self.add(u64::from(value));
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.add(value);
+    }
+
+    fn write_usize(&mut self, value: usize) {
+        self.add(value as u64);
+    }
+}
+
+pub(super) type KeyMap<K, V> = HashMap<K, V, BuildHasherDefault<KeyHasher>>;
 
 /// The routing core. One task owns it; everything else talks to it through [`Command`]s.
 #[derive(Debug)]
@@ -256,22 +511,24 @@ pub struct Router {
     pub(super) rules: CompiledRules,
     pub(super) clock: Timestamp,
     pub(super) queues: Vec<QueueState>,
-    pub(super) queue_index: HashMap<QueueName, u32>,
+    pub(super) queue_index: KeyMap<QueueName, u32>,
     pub(super) channels: Vec<Channel>,
-    pub(super) channel_index: HashMap<Channel, u32>,
+    pub(super) channel_index: KeyMap<Channel, u32>,
     pub(super) classes: Vec<Class>,
-    pub(super) class_index: HashMap<Class, u32>,
+    pub(super) class_index: KeyMap<Class, u32>,
     pub(super) lanes: Vec<Lane>,
-    pub(super) lane_index: HashMap<(u32, u32), u32>,
+    pub(super) lane_index: KeyMap<(u32, u32), u32>,
     pub(super) agents: Vec<AgentState>,
-    pub(super) agent_index: HashMap<AgentId, u32>,
+    pub(super) agent_index: KeyMap<AgentId, u32>,
     pub(super) conversations: Vec<Option<Conversation>>,
     pub(super) free_slots: Vec<u32>,
-    pub(super) slot_of: IdMap<u32>,
+    pub(super) slot_of: SlotIndex,
     pub(super) next_seq: u64,
     pub(super) next_turn: u64,
     /// Primary subtags of the languages some configured agent speaks.
-    pub(super) spoken_languages: HashSet<String>,
+    pub(super) spoken_languages: HashSet<String, BuildHasherDefault<KeyHasher>>,
+    /// Language tags seen lately, most recent last, for conversations to share.
+    recent_languages: Vec<Arc<str>>,
 }
 
 impl Router {
@@ -296,21 +553,22 @@ impl Router {
             rules: CompiledRules::new(&config),
             clock: now,
             queues: Vec::new(),
-            queue_index: HashMap::new(),
+            queue_index: KeyMap::default(),
             channels: Vec::new(),
-            channel_index: HashMap::new(),
+            channel_index: KeyMap::default(),
             classes: Vec::new(),
-            class_index: HashMap::new(),
+            class_index: KeyMap::default(),
             lanes: Vec::new(),
-            lane_index: HashMap::new(),
+            lane_index: KeyMap::default(),
             agents: Vec::new(),
-            agent_index: HashMap::new(),
+            agent_index: KeyMap::default(),
             conversations: Vec::new(),
             free_slots: Vec::new(),
-            slot_of: IdMap::default(),
+            slot_of: SlotIndex::default(),
             next_seq: 0,
             next_turn: 0,
-            spoken_languages: HashSet::new(),
+            spoken_languages: HashSet::default(),
+            recent_languages: Vec::new(),
             config,
         };
         for (index, queue) in router.config.queues.iter().enumerate() {
@@ -484,14 +742,17 @@ impl Router {
         new: &NewConversation,
         effects: &mut Vec<Effect>,
     ) -> Result<(), CommandError> {
-        if self.slot_of.contains_key(&new.id) {
+        if self.slot_of.contains(new.id) {
             return Err(CommandError::DuplicateConversation(new.id));
         }
         let mut decision = self.rules.decide(&self.config, new);
         let channel = self.intern_channel(&new.channel);
-        let language = new.language.as_deref().map(rules::primary_language);
-        let class_language = language
-            .filter(|lang| decision.require_language && self.spoken_languages.contains(lang));
+        let class_language = new
+            .language
+            .as_deref()
+            .filter(|_| decision.require_language)
+            .map(rules::primary_language)
+            .filter(|lang| self.spoken_languages.contains(lang));
         let priority = decision.priority();
         let mut skills = std::mem::take(&mut decision.skills);
         skills.sort();
@@ -501,7 +762,7 @@ impl Router {
             language: class_language,
         });
         let queues = self.candidate_queues(&decision.queues, &new.channel);
-        let candidates: Vec<(u32, u32)> = queues
+        let candidates: Candidates = queues
             .into_iter()
             .map(|queue| (queue, self.lane_for(queue, class)))
             .collect();
@@ -515,7 +776,7 @@ impl Router {
             seq: self.next_seq,
             channel,
             class,
-            language: new.language.as_deref().map(Box::from),
+            language: new.language.as_deref().map(|tag| self.shared_language(tag)),
             priority,
             base_priority: priority,
             since: now,
@@ -527,9 +788,7 @@ impl Router {
             repeats: 0,
             keyword_boosted: reasons.contains(&PriorityReason::Keyword),
             wording_boosted: reasons.contains(&PriorityReason::NegativeWording),
-            excluded: Vec::new(),
-            reserved_for: None,
-            follower: None,
+            detours: None,
             last_agent: None,
             wait_check_at: None,
             indexed: false,
@@ -624,9 +883,10 @@ impl Router {
         conversation.next_step = 0;
         conversation.sla_breached = false;
         conversation.repeats = 0;
-        conversation.excluded.clear();
-        conversation.reserved_for =
-            (prefer_for > Millis::ZERO).then_some((last_agent, now + prefer_for));
+        conversation.clear_exclusions();
+        conversation.set_reserved_for(
+            (prefer_for > Millis::ZERO).then_some((last_agent, now + prefer_for)),
+        );
         conversation.eligible_mask = 1;
         effects.push(Effect::CancelTimer {
             key: TimerKey::ReopenWindow(id),
@@ -756,8 +1016,8 @@ impl Router {
             since: now,
         };
         conversation.last_agent = Some(agent);
-        conversation.excluded.clear();
-        conversation.reserved_for = None;
+        conversation.clear_exclusions();
+        conversation.set_reserved_for(None);
         let id = conversation.id;
         let waited = now.since(conversation.since);
         if conversation.wait_check_at.take().is_some() {
@@ -808,14 +1068,16 @@ impl Router {
                 at: until,
             });
         } else {
-            self.change_load(agent_slot, channel, -1);
+            // Out of the free sets until `serve_and_index` has offered the freed capacity.
+            self.unindex_agent(agent_slot);
+            add_load(&mut self.agents[agent_slot as usize], channel, -1);
         }
         let conversation = self.conv_mut(slot);
         conversation.state = ConvState::Resolved {
             agent: agent_slot,
             at: now,
         };
-        let follower = conversation.follower.take();
+        let follower = conversation.take_follower();
         effects.push(Effect::Resolved {
             conversation: id,
             agent: agent.clone(),
@@ -831,7 +1093,7 @@ impl Router {
             key: TimerKey::ReopenWindow(id),
             at: now + self.config.reopen.window,
         });
-        self.serve_agent(now, agent_slot, effects);
+        self.serve_and_index(now, agent_slot, effects);
         Ok(())
     }
 
@@ -868,7 +1130,7 @@ impl Router {
             Target::Queue(queue) => self.move_to_queue(now, slot, queue),
             Target::Agent(target) => {
                 let until = now + self.config.transfer_agent_wait;
-                self.conv_mut(slot).reserved_for = Some((target, until));
+                self.conv_mut(slot).set_reserved_for(Some((target, until)));
             }
         }
         self.requeue_and_route(now, slot, effects);
@@ -891,7 +1153,7 @@ impl Router {
             ));
         };
         self.release_owner(slot, agent_slot);
-        self.conv_mut(slot).follower = Some(agent_slot);
+        self.conv_mut(slot).set_follower(agent_slot);
         self.move_to_queue(now, slot, next_tier);
         effects.push(Effect::Escalated {
             conversation: id,
@@ -912,7 +1174,7 @@ impl Router {
     fn timer_fired(&mut self, now: Timestamp, key: TimerKey, effects: &mut Vec<Effect>) {
         match key {
             TimerKey::Offer(id) => {
-                let Some(&slot) = self.slot_of.get(&id) else {
+                let Some(slot) = self.slot_of.get(id) else {
                     return;
                 };
                 if let ConvState::Offered { deadline, .. } = self.conv(slot).state
@@ -922,7 +1184,7 @@ impl Router {
                 }
             }
             TimerKey::WaitCheck(id) => {
-                let Some(&slot) = self.slot_of.get(&id) else {
+                let Some(slot) = self.slot_of.get(id) else {
                     return;
                 };
                 let conversation = self.conv(slot);
@@ -945,11 +1207,12 @@ impl Router {
                     return;
                 };
                 let ended = wrap_ups.swap_remove(position);
-                self.change_load(agent, ended.channel, -1);
-                self.serve_agent(now, agent, effects);
+                self.unindex_agent(agent);
+                add_load(&mut self.agents[agent as usize], ended.channel, -1);
+                self.serve_and_index(now, agent, effects);
             }
             TimerKey::ReopenWindow(id) => {
-                let Some(&slot) = self.slot_of.get(&id) else {
+                let Some(slot) = self.slot_of.get(id) else {
                     return;
                 };
                 if let ConvState::Resolved { at, .. } = self.conv(slot).state
@@ -989,7 +1252,7 @@ impl Router {
         if matches!(reason, OfferEnd::Rejected | OfferEnd::TimedOut) {
             let cooldown = self.config.offers.reoffer_cooldown;
             if cooldown > Millis::ZERO {
-                self.conv_mut(slot).excluded.push((agent, now + cooldown));
+                self.conv_mut(slot).exclude(agent, now + cooldown);
             }
             let state = &mut self.agents[agent as usize];
             state.missed += 1;
@@ -1078,7 +1341,7 @@ impl Router {
             .retain(|&owned| owned != slot);
         let conversation = self.conv_mut(slot);
         conversation.state = ConvState::Waiting;
-        conversation.excluded.clear();
+        conversation.clear_exclusions();
     }
 
     /// Frees the slot an agent held for this conversation (an offer taken back, or ownership given up).
@@ -1102,10 +1365,10 @@ impl Router {
                 .count() as u16
         };
         let conversation = self.conv_mut(slot);
-        conversation.candidates = vec![(queue, lane)];
+        conversation.candidates = Candidates::one((queue, lane));
         conversation.eligible_mask = 1;
         conversation.next_step = steps_passed;
-        conversation.reserved_for = None;
+        conversation.set_reserved_for(None);
     }
 
     /// Puts a waiting conversation in the lanes, tells the customer their place, and offers it if an
@@ -1152,7 +1415,7 @@ impl Router {
         if conversation.state != ConvState::Waiting {
             return;
         }
-        if let Some((agent, _)) = conversation.reserved_for {
+        if let Some((agent, _)) = conversation.reserved_for() {
             if self.agents[agent as usize].has_room(conversation.channel)
                 && !conversation.is_excluded(agent)
             {
@@ -1163,7 +1426,7 @@ impl Router {
         }
         let mask = conversation.eligible_mask;
         let candidates = conversation.candidates.clone();
-        for (index, (queue, lane)) in candidates.into_iter().enumerate() {
+        for (index, &(queue, lane)) in candidates.iter().enumerate() {
             if mask & (1 << index) == 0 {
                 continue;
             }
@@ -1249,6 +1512,18 @@ impl Router {
             if conversation.is_unanswered() {
                 self.reschedule_wait_check(now, key.slot, effects);
             }
+        }
+    }
+
+    /// [`Router::serve_agent`] for an agent whose capacity just freed while it was kept out of the free
+    /// sets, then indexes it with whatever room is left. Nothing in between looks at the free sets, so
+    /// this ends exactly as indexing first would, without putting the agent into every lane only for
+    /// the offer to take it out again.
+    fn serve_and_index(&mut self, now: Timestamp, agent: u32, effects: &mut Vec<Effect>) {
+        self.serve_agent(now, agent, effects);
+        // An offer re-indexes the agent; with no offer (or none left indexed) it is indexed here.
+        if self.agents[agent as usize].free_entries.is_empty() {
+            self.index_agent(agent);
         }
     }
 
@@ -1377,13 +1652,7 @@ impl Router {
         };
         let conversation = self.conv_mut(slot);
         conversation.eligible_mask |= overflow_due;
-        conversation.excluded.retain(|&(_, until)| until > now);
-        if conversation
-            .reserved_for
-            .is_some_and(|(_, until)| until <= now)
-        {
-            conversation.reserved_for = None;
-        }
+        conversation.expire_detours(now);
         if was_indexed {
             self.index_conversation(slot);
             self.route_waiting(now, slot, effects);
@@ -1419,10 +1688,10 @@ impl Router {
                 consider(conversation.since + self.queues[*queue as usize].config.overflow_after);
             }
         }
-        for &(_, until) in &conversation.excluded {
+        for &(_, until) in conversation.excluded() {
             consider(until);
         }
-        if let Some((_, until)) = conversation.reserved_for {
+        if let Some((_, until)) = conversation.reserved_for() {
             consider(until);
         }
         if next == conversation.wait_check_at {
@@ -1524,7 +1793,7 @@ impl Router {
             conversation.channel,
             conversation.home_queue(),
             conversation.eligible_mask,
-            conversation.reserved_for,
+            conversation.reserved_for(),
         );
         match reserved {
             Some((agent, _)) => {
@@ -1557,7 +1826,7 @@ impl Router {
             conversation.channel,
             conversation.home_queue(),
             conversation.eligible_mask,
-            conversation.reserved_for,
+            conversation.reserved_for(),
         );
         match reserved {
             Some((agent, _)) => {
@@ -1592,7 +1861,9 @@ impl Router {
         if state.presence != Presence::Available || state.load_total >= state.config.max_total {
             return;
         }
-        let mut entries = Vec::new();
+        // Reuses the list's allocation from the last time the agent was taken out.
+        let mut entries = std::mem::take(&mut self.agents[agent as usize].free_entries);
+        let state = &self.agents[agent as usize];
         for &(lane, skill_score) in &state.lanes {
             let queue = self.lanes[lane as usize].queue;
             let queue_state = &self.queues[queue as usize];
@@ -1639,12 +1910,15 @@ impl Router {
     }
 
     pub(super) fn unindex_agent(&mut self, agent: u32) {
-        let entries = std::mem::take(&mut self.agents[agent as usize].free_entries);
-        for (lane, channel, key) in entries {
+        let mut entries = std::mem::take(&mut self.agents[agent as usize].free_entries);
+        for &(lane, channel, key) in &entries {
             lane_channel(&mut self.lanes[lane as usize], channel)
                 .free
                 .remove(&key);
         }
+        // Empty, keeping its allocation for the next `index_agent`.
+        entries.clear();
+        self.agents[agent as usize].free_entries = entries;
     }
 
     /// Adds `delta` to an agent's load on a channel, keeping the free-agent index right.
@@ -1683,6 +1957,21 @@ impl Router {
         self.channels.push(channel.clone());
         self.channel_index.insert(channel.clone(), index);
         index
+    }
+
+    /// A conversation's language tag as an `Arc` shared with the other conversations in that language.
+    /// Tags are few, so a short list of the ones seen lately spares most conversations an allocation;
+    /// the list is bounded, so unusual tags cost nothing beyond their own conversations.
+    pub(super) fn shared_language(&mut self, tag: &str) -> Arc<str> {
+        if let Some(known) = self.recent_languages.iter().find(|known| ***known == *tag) {
+            return Arc::clone(known);
+        }
+        if self.recent_languages.len() == RECENT_LANGUAGES {
+            self.recent_languages.remove(0);
+        }
+        let tag: Arc<str> = Arc::from(tag);
+        self.recent_languages.push(Arc::clone(&tag));
+        tag
     }
 
     pub(super) fn intern_class(&mut self, class: Class) -> u32 {
@@ -1810,7 +2099,7 @@ impl Router {
 
     fn remove_conversation(&mut self, slot: u32) {
         if let Some(conversation) = self.conversations[slot as usize].take() {
-            self.slot_of.remove(&conversation.id);
+            self.slot_of.remove(conversation.id);
             self.free_slots.push(slot);
         }
     }
@@ -1831,8 +2120,7 @@ impl Router {
 
     fn slot(&self, id: ConversationId) -> Result<u32, CommandError> {
         self.slot_of
-            .get(&id)
-            .copied()
+            .get(id)
             .ok_or(CommandError::UnknownConversation(id))
     }
 
@@ -1953,4 +2241,74 @@ fn lane_channel(lane: &mut Lane, channel: u32) -> &mut LaneChannel {
 #[cold]
 fn unreachable_state() -> ! {
     panic!("router state inconsistent: a slot referenced by an index is empty or in another state")
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidates_keep_two_inline_then_spill_in_order() {
+        let mut candidates = Candidates::one((3, 30));
+        assert_eq!(&*candidates, &[(3, 30)]);
+        candidates.push((5, 50));
+        assert!(matches!(candidates, Candidates::Inline { len: 2, .. }));
+        candidates.push((7, 70));
+        candidates.push((9, 90));
+        assert!(matches!(candidates, Candidates::Spilled(_)));
+        assert_eq!(&*candidates, &[(3, 30), (5, 50), (7, 70), (9, 90)]);
+        let collected: Candidates = [(1, 10), (2, 20), (4, 40)].into_iter().collect();
+        assert_eq!(&*collected, &[(1, 10), (2, 20), (4, 40)]);
+        // The common conversation pays nothing beyond the pairs' own size.
+        assert_eq!(size_of::<Candidates>(), size_of::<Vec<(u32, u32)>>());
+    }
+
+    #[test]
+    fn detours_are_boxed_only_while_something_is_in_them() {
+        let mut detours = Detours::default().boxed();
+        assert!(detours.is_none());
+        detours = Detours {
+            follower: Some(4),
+            ..Detours::default()
+        }
+        .boxed();
+        assert!(detours.is_some());
+        let mut conversation = Conversation {
+            id: ConversationId(1),
+            seq: 0,
+            channel: 0,
+            class: 0,
+            language: None,
+            priority: 0,
+            base_priority: 0,
+            since: Timestamp(0),
+            candidates: Candidates::one((0, 0)),
+            eligible_mask: 1,
+            state: ConvState::Waiting,
+            next_step: 0,
+            sla_breached: false,
+            repeats: 0,
+            keyword_boosted: false,
+            wording_boosted: false,
+            detours: None,
+            last_agent: None,
+            wait_check_at: None,
+            indexed: false,
+            reasons: Vec::new(),
+            tags: Vec::new(),
+        };
+        conversation.set_reserved_for(None);
+        assert!(conversation.detours.is_none());
+        conversation.exclude(2, Timestamp(100));
+        conversation.set_reserved_for(Some((3, Timestamp(50))));
+        // An exclusion lasts until the wait check at its end expires it, not merely until the clock passes.
+        assert!(conversation.is_excluded(2));
+        conversation.expire_detours(Timestamp(50));
+        assert_eq!(conversation.reserved_for(), None);
+        assert_eq!(conversation.excluded(), &[(2, Timestamp(100))]);
+        assert!(conversation.is_excluded(2));
+        conversation.set_follower(4);
+        conversation.clear_exclusions();
+        assert_eq!(conversation.take_follower(), Some(4));
+        assert!(conversation.detours.is_none(), "dropped once empty");
+    }
 }
