@@ -74,7 +74,10 @@ async fn drive(args: &[String]) {
     let concurrency: usize = arg(args, "--concurrency").map_or(32, |n| n.parse().unwrap());
     let rate: Option<f64> = arg(args, "--rate").map(|r| r.parse().unwrap());
     let run = arg(args, "--run").unwrap_or_else(|| ulid::Ulid::new().to_string());
+    // The offer push can arrive before the HTTP answer naming its conversation: whichever of the two
+    // comes second records the latency (send time → push time).
     let sent_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let pushed_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let offer_latencies: Arc<Mutex<Vec<f64>>> = Arc::default();
     let mut listeners = Vec::new();
     if let Some(agents) = arg(args, "--agents") {
@@ -94,7 +97,18 @@ async fn drive(args: &[String]) {
                 ))
                 .await
                 .unwrap();
-            let (sent_at, latencies) = (sent_at.clone(), offer_latencies.clone());
+            // Wait until the agent is available before any message is sent.
+            while let Some(Ok(message)) = socket.next().await {
+                if let Message::Text(text) = message {
+                    let answer: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                    if answer["type"] == "ack" {
+                        break;
+                    }
+                    assert_ne!(answer["type"], "error", "presence refused: {answer}");
+                }
+            }
+            let (sent_at, pushed_at, latencies) =
+                (sent_at.clone(), pushed_at.clone(), offer_latencies.clone());
             listeners.push(tokio::spawn(async move {
                 while let Some(Ok(Message::Text(text))) = socket.next().await {
                     let push: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
@@ -103,11 +117,16 @@ async fn drive(args: &[String]) {
                             .as_str()
                             .unwrap_or_default()
                             .to_owned();
-                        if let Some(started) = sent_at.lock().unwrap().remove(&conversation) {
-                            latencies
+                        let now = Instant::now();
+                        let started = sent_at.lock().unwrap().remove(&conversation);
+                        match started {
+                            Some(started) => latencies
                                 .lock()
                                 .unwrap()
-                                .push(started.elapsed().as_secs_f64() * 1000.0);
+                                .push((now - started).as_secs_f64() * 1000.0),
+                            None => {
+                                pushed_at.lock().unwrap().insert(conversation, now);
+                            }
                         }
                     }
                 }
@@ -129,7 +148,18 @@ async fn drive(args: &[String]) {
     };
     let mut tasks = Vec::new();
     for _ in 0..workers {
-        let (client, url, token, run, next, http_latencies, errors, sent_at) = (
+        let (
+            client,
+            url,
+            token,
+            run,
+            next,
+            http_latencies,
+            errors,
+            sent_at,
+            pushed_at,
+            offer_latencies,
+        ) = (
             client.clone(),
             url.clone(),
             token.clone(),
@@ -138,6 +168,8 @@ async fn drive(args: &[String]) {
             http_latencies.clone(),
             errors.clone(),
             sent_at.clone(),
+            pushed_at.clone(),
+            offer_latencies.clone(),
         );
         tasks.push(tokio::spawn(async move {
             loop {
@@ -163,7 +195,13 @@ async fn drive(args: &[String]) {
                         if let Ok(answer) = response.json::<Value>().await
                             && let Some(conversation) = answer["conversation_id"].as_str()
                         {
-                            sent_at.lock().unwrap().insert(conversation.to_owned(), begun);
+                            let pushed = pushed_at.lock().unwrap().remove(conversation);
+                            match pushed {
+                                Some(at) => offer_latencies.lock().unwrap().push((at - begun).as_secs_f64() * 1000.0),
+                                None => {
+                                    sent_at.lock().unwrap().insert(conversation.to_owned(), begun);
+                                }
+                            }
                         }
                     }
                     _ => {
