@@ -115,10 +115,17 @@ impl Daemon {
         format!("{}{path}", self.base)
     }
 
-    pub async fn post(&self, path: &str, token: &str, body: Value) -> (u16, Value) {
+    /// Sends `body` as JSON with the bearer token; returns the status and the JSON answer.
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+        body: Value,
+    ) -> (u16, Value) {
         let response = self
             .http
-            .post(self.url(path))
+            .request(method, self.url(path))
             .bearer_auth(token)
             .json(&body)
             .send()
@@ -128,17 +135,12 @@ impl Daemon {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    pub async fn post(&self, path: &str, token: &str, body: Value) -> (u16, Value) {
+        self.send(reqwest::Method::POST, path, token, body).await
+    }
+
     pub async fn put(&self, path: &str, token: &str, body: Value) -> (u16, Value) {
-        let response = self
-            .http
-            .put(self.url(path))
-            .bearer_auth(token)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
+        self.send(reqwest::Method::PUT, path, token, body).await
     }
 
     pub async fn get(&self, path: &str, token: &str) -> (u16, Value) {
