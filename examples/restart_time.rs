@@ -23,11 +23,20 @@ async fn main() {
     };
     let path = dir.join("restart.sqlite");
     let environment = vec![
-        ("SWITCHBOARD__STORE__PATH".to_owned(), path.display().to_string()),
-        ("SWITCHBOARD__SERVER__LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
+        (
+            "SWITCHBOARD__STORE__PATH".to_owned(),
+            path.display().to_string(),
+        ),
+        (
+            "SWITCHBOARD__SERVER__LISTEN".to_owned(),
+            "127.0.0.1:0".to_owned(),
+        ),
     ];
     let settings = config::load(None, environment.clone()).unwrap();
-    let source = ConfigSource { file: None, environment };
+    let source = ConfigSource {
+        file: None,
+        environment,
+    };
 
     let fill = Instant::now();
     let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
@@ -36,17 +45,25 @@ async fn main() {
         let store = store.clone();
         tasks.spawn(async move {
             for index in (worker..count).step_by(200) {
-                let message = InboundMessage::new("api", "load", &format!("m-{index}"), &format!("customer-{index}"), "hello");
+                let message = InboundMessage::new(
+                    "api",
+                    "load",
+                    &format!("m-{index}"),
+                    &format!("customer-{index}"),
+                    "hello",
+                );
                 store.ingest(message, chrono::Utc::now()).await.unwrap();
             }
         });
     }
     while tasks.join_next().await.is_some() {}
-    store.close().await;
+    store.close().await.unwrap();
     let filled = fill.elapsed();
 
     let first = Instant::now();
-    let daemon = daemon::start(settings.clone(), source.clone()).await.unwrap();
+    let daemon = daemon::start(settings.clone(), source.clone())
+        .await
+        .unwrap();
     daemon.shutdown().await;
     let first_run = first.elapsed();
 

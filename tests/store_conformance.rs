@@ -527,7 +527,10 @@ async fn closed_conversation_starts_a_new_one(backend: Backend) {
     let store = backend.store();
     let first = ingest(store, sms("SM1", PHONE, "hi")).await;
     store
-        .apply_routing(set_status(first.conversation, ConversationStatus::Closed))
+        .apply_routing(Arc::new(set_status(
+            first.conversation,
+            ConversationStatus::Closed,
+        )))
         .await
         .unwrap();
 
@@ -563,7 +566,10 @@ async fn resolved_conversation_is_joined(backend: Backend) {
     let store = backend.store();
     let first = ingest(store, sms("SM1", PHONE, "hi")).await;
     store
-        .apply_routing(set_status(first.conversation, ConversationStatus::Resolved))
+        .apply_routing(Arc::new(set_status(
+            first.conversation,
+            ConversationStatus::Resolved,
+        )))
         .await
         .unwrap();
     let second = ingest(store, sms("SM2", PHONE, "one more thing")).await;
@@ -599,10 +605,10 @@ async fn routing_events_are_numbered_per_conversation(backend: Backend) {
         event("conversation.assigned", Some(a)),
     ];
     store
-        .apply_routing(RoutingWrite {
+        .apply_routing(Arc::new(RoutingWrite {
             events: events.clone(),
             ..RoutingWrite::default()
-        })
+        }))
         .await
         .unwrap();
     let pending = store.outbox_pending(100).await.unwrap();
@@ -627,10 +633,10 @@ async fn routing_events_are_numbered_per_conversation(backend: Backend) {
 
     // Later writes (routing, replies, delivery) continue each conversation's sequence.
     store
-        .apply_routing(RoutingWrite {
+        .apply_routing(Arc::new(RoutingWrite {
             events: vec![event("conversation.resolved", Some(a))],
             ..RoutingWrite::default()
-        })
+        }))
         .await
         .unwrap();
     let answer = reply(a, "on its way", Utc::now());
@@ -656,10 +662,10 @@ async fn outbox_pending_mark_sent_and_backlog(backend: Backend) {
     assert!(store.outbox_pending(10).await.unwrap().is_empty());
     let events: Vec<NewEvent> = (0..5).map(|_| event("agent.presence", None)).collect();
     store
-        .apply_routing(RoutingWrite {
+        .apply_routing(Arc::new(RoutingWrite {
             events: events.clone(),
             ..RoutingWrite::default()
-        })
+        }))
         .await
         .unwrap();
     assert_eq!(store.outbox_backlog().await.unwrap(), 5);
@@ -698,17 +704,17 @@ async fn stale_epoch_is_fenced(backend: Backend) {
     let conversation = message.conversation;
 
     store
-        .apply_routing(RoutingWrite {
+        .apply_routing(Arc::new(RoutingWrite {
             conversations: vec![(conversation, ConversationStatus::Open, json!({"leader": 2}))],
             events: vec![event("conversation.queued", Some(conversation))],
             epoch: 2,
             ..RoutingWrite::default()
-        })
+        }))
         .await
         .unwrap();
 
     let stale = store
-        .apply_routing(RoutingWrite {
+        .apply_routing(Arc::new(RoutingWrite {
             conversations: vec![(
                 conversation,
                 ConversationStatus::Closed,
@@ -718,7 +724,7 @@ async fn stale_epoch_is_fenced(backend: Backend) {
             routed_messages: vec![message.message],
             events: vec![event("conversation.assigned", Some(conversation))],
             epoch: 1,
-        })
+        }))
         .await;
     assert!(
         matches!(stale, Err(StoreError::Fenced { epoch: 1 })),
@@ -742,25 +748,25 @@ async fn stale_epoch_is_fenced(backend: Backend) {
 
     // The current epoch may keep writing; a newer one takes over and fences the old.
     store
-        .apply_routing(RoutingWrite {
+        .apply_routing(Arc::new(RoutingWrite {
             epoch: 2,
             ..RoutingWrite::default()
-        })
+        }))
         .await
         .unwrap();
     store
-        .apply_routing(RoutingWrite {
+        .apply_routing(Arc::new(RoutingWrite {
             agents: vec![("agent-1".into(), json!({"leader": 3}))],
             epoch: 3,
             ..RoutingWrite::default()
-        })
+        }))
         .await
         .unwrap();
     let old = store
-        .apply_routing(RoutingWrite {
+        .apply_routing(Arc::new(RoutingWrite {
             epoch: 2,
             ..RoutingWrite::default()
-        })
+        }))
         .await;
     assert!(
         matches!(old, Err(StoreError::Fenced { epoch: 2 })),
@@ -773,7 +779,7 @@ async fn failed_request_leaves_nothing(backend: Backend) {
     let message = ingest(store, sms("SM1", PHONE, "hi")).await;
     let unknown = Ulid::new();
     let result = store
-        .apply_routing(RoutingWrite {
+        .apply_routing(Arc::new(RoutingWrite {
             conversations: vec![
                 (message.conversation, ConversationStatus::Closed, json!({})),
                 (unknown, ConversationStatus::Open, json!({})),
@@ -781,22 +787,22 @@ async fn failed_request_leaves_nothing(backend: Backend) {
             agents: vec![("agent-1".into(), json!({}))],
             events: vec![event("conversation.closed", Some(message.conversation))],
             ..RoutingWrite::default()
-        })
+        }))
         .await;
     assert!(matches!(result, Err(StoreError::NotFound(_))), "{result:?}");
     let result = store
-        .apply_routing(RoutingWrite {
+        .apply_routing(Arc::new(RoutingWrite {
             routed_messages: vec![message.message, Ulid::new()],
             ..RoutingWrite::default()
-        })
+        }))
         .await;
     assert!(matches!(result, Err(StoreError::NotFound(_))), "{result:?}");
     let result = store
-        .apply_routing(RoutingWrite {
+        .apply_routing(Arc::new(RoutingWrite {
             agents: vec![("agent-2".into(), json!({}))],
             events: vec![event("conversation.created", Some(unknown))],
             ..RoutingWrite::default()
-        })
+        }))
         .await;
     assert!(matches!(result, Err(StoreError::NotFound(_))), "{result:?}");
 
@@ -825,10 +831,10 @@ async fn failed_request_leaves_nothing(backend: Backend) {
                     .map(|_| ())
             } else {
                 store
-                    .apply_routing(RoutingWrite {
+                    .apply_routing(Arc::new(RoutingWrite {
                         events: vec![event("conversation.created", Some(Ulid::new()))],
                         ..RoutingWrite::default()
-                    })
+                    }))
                     .await
             }
         }));
@@ -865,7 +871,7 @@ async fn recovery_returns_unrouted_and_states(backend: Backend) {
     );
 
     store
-        .apply_routing(RoutingWrite {
+        .apply_routing(Arc::new(RoutingWrite {
             conversations: vec![
                 (
                     m1.conversation,
@@ -884,7 +890,7 @@ async fn recovery_returns_unrouted_and_states(backend: Backend) {
             ],
             routed_messages: vec![m1.message, m2.message],
             ..RoutingWrite::default()
-        })
+        }))
         .await
         .unwrap();
     let recovery = store.recovery().await.unwrap();
@@ -903,12 +909,12 @@ async fn recovery_returns_unrouted_and_states(backend: Backend) {
 
     // Agent states are replaced, not duplicated; closed conversations drop out.
     store
-        .apply_routing(RoutingWrite {
+        .apply_routing(Arc::new(RoutingWrite {
             conversations: vec![(m2.conversation, ConversationStatus::Closed, json!({}))],
             agents: vec![("agent-1".into(), json!({"presence": "offline"}))],
             routed_messages: vec![m3.message],
             ..RoutingWrite::default()
-        })
+        }))
         .await
         .unwrap();
     let recovery = store.recovery().await.unwrap();
@@ -1029,7 +1035,10 @@ async fn conversation_filters(backend: Backend) {
     tokio::time::sleep(Duration::from_millis(2)).await;
     let c = ingest(store, sms("SM2", "+15555550124", "c")).await;
     store
-        .apply_routing(set_status(c.conversation, ConversationStatus::Resolved))
+        .apply_routing(Arc::new(set_status(
+            c.conversation,
+            ConversationStatus::Resolved,
+        )))
         .await
         .unwrap();
 
@@ -1162,7 +1171,7 @@ async fn data_survives_reopen(backend: Backend) {
     let inbound = ingest(store, sms("SM1", PHONE, "hi")).await;
     let unrouted = ingest(store, sms("SM2", PHONE, "still there?")).await;
     store
-        .apply_routing(RoutingWrite {
+        .apply_routing(Arc::new(RoutingWrite {
             conversations: vec![(
                 inbound.conversation,
                 ConversationStatus::Open,
@@ -1172,7 +1181,7 @@ async fn data_survives_reopen(backend: Backend) {
             routed_messages: vec![inbound.message],
             events: vec![event("conversation.queued", Some(inbound.conversation))],
             epoch: 4,
-        })
+        }))
         .await
         .unwrap();
     let answer = reply(inbound.conversation, "yes", Utc::now());
@@ -1213,10 +1222,10 @@ async fn data_survives_reopen(backend: Backend) {
         inbound.conversation
     );
     let stale = store
-        .apply_routing(RoutingWrite {
+        .apply_routing(Arc::new(RoutingWrite {
             epoch: 3,
             ..RoutingWrite::default()
-        })
+        }))
         .await;
     assert!(
         matches!(stale, Err(StoreError::Fenced { epoch: 3 })),
@@ -1258,11 +1267,11 @@ async fn failing_writes_are_unavailable_and_store_nothing(backend: Backend) {
         );
     }
     let result = store
-        .apply_routing(RoutingWrite {
+        .apply_routing(Arc::new(RoutingWrite {
             agents: vec![("agent-1".into(), json!({}))],
             events: vec![event("agent.presence", None)],
             ..RoutingWrite::default()
-        })
+        }))
         .await;
     assert!(
         matches!(result, Err(StoreError::Unavailable(_))),

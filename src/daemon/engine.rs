@@ -712,12 +712,12 @@ async fn dispatch(mut steps: mpsc::UnboundedReceiver<Step>, context: EngineConte
                 Err(_) => break,
             }
         }
-        let write = merge(&batch);
+        let write = Arc::new(merge(&batch));
         let has_events = !write.events.is_empty();
         // The router already decided: the commit must happen. Retry until the store is back.
         loop {
             let started = Instant::now();
-            match context.store.apply_routing(write.clone()).await {
+            match context.store.apply_routing(Arc::clone(&write)).await {
                 Ok(()) => {
                     context
                         .metrics

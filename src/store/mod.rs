@@ -225,7 +225,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Commits a routing step: conversation and agent states, routed marks and events, atomically.
     /// Conversations set to `Closed` keep their history; their thread keys no longer match.
-    async fn apply_routing(&self, write: RoutingWrite) -> Result<(), StoreError>;
+    /// Shared (`Arc`) so a caller that must retry a failed commit resubmits it without copying it.
+    async fn apply_routing(&self, write: std::sync::Arc<RoutingWrite>) -> Result<(), StoreError>;
 
     /// Stores an agent's reply as an outbound message (`pending`) together with its events.
     async fn store_reply(&self, reply: NewReply, events: Vec<NewEvent>) -> Result<(), StoreError>;

@@ -1470,7 +1470,7 @@ impl Store for SqliteStore {
         self.write(move |conn| ingest_tx(conn, &request)).await
     }
 
-    async fn apply_routing(&self, write: RoutingWrite) -> Result<(), StoreError> {
+    async fn apply_routing(&self, write: Arc<RoutingWrite>) -> Result<(), StoreError> {
         self.write(move |conn| apply_routing_tx(conn, &write)).await
     }
 
