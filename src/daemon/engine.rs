@@ -231,7 +231,7 @@ pub async fn start(
         steps,
     };
     engine.timers.apply(&effects);
-    engine.record(now, effects, Vec::new(), &[], None, None, true);
+    engine.record(now, effects, Vec::new(), &[], None, true);
     let unrouted = recovery.unrouted.len();
     for stored in recovery.unrouted {
         match replay(stored) {
@@ -376,7 +376,7 @@ impl Engine {
                                 utc(now),
                             ));
                         }
-                        self.record(now, effects, extra, &[agent], Some(reply), None, false);
+                        self.record(now, effects, extra, &[agent], Some(reply), false);
                     }
                     Err(error) => {
                         let _ = reply.send(Err(error.into()));
@@ -386,9 +386,7 @@ impl Engine {
             Request::Reload { routing, reply } => {
                 let now = wall_clock();
                 match self.run_command(now, Command::ReplaceConfig(routing)) {
-                    Ok(effects) => {
-                        self.record(now, effects, Vec::new(), &[], Some(reply), None, true)
-                    }
+                    Ok(effects) => self.record(now, effects, Vec::new(), &[], Some(reply), true),
                     Err(error) => {
                         let _ = reply.send(Err(error.into()));
                     }
@@ -450,7 +448,14 @@ impl Engine {
         match self.run_command(now, command) {
             Ok(effects) => {
                 let received = Some((conversation, ingested.received));
-                self.record_with_routed(now, effects, extra, ingested.message_id, received);
+                let mut write = self.routing_write(now, &effects, extra, &[], false);
+                write.routed_messages.push(ingested.message_id);
+                self.send_step(Step {
+                    write,
+                    effects,
+                    reply: None,
+                    received,
+                });
             }
             Err(error) => {
                 error!(%error, conversation = %ingested.conversation_id, "router refused a stored message")
@@ -462,32 +467,13 @@ impl Engine {
         let now = wall_clock();
         while let Some((_, key)) = self.timers.pop_due(now) {
             match self.run_command(now, Command::TimerFired(key)) {
-                Ok(effects) => self.record(now, effects, Vec::new(), &[], None, None, false),
+                Ok(effects) => self.record(now, effects, Vec::new(), &[], None, false),
                 Err(error) => warn!(%error, "timer refused"),
             }
         }
     }
 
-    fn record_with_routed(
-        &mut self,
-        now: Timestamp,
-        effects: Vec<Effect>,
-        extra: Vec<NewEvent>,
-        routed: Ulid,
-        received: Option<(ConversationId, Instant)>,
-    ) {
-        let mut write = self.routing_write(now, &effects, extra, &[], false);
-        write.routed_messages.push(routed);
-        let _ = self.steps.send(Step {
-            write,
-            effects,
-            reply: None,
-            received,
-        });
-    }
-
     /// Sends a step's durable consequences to the dispatcher.
-    #[allow(clippy::too_many_arguments)]
     fn record(
         &mut self,
         now: Timestamp,
@@ -495,20 +481,19 @@ impl Engine {
         extra: Vec<NewEvent>,
         agents: &[AgentId],
         reply: Option<oneshot::Sender<Result<(), EngineError>>>,
-        received: Option<(ConversationId, Instant)>,
         everything: bool,
     ) {
         let write = self.routing_write(now, &effects, extra, agents, everything);
-        if self
-            .steps
-            .send(Step {
-                write,
-                effects,
-                reply,
-                received,
-            })
-            .is_err()
-        {
+        self.send_step(Step {
+            write,
+            effects,
+            reply,
+            received: None,
+        });
+    }
+
+    fn send_step(&self, step: Step) {
+        if self.steps.send(step).is_err() {
             error!("dispatcher stopped; a routing step cannot be committed");
         }
     }

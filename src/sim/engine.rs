@@ -789,34 +789,13 @@ impl<'a> Engine<'a> {
             None => (None, DEFAULT_TEXT.to_owned()),
         };
 
-        let slot = match self.free_slots.pop() {
-            Some(slot) => slot,
-            None => {
-                self.records.push(Record {
-                    id: FREE,
-                    handle: Millis::ZERO,
-                    stream: 0,
-                    priority: 0,
-                    queue: 0,
-                    offered_to: NO_AGENT,
-                    offer: 0,
-                    owner: NO_AGENT,
-                    owner_queue: 0,
-                    assignment: 0,
-                    escalations: 0,
-                    counted: false,
-                    queued_at_arrival: false,
-                    answered: false,
-                });
-                (self.records.len() - 1) as u32
-            }
-        };
+        let slot = self.free_slots.pop().unwrap_or(self.records.len() as u32);
         // The slot in the low bits lets effects find the record without a map.
         let id = ConversationId((u128::from(self.next_conversation) << 32) | u128::from(slot));
         self.next_conversation += 1;
         self.arrivals += 1;
         self.unanswered += 1;
-        self.records[slot as usize] = Record {
+        let record = Record {
             id,
             handle,
             stream,
@@ -832,6 +811,10 @@ impl<'a> Engine<'a> {
             queued_at_arrival: false,
             answered: false,
         };
+        match self.records.get_mut(slot as usize) {
+            Some(free) => *free = record,
+            None => self.records.push(record),
+        }
         let new = NewConversation {
             id,
             message: MessageId(id.0),
