@@ -86,9 +86,14 @@ async fn drive(args: &[String]) {
                 "{}/v1/agents/{agent}/stream?access_token=demo-{agent}-token",
                 url.replace("http://", "ws://")
             );
-            let (mut socket, _) = tokio_tungstenite::connect_async(ws)
-                .await
-                .expect("agent websocket");
+            // A small read buffer: the default 128 KiB is zero-filled on every read, and this
+            // process shares the machine with the daemon it measures.
+            let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+                .read_buffer_size(8 * 1024);
+            let (mut socket, _) =
+                tokio_tungstenite::connect_async_with_config(ws, Some(config), false)
+                    .await
+                    .expect("agent websocket");
             socket
                 .send(Message::Text(
                     json!({ "type": "presence", "presence": "available" })

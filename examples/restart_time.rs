@@ -1,8 +1,10 @@
-//! Restart-to-ready time with N open conversations: `cargo run --release --example restart_time -- N [DIR]`.
+//! Prepares a store with N open conversations for the restart benchmark (`scripts/bench-restart`):
+//! `restart_time N DIR`.
 //!
-//! Stores N messages (N waiting conversations) through the store, starts the daemon once so every one
-//! is routed and its routing state committed, stops it, then times a second start until it is ready
-//! (store opened, router recovered from the stored state, serving). Prints one JSON line.
+//! Stores N messages (N waiting conversations) through the store, then starts the daemon once so
+//! every one is routed and its routing state committed, and stops it. The script then times the real
+//! `switchboard run` binary from start to ready on that store, and reads its peak memory. Prints one
+//! JSON line with the preparation times.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Instant;
@@ -17,10 +19,7 @@ use switchboard::store::sqlite::{SqliteOptions, SqliteStore};
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let count: usize = args.get(1).map_or(100_000, |n| n.parse().expect("N"));
-    let dir = match args.get(2) {
-        Some(dir) => std::path::PathBuf::from(dir),
-        None => tempfile::tempdir().expect("temp dir").keep(),
-    };
+    let dir = std::path::PathBuf::from(args.get(2).expect("DIR"));
     let path = dir.join("restart.sqlite");
     let environment = vec![
         (
@@ -61,23 +60,16 @@ async fn main() {
     let filled = fill.elapsed();
 
     let first = Instant::now();
-    let daemon = daemon::start(settings.clone(), source.clone())
-        .await
-        .unwrap();
+    let daemon = daemon::start(settings, source).await.unwrap();
     daemon.shutdown().await;
     let first_run = first.elapsed();
 
-    let restart = Instant::now();
-    let daemon = daemon::start(settings, source).await.unwrap();
-    let ready = restart.elapsed();
-    daemon.shutdown().await;
     println!(
         "{}",
         serde_json::json!({
             "open_conversations": count,
             "fill_seconds": filled.as_secs_f64(),
             "first_start_routing_all_seconds": first_run.as_secs_f64(),
-            "restart_to_ready_seconds": ready.as_secs_f64(),
         })
     );
 }

@@ -27,7 +27,7 @@ use super::hub::AgentHub;
 use super::metrics::Metrics;
 use super::persist::{StoredAgent, StoredConversation, status_of};
 use crate::message::InboundMessage;
-use crate::routing::inspect::RouterSnapshot;
+use crate::routing::inspect::{AgentSnapshot, ConversationSnapshot, RouterSnapshot};
 use crate::routing::{
     AgentId, Command, CommandError, ConversationId, Effect, MessageId, OfferEnd, Presence, Router,
     RoutingConfig, TimerQueue, Timestamp, TransferTarget,
@@ -213,15 +213,21 @@ pub async fn start(
     for (id, document) in recovery.agents {
         let stored: StoredAgent = serde_json::from_value(document)
             .map_err(|error| StoreError::Corrupt(format!("agent {id}: {error}")))?;
-        let mut agent = stored.into_snapshot(&id);
-        // Agents come back offline until their desktop reconnects; their conversations stay theirs.
-        agent.presence = Presence::Offline;
-        snapshot.agents.push(agent);
+        snapshot.agents.push(stored.into_snapshot(&id));
     }
     let restored_conversations = snapshot.conversations.len();
     let now = wall_clock();
     let mut effects = Vec::new();
+    // What is stored, to rewrite only what the restore changes.
+    let saved = snapshot.clone();
+    for agent in &mut snapshot.agents {
+        // Agents come back offline until their desktop reconnects; their conversations stay theirs.
+        agent.presence = Presence::Offline;
+    }
     let router = Router::restore(routing, snapshot, now, &mut effects)?;
+    let changed = Changed::since(&router, &saved);
+    drop(saved);
+    let rewritten = changed.conversations.len();
     let (requests, receiver) = mpsc::channel(4096);
     let (steps, step_receiver) = mpsc::unbounded_channel();
     let mut engine = Engine {
@@ -231,7 +237,7 @@ pub async fn start(
         steps,
     };
     engine.timers.apply(&effects);
-    engine.record(now, effects, Vec::new(), &[], None, true);
+    engine.record(now, effects, Vec::new(), changed, None);
     let unrouted = recovery.unrouted.len();
     for stored in recovery.unrouted {
         match replay(stored) {
@@ -241,6 +247,7 @@ pub async fn start(
     }
     info!(
         conversations = restored_conversations,
+        rewritten,
         replayed = unrouted,
         "router state recovered"
     );
@@ -376,7 +383,11 @@ impl Engine {
                                 utc(now),
                             ));
                         }
-                        self.record(now, effects, extra, &[agent], Some(reply), false);
+                        let touched = Changed {
+                            agents: vec![agent],
+                            ..Changed::default()
+                        };
+                        self.record(now, effects, extra, touched, Some(reply));
                     }
                     Err(error) => {
                         let _ = reply.send(Err(error.into()));
@@ -385,8 +396,12 @@ impl Engine {
             }
             Request::Reload { routing, reply } => {
                 let now = wall_clock();
+                let before = self.router.snapshot();
                 match self.run_command(now, Command::ReplaceConfig(routing)) {
-                    Ok(effects) => self.record(now, effects, Vec::new(), &[], Some(reply), true),
+                    Ok(effects) => {
+                        let changed = Changed::since(&self.router, &before);
+                        self.record(now, effects, Vec::new(), changed, Some(reply));
+                    }
                     Err(error) => {
                         let _ = reply.send(Err(error.into()));
                     }
@@ -448,7 +463,7 @@ impl Engine {
         match self.run_command(now, command) {
             Ok(effects) => {
                 let received = Some((conversation, ingested.received));
-                let mut write = self.routing_write(now, &effects, extra, &[], false);
+                let mut write = self.routing_write(now, &effects, extra, Changed::default());
                 write.routed_messages.push(ingested.message_id);
                 self.send_step(Step {
                     write,
@@ -467,7 +482,7 @@ impl Engine {
         let now = wall_clock();
         while let Some((_, key)) = self.timers.pop_due(now) {
             match self.run_command(now, Command::TimerFired(key)) {
-                Ok(effects) => self.record(now, effects, Vec::new(), &[], None, false),
+                Ok(effects) => self.record(now, effects, Vec::new(), Changed::default(), None),
                 Err(error) => warn!(%error, "timer refused"),
             }
         }
@@ -479,11 +494,10 @@ impl Engine {
         now: Timestamp,
         effects: Vec<Effect>,
         extra: Vec<NewEvent>,
-        agents: &[AgentId],
+        touched: Changed,
         reply: Option<oneshot::Sender<Result<(), EngineError>>>,
-        everything: bool,
     ) {
-        let write = self.routing_write(now, &effects, extra, agents, everything);
+        let write = self.routing_write(now, &effects, extra, touched);
         self.send_step(Step {
             write,
             effects,
@@ -498,21 +512,18 @@ impl Engine {
         }
     }
 
-    /// The state documents of everything a step touched (or of everything, after a restore), and its events.
+    /// The state documents of everything a step touched (its effects' conversations and agents,
+    /// and `touched`), and its events.
     fn routing_write(
         &self,
         now: Timestamp,
         effects: &[Effect],
         mut events: Vec<NewEvent>,
-        agents: &[AgentId],
-        everything: bool,
+        touched: Changed,
     ) -> RoutingWrite {
-        let mut conversations: BTreeSet<ConversationId> = BTreeSet::new();
-        let mut touched_agents: BTreeSet<AgentId> = agents.iter().cloned().collect();
-        if everything {
-            conversations.extend(self.router.conversation_ids());
-            touched_agents.extend(self.router.agents().map(|view| view.id));
-        }
+        let mut conversations: BTreeSet<ConversationId> =
+            touched.conversations.into_iter().collect();
+        let mut touched_agents: BTreeSet<AgentId> = touched.agents.into_iter().collect();
         for effect in effects {
             if let Some(conversation) = effect_conversation(effect) {
                 conversations.insert(conversation);
@@ -616,6 +627,43 @@ impl Engine {
     }
 }
 
+/// Conversations and agents whose stored state must be rewritten beyond what a step's effects name.
+#[derive(Debug, Default)]
+struct Changed {
+    conversations: Vec<ConversationId>,
+    agents: Vec<AgentId>,
+}
+
+impl Changed {
+    /// What differs between the router and `before`: after a restore (restart, new configuration)
+    /// only these are rewritten, not every open conversation.
+    fn since(router: &Router, before: &RouterSnapshot) -> Changed {
+        let saved: HashMap<ConversationId, &ConversationSnapshot> = before
+            .conversations
+            .iter()
+            .map(|conversation| (conversation.id, conversation))
+            .collect();
+        let conversations = router
+            .conversation_ids()
+            .filter(|id| router.conversation_snapshot(*id).as_ref() != saved.get(id).copied())
+            .collect();
+        let saved_agents: HashMap<&AgentId, &AgentSnapshot> = before
+            .agents
+            .iter()
+            .map(|agent| (&agent.id, agent))
+            .collect();
+        let agents = router
+            .agents()
+            .map(|view| view.id)
+            .filter(|id| router.agent_snapshot(id).as_ref() != saved_agents.get(id).copied())
+            .collect();
+        Changed {
+            conversations,
+            agents,
+        }
+    }
+}
+
 fn effect_conversation(effect: &Effect) -> Option<ConversationId> {
     match effect {
         Effect::Offered { conversation, .. }
@@ -653,34 +701,35 @@ fn effect_agent(effect: &Effect) -> Option<&AgentId> {
     }
 }
 
-/// Merges queued steps into one write: the last state of each conversation and agent wins, events
-/// and routed marks keep their order.
-fn merge(steps: &[Step]) -> RoutingWrite {
+/// Merges queued steps into one write, taking their writes out of them: the last state of each
+/// conversation and agent wins, events and routed marks keep their order.
+fn merge(steps: &mut [Step]) -> RoutingWrite {
     let mut merged = RoutingWrite::default();
     let mut conversation_index = HashMap::new();
     let mut agent_index = HashMap::new();
     for step in steps {
-        for (id, status, document) in &step.write.conversations {
-            match conversation_index.get(id) {
-                Some(&index) => merged.conversations[index] = (*id, *status, document.clone()),
+        let write = std::mem::take(&mut step.write);
+        for (id, status, document) in write.conversations {
+            match conversation_index.get(&id) {
+                Some(&index) => merged.conversations[index] = (id, status, document),
                 None => {
-                    conversation_index.insert(*id, merged.conversations.len());
-                    merged.conversations.push((*id, *status, document.clone()));
+                    conversation_index.insert(id, merged.conversations.len());
+                    merged.conversations.push((id, status, document));
                 }
             }
         }
-        for (id, document) in &step.write.agents {
-            match agent_index.get(id) {
-                Some(&index) => merged.agents[index] = (id.clone(), document.clone()),
+        for (id, document) in write.agents {
+            match agent_index.get(&id) {
+                Some(&index) => merged.agents[index] = (id, document),
                 None => {
                     agent_index.insert(id.clone(), merged.agents.len());
-                    merged.agents.push((id.clone(), document.clone()));
+                    merged.agents.push((id, document));
                 }
             }
         }
-        merged.routed_messages.extend(&step.write.routed_messages);
-        merged.events.extend(step.write.events.iter().cloned());
-        merged.epoch = merged.epoch.max(step.write.epoch);
+        merged.routed_messages.extend(write.routed_messages);
+        merged.events.extend(write.events);
+        merged.epoch = merged.epoch.max(write.epoch);
     }
     merged
 }
@@ -697,7 +746,7 @@ async fn dispatch(mut steps: mpsc::UnboundedReceiver<Step>, context: EngineConte
                 Err(_) => break,
             }
         }
-        let write = Arc::new(merge(&batch));
+        let write = Arc::new(merge(&mut batch));
         let has_events = !write.events.is_empty();
         // The router already decided: the commit must happen. Retry until the store is back.
         loop {
@@ -830,5 +879,80 @@ async fn announce(context: &EngineContext, step: &Step) {
         metrics
             .ingest_to_offer_seconds
             .observe(received.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::config::{AgentConfig, QueueConfig};
+    use crate::routing::{Channel, QueueName};
+
+    fn centre() -> RoutingConfig {
+        let mut routing = RoutingConfig::single_queue(QueueConfig::new("support"));
+        routing.agents = ["amy", "bo"]
+            .into_iter()
+            .map(|id| AgentConfig {
+                id: AgentId::new(id),
+                name: id.into(),
+                queues: vec![QueueName::new("support")],
+                skills: Vec::new(),
+                languages: Vec::new(),
+                capacity: vec![(Channel::Chat, 1)],
+                max_total: 1,
+            })
+            .collect();
+        routing
+    }
+
+    #[allow(clippy::unwrap_used)]
+    fn arrive(router: &mut Router, now: Timestamp, id: u128) {
+        let message = InboundMessage::new("chat", "webchat", &format!("m{id}"), "c", "hi");
+        let facts = message.routing_facts(ConversationId(id), MessageId(id));
+        router
+            .handle(now, Command::Arrive(Box::new(facts)), &mut Vec::new())
+            .unwrap();
+    }
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn a_restore_that_changes_nothing_rewrites_nothing() {
+        let now = Timestamp(1_000);
+        let mut router = Router::new(centre(), now, &mut Vec::new()).unwrap();
+        arrive(&mut router, now, 1);
+        arrive(&mut router, now, 2);
+        let saved = router.snapshot();
+        let restored = Router::restore(centre(), saved.clone(), now, &mut Vec::new()).unwrap();
+        let changed = Changed::since(&restored, &saved);
+        assert!(changed.conversations.is_empty(), "{changed:?}");
+        assert!(changed.agents.is_empty(), "{changed:?}");
+    }
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn agents_coming_back_offline_and_their_withdrawn_offers_are_rewritten() {
+        let now = Timestamp(1_000);
+        let mut router = Router::new(centre(), now, &mut Vec::new()).unwrap();
+        router
+            .handle(
+                now,
+                Command::AgentPresence {
+                    agent: AgentId::new("amy"),
+                    presence: Presence::Available,
+                },
+                &mut Vec::new(),
+            )
+            .unwrap();
+        arrive(&mut router, now, 1);
+        arrive(&mut router, now, 2);
+        let saved = router.snapshot();
+        let mut offline = saved.clone();
+        for agent in &mut offline.agents {
+            agent.presence = Presence::Offline;
+        }
+        let restored = Router::restore(centre(), offline, now, &mut Vec::new()).unwrap();
+        let changed = Changed::since(&restored, &saved);
+        assert_eq!(changed.agents, vec![AgentId::new("amy")]);
+        assert_eq!(changed.conversations, vec![ConversationId(1)]);
     }
 }

@@ -189,6 +189,21 @@ pub struct AgentConfig {
     pub max_total: u16,
 }
 
+impl AgentConfig {
+    /// Does this agent serve `queue`: listed as a member, or holding every skill the queue requires?
+    pub fn serves(&self, queue: &QueueConfig) -> bool {
+        if self.queues.contains(&queue.name) {
+            return true;
+        }
+        !queue.required_skills.is_empty()
+            && queue.required_skills.iter().all(|requirement| {
+                self.skills.iter().any(|(skill, level)| {
+                    **skill == *requirement.skill && *level >= requirement.min_level
+                })
+            })
+    }
+}
+
 /// Rules that raise priority.
 #[derive(Debug, Clone)]
 pub struct PriorityPolicy {
@@ -302,6 +317,47 @@ impl RoutingConfig {
 
     pub fn queue(&self, name: &str) -> Option<&QueueConfig> {
         self.queues.iter().find(|queue| queue.name.as_str() == name)
+    }
+
+    /// What is valid but probably a mistake: agents who serve no queue (they can never be offered
+    /// anything), queues no agent serves (what lands there waits forever), and channels an agent has
+    /// capacity for that none of their queues accepts. `check-config` prints these; `run` logs them.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        for agent in &self.agents {
+            let served: Vec<&QueueConfig> = self
+                .queues
+                .iter()
+                .filter(|queue| agent.serves(queue))
+                .collect();
+            if served.is_empty() {
+                warnings.push(format!(
+                    "agent `{}` serves no queue: nothing can be offered to them",
+                    agent.id
+                ));
+                continue;
+            }
+            for (channel, slots) in &agent.capacity {
+                let accepted = served
+                    .iter()
+                    .any(|queue| queue.channels.is_empty() || queue.channels.contains(channel));
+                if *slots > 0 && !accepted {
+                    warnings.push(format!(
+                        "agent `{}` has capacity for channel `{channel}` but none of their queues accepts it",
+                        agent.id
+                    ));
+                }
+            }
+        }
+        for queue in &self.queues {
+            if !self.agents.iter().any(|agent| agent.serves(queue)) {
+                warnings.push(format!(
+                    "queue `{}` has no agent: conversations routed there wait until one is added",
+                    queue.name
+                ));
+            }
+        }
+        warnings
     }
 
     /// Checks every cross-reference and bound. The router only ever runs a validated configuration.

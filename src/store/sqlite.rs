@@ -34,7 +34,7 @@
 //! identities that were not linked yet are linked to it; identities already linked to the other
 //! contacts stay where they are (contacts are never merged silently; merging is an admin action).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -1099,29 +1099,45 @@ fn oldest_contact(conn: &Connection, candidates: BTreeSet<String>) -> Result<Str
 }
 
 /// Appends events to the outbox, numbering each conversation's events 1, 2, 3... in order.
+/// Each conversation's counter moves once per write, not once per event: the row holds the routing
+/// state document, and rewriting it per event was the largest cost of a routing commit.
 fn append_events(conn: &Connection, events: &[NewEvent]) -> Result<(), StoreError> {
+    let mut per_conversation: BTreeMap<Ulid, i64> = BTreeMap::new();
+    for id in events.iter().filter_map(|event| event.conversation_id) {
+        *per_conversation.entry(id).or_default() += 1;
+    }
+    // The next sequence number to hand out, per conversation.
+    let mut next_seq: BTreeMap<Ulid, i64> = BTreeMap::new();
+    for (conversation_id, count) in per_conversation {
+        let last: i64 = conn
+            .prepare_cached(
+                "UPDATE conversations SET event_seq = event_seq + ?2 WHERE id = ?1
+                 RETURNING event_seq",
+            )?
+            .query_row(params![conversation_id.to_string(), count], |row| {
+                row.get(0)
+            })
+            .optional()?
+            .ok_or_else(|| {
+                StoreError::NotFound(format!(
+                    "an event names unknown conversation {conversation_id}"
+                ))
+            })?;
+        next_seq.insert(conversation_id, last - count + 1);
+    }
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO outbox (event_id, kind, conversation_id, seq, data, time)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
     for event in events {
-        let seq: i64 = match &event.conversation_id {
-            Some(conversation_id) => conn
-                .prepare_cached(
-                    "UPDATE conversations SET event_seq = event_seq + 1 WHERE id = ?1
-                     RETURNING event_seq",
-                )?
-                .query_row(params![conversation_id.to_string()], |row| row.get(0))
-                .optional()?
-                .ok_or_else(|| {
-                    StoreError::NotFound(format!(
-                        "event {} names unknown conversation {conversation_id}",
-                        event.event_id
-                    ))
-                })?,
+        let seq = match event.conversation_id.and_then(|id| next_seq.get_mut(&id)) {
+            Some(next) => {
+                *next += 1;
+                *next - 1
+            }
             None => 0,
         };
-        conn.prepare_cached(
-            "INSERT INTO outbox (event_id, kind, conversation_id, seq, data, time)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )?
-        .execute(params![
+        insert.execute(params![
             event.event_id.to_string(),
             event.kind,
             event.conversation_id.map(|id| id.to_string()),
