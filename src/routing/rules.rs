@@ -7,14 +7,14 @@
 //! are found by a hash lookup of the address instead of being tried one by one.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use aho_corasick::{AhoCorasick, AhoCorasickKind};
+use aho_corasick::AhoCorasick;
 
 use super::command::{NewConversation, PriorityReason};
 use super::config::{ConfigError, RoutingConfig, RoutingRule};
 use super::model::{Priority, SkillRequirement};
-use super::router::KeyMap;
 
 /// What a matching rule (or the default, when none matches) decides, prepared for the router.
 #[derive(Debug, Clone)]
@@ -87,7 +87,7 @@ pub(crate) struct CompiledRules {
     keywords: Option<AhoCorasick>,
     keyword_count: usize,
     /// Destination address → the rules naming it, in rule order.
-    by_address: KeyMap<String, Vec<u32>>,
+    by_address: HashMap<String, Vec<u32>>,
     /// The rules that name no destination address, in rule order.
     any_address: Vec<u32>,
 }
@@ -102,7 +102,7 @@ impl CompiledRules {
                 .collect()
         };
         let mut patterns: Vec<String> = Vec::new();
-        let mut by_address: KeyMap<String, Vec<u32>> = KeyMap::default();
+        let mut by_address: HashMap<String, Vec<u32>> = HashMap::new();
         let mut any_address = Vec::new();
         let mut rules = Vec::with_capacity(config.rules.len());
         for (index, rule) in config.rules.iter().enumerate() {
@@ -147,12 +147,8 @@ impl CompiledRules {
             None
         } else {
             Some(
-                // Customer messages are short: a DFA without a prefilter scans one in fewer
-                // instructions than the prefilter takes to set up.
                 AhoCorasick::builder()
                     .ascii_case_insensitive(true)
-                    .kind(Some(AhoCorasickKind::DFA))
-                    .prefilter(false)
                     .build(&patterns)
                     .map_err(|error| ConfigError::Keywords(error.to_string()))?,
             )
@@ -399,6 +395,7 @@ fn is_whole_word(haystack: &str, start: usize, end: usize) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::routing::config::{QueueConfig, RuleAction, RuleMatch};
     use crate::routing::model::{Channel, ConversationId, MessageId, QueueName};
