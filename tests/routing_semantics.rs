@@ -594,6 +594,46 @@ fn transfer_to_agent_and_queue_keep_priority_and_wait() {
 }
 
 #[test]
+fn transfer_to_a_queue_that_does_not_take_the_channel_is_refused() {
+    let mut sms_only = queue("callbacks");
+    sms_only.channels = vec![Channel::Sms];
+    let mut h = Harness::new(config(
+        vec![queue("support"), sms_only],
+        vec![
+            agent("amy", &["support"], 1),
+            agent("cal", &["callbacks"], 1),
+        ],
+    ));
+    h.online("amy");
+    h.online("cal");
+    h.arrive(1, "hi");
+    h.accept("amy", 1).unwrap();
+    let before = h.router.snapshot();
+    let refused = h.send(Command::Transfer {
+        agent: AgentId::new("amy"),
+        conversation: ConversationId(1),
+        to: TransferTarget::Queue(QueueName::new("callbacks")),
+    });
+    assert_eq!(
+        refused,
+        Err(CommandError::QueueRejectsChannel {
+            queue: QueueName::new("callbacks"),
+            channel: Channel::Chat,
+        })
+    );
+    assert_eq!(
+        refused.unwrap_err().to_string(),
+        "queue `callbacks` does not accept chat conversations"
+    );
+    // Refused, it changed nothing: amy still owns it.
+    assert_eq!(h.router.snapshot(), before);
+    assert!(matches!(
+        h.state(1),
+        ConversationState::Assigned { ref agent, .. } if agent.as_str() == "amy"
+    ));
+}
+
+#[test]
 fn reopen_within_window_prefers_last_agent_then_routes_normally() {
     let mut routing = config(
         vec![queue("support")],
@@ -757,6 +797,98 @@ fn round_robin_takes_turns() {
         }));
     }
     assert_eq!(chosen, ["a", "b", "c", "a", "b", "c"]);
+}
+
+/// The agents chosen, in order, for arrivals `ids` on an auto-accept queue.
+fn assigned_to(h: &mut Harness, ids: std::ops::RangeInclusive<u128>) -> Vec<String> {
+    let mut chosen = Vec::new();
+    for id in ids {
+        chosen.extend(h.arrive(id, "x").iter().filter_map(|e| match e {
+            Effect::Assigned { agent, .. } => Some(agent.to_string()),
+            _ => None,
+        }));
+    }
+    chosen
+}
+
+#[test]
+fn round_robin_turns_survive_replace_config_and_restore() {
+    let mut support = queue("support");
+    support.strategy = Strategy::RoundRobin;
+    support.auto_accept = true;
+    let routing = config(
+        vec![support],
+        vec![
+            agent("a", &["support"], 9),
+            agent("b", &["support"], 9),
+            agent("c", &["support"], 9),
+        ],
+    );
+    let mut h = Harness::new(routing.clone());
+    for name in ["a", "b", "c"] {
+        h.online(name);
+    }
+    assert_eq!(assigned_to(&mut h, 1..=2), ["a", "b"]);
+    // A configuration change does not restart the rotation at a: c's turn is next.
+    h.send(Command::ReplaceConfig(Box::new(routing.clone())))
+        .unwrap();
+    assert_eq!(assigned_to(&mut h, 3..=4), ["c", "a"]);
+    // Nor does a restore from a snapshot (a restart): b's turn is next.
+    let snapshot = h.router.snapshot();
+    assert_eq!(
+        snapshot
+            .agents
+            .iter()
+            .map(|agent| agent.turns.len())
+            .collect::<Vec<_>>(),
+        [1, 1, 1]
+    );
+    let mut effects = Vec::new();
+    h.router = Router::restore(routing, snapshot, h.now, &mut effects).unwrap();
+    h.router.audit().unwrap();
+    assert_eq!(assigned_to(&mut h, 5..=7), ["b", "c", "a"]);
+}
+
+#[test]
+fn recent_handle_times_survive_replace_config_and_restore() {
+    let mut support = queue("support");
+    support.default_handle_time = Millis::from_secs(100);
+    let routing = config(vec![support], vec![agent("amy", &["support"], 1)]);
+    let mut h = Harness::new(routing.clone());
+    h.online("amy");
+    h.arrive(1, "first");
+    h.accept("amy", 1).unwrap();
+    h.advance(30);
+    h.resolve("amy", 1);
+    h.arrive(2, "second");
+    h.accept("amy", 2).unwrap();
+    h.advance(50);
+    h.resolve("amy", 2);
+    h.arrive(3, "third");
+    h.accept("amy", 3).unwrap();
+    // Recent handle times 30 s and 50 s: 40 s per conversation ahead, not the 100 s default.
+    let queued = |effects: &[Effect]| {
+        effects.iter().find_map(|effect| match effect {
+            Effect::Queued { estimated_wait, .. } => Some(*estimated_wait),
+            _ => None,
+        })
+    };
+    assert_eq!(queued(&h.arrive(4, "fourth")), Some(Millis::from_secs(40)));
+    h.send(Command::ReplaceConfig(Box::new(routing.clone())))
+        .unwrap();
+    assert_eq!(queued(&h.arrive(5, "fifth")), Some(Millis::from_secs(80)));
+    let snapshot = h.router.snapshot();
+    assert_eq!(
+        snapshot.queues[0].recent_handle_times,
+        [Millis::from_secs(30), Millis::from_secs(50)]
+    );
+    let mut effects = Vec::new();
+    h.router = Router::restore(routing, snapshot, h.now, &mut effects).unwrap();
+    assert_eq!(
+        h.router.queue_position(ConversationId(5)),
+        Some((2, Millis::from_secs(80)))
+    );
+    assert_eq!(queued(&h.arrive(6, "sixth")), Some(Millis::from_secs(120)));
 }
 
 #[test]

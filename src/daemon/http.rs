@@ -107,6 +107,9 @@ impl From<EngineError> for ApiError {
                     CommandError::TransferToSelf => {
                         (StatusCode::UNPROCESSABLE_ENTITY, "transfer_to_self")
                     }
+                    CommandError::QueueRejectsChannel { .. } => {
+                        (StatusCode::UNPROCESSABLE_ENTITY, "queue_rejects_channel")
+                    }
                     CommandError::DuplicateConversation(_) => {
                         (StatusCode::CONFLICT, "duplicate_conversation")
                     }

@@ -72,6 +72,9 @@ pub struct StoredAgent {
     pub last_offer_at: u64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub wrap_ups: Vec<(String, String, u64)>,
+    /// Round-robin turns: (queue, turn).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub turns: Vec<(String, u64)>,
 }
 
 /// A priority reason as a short stable word, for storage and for the supervisor view.
@@ -276,6 +279,11 @@ impl From<&AgentSnapshot> for StoredAgent {
                     )
                 })
                 .collect(),
+            turns: snapshot
+                .turns
+                .iter()
+                .map(|(queue, turn)| (queue.to_string(), *turn))
+                .collect(),
         }
     }
 }
@@ -299,6 +307,11 @@ impl StoredAgent {
                     ))
                 })
                 .collect(),
+            turns: self
+                .turns
+                .iter()
+                .map(|(queue, turn)| (QueueName::new(queue), *turn))
+                .collect(),
         }
     }
 }
@@ -309,5 +322,36 @@ pub fn parse_presence(text: &str) -> Option<Presence> {
         "away" => Some(Presence::Away),
         "offline" => Some(Presence::Offline),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn agent_documents_keep_round_robin_turns_and_older_documents_still_load() {
+        let snapshot = AgentSnapshot {
+            id: AgentId::new("amy"),
+            presence: Presence::Available,
+            missed: 1,
+            last_offer_at: Timestamp(42),
+            wrap_ups: Vec::new(),
+            turns: vec![(QueueName::new("support"), 7), (QueueName::new("sales"), 3)],
+        };
+        let document = serde_json::to_value(StoredAgent::from(&snapshot)).unwrap();
+        assert_eq!(
+            document["turns"],
+            serde_json::json!([["support", 7], ["sales", 3]])
+        );
+        let stored: StoredAgent = serde_json::from_value(document).unwrap();
+        assert_eq!(stored.into_snapshot("amy"), snapshot);
+        // Written before turns were stored: no turns, everything else as it was.
+        let older = serde_json::json!({"presence": "away", "missed": 0, "last_offer_at": 5});
+        let stored: StoredAgent = serde_json::from_value(older).unwrap();
+        let restored = stored.into_snapshot("amy");
+        assert!(restored.turns.is_empty());
+        assert_eq!(restored.presence, Presence::Away);
     }
 }

@@ -247,6 +247,8 @@ pub enum CommandError {
     NoNextTier(QueueName),
     #[error("cannot transfer a conversation to the agent who owns it")]
     TransferToSelf,
+    #[error("queue `{queue}` does not accept {channel} conversations")]
+    QueueRejectsChannel { queue: QueueName, channel: Channel },
     #[error("invalid configuration: {0}")]
     InvalidConfig(#[from] super::config::ConfigError),
 }

@@ -297,6 +297,8 @@ pub enum ConfigError {
     ChannelNeverAccepted { queue: String, place: String },
     #[error("offers.max_missed must be at least 1")]
     ZeroMaxMissed,
+    #[error("the routing rules' keywords cannot be compiled: {0}")]
+    Keywords(String),
 }
 
 impl RoutingConfig {

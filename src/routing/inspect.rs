@@ -73,12 +73,24 @@ pub struct AgentSnapshot {
     pub last_offer_at: Timestamp,
     /// Wrap-ups in progress: conversation, its channel, until when.
     pub wrap_ups: Vec<(ConversationId, Channel, Timestamp)>,
+    /// Round-robin turns: per queue served, the router's offer counter at this agent's last offer
+    /// from it (0: never). The lowest turn goes next on a round-robin queue.
+    pub turns: Vec<(QueueName, u64)>,
+}
+
+/// A queue's run-time state: the recent handle times its estimated waits are computed from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueSnapshot {
+    pub name: QueueName,
+    /// Oldest first; at most the window the router keeps.
+    pub recent_handle_times: Vec<Millis>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RouterSnapshot {
     pub conversations: Vec<ConversationSnapshot>,
     pub agents: Vec<AgentSnapshot>,
+    pub queues: Vec<QueueSnapshot>,
 }
 
 /// A conversation as the API and supervisors see it.
@@ -143,10 +155,25 @@ impl Router {
         for queue in 0..router.queues.len() as u32 {
             router.refresh_business_hours(now, queue, effects);
         }
+        for saved in &snapshot.queues {
+            if let Some(&queue) = router.queue_index.get(&saved.name) {
+                router.queues[queue as usize].restore_handle_times(&saved.recent_handle_times);
+            }
+        }
         for agent in &snapshot.agents {
             let Some(&slot) = router.agent_index.get(&agent.id) else {
                 continue;
             };
+            for (name, turn) in &agent.turns {
+                let Some(&queue) = router.queue_index.get(name) else {
+                    continue;
+                };
+                let state = &mut router.agents[slot as usize];
+                if let Some(entry) = state.serves.iter_mut().find(|(served, _)| *served == queue) {
+                    entry.1 = *turn;
+                }
+                router.next_turn = router.next_turn.max(*turn);
+            }
             let state = &mut router.agents[slot as usize];
             state.presence = agent.presence;
             state.missed = agent.missed;
@@ -419,6 +446,14 @@ impl Router {
                 .iter()
                 .filter_map(|agent| self.agent_snapshot(&agent.id))
                 .collect(),
+            queues: self
+                .queues
+                .iter()
+                .map(|queue| QueueSnapshot {
+                    name: queue.config.name.clone(),
+                    recent_handle_times: queue.recent_handle_times(),
+                })
+                .collect(),
         }
     }
 
@@ -445,6 +480,12 @@ impl Router {
                         wrap_up.until,
                     )
                 })
+                .collect(),
+            turns: agent
+                .serves
+                .iter()
+                .filter(|(_, turn)| *turn != 0)
+                .map(|(queue, turn)| (self.queues[*queue as usize].config.name.clone(), *turn))
                 .collect(),
         })
     }

@@ -21,7 +21,9 @@ pub use command::{
     TransferTarget,
 };
 pub use config::{RoutingConfig, Strategy};
-pub use inspect::{AgentView, ConversationState, ConversationView, QueueView, RouterSnapshot};
+pub use inspect::{
+    AgentView, ConversationState, ConversationView, QueueSnapshot, QueueView, RouterSnapshot,
+};
 pub use model::{AgentId, Channel, ConversationId, MessageId, Presence, Priority, QueueName};
 pub use router::Router;
 pub use time::{Millis, Timestamp};

@@ -25,7 +25,7 @@
 //! reservation). Timers are semantic keys ([`TimerKey`]); a stale timer is ignored when it fires.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::Arc;
 
@@ -37,7 +37,7 @@ use super::config::{AgentConfig, EscalationAction, QueueConfig, RoutingConfig, S
 use super::model::{
     AgentId, Channel, ConversationId, MessageId, Presence, Priority, QueueName, SkillRequirement,
 };
-use super::rules::{self, CompiledRules};
+use super::rules::{self, CompiledRules, OutcomeId};
 use super::time::{Millis, Timestamp};
 
 /// How many recent handle times per queue feed the estimated wait.
@@ -176,6 +176,15 @@ pub(super) enum Candidates {
     Spilled(Box<[(u32, u32)]>),
 }
 
+impl Default for Candidates {
+    fn default() -> Candidates {
+        Candidates::Inline {
+            len: 0,
+            pairs: [(0, 0); 2],
+        }
+    }
+}
+
 impl Candidates {
     pub(super) fn one(pair: (u32, u32)) -> Candidates {
         Candidates::Inline {
@@ -212,10 +221,7 @@ impl std::ops::Deref for Candidates {
 
 impl FromIterator<(u32, u32)> for Candidates {
     fn from_iter<I: IntoIterator<Item = (u32, u32)>>(pairs: I) -> Candidates {
-        let mut candidates = Candidates::Inline {
-            len: 0,
-            pairs: [(0, 0); 2],
-        };
+        let mut candidates = Candidates::default();
         for pair in pairs {
             candidates.push(pair);
         }
@@ -276,7 +282,8 @@ pub(super) struct Conversation {
     /// In the lanes or a reserved set right now (must be taken out before its key fields change).
     pub(super) indexed: bool,
     pub(super) reasons: Vec<PriorityReason>,
-    pub(super) tags: Vec<Arc<str>>,
+    /// Shared with every conversation its rule routed.
+    pub(super) tags: Arc<[Arc<str>]>,
 }
 
 impl Conversation {
@@ -525,8 +532,12 @@ pub struct Router {
     pub(super) slot_of: SlotIndex,
     pub(super) next_seq: u64,
     pub(super) next_turn: u64,
-    /// Primary subtags of the languages some configured agent speaks.
-    pub(super) spoken_languages: HashSet<String, BuildHasherDefault<KeyHasher>>,
+    /// Primary subtags (lowercased) of the languages some configured agent speaks; few.
+    pub(super) spoken_languages: Vec<String>,
+    /// Per rule outcome (see [`CompiledRules::outcomes`]): the class of its skills, any language.
+    outcome_classes: Vec<u32>,
+    /// Per class without a language: the classes adding each spoken language, as first needed.
+    language_classes: KeyMap<u32, Vec<(u32, u32)>>,
     /// Language tags seen lately, most recent last, for conversations to share.
     recent_languages: Vec<Arc<str>>,
 }
@@ -550,7 +561,7 @@ impl Router {
     pub(super) fn build(config: RoutingConfig, now: Timestamp) -> Result<Router, CommandError> {
         config.validate()?;
         let mut router = Router {
-            rules: CompiledRules::new(&config),
+            rules: CompiledRules::new(&config)?,
             clock: now,
             queues: Vec::new(),
             queue_index: KeyMap::default(),
@@ -567,7 +578,9 @@ impl Router {
             slot_of: SlotIndex::default(),
             next_seq: 0,
             next_turn: 0,
-            spoken_languages: HashSet::default(),
+            spoken_languages: Vec::new(),
+            outcome_classes: Vec::new(),
+            language_classes: KeyMap::default(),
             recent_languages: Vec::new(),
             config,
         };
@@ -610,9 +623,10 @@ impl Router {
         let agent_configs = router.config.agents.clone();
         for agent in agent_configs {
             for language in &agent.languages {
-                router
-                    .spoken_languages
-                    .insert(rules::primary_language(language));
+                let primary = rules::primary_language(language);
+                if !router.spoken_languages.contains(&primary) {
+                    router.spoken_languages.push(primary);
+                }
             }
             let mut capacity = Vec::new();
             for (channel, slots) in &agent.capacity {
@@ -653,6 +667,18 @@ impl Router {
         });
         for queue in 0..router.queues.len() as u32 {
             router.lane_for(queue, plain);
+        }
+        let outcome_skills: Vec<Vec<SkillRequirement>> = router
+            .rules
+            .outcomes()
+            .map(|(_, outcome)| outcome.skills.clone())
+            .collect();
+        for skills in outcome_skills {
+            let class = router.intern_class(Class {
+                skills,
+                language: None,
+            });
+            router.outcome_classes.push(class);
         }
         Ok(router)
     }
@@ -745,32 +771,13 @@ impl Router {
         if self.slot_of.contains(new.id) {
             return Err(CommandError::DuplicateConversation(new.id));
         }
-        let mut decision = self.rules.decide(&self.config, new);
+        let (outcome, boosts) = self.rules.decide(&self.config, new);
         let channel = self.intern_channel(&new.channel);
-        let class_language = new
-            .language
-            .as_deref()
-            .filter(|_| decision.require_language)
-            .map(rules::primary_language)
-            .filter(|lang| self.spoken_languages.contains(lang));
-        let priority = decision.priority();
-        let mut skills = std::mem::take(&mut decision.skills);
-        skills.sort();
-        skills.dedup();
-        let class = self.intern_class(Class {
-            skills,
-            language: class_language,
-        });
-        let queues = self.candidate_queues(&decision.queues, &new.channel);
-        let candidates: Candidates = queues
-            .into_iter()
-            .map(|queue| (queue, self.lane_for(queue, class)))
-            .collect();
-        let reasons: Vec<PriorityReason> = decision
-            .boosts
-            .iter()
-            .map(|(reason, _)| reason.clone())
-            .collect();
+        let class = self.class_for(outcome, new.language.as_deref());
+        let candidates = self.candidates_for(outcome, &new.channel, class);
+        let rule = self.rules.outcome(outcome);
+        let priority = rule.priority.saturating_add(boosts.total());
+        let tags = Arc::clone(&rule.tags);
         let conversation = Conversation {
             id: new.id,
             seq: self.next_seq,
@@ -786,14 +793,14 @@ impl Router {
             next_step: 0,
             sla_breached: false,
             repeats: 0,
-            keyword_boosted: reasons.contains(&PriorityReason::Keyword),
-            wording_boosted: reasons.contains(&PriorityReason::NegativeWording),
+            keyword_boosted: boosts.keyword.is_some(),
+            wording_boosted: boosts.wording.is_some(),
             detours: None,
             last_agent: None,
             wait_check_at: None,
             indexed: false,
-            reasons,
-            tags: decision.tags,
+            reasons: boosts.reasons().map(|(reason, _)| reason).collect(),
+            tags,
         };
         self.next_seq += 1;
         let slot = self.insert_conversation(conversation);
@@ -846,6 +853,7 @@ impl Router {
                 }
                 for (reason, boost) in
                     rules::text_boosts(&self.config, conversation.language.as_deref(), text)
+                        .reasons()
                 {
                     let already = match reason {
                         PriorityReason::Keyword => conversation.keyword_boosted,
@@ -1111,7 +1119,17 @@ impl Router {
             Agent(u32),
         }
         let target = match &to {
-            TransferTarget::Queue(name) => Target::Queue(self.queue_slot(name)?),
+            TransferTarget::Queue(name) => {
+                let queue = self.queue_slot(name)?;
+                let channel = &self.channels[self.conv(slot).channel as usize];
+                if !self.queues[queue as usize].config.accepts(channel) {
+                    return Err(CommandError::QueueRejectsChannel {
+                        queue: name.clone(),
+                        channel: channel.clone(),
+                    });
+                }
+                Target::Queue(queue)
+            }
             TransferTarget::Agent(target) => {
                 let target_slot = self.agent_slot(target)?;
                 if target_slot == agent_slot {
@@ -2045,29 +2063,62 @@ impl Router {
         Some(score)
     }
 
-    /// Rule queues that accept the channel; else the default queues that do; else the rule's queues.
-    fn candidate_queues(&self, names: &[QueueName], channel: &Channel) -> Vec<u32> {
-        let accepting = |names: &[QueueName]| -> Vec<u32> {
-            names
-                .iter()
-                .filter_map(|name| self.queue_index.get(name).copied())
-                .filter(|&queue| self.queues[queue as usize].config.accepts(channel))
-                .take(32)
-                .collect()
+    /// The outcome's queues that accept the channel (at most 32), each with its lane for `class`;
+    /// else the default queues that do; else the first queue named.
+    fn candidates_for(&mut self, outcome: OutcomeId, channel: &Channel, class: u32) -> Candidates {
+        let mut candidates = Candidates::default();
+        for list in [outcome, self.rules.default_outcome()] {
+            for index in 0..self.rules.outcome(list).queues.len() {
+                let queue = self.rules.outcome(list).queues[index];
+                if candidates.len() < 32 && self.queues[queue as usize].config.accepts(channel) {
+                    let lane = self.lane_for(queue, class);
+                    candidates.push((queue, lane));
+                }
+            }
+            if !candidates.is_empty() {
+                return candidates;
+            }
+        }
+        let queue = [outcome, self.rules.default_outcome()]
+            .into_iter()
+            .find_map(|list| self.rules.outcome(list).queues.first().copied())
+            .unwrap_or(0);
+        let lane = self.lane_for(queue, class);
+        Candidates::one((queue, lane))
+    }
+
+    /// The requirement class of an arrival: the outcome's skills, plus the customer's language when
+    /// the rule requires it and some configured agent speaks it.
+    fn class_for(&mut self, outcome: OutcomeId, language: Option<&str>) -> u32 {
+        let base = self.outcome_classes[outcome.index()];
+        let Some(tag) = language.filter(|_| self.rules.outcome(outcome).require_language) else {
+            return base;
         };
-        let mut queues = accepting(names);
-        if queues.is_empty() {
-            queues = accepting(&self.config.default_queues);
+        let primary = rules::primary_subtag(tag);
+        let Some(spoken) = self
+            .spoken_languages
+            .iter()
+            .position(|spoken| spoken.eq_ignore_ascii_case(primary))
+        else {
+            return base;
+        };
+        let spoken = spoken as u32;
+        if let Some(&(_, class)) = self
+            .language_classes
+            .get(&base)
+            .and_then(|known| known.iter().find(|(language, _)| *language == spoken))
+        {
+            return class;
         }
-        if queues.is_empty() {
-            queues = names
-                .iter()
-                .chain(&self.config.default_queues)
-                .filter_map(|name| self.queue_index.get(name).copied())
-                .take(1)
-                .collect();
-        }
-        queues
+        let class = self.intern_class(Class {
+            skills: self.classes[base as usize].skills.clone(),
+            language: Some(self.spoken_languages[spoken as usize].clone()),
+        });
+        self.language_classes
+            .entry(base)
+            .or_default()
+            .push((spoken, class));
+        class
     }
 
     /// Home is always eligible; later candidates whose overflow time is zero are eligible at once.
@@ -2186,6 +2237,18 @@ impl QueueState {
         self.handle_time_sum += handle_time.0;
     }
 
+    /// The recent handle times, oldest first (for snapshots).
+    pub(super) fn recent_handle_times(&self) -> Vec<Millis> {
+        self.handle_times.iter().copied().map(Millis).collect()
+    }
+
+    /// Replaces the recent handle times with saved ones (the newest window of them), oldest first.
+    pub(super) fn restore_handle_times(&mut self, times: &[Millis]) {
+        let newest = &times[times.len().saturating_sub(HANDLE_TIME_WINDOW)..];
+        self.handle_times = newest.iter().map(|time| time.0).collect();
+        self.handle_time_sum = self.handle_times.iter().sum();
+    }
+
     /// Mean of the recent handle times, or the configured default before any was seen.
     pub(super) fn average_handle_time(&self) -> Millis {
         match self.handle_times.len() as u64 {
@@ -2294,7 +2357,7 @@ mod tests {
             wait_check_at: None,
             indexed: false,
             reasons: Vec::new(),
-            tags: Vec::new(),
+            tags: Arc::from([]),
         };
         conversation.set_reserved_for(None);
         assert!(conversation.detours.is_none());
