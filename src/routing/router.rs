@@ -637,7 +637,7 @@ impl Router {
                 capacity[index] = *slots;
             }
             let serves = (0..router.queues.len() as u32)
-                .filter(|&queue| serves_queue(&agent, &router.queues[queue as usize].config))
+                .filter(|&queue| agent.serves(&router.queues[queue as usize].config))
                 .map(|queue| (queue, 0))
                 .collect();
             let index = router.agents.len() as u32;
@@ -2269,18 +2269,6 @@ impl QueueState {
         );
         Millis(u64::from(position) * self.average_handle_time().0 / slots)
     }
-}
-
-fn serves_queue(agent: &AgentConfig, queue: &QueueConfig) -> bool {
-    if agent.queues.contains(&queue.name) {
-        return true;
-    }
-    !queue.required_skills.is_empty()
-        && queue.required_skills.iter().all(|requirement| {
-            agent.skills.iter().any(|(skill, level)| {
-                **skill == *requirement.skill && *level >= requirement.min_level
-            })
-        })
 }
 
 fn add_load(state: &mut AgentState, channel: u32, delta: i32) {
