@@ -527,6 +527,112 @@ mod tests {
     }
 
     #[test]
+    fn postgres_store_takes_its_password_from_env_or_file_and_never_prints_it() {
+        let url = (
+            "SWITCHBOARD__STORE__URL",
+            "postgres://sb@db.internal:6543/contact",
+        );
+        let settings = load(
+            None,
+            env(&[
+                ("SWITCHBOARD__STORE__BACKEND", "postgres"),
+                url,
+                ("SWITCHBOARD__STORE__PASSWORD", "pg-s3cret"),
+                ("SWITCHBOARD__STORE__SCHEMA", "centre_a"),
+                ("SWITCHBOARD__STORE__POOL_SIZE", "4"),
+            ]),
+        )
+        .unwrap();
+        let StoreSettings::Postgres(options) = &settings.store else {
+            panic!("{:?}", settings.store);
+        };
+        assert_eq!(options.connection.get_password(), Some(&b"pg-s3cret"[..]));
+        assert_eq!(options.connection.get_dbname(), Some("contact"));
+        assert_eq!(
+            (options.schema.as_str(), options.pool_size),
+            ("centre_a", 4)
+        );
+        assert_eq!(
+            settings.store.describe(),
+            "postgres://db.internal:6543/contact as sb, schema centre_a"
+        );
+        let printed = format!("{}{:?}", settings.effective_toml(), settings);
+        assert!(!printed.contains("s3cret"), "a secret leaked: {printed}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("password");
+        std::fs::write(&file, "from-a-file\n").unwrap();
+        let settings = load(
+            None,
+            env(&[
+                ("SWITCHBOARD__STORE__BACKEND", "postgres"),
+                url,
+                ("SWITCHBOARD__STORE__PASSWORD_FILE", file.to_str().unwrap()),
+            ]),
+        )
+        .unwrap();
+        let StoreSettings::Postgres(options) = &settings.store else {
+            panic!("{:?}", settings.store);
+        };
+        assert_eq!(options.connection.get_password(), Some(&b"from-a-file"[..]));
+        assert_eq!(options.schema, "public");
+    }
+
+    #[test]
+    fn postgres_store_errors_name_the_key() {
+        let cases: [(&[(&str, &str)], &str); 6] = [
+            (&[], "store.url: required"),
+            (&[("SWITCHBOARD__STORE__URL", "mysql://x")], "store.url"),
+            (
+                &[
+                    ("SWITCHBOARD__STORE__URL", "postgres://h/db"),
+                    ("SWITCHBOARD__STORE__SCHEMA", "Bad-Name"),
+                ],
+                "store.schema",
+            ),
+            (
+                &[
+                    ("SWITCHBOARD__STORE__URL", "postgres://h/db"),
+                    ("SWITCHBOARD__STORE__POOL_SIZE", "1"),
+                ],
+                "store.pool_size",
+            ),
+            (
+                &[
+                    ("SWITCHBOARD__STORE__URL", "postgres://h/db"),
+                    ("SWITCHBOARD__STORE__PASSWORD_FILE", "/nonexistent/pw"),
+                ],
+                "store.password_file: cannot read /nonexistent/pw",
+            ),
+            (
+                &[
+                    ("SWITCHBOARD__STORE__URL", "postgres://h/db"),
+                    ("SWITCHBOARD__STORE__PASSWORD", "x"),
+                    ("SWITCHBOARD__STORE__PASSWORD_FILE", "/nonexistent/pw"),
+                ],
+                "not both",
+            ),
+        ];
+        for (pairs, expected) in cases {
+            let mut pairs = pairs.to_vec();
+            pairs.push(("SWITCHBOARD__STORE__BACKEND", "postgres"));
+            let error = load(None, env(&pairs))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                error.contains(expected),
+                "{pairs:?}: `{expected}` in `{error}`"
+            );
+        }
+        let error = load(None, env(&[("SWITCHBOARD__STORE__BACKEND", "mongo")]))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(error.contains("sqlite or postgres"), "{error}");
+    }
+
+    #[test]
     fn constant_time_secret_comparison_is_exact() {
         let secret = Secret::new("abc");
         assert!(secret.matches("abc"));

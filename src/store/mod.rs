@@ -317,3 +317,40 @@ pub(crate) fn lease_duration(ttl: std::time::Duration) -> Result<chrono::Duratio
         .filter(|ttl| *ttl > chrono::Duration::zero() && *ttl < chrono::Duration::days(365))
         .ok_or_else(|| StoreError::NotFound(format!("lease time to live {ttl:?} is out of range")))
 }
+
+// Helpers shared by the backends.
+
+pub(crate) fn prefix_error(error: StoreError, context: &str) -> StoreError {
+    match error {
+        StoreError::Unavailable(message) => {
+            StoreError::Unavailable(format!("{context}: {message}"))
+        }
+        StoreError::NotFound(message) => StoreError::NotFound(format!("{context}: {message}")),
+        StoreError::Corrupt(message) => StoreError::Corrupt(format!("{context}: {message}")),
+        fenced @ StoreError::Fenced { .. } => fenced,
+    }
+}
+
+pub(crate) fn parse_ulid(text: &str) -> Result<Ulid, StoreError> {
+    Ulid::from_string(text)
+        .map_err(|error| StoreError::Corrupt(format!("bad id {text:?}: {error}")))
+}
+
+pub(crate) fn json_text(value: &serde_json::Value) -> Result<String, StoreError> {
+    serde_json::to_string(value)
+        .map_err(|error| StoreError::Corrupt(format!("cannot encode JSON: {error}")))
+}
+
+pub(crate) fn parse_status(text: &str) -> Result<ConversationStatus, StoreError> {
+    ConversationStatus::parse(text)
+        .ok_or_else(|| StoreError::Corrupt(format!("bad conversation status {text:?}")))
+}
+
+pub(crate) fn to_i64(value: u64, what: &str) -> Result<i64, StoreError> {
+    i64::try_from(value)
+        .map_err(|_| StoreError::NotFound(format!("{what} {value} is out of range")))
+}
+
+pub(crate) fn to_u64(value: i64, what: &str) -> Result<u64, StoreError> {
+    u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("negative {what} {value}")))
+}

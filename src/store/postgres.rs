@@ -49,7 +49,8 @@ use super::sqlite::WriterStats;
 use super::{
     ConversationFilter, ConversationRecord, ConversationStatus, Direction, IngestOutcome, Lease,
     NewEvent, NewReply, OutboxEvent, Recovery, ReplyRoute, RoutingWrite, Store, StoreError,
-    StoredMessage, lease_duration,
+    StoredMessage, json_text, lease_duration, parse_status, parse_ulid, prefix_error, to_i64,
+    to_u64,
 };
 use crate::message::InboundMessage;
 
@@ -223,7 +224,7 @@ impl PostgresStore {
             migrate(&mut client, &options.schema)
                 .await
                 .map_err(|error| error.into_store())
-                .map_err(|error| prefix(error, &format!("migrating {target}")))?;
+                .map_err(|error| prefix_error(error, &format!("migrating {target}")))?;
         }
         let counters = Arc::new(Counters::default());
         let (sender, receiver) = mpsc::unbounded_channel();
@@ -362,17 +363,6 @@ async fn live_client(pool: &Pool, target: &str) -> Result<deadpool_postgres::Cli
     Err(StoreError::Unavailable(format!(
         "{target}: every connection was closed by the server"
     )))
-}
-
-fn prefix(error: StoreError, context: &str) -> StoreError {
-    match error {
-        StoreError::Unavailable(message) => {
-            StoreError::Unavailable(format!("{context}: {message}"))
-        }
-        StoreError::NotFound(message) => StoreError::NotFound(format!("{context}: {message}")),
-        StoreError::Corrupt(message) => StoreError::Corrupt(format!("{context}: {message}")),
-        fenced @ StoreError::Fenced { .. } => fenced,
-    }
 }
 
 fn unexpected(written: &Written) -> StoreError {
@@ -525,7 +515,7 @@ async fn migrate(client: &mut deadpool_postgres::Client, schema: &str) -> Result
             tx.batch_execute(&format!("SET LOCAL search_path = {schema}; {sql}"))
                 .await
                 .map_err(|error| {
-                    Failure::Store(prefix(
+                    Failure::Store(prefix_error(
                         postgres_error(&error),
                         &format!("schema migration {version}"),
                     ))
@@ -694,7 +684,10 @@ async fn begin(pool: &Pool) -> Result<deadpool_postgres::Client, StoreError> {
                 drop(deadpool_postgres::Object::take(client));
             }
             Err(error) => {
-                return Err(prefix(postgres_error(&error), "cannot start a transaction"));
+                return Err(prefix_error(
+                    postgres_error(&error),
+                    "cannot start a transaction",
+                ));
             }
         }
     }
@@ -780,30 +773,6 @@ fn nanos(time: &DateTime<Utc>) -> Result<i64, StoreError> {
 
 fn from_nanos(value: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_nanos(value)
-}
-
-fn parse_ulid(text: &str) -> Result<Ulid, StoreError> {
-    Ulid::from_string(text)
-        .map_err(|error| StoreError::Corrupt(format!("bad id {text:?}: {error}")))
-}
-
-fn parse_status(text: &str) -> Result<ConversationStatus, StoreError> {
-    ConversationStatus::parse(text)
-        .ok_or_else(|| StoreError::Corrupt(format!("bad conversation status {text:?}")))
-}
-
-fn json_text(value: &serde_json::Value) -> Result<String, StoreError> {
-    serde_json::to_string(value)
-        .map_err(|error| StoreError::Corrupt(format!("cannot encode JSON: {error}")))
-}
-
-fn to_i64(value: u64, what: &str) -> Result<i64, StoreError> {
-    i64::try_from(value)
-        .map_err(|_| StoreError::NotFound(format!("{what} {value} is out of range")))
-}
-
-fn to_u64(value: i64, what: &str) -> Result<u64, StoreError> {
-    u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("negative {what} {value}")))
 }
 
 fn column<'r, T: tokio_postgres::types::FromSql<'r>>(
@@ -983,9 +952,32 @@ const CONTACT_CONVERSATION: &str = "
     SELECT id FROM conversations WHERE contact_id = $1 AND status <> 'closed'
     ORDER BY updated_at DESC, id DESC LIMIT 1";
 
+/// The rest of [`JOIN_CONVERSATION`] and [`NEW_CONVERSATION`] after the `conversation` CTE: points
+/// the thread at the conversation (if `$9`) and stores the message unless another instance stored
+/// it first. Returns (conversations found, messages stored).
+macro_rules! thread_and_message {
+    () => {
+        "
+    ), thread AS (
+        INSERT INTO conversation_threads (channel, thread_key, conversation_id)
+        SELECT $2, $6, id FROM conversation WHERE $9
+        ON CONFLICT (channel, thread_key) DO UPDATE SET conversation_id = excluded.conversation_id
+    ), message AS (
+        INSERT INTO messages (id, conversation_id, direction, channel, provider,
+                              provider_message_id, thread_key, from_address, to_address, body,
+                              created_at)
+        SELECT $10, id, 'inbound', $2, $3, $11, $6, $4, $5, $12::text::json, $13 FROM conversation
+        ON CONFLICT (channel, provider_message_id) DO NOTHING
+        RETURNING id
+    )
+    SELECT (SELECT count(*) FROM conversation), (SELECT count(*) FROM message)"
+    };
+}
+
 /// Joins a live conversation: updates its reply route, points the thread at it (`$9`), stores the
 /// message. Returns (conversation still live, message stored).
-const JOIN_CONVERSATION: &str = "
+const JOIN_CONVERSATION: &str = concat!(
+    "
     WITH conversation AS (
         UPDATE conversations SET
             reply_channel = $2, reply_provider = $3, reply_customer_address = $4,
@@ -993,41 +985,22 @@ const JOIN_CONVERSATION: &str = "
             updated_at = GREATEST(updated_at, $8)
         WHERE id = $1 AND status <> 'closed'
         RETURNING id
-    ), thread AS (
-        INSERT INTO conversation_threads (channel, thread_key, conversation_id)
-        SELECT $2, $6, id FROM conversation WHERE $9
-        ON CONFLICT (channel, thread_key) DO UPDATE SET conversation_id = excluded.conversation_id
-    ), message AS (
-        INSERT INTO messages (id, conversation_id, direction, channel, provider,
-                              provider_message_id, thread_key, from_address, to_address, body,
-                              created_at)
-        SELECT $10, id, 'inbound', $2, $3, $11, $6, $4, $5, $12::text::json, $13 FROM conversation
-        ON CONFLICT (channel, provider_message_id) DO NOTHING
-        RETURNING id
-    )
-    SELECT (SELECT count(*) FROM conversation), (SELECT count(*) FROM message)";
+",
+    thread_and_message!()
+);
 
 /// Starts a conversation: the conversation, its thread, the message. Returns (1, message stored).
-const NEW_CONVERSATION: &str = "
+const NEW_CONVERSATION: &str = concat!(
+    "
     WITH conversation AS (
         INSERT INTO conversations (id, contact_id, status, channel, reply_channel, reply_provider,
                                    reply_customer_address, reply_our_address, reply_thread_key,
                                    subject, created_at, updated_at)
         VALUES ($1, $14, 'open', $2, $2, $3, $4, $5, $6, $7, $8, $8)
         RETURNING id
-    ), thread AS (
-        INSERT INTO conversation_threads (channel, thread_key, conversation_id)
-        SELECT $2, $6, id FROM conversation WHERE $9
-        ON CONFLICT (channel, thread_key) DO UPDATE SET conversation_id = excluded.conversation_id
-    ), message AS (
-        INSERT INTO messages (id, conversation_id, direction, channel, provider,
-                              provider_message_id, thread_key, from_address, to_address, body,
-                              created_at)
-        SELECT $10, id, 'inbound', $2, $3, $11, $6, $4, $5, $12::text::json, $13 FROM conversation
-        ON CONFLICT (channel, provider_message_id) DO NOTHING
-        RETURNING id
-    )
-    SELECT (SELECT count(*) FROM conversation), (SELECT count(*) FROM message)";
+",
+    thread_and_message!()
+);
 
 /// What the lookup found.
 #[derive(Default)]

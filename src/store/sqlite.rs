@@ -51,7 +51,8 @@ use ulid::Ulid;
 use super::{
     ConversationFilter, ConversationRecord, ConversationStatus, Direction, IngestOutcome, Lease,
     NewEvent, NewReply, OutboxEvent, Recovery, ReplyRoute, RoutingWrite, Store, StoreError,
-    StoredMessage, lease_duration,
+    StoredMessage, json_text, lease_duration, parse_status, parse_ulid, prefix_error, to_i64,
+    to_u64,
 };
 use crate::message::{IdentityLink, InboundMessage};
 
@@ -306,17 +307,6 @@ impl SqliteStore {
         tokio::task::spawn_blocking(move || readers.with(work))
             .await
             .map_err(|error| StoreError::Unavailable(format!("read task failed: {error}")))?
-    }
-}
-
-fn prefix_error(error: StoreError, context: &str) -> StoreError {
-    match error {
-        StoreError::Unavailable(message) => {
-            StoreError::Unavailable(format!("{context}: {message}"))
-        }
-        StoreError::NotFound(message) => StoreError::NotFound(format!("{context}: {message}")),
-        StoreError::Corrupt(message) => StoreError::Corrupt(format!("{context}: {message}")),
-        fenced @ StoreError::Fenced { .. } => fenced,
     }
 }
 
@@ -652,33 +642,9 @@ fn parse_ts(text: &str) -> Result<DateTime<Utc>, StoreError> {
         .map_err(|error| StoreError::Corrupt(format!("bad timestamp {text:?}: {error}")))
 }
 
-fn parse_ulid(text: &str) -> Result<Ulid, StoreError> {
-    Ulid::from_string(text)
-        .map_err(|error| StoreError::Corrupt(format!("bad id {text:?}: {error}")))
-}
-
 fn parse_json(text: &str) -> Result<serde_json::Value, StoreError> {
     serde_json::from_str(text)
         .map_err(|error| StoreError::Corrupt(format!("bad JSON document: {error}")))
-}
-
-fn json_text(value: &serde_json::Value) -> Result<String, StoreError> {
-    serde_json::to_string(value)
-        .map_err(|error| StoreError::Corrupt(format!("cannot encode JSON: {error}")))
-}
-
-fn parse_status(text: &str) -> Result<ConversationStatus, StoreError> {
-    ConversationStatus::parse(text)
-        .ok_or_else(|| StoreError::Corrupt(format!("bad conversation status {text:?}")))
-}
-
-fn to_i64(value: u64, what: &str) -> Result<i64, StoreError> {
-    i64::try_from(value)
-        .map_err(|_| StoreError::NotFound(format!("{what} {value} is out of range")))
-}
-
-fn to_u64(value: i64, what: &str) -> Result<u64, StoreError> {
-    u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("negative {what} {value}")))
 }
 
 // ---------------------------------------------------------------------------------------------
