@@ -1766,6 +1766,21 @@ async fn takeover_fences_the_old_leader(backend: Backend) {
 // ---------------------------------------------------------------------------------------------
 // Two instances on one database
 
+/// Ingests as a client of a busy store would: `Unavailable` (SQLite: the other instance held the
+/// write lock past the busy timeout) means "retry".
+async fn ingest_retrying(store: &dyn Store, message: InboundMessage) -> IngestOutcome {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match store.ingest(message.clone(), Utc::now()).await {
+            Ok(outcome) => return outcome,
+            Err(StoreError::Unavailable(reason)) => {
+                assert!(tokio::time::Instant::now() < deadline, "{reason}");
+            }
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+}
+
 async fn two_instances_store_each_message_once(backend: Backend) {
     let other = backend.second_instance().await;
     let mut tasks = Vec::new();
@@ -1775,7 +1790,7 @@ async fn two_instances_store_each_message_once(backend: Backend) {
             for i in 0..60 {
                 // Both instances receive every message (a provider retrying on another node).
                 let message = sms(&format!("SM-{i}"), &format!("+1555800{:04}", i % 7), "hi");
-                let outcome = store.ingest(message, Utc::now()).await.unwrap();
+                let outcome = ingest_retrying(store.as_ref(), message).await;
                 outcomes.push((instance, i, outcome));
             }
             outcomes
@@ -1843,7 +1858,7 @@ async fn two_instances_agree_on_a_new_customer(backend: Backend) {
                 message.customer.id = Some(format!("crm-{customer}"));
                 outcomes.push((
                     customer,
-                    stored(store.ingest(message, Utc::now()).await.unwrap()),
+                    stored(ingest_retrying(store.as_ref(), message).await),
                 ));
             }
             outcomes

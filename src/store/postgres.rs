@@ -615,7 +615,12 @@ async fn run_batch(pool: &Pool, batch: Vec<Job>, counters: &Counters) {
         } else {
             "SAVEPOINT request"
         };
-        if let Err(error) = client.batch_execute(open).await {
+        // The savepoint travels in the same round trip as the write's first statement (a
+        // connection sends requests in the order they are made). If it failed, the write did not
+        // run inside it, and the whole batch is given up.
+        let (opened, first) =
+            tokio::join!(client.batch_execute(open), run_write(&client, &job.write));
+        if let Err(error) = opened {
             let reason = format!("cannot start a savepoint: {}", postgres_error(&error));
             let mut lost: Vec<Job> = vec![job];
             lost.extend(jobs);
@@ -623,14 +628,15 @@ async fn run_batch(pool: &Pool, batch: Vec<Job>, counters: &Counters) {
             return fail_all(lost, reason);
         }
         let mut attempt = 0;
+        let mut outcome = first;
         let outcome = loop {
-            let outcome = run_write(&client, &job.write).await;
             match outcome {
                 Err(failure) if failure.is_retryable() && attempt < DEADLOCK_RETRIES => {
                     attempt += 1;
                     if client.batch_execute("ROLLBACK TO request").await.is_err() {
                         break Err(failure);
                     }
+                    outcome = run_write(&client, &job.write).await;
                 }
                 other => break other,
             }
