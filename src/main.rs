@@ -13,6 +13,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use switchboard::config;
 use switchboard::daemon::{self, ConfigSource};
 use switchboard::sim::{self, Scenario};
+use switchboard::store::postgres::PostgresStore;
 
 // The daemon allocates many small short-lived buffers per message (JSON documents, SQL
 // parameters, HTTP frames); mimalloc spends about a third fewer instructions on them than the
@@ -95,6 +96,16 @@ fn environment() -> Vec<(String, String)> {
 fn check_config(args: &ConfigArgs) -> anyhow::Result<()> {
     let settings =
         config::load(args.config.as_deref(), environment()).context("invalid configuration")?;
+    if let config::StoreSettings::Postgres(options) = &settings.store {
+        // A wrong URL, password or database fails here, not at the first start.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        runtime
+            .block_on(PostgresStore::check_connection(options))
+            .context("store.url")?;
+    }
     print!("{}", settings.effective_toml());
     for warning in settings.routing.warnings() {
         eprintln!("warning: {warning}");

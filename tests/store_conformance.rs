@@ -1,8 +1,9 @@
 //! Store conformance: the behaviours every `Store` backend must share, written once against
 //! `dyn Store` and instantiated for each backend (each test gets its own fresh database).
 //!
-//! To add a backend, give [`Backend`] a constructor (and `reopen`, `block_writes`) for it and add
-//! one line to `for_each_backend!`.
+//! To add a backend, give [`Backend`] a constructor (and `second_instance`, `reopen`,
+//! `block_writes`) for it and add one line to `for_each_backend!`. PostgreSQL tests each get a
+//! schema of their own, dropped at the end.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -13,6 +14,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::json;
 use switchboard::message::{Address, IdentityLink, InboundMessage};
+use switchboard::store::postgres::{PostgresOptions, PostgresStore};
 use switchboard::store::sqlite::{SCHEMA_VERSION, SqliteOptions, SqliteStore};
 use switchboard::store::{
     ConversationFilter, ConversationStatus, Direction, IngestOutcome, NewEvent, NewReply,
@@ -36,6 +38,10 @@ enum Kind {
         path: PathBuf,
         sqlite: SqliteStore,
     },
+    Postgres {
+        schema: TestSchema,
+        postgres: PostgresStore,
+    },
 }
 
 /// Something that makes every write fail until it is dropped.
@@ -49,6 +55,74 @@ fn sqlite_options() -> SqliteOptions {
     }
 }
 
+/// The test database (the machine's PostgreSQL unless `SWITCHBOARD_TEST_POSTGRES_URL` says
+/// otherwise).
+fn postgres_url() -> String {
+    std::env::var("SWITCHBOARD_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A schema of its own for one test, dropped (with everything in it) when the test ends, so tests
+/// run in parallel and leave nothing behind.
+struct TestSchema {
+    name: String,
+}
+
+impl TestSchema {
+    fn new() -> TestSchema {
+        TestSchema {
+            name: format!("sb_test_{}", Ulid::new().to_string().to_lowercase()),
+        }
+    }
+
+    fn options(&self) -> PostgresOptions {
+        let mut options = PostgresOptions::new(postgres_url().parse().unwrap(), &self.name);
+        // Short, so that the write-blocking test fails fast.
+        options.lock_timeout = Duration::from_millis(200);
+        options.pool_size = 4;
+        // Its connections can be told apart (and cut) in pg_stat_activity.
+        options.application_name = self.name.clone();
+        options
+    }
+}
+
+impl Drop for TestSchema {
+    fn drop(&mut self) {
+        // Drop runs inside the test's runtime, which cannot block on itself: a thread of its own.
+        let name = self.name.clone();
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let client = admin_client().await;
+                client
+                    .batch_execute(&format!(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                         WHERE application_name = '{name}';
+                         DROP SCHEMA IF EXISTS {name} CASCADE"
+                    ))
+                    .await
+                    .unwrap();
+            });
+        })
+        .join();
+        if dropped.is_err() && !std::thread::panicking() {
+            panic!("could not drop test schema {}", self.name);
+        }
+    }
+}
+
+/// A plain connection to the test database (not through a store).
+async fn admin_client() -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+}
+
 impl Backend {
     async fn sqlite() -> Backend {
         let dir = tempfile::tempdir().unwrap();
@@ -60,8 +134,30 @@ impl Backend {
         }
     }
 
+    async fn postgres() -> Backend {
+        let schema = TestSchema::new();
+        let postgres = PostgresStore::open(schema.options()).await.unwrap();
+        Backend {
+            store: Arc::new(postgres.clone()),
+            kind: Kind::Postgres { schema, postgres },
+        }
+    }
+
     fn store(&self) -> &dyn Store {
         self.store.as_ref()
+    }
+
+    /// Another handle on the same database, as a second instance would have (its own writer and
+    /// connections).
+    async fn second_instance(&self) -> Arc<dyn Store> {
+        match &self.kind {
+            Kind::Sqlite { path, .. } => {
+                Arc::new(SqliteStore::open(path, sqlite_options()).unwrap())
+            }
+            Kind::Postgres { schema, .. } => {
+                Arc::new(PostgresStore::open(schema.options()).await.unwrap())
+            }
+        }
     }
 
     /// Closes the store and opens the same database again.
@@ -77,6 +173,16 @@ impl Backend {
                     kind: Kind::Sqlite { dir, path, sqlite },
                 }
             }
+            Kind::Postgres { schema, postgres } => {
+                postgres.close().await.unwrap();
+                drop(postgres);
+                drop(self.store);
+                let postgres = PostgresStore::open(schema.options()).await.unwrap();
+                Backend {
+                    store: Arc::new(postgres.clone()),
+                    kind: Kind::Postgres { schema, postgres },
+                }
+            }
         }
     }
 
@@ -84,17 +190,33 @@ impl Backend {
     fn commit_count(&self) -> Option<u64> {
         match &self.kind {
             Kind::Sqlite { sqlite, .. } => Some(sqlite.commit_count()),
+            Kind::Postgres { postgres, .. } => Some(postgres.stats().commits),
         }
     }
 
-    /// Makes commits fail: another connection takes the database's write lock and holds it (the
-    /// store's busy timeout runs out, as it would behind a stuck backup or a second process).
-    fn block_writes(&self) -> WriteBlock {
+    /// Makes commits fail: another connection takes the write locks and holds them (the store's
+    /// lock wait runs out, as it would behind a stuck backup or a second process).
+    async fn block_writes(&self) -> WriteBlock {
         match &self.kind {
             Kind::Sqlite { path, .. } => {
                 let conn = rusqlite::Connection::open(path).unwrap();
                 conn.execute_batch("BEGIN EXCLUSIVE").unwrap();
                 Box::new(conn)
+            }
+            Kind::Postgres { schema, .. } => {
+                let client = admin_client().await;
+                // EXCLUSIVE blocks every write and lets reads through.
+                client
+                    .batch_execute(&format!(
+                        "BEGIN; SET LOCAL search_path = {};
+                         LOCK TABLE contacts, identity_links, conversations, conversation_threads,
+                                    messages, agent_state, outbox, leadership, write_probe
+                         IN EXCLUSIVE MODE",
+                        schema.name
+                    ))
+                    .await
+                    .unwrap();
+                Box::new(client)
             }
         }
     }
@@ -116,6 +238,7 @@ macro_rules! backend_tests {
 macro_rules! for_each_backend {
     ($($test:ident),* $(,)?) => {
         backend_tests!(sqlite: $($test),*);
+        backend_tests!(postgres: $($test),*);
     };
 }
 
@@ -138,6 +261,10 @@ for_each_backend!(
     concurrent_ingest_is_stored_exactly_once,
     data_survives_reopen,
     failing_writes_are_unavailable_and_store_nothing,
+    lease_acquire_renew_expire_and_takeover,
+    takeover_fences_the_old_leader,
+    two_instances_store_each_message_once,
+    two_instances_agree_on_a_new_customer,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1238,7 +1365,7 @@ async fn failing_writes_are_unavailable_and_store_nothing(backend: Backend) {
     let store = backend.store();
     store.check_writable().await.unwrap();
 
-    let block = backend.block_writes();
+    let block = backend.block_writes().await;
     let result = store.ingest(sms("SM1", PHONE, "hi"), Utc::now()).await;
     assert!(
         matches!(result, Err(StoreError::Unavailable(_))),
@@ -1465,5 +1592,445 @@ mod sqlite_only {
         assert!(stats.commits < 500, "{stats:?}");
         assert!(stats.average_batch() > 1.0, "{stats:?}");
         assert_eq!(stats.failed_batches, 0);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Leadership: the router's lease and the fencing epoch
+
+const LONG: Duration = Duration::from_secs(30);
+
+/// Polls until `node` gets the lease (once the holder's has run out), failing the test after a
+/// generous deadline. A busy store (another instance writing) only delays it.
+async fn acquire_when_free(store: &dyn Store, node: &str) -> u64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match store.try_acquire_lease(node, LONG).await {
+            Ok(Some(epoch)) => return epoch,
+            Ok(None) | Err(StoreError::Unavailable(_)) => {}
+            Err(other) => panic!("{other:?}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{node} never got the lease"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+async fn lease_acquire_renew_expire_and_takeover(backend: Backend) {
+    let store = backend.store();
+    let lease = store.lease().await.unwrap();
+    assert_eq!(lease.holder, None);
+    assert!(!lease.live);
+
+    let first = store
+        .try_acquire_lease("node-a", LONG)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(first > lease.epoch);
+    assert_eq!(store.try_acquire_lease("node-b", LONG).await.unwrap(), None);
+    assert!(store.renew_lease("node-a", first, LONG).await.unwrap());
+    let lease = store.lease().await.unwrap();
+    assert_eq!(lease.holder.as_deref(), Some("node-a"));
+    assert_eq!(lease.epoch, first);
+    assert!(lease.live);
+    assert!(lease.expires_at.unwrap() > Utc::now());
+
+    // node-a stops renewing: once its lease runs out (the store's clock), node-b takes over with
+    // a newer epoch and node-a can no longer renew.
+    assert!(
+        store
+            .renew_lease("node-a", first, Duration::from_millis(50))
+            .await
+            .unwrap()
+    );
+    let second = acquire_when_free(store, "node-b").await;
+    assert!(second > first);
+    assert!(!store.renew_lease("node-a", first, LONG).await.unwrap());
+    assert!(!store.release_lease("node-a", first).await.unwrap());
+    let lease = store.lease().await.unwrap();
+    assert_eq!(
+        (lease.holder.as_deref(), lease.epoch),
+        (Some("node-b"), second)
+    );
+
+    // A node that restarts takes its own lease back at once, under a new epoch that fences its
+    // earlier run.
+    let third = store
+        .try_acquire_lease("node-b", LONG)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(third > second);
+    assert!(!store.renew_lease("node-b", second, LONG).await.unwrap());
+
+    // Stepping down frees the lease at once.
+    assert!(store.release_lease("node-b", third).await.unwrap());
+    let lease = store.lease().await.unwrap();
+    assert!(!lease.live);
+    assert_eq!(lease.holder, None);
+    let fourth = store
+        .try_acquire_lease("node-a", LONG)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(fourth > third);
+
+    // Nonsense lifetimes are refused.
+    assert!(
+        store
+            .try_acquire_lease("node-a", Duration::ZERO)
+            .await
+            .is_err()
+    );
+    assert_eq!(store.lease().await.unwrap().epoch, fourth);
+
+    // The lease survives a restart of the store.
+    let backend = backend.reopen().await;
+    let lease = backend.store().lease().await.unwrap();
+    assert_eq!(
+        (lease.holder.as_deref(), lease.epoch),
+        (Some("node-a"), fourth)
+    );
+}
+
+async fn takeover_fences_the_old_leader(backend: Backend) {
+    let store = backend.store();
+    let message = ingest(store, sms("SM1", PHONE, "hi")).await;
+    let conversation = message.conversation;
+    let old = store
+        .try_acquire_lease("node-a", Duration::from_millis(100))
+        .await
+        .unwrap()
+        .unwrap();
+    let write = move |leader: &str, n: u64, epoch: u64| {
+        Arc::new(RoutingWrite {
+            conversations: vec![(
+                conversation,
+                ConversationStatus::Open,
+                json!({ "leader": leader, "n": n }),
+            )],
+            agents: vec![("agent-1".into(), json!({ "leader": leader }))],
+            events: vec![event("conversation.queued", Some(conversation))],
+            epoch,
+            ..RoutingWrite::default()
+        })
+    };
+    store.apply_routing(write("a", 0, old)).await.unwrap();
+
+    // The old leader keeps writing (through its own instance) while another takes over.
+    let old_instance = backend.second_instance().await;
+    let old_leader = tokio::spawn({
+        async move {
+            for n in 1.. {
+                match old_instance.apply_routing(write("a", n, old)).await {
+                    Ok(()) | Err(StoreError::Unavailable(_)) => {}
+                    Err(StoreError::Fenced { epoch }) => return (n, epoch),
+                    Err(other) => panic!("{other:?}"),
+                }
+            }
+            unreachable!()
+        }
+    });
+    let new = acquire_when_free(store, "node-b").await;
+    // (SQLite: the old leader's instance may hold the write lock for a moment; retry.)
+    loop {
+        match store.apply_routing(write("b", 0, new)).await {
+            Ok(()) => break,
+            Err(StoreError::Unavailable(_)) => tokio::task::yield_now().await,
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+    let (attempts, fenced_epoch) = old_leader.await.unwrap();
+    assert_eq!(fenced_epoch, old);
+    assert!(attempts >= 1);
+
+    // Nothing the old leader wrote landed after the new leader's write.
+    let record = store.conversation(conversation).await.unwrap().unwrap();
+    assert_eq!(record.routing_state, Some(json!({ "leader": "b", "n": 0 })));
+    let recovery = store.recovery().await.unwrap();
+    assert_eq!(
+        recovery.agents,
+        vec![("agent-1".into(), json!({ "leader": "b" }))]
+    );
+    let events = store.outbox_pending(100_000).await.unwrap();
+    assert_eq!(events.last().unwrap().seq, record.event_seq);
+    assert_eq!(events.len() as u64, record.event_seq);
+    // And it stays fenced.
+    let late = store.apply_routing(write("a", 999, old)).await;
+    assert!(matches!(late, Err(StoreError::Fenced { .. })), "{late:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Two instances on one database
+
+/// Ingests as a client of a busy store would: `Unavailable` (SQLite: the other instance held the
+/// write lock past the busy timeout) means "retry".
+async fn ingest_retrying(store: &dyn Store, message: InboundMessage) -> IngestOutcome {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match store.ingest(message.clone(), Utc::now()).await {
+            Ok(outcome) => return outcome,
+            Err(StoreError::Unavailable(reason)) => {
+                assert!(tokio::time::Instant::now() < deadline, "{reason}");
+            }
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+}
+
+async fn two_instances_store_each_message_once(backend: Backend) {
+    let other = backend.second_instance().await;
+    let mut tasks = Vec::new();
+    for (instance, store) in [Arc::clone(&backend.store), other].into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            for i in 0..60 {
+                // Both instances receive every message (a provider retrying on another node).
+                let message = sms(&format!("SM-{i}"), &format!("+1555800{:04}", i % 7), "hi");
+                let outcome = ingest_retrying(store.as_ref(), message).await;
+                outcomes.push((instance, i, outcome));
+            }
+            outcomes
+        }));
+    }
+    let mut by_message: BTreeMap<usize, Vec<IngestOutcome>> = BTreeMap::new();
+    for task in tasks {
+        for (_, i, outcome) in task.await.unwrap() {
+            by_message.entry(i).or_default().push(outcome);
+        }
+    }
+    for (i, outcomes) in &by_message {
+        let stored: Vec<_> = outcomes
+            .iter()
+            .filter_map(|outcome| match outcome {
+                IngestOutcome::Stored {
+                    message_id,
+                    conversation_id,
+                    ..
+                } => Some((*message_id, *conversation_id)),
+                IngestOutcome::Duplicate { .. } => None,
+            })
+            .collect();
+        assert_eq!(stored.len(), 1, "message {i}: {outcomes:?}");
+        for outcome in outcomes {
+            if let IngestOutcome::Duplicate {
+                message_id,
+                conversation_id,
+            } = outcome
+            {
+                assert_eq!((*message_id, *conversation_id), stored[0], "message {i}");
+            }
+        }
+    }
+    assert_eq!(all_messages(backend.store()).await.len(), 60);
+    // Seven customers, one conversation each.
+    assert_eq!(
+        backend
+            .store()
+            .conversations(ConversationFilter::default())
+            .await
+            .unwrap()
+            .len(),
+        7
+    );
+}
+
+async fn two_instances_agree_on_a_new_customer(backend: Backend) {
+    const CUSTOMERS: usize = 30;
+    let other = backend.second_instance().await;
+    let barrier = Arc::new(tokio::sync::Barrier::new(2));
+    let mut tasks = Vec::new();
+    for (instance, store) in [Arc::clone(&backend.store), other].into_iter().enumerate() {
+        let barrier = Arc::clone(&barrier);
+        tasks.push(tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            for customer in 0..CUSTOMERS {
+                // Each new customer writes twice at once, and each instance takes one message.
+                barrier.wait().await;
+                let mut message = sms(
+                    &format!("SM-{customer}-{instance}"),
+                    &format!("+1555900{customer:04}"),
+                    "hello?",
+                );
+                message.customer.id = Some(format!("crm-{customer}"));
+                outcomes.push((
+                    customer,
+                    stored(ingest_retrying(store.as_ref(), message).await),
+                ));
+            }
+            outcomes
+        }));
+    }
+    let mut by_customer: BTreeMap<usize, Vec<Stored>> = BTreeMap::new();
+    for task in tasks {
+        for (customer, outcome) in task.await.unwrap() {
+            by_customer.entry(customer).or_default().push(outcome);
+        }
+    }
+    for (customer, outcomes) in &by_customer {
+        assert_eq!(outcomes.len(), 2);
+        assert_eq!(
+            outcomes[0].contact, outcomes[1].contact,
+            "customer {customer}"
+        );
+        assert_eq!(
+            outcomes[0].conversation, outcomes[1].conversation,
+            "customer {customer}"
+        );
+        assert_eq!(
+            outcomes.iter().filter(|o| o.new_conversation).count(),
+            1,
+            "customer {customer}: {outcomes:?}"
+        );
+    }
+    let conversations = backend
+        .store()
+        .conversations(ConversationFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(conversations.len(), CUSTOMERS);
+}
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL only
+
+mod postgres_only {
+    use super::*;
+    use switchboard::store::postgres::SCHEMA_VERSION as PG_SCHEMA_VERSION;
+
+    async fn schema_versions(schema: &str) -> Vec<i64> {
+        admin_client()
+            .await
+            .query(
+                &format!("SELECT version FROM {schema}.schema_migrations ORDER BY version"),
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn instances_starting_together_migrate_once() {
+        let schema = TestSchema::new();
+        let opens: Vec<_> = (0..4)
+            .map(|_| tokio::spawn(PostgresStore::open(schema.options())))
+            .collect();
+        let mut stores = Vec::new();
+        for open in opens {
+            stores.push(open.await.unwrap().unwrap());
+        }
+        let expected: Vec<i64> = (1..=PG_SCHEMA_VERSION).collect();
+        assert_eq!(schema_versions(&schema.name).await, expected);
+        let first = ingest(&stores[0], sms("SM1", PHONE, "hi")).await;
+        assert!(stores[3].message(first.message).await.unwrap().is_some());
+        for store in &stores {
+            store.close().await.unwrap();
+        }
+        // Opening again changes nothing; a schema from a newer release is refused.
+        let again = PostgresStore::open(schema.options()).await.unwrap();
+        again.close().await.unwrap();
+        assert_eq!(schema_versions(&schema.name).await, expected);
+        admin_client()
+            .await
+            .execute(
+                &format!(
+                    "INSERT INTO {}.schema_migrations (version) VALUES ($1)",
+                    schema.name
+                ),
+                &[&(PG_SCHEMA_VERSION + 1)],
+            )
+            .await
+            .unwrap();
+        match PostgresStore::open(schema.options()).await {
+            Err(StoreError::Unavailable(message)) => {
+                assert!(message.contains("newer"), "{message}");
+            }
+            other => panic!("a newer schema must be refused, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn reconnects_after_the_server_cuts_every_connection() {
+        let schema = TestSchema::new();
+        let store = PostgresStore::open(schema.options()).await.unwrap();
+        ingest(&store, sms("SM-0", PHONE, "hi")).await;
+        let cut = || async {
+            admin_client()
+                .await
+                .execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                     WHERE application_name = $1",
+                    &[&schema.name],
+                )
+                .await
+                .unwrap()
+        };
+
+        // Cut while idle: the next operations succeed on fresh connections.
+        assert!(cut().await >= 1);
+        store.check_writable().await.unwrap();
+        ingest(&store, sms("SM-1", PHONE, "still there?")).await;
+        assert_eq!(all_messages(&store).await.len(), 2);
+
+        // Cut under load: writes in flight may fail (Unavailable, never acknowledged), and every
+        // acknowledged one is stored.
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let message = sms(&format!("SM-load-{i}"), &format!("+1555{i:07}"), "hi");
+                (i, store.ingest(message, Utc::now()).await)
+            }));
+        }
+        cut().await;
+        let mut acknowledged = BTreeSet::new();
+        for task in tasks {
+            match task.await.unwrap() {
+                (_, Ok(outcome)) => {
+                    acknowledged.insert(stored(outcome).message);
+                }
+                (_, Err(StoreError::Unavailable(_))) => {}
+                (i, Err(other)) => panic!("message {i}: {other:?}"),
+            }
+        }
+        store.check_writable().await.unwrap();
+        let all: BTreeSet<Ulid> = all_messages(&store).await.into_keys().collect();
+        assert!(acknowledged.is_subset(&all));
+        // Whatever was not acknowledged can be retried: stored once, or reported as a duplicate
+        // of what the lost commit stored after all.
+        for i in 0..200 {
+            let message = sms(&format!("SM-load-{i}"), &format!("+1555{i:07}"), "hi");
+            store.ingest(message, Utc::now()).await.unwrap();
+        }
+        assert_eq!(all_messages(&store).await.len(), 202);
+        assert!(store.stats().commits > 0);
+    }
+
+    #[tokio::test]
+    async fn a_wrong_database_or_server_is_a_clear_error() {
+        let mut options = TestSchema::new().options();
+        options.connection.dbname("no_such_database");
+        options.connection.password("s3cret-pw");
+        let message = match PostgresStore::open(options.clone()).await {
+            Err(StoreError::Unavailable(message)) => message,
+            other => panic!("{other:?}"),
+        };
+        assert!(message.contains("no_such_database"), "{message}");
+        assert!(!message.contains("s3cret"), "{message}");
+        assert!(PostgresStore::check_connection(&options).await.is_err());
+
+        options.connection = "postgres://postgres@127.0.0.1:1/test".parse().unwrap();
+        let message = match PostgresStore::check_connection(&options).await {
+            Err(StoreError::Unavailable(message)) => message,
+            other => panic!("{other:?}"),
+        };
+        assert!(message.contains("127.0.0.1:1"), "{message}");
+        assert!(!format!("{options:?}").contains("s3cret"));
     }
 }

@@ -16,6 +16,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::routing::RoutingConfig;
+use crate::store::postgres::{PostgresOptions, valid_schema_name};
 use routing_file::{AgentSection, QueueSection, RoutingFileError, RoutingSection, RuleSection};
 
 /// The configuration shipped with switchboard: a demo centre that runs with nothing else installed.
@@ -100,12 +101,54 @@ pub struct ServerSection {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreSection {
-    /// `sqlite` (embedded, the default).
+    /// `sqlite` (embedded, the default) or `postgres` (shared by several instances).
     pub backend: String,
     /// SQLite database file; relative paths are relative to the working directory.
     pub path: PathBuf,
     /// Writes grouped into one commit at most.
     pub max_batch: usize,
+    /// PostgreSQL: `postgres://user@host:port/database` (a password in it works, but prefer
+    /// `password` from the environment or `password_file`).
+    #[serde(default)]
+    pub url: Option<Secret>,
+    /// PostgreSQL password; from the environment: `SWITCHBOARD__STORE__PASSWORD`.
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// PostgreSQL password read from this file (e.g. a mounted Kubernetes secret); one trailing
+    /// newline is ignored.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// PostgreSQL connections per instance.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// PostgreSQL schema holding switchboard's tables (created on first start).
+    #[serde(default = "default_schema")]
+    pub schema: String,
+}
+
+fn default_pool_size() -> usize {
+    8
+}
+
+fn default_schema() -> String {
+    "public".into()
+}
+
+/// The store to open, validated.
+#[derive(Debug, Clone)]
+pub enum StoreSettings {
+    Sqlite { path: PathBuf, max_batch: usize },
+    Postgres(Box<PostgresOptions>),
+}
+
+impl StoreSettings {
+    /// Where the store is, for logs (never a password).
+    pub fn describe(&self) -> String {
+        match self {
+            StoreSettings::Sqlite { path, .. } => format!("sqlite {}", path.display()),
+            StoreSettings::Postgres(options) => options.describe(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -173,7 +216,7 @@ pub struct Settings {
     pub request_timeout: Duration,
     pub shutdown_grace: Duration,
     pub port_file: Option<PathBuf>,
-    pub store: StoreSection,
+    pub store: StoreSettings,
     pub auth: AuthSection,
     pub outbound: OutboundSection,
     pub log: LogSection,
@@ -248,15 +291,7 @@ pub fn settings_from(file: ConfigFile) -> Result<Settings, ConfigLoadError> {
     if file.server.body_limit_bytes < 1024 {
         return Err(invalid("server.body_limit_bytes", "must be at least 1024"));
     }
-    if file.store.backend != "sqlite" {
-        return Err(invalid(
-            "store.backend",
-            format!("unknown backend `{}` (sqlite)", file.store.backend),
-        ));
-    }
-    if file.store.max_batch == 0 {
-        return Err(invalid("store.max_batch", "must be at least 1"));
-    }
+    let store = store_settings(&file.store)?;
     if file.outbound.api_webhook_url.is_some() && file.outbound.api_webhook_secret.is_none() {
         return Err(invalid(
             "outbound.api_webhook_secret",
@@ -308,13 +343,89 @@ pub fn settings_from(file: ConfigFile) -> Result<Settings, ConfigLoadError> {
         request_timeout: Duration::from_secs(file.server.request_timeout_seconds.max(1)),
         shutdown_grace: Duration::from_secs(file.server.shutdown_grace_seconds),
         port_file: file.server.port_file.clone(),
-        store: file.store.clone(),
+        store,
         auth,
         outbound: file.outbound.clone(),
         log: file.log.clone(),
         routing,
         file,
     })
+}
+
+fn store_settings(section: &StoreSection) -> Result<StoreSettings, ConfigLoadError> {
+    if section.max_batch == 0 {
+        return Err(invalid("store.max_batch", "must be at least 1"));
+    }
+    match section.backend.as_str() {
+        "sqlite" => Ok(StoreSettings::Sqlite {
+            path: section.path.clone(),
+            max_batch: section.max_batch,
+        }),
+        "postgres" => {
+            let url = section.url.as_ref().ok_or_else(|| {
+                invalid(
+                    "store.url",
+                    "required for the postgres backend (postgres://user@host:port/database)",
+                )
+            })?;
+            // The parser's messages name the problem, never the password.
+            let mut connection: tokio_postgres::Config =
+                url.expose()
+                    .parse()
+                    .map_err(|error: tokio_postgres::Error| {
+                        invalid(
+                            "store.url",
+                            format!("not a PostgreSQL connection URL: {error}"),
+                        )
+                    })?;
+            let password = match (&section.password, &section.password_file) {
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        "store.password_file",
+                        "set either store.password or store.password_file, not both",
+                    ));
+                }
+                (Some(password), None) => Some(password.clone()),
+                (None, Some(path)) => {
+                    let text = std::fs::read_to_string(path).map_err(|error| {
+                        invalid(
+                            "store.password_file",
+                            format!("cannot read {}: {error}", path.display()),
+                        )
+                    })?;
+                    let text = text.strip_suffix('\n').unwrap_or(&text);
+                    Some(Secret::new(text.strip_suffix('\r').unwrap_or(text)))
+                }
+                (None, None) => None,
+            };
+            if let Some(password) = password {
+                connection.password(password.expose());
+            }
+            if section.pool_size < 2 {
+                return Err(invalid(
+                    "store.pool_size",
+                    "must be at least 2 (one connection writes while others read)",
+                ));
+            }
+            if !valid_schema_name(&section.schema) {
+                return Err(invalid(
+                    "store.schema",
+                    format!(
+                        "`{}` must be lower-case letters, digits and `_`, starting with a letter or `_`",
+                        section.schema
+                    ),
+                ));
+            }
+            let mut options = PostgresOptions::new(connection, &section.schema);
+            options.pool_size = section.pool_size;
+            options.max_batch = section.max_batch;
+            Ok(StoreSettings::Postgres(Box::new(options)))
+        }
+        other => Err(invalid(
+            "store.backend",
+            format!("unknown backend `{other}` (sqlite or postgres)"),
+        )),
+    }
 }
 
 impl Settings {
@@ -413,6 +524,112 @@ mod tests {
                 "{extra:?}: expected `{expected}` in `{error}`"
             );
         }
+    }
+
+    #[test]
+    fn postgres_store_takes_its_password_from_env_or_file_and_never_prints_it() {
+        let url = (
+            "SWITCHBOARD__STORE__URL",
+            "postgres://sb@db.internal:6543/contact",
+        );
+        let settings = load(
+            None,
+            env(&[
+                ("SWITCHBOARD__STORE__BACKEND", "postgres"),
+                url,
+                ("SWITCHBOARD__STORE__PASSWORD", "pg-s3cret"),
+                ("SWITCHBOARD__STORE__SCHEMA", "centre_a"),
+                ("SWITCHBOARD__STORE__POOL_SIZE", "4"),
+            ]),
+        )
+        .unwrap();
+        let StoreSettings::Postgres(options) = &settings.store else {
+            panic!("{:?}", settings.store);
+        };
+        assert_eq!(options.connection.get_password(), Some(&b"pg-s3cret"[..]));
+        assert_eq!(options.connection.get_dbname(), Some("contact"));
+        assert_eq!(
+            (options.schema.as_str(), options.pool_size),
+            ("centre_a", 4)
+        );
+        assert_eq!(
+            settings.store.describe(),
+            "postgres://db.internal:6543/contact as sb, schema centre_a"
+        );
+        let printed = format!("{}{:?}", settings.effective_toml(), settings);
+        assert!(!printed.contains("s3cret"), "a secret leaked: {printed}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("password");
+        std::fs::write(&file, "from-a-file\n").unwrap();
+        let settings = load(
+            None,
+            env(&[
+                ("SWITCHBOARD__STORE__BACKEND", "postgres"),
+                url,
+                ("SWITCHBOARD__STORE__PASSWORD_FILE", file.to_str().unwrap()),
+            ]),
+        )
+        .unwrap();
+        let StoreSettings::Postgres(options) = &settings.store else {
+            panic!("{:?}", settings.store);
+        };
+        assert_eq!(options.connection.get_password(), Some(&b"from-a-file"[..]));
+        assert_eq!(options.schema, "public");
+    }
+
+    #[test]
+    fn postgres_store_errors_name_the_key() {
+        let cases: [(&[(&str, &str)], &str); 6] = [
+            (&[], "store.url: required"),
+            (&[("SWITCHBOARD__STORE__URL", "mysql://x")], "store.url"),
+            (
+                &[
+                    ("SWITCHBOARD__STORE__URL", "postgres://h/db"),
+                    ("SWITCHBOARD__STORE__SCHEMA", "Bad-Name"),
+                ],
+                "store.schema",
+            ),
+            (
+                &[
+                    ("SWITCHBOARD__STORE__URL", "postgres://h/db"),
+                    ("SWITCHBOARD__STORE__POOL_SIZE", "1"),
+                ],
+                "store.pool_size",
+            ),
+            (
+                &[
+                    ("SWITCHBOARD__STORE__URL", "postgres://h/db"),
+                    ("SWITCHBOARD__STORE__PASSWORD_FILE", "/nonexistent/pw"),
+                ],
+                "store.password_file: cannot read /nonexistent/pw",
+            ),
+            (
+                &[
+                    ("SWITCHBOARD__STORE__URL", "postgres://h/db"),
+                    ("SWITCHBOARD__STORE__PASSWORD", "x"),
+                    ("SWITCHBOARD__STORE__PASSWORD_FILE", "/nonexistent/pw"),
+                ],
+                "not both",
+            ),
+        ];
+        for (pairs, expected) in cases {
+            let mut pairs = pairs.to_vec();
+            pairs.push(("SWITCHBOARD__STORE__BACKEND", "postgres"));
+            let error = load(None, env(&pairs))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                error.contains(expected),
+                "{pairs:?}: `{expected}` in `{error}`"
+            );
+        }
+        let error = load(None, env(&[("SWITCHBOARD__STORE__BACKEND", "mongo")]))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(error.contains("sqlite or postgres"), "{error}");
     }
 
     #[test]

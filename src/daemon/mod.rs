@@ -28,7 +28,8 @@ use std::sync::{Arc, RwLock};
 use tokio::sync::{Notify, watch};
 use tracing::{info, warn};
 
-use crate::config::{self, Settings};
+use crate::config::{self, Settings, StoreSettings};
+use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::{SqliteOptions, SqliteStore};
 use crate::store::{Store, StoreError};
 
@@ -100,26 +101,34 @@ impl Daemon {
     }
 }
 
-fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, DaemonError> {
-    if let Some(parent) = settings.store.path.parent()
-        && !parent.as_os_str().is_empty()
-    {
-        std::fs::create_dir_all(parent)?;
+/// Opens the configured backend (running its migrations).
+async fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, DaemonError> {
+    match &settings.store {
+        StoreSettings::Sqlite { path, max_batch } => {
+            if let Some(parent) = path.parent()
+                && !parent.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(parent)?;
+            }
+            let store = SqliteStore::open(
+                path,
+                SqliteOptions {
+                    max_batch: *max_batch,
+                    ..SqliteOptions::default()
+                },
+            )?;
+            Ok(Arc::new(store))
+        }
+        StoreSettings::Postgres(options) => {
+            Ok(Arc::new(PostgresStore::open((**options).clone()).await?))
+        }
     }
-    let store = SqliteStore::open(
-        &settings.store.path,
-        SqliteOptions {
-            max_batch: settings.store.max_batch,
-            ..SqliteOptions::default()
-        },
-    )?;
-    Ok(Arc::new(store))
 }
 
 /// Starts everything and returns once the daemon is serving and ready.
 pub async fn start(settings: Settings, source: ConfigSource) -> Result<Daemon, DaemonError> {
     let metrics = metrics::Metrics::new()?;
-    let store = open_store(&settings)?;
+    let store = open_store(&settings).await?;
     let hub = Arc::new(hub::AgentHub::default());
     let outbox_written = Arc::new(Notify::new());
     let context = engine::EngineContext {
@@ -206,7 +215,7 @@ pub async fn start(settings: Settings, source: ConfigSource) -> Result<Daemon, D
         std::fs::write(path, local_addr.to_string())?;
     }
     metrics.ready.set(1);
-    info!(address = %local_addr, store = %settings.store.path.display(), "switchboard is ready");
+    info!(address = %local_addr, store = %settings.store.describe(), "switchboard is ready");
 
     let stop = Arc::new(Notify::new());
     let grace = settings.shutdown_grace;

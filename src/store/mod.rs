@@ -5,6 +5,7 @@
 //! group-committed: many callers' writes share one transaction and one fsync, and each caller's
 //! future resolves only after that commit, so "acknowledged" always means "durable".
 
+pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -209,6 +210,19 @@ pub struct Recovery {
     pub unrouted: Vec<StoredMessage>,
 }
 
+/// The router's lease as stored: who leads, under which fencing epoch, until when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The node that acquired it last (`None` before anyone did).
+    pub holder: Option<String>,
+    /// The current fencing epoch: routing writes from older epochs are refused.
+    pub epoch: u64,
+    /// When the holder's lease ends unless renewed (by the store's clock).
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Whether the holder's lease is still running now (by the store's clock, so every node agrees).
+    pub live: bool,
+}
+
 /// The durable store. Implementations are cheap to clone handles (`Arc` inside).
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
@@ -268,4 +282,75 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Can the store commit right now? (For `/readyz`.)
     async fn check_writable(&self) -> Result<(), StoreError>;
+
+    /// Takes the router's lease for `node` if it is free, expired, or already `node`'s, and returns
+    /// the new fencing epoch: greater than every epoch before, so the previous holder (even an
+    /// earlier run of the same node) is fenced from now on. `None` while another node holds a live
+    /// lease. Expiry is judged by the store's clock.
+    async fn try_acquire_lease(
+        &self,
+        node: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Option<u64>, StoreError>;
+
+    /// Extends `node`'s lease by `ttl` from now. `false` once another node has taken over (the epoch
+    /// moved on): the caller is no longer leader and must stop routing.
+    async fn renew_lease(
+        &self,
+        node: &str,
+        epoch: u64,
+        ttl: std::time::Duration,
+    ) -> Result<bool, StoreError>;
+
+    /// Ends `node`'s lease now (graceful step-down) so another node can take over without waiting
+    /// for it to expire. `false` if it was no longer `node`'s.
+    async fn release_lease(&self, node: &str, epoch: u64) -> Result<bool, StoreError>;
+
+    /// The lease as stored now.
+    async fn lease(&self) -> Result<Lease, StoreError>;
+}
+
+/// A lease's time to live as a calendar duration (refuses absurd ones rather than overflowing).
+pub(crate) fn lease_duration(ttl: std::time::Duration) -> Result<chrono::Duration, StoreError> {
+    chrono::Duration::from_std(ttl)
+        .ok()
+        .filter(|ttl| *ttl > chrono::Duration::zero() && *ttl < chrono::Duration::days(365))
+        .ok_or_else(|| StoreError::NotFound(format!("lease time to live {ttl:?} is out of range")))
+}
+
+// Helpers shared by the backends.
+
+pub(crate) fn prefix_error(error: StoreError, context: &str) -> StoreError {
+    match error {
+        StoreError::Unavailable(message) => {
+            StoreError::Unavailable(format!("{context}: {message}"))
+        }
+        StoreError::NotFound(message) => StoreError::NotFound(format!("{context}: {message}")),
+        StoreError::Corrupt(message) => StoreError::Corrupt(format!("{context}: {message}")),
+        fenced @ StoreError::Fenced { .. } => fenced,
+    }
+}
+
+pub(crate) fn parse_ulid(text: &str) -> Result<Ulid, StoreError> {
+    Ulid::from_string(text)
+        .map_err(|error| StoreError::Corrupt(format!("bad id {text:?}: {error}")))
+}
+
+pub(crate) fn json_text(value: &serde_json::Value) -> Result<String, StoreError> {
+    serde_json::to_string(value)
+        .map_err(|error| StoreError::Corrupt(format!("cannot encode JSON: {error}")))
+}
+
+pub(crate) fn parse_status(text: &str) -> Result<ConversationStatus, StoreError> {
+    ConversationStatus::parse(text)
+        .ok_or_else(|| StoreError::Corrupt(format!("bad conversation status {text:?}")))
+}
+
+pub(crate) fn to_i64(value: u64, what: &str) -> Result<i64, StoreError> {
+    i64::try_from(value)
+        .map_err(|_| StoreError::NotFound(format!("{what} {value} is out of range")))
+}
+
+pub(crate) fn to_u64(value: i64, what: &str) -> Result<u64, StoreError> {
+    u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("negative {what} {value}")))
 }

@@ -49,13 +49,18 @@ use tokio::sync::oneshot;
 use ulid::Ulid;
 
 use super::{
-    ConversationFilter, ConversationRecord, ConversationStatus, Direction, IngestOutcome, NewEvent,
-    NewReply, OutboxEvent, Recovery, ReplyRoute, RoutingWrite, Store, StoreError, StoredMessage,
+    ConversationFilter, ConversationRecord, ConversationStatus, Direction, IngestOutcome, Lease,
+    NewEvent, NewReply, OutboxEvent, Recovery, ReplyRoute, RoutingWrite, Store, StoreError,
+    StoredMessage, json_text, lease_duration, parse_status, parse_ulid, prefix_error, to_i64,
+    to_u64,
 };
 use crate::message::{IdentityLink, InboundMessage};
 
 /// The schema migrations, applied in order on open. Append only: never edit a released one.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/sqlite/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/sqlite/0001_init.sql")),
+    (2, include_str!("../../migrations/sqlite/0002_lease.sql")),
+];
 
 /// The newest schema version this binary knows.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -302,17 +307,6 @@ impl SqliteStore {
         tokio::task::spawn_blocking(move || readers.with(work))
             .await
             .map_err(|error| StoreError::Unavailable(format!("read task failed: {error}")))?
-    }
-}
-
-fn prefix_error(error: StoreError, context: &str) -> StoreError {
-    match error {
-        StoreError::Unavailable(message) => {
-            StoreError::Unavailable(format!("{context}: {message}"))
-        }
-        StoreError::NotFound(message) => StoreError::NotFound(format!("{context}: {message}")),
-        StoreError::Corrupt(message) => StoreError::Corrupt(format!("{context}: {message}")),
-        fenced @ StoreError::Fenced { .. } => fenced,
     }
 }
 
@@ -648,33 +642,9 @@ fn parse_ts(text: &str) -> Result<DateTime<Utc>, StoreError> {
         .map_err(|error| StoreError::Corrupt(format!("bad timestamp {text:?}: {error}")))
 }
 
-fn parse_ulid(text: &str) -> Result<Ulid, StoreError> {
-    Ulid::from_string(text)
-        .map_err(|error| StoreError::Corrupt(format!("bad id {text:?}: {error}")))
-}
-
 fn parse_json(text: &str) -> Result<serde_json::Value, StoreError> {
     serde_json::from_str(text)
         .map_err(|error| StoreError::Corrupt(format!("bad JSON document: {error}")))
-}
-
-fn json_text(value: &serde_json::Value) -> Result<String, StoreError> {
-    serde_json::to_string(value)
-        .map_err(|error| StoreError::Corrupt(format!("cannot encode JSON: {error}")))
-}
-
-fn parse_status(text: &str) -> Result<ConversationStatus, StoreError> {
-    ConversationStatus::parse(text)
-        .ok_or_else(|| StoreError::Corrupt(format!("bad conversation status {text:?}")))
-}
-
-fn to_i64(value: u64, what: &str) -> Result<i64, StoreError> {
-    i64::try_from(value)
-        .map_err(|_| StoreError::NotFound(format!("{what} {value} is out of range")))
-}
-
-fn to_u64(value: i64, what: &str) -> Result<u64, StoreError> {
-    u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("negative {what} {value}")))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1473,6 +1443,71 @@ fn outbox_pending_read(conn: &Connection, limit: i64) -> Result<Vec<OutboxEvent>
 }
 
 // ---------------------------------------------------------------------------------------------
+// The router's lease (on the leadership row that fencing checks)
+
+fn try_acquire_lease_tx(
+    conn: &Connection,
+    node: &str,
+    ttl: chrono::Duration,
+) -> Result<Option<u64>, StoreError> {
+    let now = Utc::now();
+    let epoch: Option<i64> = conn
+        .prepare_cached(
+            "UPDATE leadership SET holder = ?1, epoch = epoch + 1, expires_at = ?2, updated_at = ?3
+             WHERE id = 1 AND (holder IS NULL OR holder = ?1 OR expires_at IS NULL
+                               OR expires_at <= ?3)
+             RETURNING epoch",
+        )?
+        .query_row(params![node, ts(&(now + ttl)), ts(&now)], |row| row.get(0))
+        .optional()?;
+    epoch.map(|epoch| to_u64(epoch, "epoch")).transpose()
+}
+
+fn renew_lease_tx(
+    conn: &Connection,
+    node: &str,
+    epoch: u64,
+    ttl: chrono::Duration,
+) -> Result<bool, StoreError> {
+    let now = Utc::now();
+    let changed = conn
+        .prepare_cached(
+            "UPDATE leadership SET expires_at = ?3, updated_at = ?4
+             WHERE id = 1 AND holder = ?1 AND epoch = ?2",
+        )?
+        .execute(params![
+            node,
+            to_i64(epoch, "epoch")?,
+            ts(&(now + ttl)),
+            ts(&now)
+        ])?;
+    Ok(changed == 1)
+}
+
+fn release_lease_tx(conn: &Connection, node: &str, epoch: u64) -> Result<bool, StoreError> {
+    let changed = conn
+        .prepare_cached(
+            "UPDATE leadership SET holder = NULL, expires_at = NULL, updated_at = ?3
+             WHERE id = 1 AND holder = ?1 AND epoch = ?2",
+        )?
+        .execute(params![node, to_i64(epoch, "epoch")?, ts(&Utc::now())])?;
+    Ok(changed == 1)
+}
+
+fn lease_read(conn: &Connection) -> Result<Lease, StoreError> {
+    let (holder, epoch, expires_at): (Option<String>, i64, Option<String>) = conn
+        .prepare_cached("SELECT holder, epoch, expires_at FROM leadership WHERE id = 1")?
+        .query_row([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+    let expires_at = expires_at.as_deref().map(parse_ts).transpose()?;
+    Ok(Lease {
+        live: holder.is_some() && expires_at.is_some_and(|at| at > Utc::now()),
+        holder,
+        epoch: to_u64(epoch, "epoch")?,
+        expires_at,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
 // The trait
 
 #[async_trait]
@@ -1586,6 +1621,32 @@ impl Store for SqliteStore {
             Ok(())
         })
         .await
+    }
+
+    async fn try_acquire_lease(
+        &self,
+        node: &str,
+        ttl: Duration,
+    ) -> Result<Option<u64>, StoreError> {
+        let (node, ttl) = (node.to_owned(), lease_duration(ttl)?);
+        self.write(move |conn| try_acquire_lease_tx(conn, &node, ttl))
+            .await
+    }
+
+    async fn renew_lease(&self, node: &str, epoch: u64, ttl: Duration) -> Result<bool, StoreError> {
+        let (node, ttl) = (node.to_owned(), lease_duration(ttl)?);
+        self.write(move |conn| renew_lease_tx(conn, &node, epoch, ttl))
+            .await
+    }
+
+    async fn release_lease(&self, node: &str, epoch: u64) -> Result<bool, StoreError> {
+        let node = node.to_owned();
+        self.write(move |conn| release_lease_tx(conn, &node, epoch))
+            .await
+    }
+
+    async fn lease(&self) -> Result<Lease, StoreError> {
+        self.read(lease_read).await
     }
 }
 

@@ -33,13 +33,17 @@ pub fn binary() -> PathBuf {
 /// The config used by tests: the demo centre, a temp store, port 0. `server` adds keys to `[server]`;
 /// `extra` adds whole tables.
 pub fn write_config(dir: &Path, server: &str, extra: &str) -> PathBuf {
+    let store = format!("path = \"{}\"", dir.join("switchboard.sqlite").display());
+    write_config_with_store(dir, server, &store, extra)
+}
+
+/// Like [`write_config`], with `store` as the `[store]` table's keys.
+pub fn write_config_with_store(dir: &Path, server: &str, store: &str, extra: &str) -> PathBuf {
     let path = dir.join("switchboard.toml");
-    let store = dir.join("switchboard.sqlite");
     std::fs::write(
         &path,
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_seconds = 5\n{server}\n\n[store]\npath = \"{}\"\n\n{extra}",
-            store.display()
+            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_seconds = 5\n{server}\n\n[store]\n{store}\n\n{extra}"
         ),
     )
     .unwrap();
@@ -54,6 +58,17 @@ impl Daemon {
     pub fn start_with(server: &str, extra_config: &str) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         write_config(dir.path(), server, extra_config);
+        Daemon::start_in(dir)
+    }
+
+    /// Starts on the store described by `store` (the `[store]` table's keys).
+    pub fn start_on_store(store: &str) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        write_config_with_store(dir.path(), "", store, "");
+        Daemon::start_in(dir)
+    }
+
+    fn start_in(dir: tempfile::TempDir) -> Daemon {
         let mut daemon = Daemon {
             dir,
             base: String::new(),

@@ -1,0 +1,1931 @@
+//! The PostgreSQL store: the same [`Store`] as SQLite, shared by several switchboard instances.
+//!
+//! # Group commit
+//!
+//! One writer task per instance takes the first queued write, drains whatever else is queued (up to
+//! [`PostgresOptions::max_batch`], capped at [`MAX_SUBTRANSACTIONS`]), runs them in one transaction
+//! on one pooled connection and commits once (`synchronous_commit=on`, so a commit is durable when
+//! it returns). Each caller's future resolves only after that commit. Each write runs inside the
+//! savepoint `request`: a write that fails rolls back to it alone and the rest of the batch still
+//! commits. If the connection is lost or the `COMMIT` fails, every caller whose work was in the
+//! batch gets [`StoreError::Unavailable`]. A lost connection is never handed out again: the pool
+//! checks connections when they come back and opens new ones, so the store recovers by itself.
+//!
+//! # Several instances on one database
+//!
+//! - Deduplication is the unique constraint on `messages (channel, provider_message_id)`: of two
+//!   instances storing the same message at once, the second insert waits for the first commit and
+//!   then does nothing, and that caller gets [`IngestOutcome::Duplicate`].
+//! - Contacts: a new customer's identities are inserted with `ON CONFLICT DO NOTHING`; an instance
+//!   that finds one of them taken by a concurrent commit withdraws its new contact and matches
+//!   again, so two first messages of one customer end up on one contact.
+//! - Conversations: matching locks the contact's row (`UPDATE … RETURNING`), so two instances
+//!   never both decide that a contact has no open conversation.
+//! - Writes waiting on each other across instances can deadlock; PostgreSQL aborts one statement
+//!   and that write is rolled back to its savepoint and run again.
+//!
+//! # Lease and fencing
+//!
+//! The `leadership` row holds the router's lease (holder, expiry by the database clock) and the
+//! fencing epoch. Taking the lease raises the epoch; a routing write reads the row `FOR SHARE` in
+//! its own transaction and is refused with [`StoreError::Fenced`] if its epoch is older, so a
+//! takeover waits for an old leader's in-flight commit and every later write of it is refused.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{Json, ToSql};
+use tokio_postgres::{NoTls, Row};
+use ulid::Ulid;
+
+use super::sqlite::WriterStats;
+use super::{
+    ConversationFilter, ConversationRecord, ConversationStatus, Direction, IngestOutcome, Lease,
+    NewEvent, NewReply, OutboxEvent, Recovery, ReplyRoute, RoutingWrite, Store, StoreError,
+    StoredMessage, json_text, lease_duration, parse_status, parse_ulid, prefix_error, to_i64,
+    to_u64,
+};
+use crate::message::InboundMessage;
+
+/// The schema migrations, applied in order on open. Append only: never edit a released one.
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/postgres/0001_init.sql"))];
+
+/// The newest schema version this binary knows.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
+
+/// The most writes one transaction carries. Each write's savepoint is a subtransaction; a backend
+/// keeps only 64 subtransaction ids in shared memory, and past that every other session's snapshot
+/// checks get slower while the transaction is open.
+pub const MAX_SUBTRANSACTIONS: usize = 64;
+
+/// How often a write is run again after PostgreSQL aborted it to break a deadlock.
+const DEADLOCK_RETRIES: usize = 3;
+
+/// How to reach the database and how to use it.
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    /// Host, port, database, user and password (`Config`'s `Debug` hides the password).
+    pub connection: tokio_postgres::Config,
+    /// The schema holding switchboard's tables (created on first start).
+    pub schema: String,
+    /// Connections in the pool: one writes, the others serve reads and the lease.
+    pub pool_size: usize,
+    /// The most writes one transaction carries (capped at [`MAX_SUBTRANSACTIONS`]).
+    pub max_batch: usize,
+    /// How long a statement waits for a lock (held by another instance, a migration, an operator)
+    /// before the write fails with [`StoreError::Unavailable`].
+    pub lock_timeout: Duration,
+    /// How long opening a connection may take.
+    pub connect_timeout: Duration,
+    /// Shown in `pg_stat_activity`.
+    pub application_name: String,
+}
+
+impl PostgresOptions {
+    /// Defaults for everything but where the database is.
+    pub fn new(connection: tokio_postgres::Config, schema: &str) -> PostgresOptions {
+        PostgresOptions {
+            connection,
+            schema: schema.to_owned(),
+            pool_size: 8,
+            max_batch: MAX_SUBTRANSACTIONS,
+            lock_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            application_name: "switchboard".into(),
+        }
+    }
+
+    /// Where the store is, for logs: host, port, database, user and schema (never the password).
+    pub fn describe(&self) -> String {
+        describe_target(&self.connection, &self.schema)
+    }
+}
+
+/// `host:port/database as user, schema S`: what the connection is for, without secrets.
+fn describe_target(config: &tokio_postgres::Config, schema: &str) -> String {
+    let host = config
+        .get_hosts()
+        .first()
+        .map(|host| match host {
+            tokio_postgres::config::Host::Tcp(name) => name.clone(),
+            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+        })
+        .unwrap_or_else(|| "localhost".into());
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "postgres://{host}:{port}/{} as {}, schema {schema}",
+        config.get_dbname().unwrap_or("(default database)"),
+        config.get_user().unwrap_or("(default user)"),
+    )
+}
+
+/// Is `name` a schema name switchboard can use unquoted? (Lower-case letters, digits, `_`.)
+pub fn valid_schema_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|first| first.is_ascii_lowercase() || first == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && name.len() <= 63
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    commits: AtomicU64,
+    requests: AtomicU64,
+    failed_batches: AtomicU64,
+}
+
+/// The PostgreSQL [`Store`]: a cheap-to-clone handle.
+#[derive(Clone)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    target: String,
+    pool: Pool,
+    /// `None` once closed.
+    sender: Mutex<Option<mpsc::UnboundedSender<Job>>>,
+    writer: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("target", &self.inner.target)
+            .field("pool", &self.inner.pool.status())
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn closed() -> StoreError {
+    StoreError::Unavailable("the store is closed".into())
+}
+
+impl PostgresStore {
+    /// Connects, creates the schema and applies pending migrations (one instance at a time), and
+    /// starts the writer. Fails with a message naming the database (never the password) when it
+    /// cannot connect.
+    pub async fn open(options: PostgresOptions) -> Result<PostgresStore, StoreError> {
+        if !valid_schema_name(&options.schema) {
+            return Err(StoreError::NotFound(format!(
+                "schema name `{}` must be lower-case letters, digits and `_`",
+                options.schema
+            )));
+        }
+        let target = options.describe();
+        let mut connection = options.connection.clone();
+        let mut session = format!(
+            "-c search_path={} -c synchronous_commit=on -c lock_timeout={}",
+            options.schema,
+            options.lock_timeout.as_millis().max(1)
+        );
+        if let Some(extra) = options.connection.get_options() {
+            session = format!("{extra} {session}");
+        }
+        connection
+            .options(&session)
+            .application_name(&options.application_name)
+            .connect_timeout(options.connect_timeout);
+        let manager = Manager::from_config(
+            connection,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool_size = options.pool_size.max(2);
+        let pool = Pool::builder(manager)
+            .max_size(pool_size)
+            .runtime(Runtime::Tokio1)
+            .create_timeout(Some(options.connect_timeout))
+            .wait_timeout(Some(options.lock_timeout + options.connect_timeout))
+            .build()
+            .map_err(|error| StoreError::Unavailable(format!("{target}: {error}")))?;
+        {
+            let mut client = pool
+                .get()
+                .await
+                .map_err(|error| pool_error(&target, error))?;
+            migrate(&mut client, &options.schema)
+                .await
+                .map_err(|error| error.into_store())
+                .map_err(|error| prefix_error(error, &format!("migrating {target}")))?;
+        }
+        let counters = Arc::new(Counters::default());
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let max_batch = options.max_batch.clamp(1, MAX_SUBTRANSACTIONS);
+        let writer = tokio::spawn(run_writer(
+            pool.clone(),
+            receiver,
+            max_batch,
+            Arc::clone(&counters),
+        ));
+        Ok(PostgresStore {
+            inner: Arc::new(Inner {
+                target,
+                pool,
+                sender: Mutex::new(Some(sender)),
+                writer: tokio::sync::Mutex::new(Some(writer)),
+                counters,
+            }),
+        })
+    }
+
+    /// Connects once and checks the credentials and the database, without touching the schema
+    /// (for `check-config`).
+    pub async fn check_connection(options: &PostgresOptions) -> Result<(), StoreError> {
+        let target = options.describe();
+        let mut connection = options.connection.clone();
+        connection.connect_timeout(options.connect_timeout);
+        let (client, driver) = connection
+            .connect(NoTls)
+            .await
+            .map_err(|error| connect_error(&target, &error))?;
+        let driver = tokio::spawn(driver);
+        let result = client
+            .simple_query("SELECT 1")
+            .await
+            .map(|_| ())
+            .map_err(|error| connect_error(&target, &error));
+        drop(client);
+        let _ = driver.await;
+        result
+    }
+
+    /// Commits and batch sizes so far.
+    pub fn stats(&self) -> WriterStats {
+        let counters = &self.inner.counters;
+        WriterStats {
+            commits: counters.commits.load(Ordering::Relaxed),
+            requests: counters.requests.load(Ordering::Relaxed),
+            failed_batches: counters.failed_batches.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Where the store is (no password).
+    pub fn target(&self) -> &str {
+        &self.inner.target
+    }
+
+    /// Flushes the store: stops accepting writes, lets the writer commit everything already queued
+    /// and waits for it; then closes the pool. Writes from any clone fail from now on.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        drop(lock(&self.inner.sender).take());
+        let writer = self.inner.writer.lock().await.take();
+        if let Some(writer) = writer {
+            writer
+                .await
+                .map_err(|error| StoreError::Unavailable(format!("the store writer: {error}")))?;
+        }
+        self.inner.pool.close();
+        Ok(())
+    }
+
+    /// Queues a write for the writer's next transaction and waits for its commit.
+    async fn write(&self, write: Write) -> Result<Written, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        {
+            let sender = lock(&self.inner.sender);
+            let sender = sender.as_ref().ok_or_else(closed)?;
+            sender.send(Job { write, reply }).map_err(|_| closed())?;
+        }
+        answer.await.map_err(|_| {
+            StoreError::Unavailable("the store writer stopped before answering".into())
+        })?
+    }
+
+    async fn write_done(&self, write: Write) -> Result<(), StoreError> {
+        match self.write(write).await? {
+            Written::Done => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// A pooled connection that is still open (a connection the server dropped is discarded and
+    /// another one taken).
+    async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
+        live_client(&self.inner.pool, &self.inner.target).await
+    }
+
+    /// Runs a read, once more on a fresh connection if the connection was lost meanwhile (reads are
+    /// safe to repeat).
+    async fn read<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        F: for<'c> Fn(&'c Client) -> BoxFuture<'c, Result<T, Failure>>,
+    {
+        let mut attempt = 0;
+        loop {
+            let client = self.client().await?;
+            match work(&client).await {
+                Ok(value) => return Ok(value),
+                Err(failure) if attempt == 0 && failure.connection_lost(&client) => {
+                    drop(deadpool_postgres::Object::take(client));
+                    attempt += 1;
+                }
+                Err(failure) => return Err(failure.into_store()),
+            }
+        }
+    }
+}
+
+/// A pooled connection: statements are prepared once per connection and cached.
+type Client = deadpool_postgres::ClientWrapper;
+
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+async fn live_client(pool: &Pool, target: &str) -> Result<deadpool_postgres::Client, StoreError> {
+    // Every idle connection may have been cut at once (a database restart): try each.
+    for _ in 0..=pool.status().max_size {
+        let client = pool
+            .get()
+            .await
+            .map_err(|error| pool_error(target, error))?;
+        if !client.is_closed() {
+            return Ok(client);
+        }
+        drop(deadpool_postgres::Object::take(client));
+    }
+    Err(StoreError::Unavailable(format!(
+        "{target}: every connection was closed by the server"
+    )))
+}
+
+fn unexpected(written: &Written) -> StoreError {
+    StoreError::Corrupt(format!("the store writer answered {written:?}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+
+/// A failure inside the store: either already a [`StoreError`] or a PostgreSQL error to classify.
+#[derive(Debug)]
+enum Failure {
+    Store(StoreError),
+    Postgres(tokio_postgres::Error),
+}
+
+impl From<StoreError> for Failure {
+    fn from(error: StoreError) -> Failure {
+        Failure::Store(error)
+    }
+}
+
+impl From<tokio_postgres::Error> for Failure {
+    fn from(error: tokio_postgres::Error) -> Failure {
+        Failure::Postgres(error)
+    }
+}
+
+impl Failure {
+    /// The connection is gone (cut by the server, a restart, the network): nothing more can be
+    /// done on it, and an operation that had not written anything may be run on another one.
+    fn connection_lost(&self, client: &Client) -> bool {
+        client.is_closed() || matches!(self, Failure::Postgres(error) if connection_lost(error))
+    }
+
+    /// PostgreSQL aborted the statement to break a deadlock or a serialization conflict: running
+    /// the write again (after rolling it back) is expected to succeed.
+    fn is_retryable(&self) -> bool {
+        matches!(self, Failure::Postgres(error) if matches!(
+            error.code(),
+            Some(code) if *code == SqlState::T_R_DEADLOCK_DETECTED
+                || *code == SqlState::T_R_SERIALIZATION_FAILURE
+        ))
+    }
+
+    fn into_store(self) -> StoreError {
+        match self {
+            Failure::Store(error) => error,
+            Failure::Postgres(error) => postgres_error(&error),
+        }
+    }
+}
+
+/// A PostgreSQL error as a [`StoreError`]: constraint and data errors are the request's fault
+/// (`NotFound`, like SQLite), everything else (connection lost, lock timeout, disk full, shutting
+/// down) is `Unavailable`.
+fn postgres_error(error: &tokio_postgres::Error) -> StoreError {
+    let Some(db) = error.as_db_error() else {
+        if error.is_closed() {
+            return StoreError::Unavailable(format!("connection to PostgreSQL lost: {error}"));
+        }
+        return StoreError::Unavailable(format!("PostgreSQL client: {error}"));
+    };
+    let text = format!("{} ({})", db.message(), db.code().code());
+    match &db.code().code()[..2] {
+        // 23: integrity constraint violation; 22: data exception.
+        "23" | "22" => StoreError::NotFound(format!("conflicts with stored data: {text}")),
+        // XX: internal error (data corrupted).
+        "XX" => StoreError::Corrupt(text),
+        _ => StoreError::Unavailable(text),
+    }
+}
+
+/// Errors that mean the connection is unusable: closed, or the server ending the session
+/// (class 57P: shutdown or termination by an administrator; class 08: connection exception).
+fn connection_lost(error: &tokio_postgres::Error) -> bool {
+    if error.is_closed() {
+        return true;
+    }
+    match error.code() {
+        Some(code) => code.code().starts_with("57P") || code.code().starts_with("08"),
+        None => false,
+    }
+}
+
+fn connect_error(target: &str, error: &tokio_postgres::Error) -> StoreError {
+    let reason = match error.as_db_error() {
+        Some(db) => db.message().to_owned(),
+        None => {
+            // The I/O cause ("Connection refused") is the useful part.
+            let mut reason = error.to_string();
+            let mut source = std::error::Error::source(error);
+            while let Some(cause) = source {
+                reason = format!("{reason}: {cause}");
+                source = cause.source();
+            }
+            reason
+        }
+    };
+    StoreError::Unavailable(format!("cannot connect to {target}: {reason}"))
+}
+
+fn pool_error(target: &str, error: deadpool_postgres::PoolError) -> StoreError {
+    match error {
+        deadpool_postgres::PoolError::Backend(error) => connect_error(target, &error),
+        deadpool_postgres::PoolError::Timeout(kind) => {
+            StoreError::Unavailable(format!("cannot connect to {target}: timed out ({kind:?})"))
+        }
+        other => StoreError::Unavailable(format!("cannot connect to {target}: {other}")),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Migrations
+
+/// Creates the schema and applies the migrations it lacks, each in its own transaction under an
+/// advisory lock (per schema), so instances starting together migrate once, one after the other.
+/// Refuses a schema written by a newer binary.
+async fn migrate(client: &mut deadpool_postgres::Client, schema: &str) -> Result<(), Failure> {
+    let lock_key = format!("switchboard migrations {schema}");
+    for (version, sql) in MIGRATIONS {
+        let tx = client.transaction().await?;
+        // Another instance may be migrating: wait for it (much longer than a write would).
+        tx.batch_execute("SET LOCAL lock_timeout = '300s'").await?;
+        tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&lock_key])
+            .await?;
+        tx.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {schema};
+             CREATE TABLE IF NOT EXISTS {schema}.schema_migrations (
+                 version     BIGINT PRIMARY KEY,
+                 applied_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+             )"
+        ))
+        .await?;
+        let current: i64 = tx
+            .query_one(
+                &format!("SELECT COALESCE(MAX(version), 0) FROM {schema}.schema_migrations"),
+                &[],
+            )
+            .await?
+            .try_get(0)?;
+        if current > SCHEMA_VERSION {
+            return Err(Failure::Store(StoreError::Unavailable(format!(
+                "the database schema is version {current} but this switchboard only knows \
+                 versions up to {SCHEMA_VERSION}: it was written by a newer release; upgrade \
+                 switchboard or restore a backup"
+            ))));
+        }
+        if *version > current {
+            tx.batch_execute(&format!("SET LOCAL search_path = {schema}; {sql}"))
+                .await
+                .map_err(|error| {
+                    Failure::Store(prefix_error(
+                        postgres_error(&error),
+                        &format!("schema migration {version}"),
+                    ))
+                })?;
+            tx.execute(
+                &format!("INSERT INTO {schema}.schema_migrations (version) VALUES ($1)"),
+                &[version],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The writer
+
+/// A write as queued for the writer: owned data, so a write PostgreSQL aborted (deadlock) can run
+/// again.
+#[derive(Debug)]
+enum Write {
+    Ingest(Box<IngestRequest>),
+    Routing(Arc<RoutingWrite>),
+    Reply(Box<NewReply>, Vec<NewEvent>),
+    Delivery {
+        message_id: Ulid,
+        status: String,
+        provider_message_id: Option<String>,
+        events: Vec<NewEvent>,
+    },
+    MarkSent(Vec<i64>),
+    Probe,
+}
+
+#[derive(Debug)]
+enum Written {
+    Ingest(IngestOutcome),
+    Done,
+}
+
+struct Job {
+    write: Write,
+    reply: oneshot::Sender<Result<Written, StoreError>>,
+}
+
+impl Job {
+    fn finish(self, outcome: Result<Written, StoreError>) {
+        // A caller that stopped waiting does not undo the write: it is committed either way.
+        let _ = self.reply.send(outcome);
+    }
+}
+
+async fn run_writer(
+    pool: Pool,
+    mut receiver: mpsc::UnboundedReceiver<Job>,
+    max_batch: usize,
+    counters: Arc<Counters>,
+) {
+    // Returns when every sender is gone and the queue is empty, so everything queued before
+    // close/drop is committed.
+    while let Some(first) = receiver.recv().await {
+        let mut batch = Vec::with_capacity(max_batch);
+        batch.push(first);
+        while batch.len() < max_batch {
+            match receiver.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        run_batch(&pool, batch, &counters).await;
+    }
+}
+
+/// The savepoint each write runs in.
+const SAVEPOINT: &str = "request";
+
+/// Runs one batch in one transaction, one savepoint per write, and answers every caller.
+async fn run_batch(pool: &Pool, batch: Vec<Job>, counters: &Counters) {
+    let fail_all = |batch: Vec<Job>, message: String| {
+        counters.failed_batches.fetch_add(1, Ordering::Relaxed);
+        for job in batch {
+            job.finish(Err(StoreError::Unavailable(message.clone())));
+        }
+    };
+    let client = match begin(pool).await {
+        Ok(client) => client,
+        Err(error) => return fail_all(batch, error.to_string()),
+    };
+    let mut done: Vec<(Job, Result<Written, StoreError>)> = Vec::with_capacity(batch.len());
+    // Whether the savepoint holds a successful write that must be released before the next one.
+    let mut release = false;
+    let mut jobs = batch.into_iter();
+    while let Some(job) = jobs.next() {
+        let open = if release {
+            "RELEASE request; SAVEPOINT request"
+        } else {
+            "SAVEPOINT request"
+        };
+        // The savepoint travels in the same round trip as the write's first statement (a
+        // connection sends requests in the order they are made). If it failed, the write did not
+        // run inside it, and the whole batch is given up.
+        let (opened, first) =
+            tokio::join!(client.batch_execute(open), run_write(&client, &job.write));
+        if let Err(error) = opened {
+            let reason = format!("cannot start a savepoint: {}", postgres_error(&error));
+            let mut lost: Vec<Job> = vec![job];
+            lost.extend(jobs);
+            abandon(client, &mut done, &reason).await;
+            return fail_all(lost, reason);
+        }
+        let mut attempt = 0;
+        let mut outcome = first;
+        let outcome = loop {
+            match outcome {
+                Err(failure) if failure.is_retryable() && attempt < DEADLOCK_RETRIES => {
+                    attempt += 1;
+                    if client.batch_execute("ROLLBACK TO request").await.is_err() {
+                        break Err(failure);
+                    }
+                    outcome = run_write(&client, &job.write).await;
+                }
+                other => break other,
+            }
+        };
+        match outcome {
+            Ok(written) => {
+                release = true;
+                done.push((job, Ok(written)));
+            }
+            Err(failure) => {
+                // Undo this write alone; the savepoint stays, ready for the next write.
+                if let Err(error) = client.batch_execute("ROLLBACK TO request").await {
+                    let reason = format!("cannot roll back a request: {}", postgres_error(&error));
+                    job.finish(Err(failure.into_store()));
+                    let lost: Vec<Job> = jobs.collect();
+                    abandon(client, &mut done, &reason).await;
+                    return fail_all(lost, reason);
+                }
+                release = false;
+                done.push((job, Err(failure.into_store())));
+            }
+        }
+    }
+    match client.batch_execute("COMMIT").await {
+        Ok(()) => {
+            counters.commits.fetch_add(1, Ordering::Relaxed);
+            counters
+                .requests
+                .fetch_add(done.len() as u64, Ordering::Relaxed);
+            for (job, outcome) in done {
+                job.finish(outcome);
+            }
+        }
+        Err(error) => {
+            let reason = format!("commit failed: {}", postgres_error(&error));
+            abandon(client, &mut done, &reason).await;
+            counters.failed_batches.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A live pooled connection with a transaction begun.
+async fn begin(pool: &Pool) -> Result<deadpool_postgres::Client, StoreError> {
+    // A connection cut while idle in the pool fails at BEGIN, before anything was written, so
+    // another connection may be tried.
+    for _ in 0..=pool.status().max_size {
+        let client = live_client(pool, "PostgreSQL").await?;
+        match client.batch_execute("BEGIN").await {
+            Ok(()) => return Ok(client),
+            Err(error) if client.is_closed() || connection_lost(&error) => {
+                drop(deadpool_postgres::Object::take(client));
+            }
+            Err(error) => {
+                return Err(prefix_error(
+                    postgres_error(&error),
+                    "cannot start a transaction",
+                ));
+            }
+        }
+    }
+    Err(StoreError::Unavailable(
+        "cannot start a transaction: every connection was closed by the server".into(),
+    ))
+}
+
+/// Rolls the transaction back and fails every write it held (writes that failed on their own keep
+/// their own error). The connection is not reused: its state is unknown.
+async fn abandon(
+    client: deadpool_postgres::Client,
+    done: &mut Vec<(Job, Result<Written, StoreError>)>,
+    reason: &str,
+) {
+    let _ = client.batch_execute("ROLLBACK").await;
+    drop(deadpool_postgres::Object::take(client));
+    for (job, outcome) in done.drain(..) {
+        match outcome {
+            Ok(_) => job.finish(Err(StoreError::Unavailable(format!(
+                "the batch was rolled back: {reason}"
+            )))),
+            Err(error) => job.finish(Err(error)),
+        }
+    }
+}
+
+async fn run_write(client: &Client, write: &Write) -> Result<Written, Failure> {
+    match write {
+        Write::Ingest(request) => ingest_tx(client, request).await.map(Written::Ingest),
+        Write::Routing(write) => apply_routing_tx(client, write)
+            .await
+            .map(|()| Written::Done),
+        Write::Reply(reply, events) => store_reply_tx(client, reply, events)
+            .await
+            .map(|()| Written::Done),
+        Write::Delivery {
+            message_id,
+            status,
+            provider_message_id,
+            events,
+        } => set_delivery_status_tx(
+            client,
+            *message_id,
+            status,
+            provider_message_id.as_deref(),
+            events,
+        )
+        .await
+        .map(|()| Written::Done),
+        Write::MarkSent(positions) => {
+            let statement = client
+                .prepare_cached(
+                    "UPDATE outbox SET sent_at = $2 WHERE position = ANY($1) AND sent_at IS NULL",
+                )
+                .await?;
+            client
+                .execute(&statement, &[positions, &nanos(&Utc::now())?])
+                .await?;
+            Ok(Written::Done)
+        }
+        Write::Probe => {
+            let statement = client
+                .prepare_cached(
+                    "INSERT INTO write_probe (id, checked_at) VALUES (1, $1)
+                     ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
+                )
+                .await?;
+            client.execute(&statement, &[&nanos(&Utc::now())?]).await?;
+            Ok(Written::Done)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Encodings
+
+/// Nanoseconds since the Unix epoch: how timestamps are stored (exact round trips).
+fn nanos(time: &DateTime<Utc>) -> Result<i64, StoreError> {
+    time.timestamp_nanos_opt()
+        .ok_or_else(|| StoreError::NotFound(format!("time {time} is out of range (1677..2262)")))
+}
+
+fn from_nanos(value: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_nanos(value)
+}
+
+fn column<'r, T: tokio_postgres::types::FromSql<'r>>(
+    row: &'r Row,
+    index: usize,
+) -> Result<T, StoreError> {
+    row.try_get(index)
+        .map_err(|error| StoreError::Corrupt(format!("column {index}: {error}")))
+}
+
+const MESSAGE_COLUMNS: &str = "id, conversation_id, direction, channel, provider, \
+     provider_message_id, from_address, to_address, body, created_at, delivery_status, agent_id";
+
+fn decode_message(row: &Row) -> Result<StoredMessage, StoreError> {
+    let direction = match column::<&str>(row, 2)? {
+        "inbound" => Direction::Inbound,
+        "outbound" => Direction::Outbound,
+        other => return Err(StoreError::Corrupt(format!("bad direction {other:?}"))),
+    };
+    Ok(StoredMessage {
+        id: parse_ulid(column(row, 0)?)?,
+        conversation_id: parse_ulid(column(row, 1)?)?,
+        direction,
+        channel: column(row, 3)?,
+        provider: column(row, 4)?,
+        provider_message_id: column(row, 5)?,
+        from_address: column(row, 6)?,
+        to_address: column(row, 7)?,
+        body: column::<Json<serde_json::Value>>(row, 8)?.0,
+        created_at: from_nanos(column(row, 9)?),
+        delivery_status: column(row, 10)?,
+        agent_id: column(row, 11)?,
+    })
+}
+
+const CONVERSATION_COLUMNS: &str = "id, contact_id, status, channel, reply_channel, \
+     reply_provider, reply_customer_address, reply_our_address, reply_thread_key, subject, \
+     created_at, updated_at, routing_state, event_seq";
+
+fn decode_conversation(row: &Row) -> Result<ConversationRecord, StoreError> {
+    Ok(ConversationRecord {
+        id: parse_ulid(column(row, 0)?)?,
+        contact_id: parse_ulid(column(row, 1)?)?,
+        status: parse_status(column(row, 2)?)?,
+        channel: column(row, 3)?,
+        reply_route: ReplyRoute {
+            channel: column(row, 4)?,
+            provider: column(row, 5)?,
+            customer_address: column(row, 6)?,
+            our_address: column(row, 7)?,
+            thread_key: column(row, 8)?,
+        },
+        subject: column(row, 9)?,
+        created_at: from_nanos(column(row, 10)?),
+        updated_at: from_nanos(column(row, 11)?),
+        routing_state: column::<Option<Json<serde_json::Value>>>(row, 12)?.map(|json| json.0),
+        event_seq: to_u64(column(row, 13)?, "event_seq")?,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Write transactions (run by the writer, inside the savepoint)
+
+/// An inbound message with everything that does not need the database worked out on the caller's
+/// task, so the writer only runs SQL.
+#[derive(Debug)]
+struct IngestRequest {
+    message_id: String,
+    channel: String,
+    provider: String,
+    provider_message_id: String,
+    thread_key: String,
+    from_address: String,
+    to_address: String,
+    identity_kinds: Vec<String>,
+    identity_values: Vec<String>,
+    name: Option<String>,
+    tier: Option<String>,
+    language: Option<String>,
+    subject: Option<String>,
+    body: String,
+    message_time: i64,
+    intake_time: i64,
+}
+
+impl IngestRequest {
+    fn new(
+        mut message: InboundMessage,
+        received_at: DateTime<Utc>,
+    ) -> Result<IngestRequest, StoreError> {
+        let message_id = Ulid::new();
+        let message_time = message.received_at.unwrap_or(received_at);
+        message.id = Some(message_id);
+        message.received_at = Some(message_time);
+        let body = serde_json::to_string(&message)
+            .map_err(|error| StoreError::Corrupt(format!("cannot encode the message: {error}")))?;
+        let (identity_kinds, identity_values) = message
+            .identities()
+            .into_iter()
+            .map(|identity| (identity.kind, identity.value))
+            .unzip();
+        let thread_key = message.effective_thread_key();
+        let to_address = message
+            .to
+            .as_ref()
+            .map(|to| to.address.trim().to_owned())
+            .unwrap_or_default();
+        let name = message
+            .customer
+            .name
+            .clone()
+            .or_else(|| message.from.name.clone());
+        Ok(IngestRequest {
+            message_id: message_id.to_string(),
+            from_address: message.from.address.trim().to_owned(),
+            channel: message.channel,
+            provider: message.provider,
+            provider_message_id: message.provider_message_id,
+            thread_key,
+            to_address,
+            identity_kinds,
+            identity_values,
+            name,
+            tier: message.customer.tier,
+            language: message.customer.language,
+            subject: message.subject,
+            body,
+            message_time: nanos(&message_time)?,
+            intake_time: nanos(&received_at)?,
+        })
+    }
+}
+
+/// What one round trip finds about an inbound message: an earlier copy, the contacts owning its
+/// identities, and its thread's conversation.
+const INGEST_LOOKUP: &str = "
+    SELECT 0 AS found, m.id::text AS a, m.conversation_id::text AS b, NULL::text AS c, 0::bigint AS created
+      FROM messages m WHERE m.channel = $1 AND m.provider_message_id = $2
+    UNION ALL
+    SELECT 1, c.id::text, l.kind, l.value, c.created_at
+      FROM unnest($3::text[], $4::text[]) AS i (kind, value)
+      JOIN identity_links l ON l.kind = i.kind AND l.value = i.value
+      JOIN contacts c ON c.id = l.contact_id
+    UNION ALL
+    SELECT 2, c.id::text, c.status, NULL, 0
+      FROM conversation_threads t JOIN conversations c ON c.id = t.conversation_id
+     WHERE t.channel = $1 AND t.thread_key = $5";
+
+/// Creates a contact and links the given identities to it; returns the identities it got (another
+/// instance may have linked some of them meanwhile).
+const CREATE_CONTACT: &str = "
+    WITH contact AS (
+        INSERT INTO contacts (id, name, tier, language, created_at, updated_at)
+        VALUES ($1, $2, $3, $4, $5, $5)
+    )
+    INSERT INTO identity_links (kind, value, contact_id, created_at)
+    SELECT kind, value, $1, $5 FROM unnest($6::text[], $7::text[]) AS i (kind, value)
+    ON CONFLICT (kind, value) DO NOTHING
+    RETURNING kind";
+
+/// Locks an existing contact (serialising conversation matching for it across instances), applies
+/// the latest hints and links the identities that were not linked yet.
+const UPDATE_CONTACT: &str = "
+    WITH linked AS (
+        INSERT INTO identity_links (kind, value, contact_id, created_at)
+        SELECT kind, value, $1, $5 FROM unnest($6::text[], $7::text[]) AS i (kind, value)
+        ON CONFLICT (kind, value) DO NOTHING
+    )
+    UPDATE contacts SET
+        name = COALESCE($2, name), tier = COALESCE($3, tier), language = COALESCE($4, language),
+        updated_at = CASE WHEN $2::text IS NULL AND $3::text IS NULL AND $4::text IS NULL
+                          THEN updated_at ELSE $5 END
+    WHERE id = $1
+    RETURNING id";
+
+const CONTACT_CONVERSATION: &str = "
+    SELECT id FROM conversations WHERE contact_id = $1 AND status <> 'closed'
+    ORDER BY updated_at DESC, id DESC LIMIT 1";
+
+/// The rest of [`JOIN_CONVERSATION`] and [`NEW_CONVERSATION`] after the `conversation` CTE: points
+/// the thread at the conversation (if `$9`) and stores the message unless another instance stored
+/// it first. Returns (conversations found, messages stored).
+macro_rules! thread_and_message {
+    () => {
+        "
+    ), thread AS (
+        INSERT INTO conversation_threads (channel, thread_key, conversation_id)
+        SELECT $2, $6, id FROM conversation WHERE $9
+        ON CONFLICT (channel, thread_key) DO UPDATE SET conversation_id = excluded.conversation_id
+    ), message AS (
+        INSERT INTO messages (id, conversation_id, direction, channel, provider,
+                              provider_message_id, thread_key, from_address, to_address, body,
+                              created_at)
+        SELECT $10, id, 'inbound', $2, $3, $11, $6, $4, $5, $12::text::json, $13 FROM conversation
+        ON CONFLICT (channel, provider_message_id) DO NOTHING
+        RETURNING id
+    )
+    SELECT (SELECT count(*) FROM conversation), (SELECT count(*) FROM message)"
+    };
+}
+
+/// Joins a live conversation: updates its reply route, points the thread at it (`$9`), stores the
+/// message. Returns (conversation still live, message stored).
+const JOIN_CONVERSATION: &str = concat!(
+    "
+    WITH conversation AS (
+        UPDATE conversations SET
+            reply_channel = $2, reply_provider = $3, reply_customer_address = $4,
+            reply_our_address = $5, reply_thread_key = $6, subject = COALESCE(subject, $7),
+            updated_at = GREATEST(updated_at, $8)
+        WHERE id = $1 AND status <> 'closed'
+        RETURNING id
+",
+    thread_and_message!()
+);
+
+/// Starts a conversation: the conversation, its thread, the message. Returns (1, message stored).
+const NEW_CONVERSATION: &str = concat!(
+    "
+    WITH conversation AS (
+        INSERT INTO conversations (id, contact_id, status, channel, reply_channel, reply_provider,
+                                   reply_customer_address, reply_our_address, reply_thread_key,
+                                   subject, created_at, updated_at)
+        VALUES ($1, $14, 'open', $2, $2, $3, $4, $5, $6, $7, $8, $8)
+        RETURNING id
+",
+    thread_and_message!()
+);
+
+/// What the lookup found.
+#[derive(Default)]
+struct Lookup {
+    duplicate: Option<(String, String)>,
+    /// Contacts owning one of the identities: (created_at, id), oldest first.
+    owners: BTreeSet<(i64, String)>,
+    linked: BTreeSet<(String, String)>,
+    /// The thread's conversation, if it is not closed.
+    thread_conversation: Option<String>,
+}
+
+async fn lookup(client: &Client, request: &IngestRequest) -> Result<Lookup, Failure> {
+    let statement = client.prepare_cached(INGEST_LOOKUP).await?;
+    let rows = client
+        .query(
+            &statement,
+            &[
+                &request.channel,
+                &request.provider_message_id,
+                &request.identity_kinds,
+                &request.identity_values,
+                &request.thread_key,
+            ],
+        )
+        .await?;
+    let mut found = Lookup::default();
+    for row in &rows {
+        let a: String = column(row, 1)?;
+        let b: Option<String> = column(row, 2)?;
+        match column::<i32>(row, 0)? {
+            0 => found.duplicate = Some((a, b.unwrap_or_default())),
+            1 => {
+                found.owners.insert((column(row, 4)?, a));
+                let value: Option<String> = column(row, 3)?;
+                found
+                    .linked
+                    .insert((b.unwrap_or_default(), value.unwrap_or_default()));
+            }
+            _ => {
+                if parse_status(b.as_deref().unwrap_or_default())? != ConversationStatus::Closed {
+                    found.thread_conversation = Some(a);
+                }
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// A message that another instance stored while this one was storing it: undo this copy.
+async fn concurrent_duplicate(
+    client: &Client,
+    request: &IngestRequest,
+) -> Result<IngestOutcome, Failure> {
+    client
+        .batch_execute(&format!("ROLLBACK TO {SAVEPOINT}"))
+        .await?;
+    let found = lookup(client, request).await?;
+    let (message_id, conversation_id) = found.duplicate.ok_or_else(|| {
+        StoreError::Unavailable("a concurrent copy of the message vanished".into())
+    })?;
+    Ok(IngestOutcome::Duplicate {
+        message_id: parse_ulid(&message_id)?,
+        conversation_id: parse_ulid(&conversation_id)?,
+    })
+}
+
+async fn ingest_tx(client: &Client, request: &IngestRequest) -> Result<IngestOutcome, Failure> {
+    // Another instance may link this customer's identities between our lookup and our insert; then
+    // our new contact is withdrawn and the lookup repeated (it sees their commit).
+    for _ in 0..3 {
+        let found = lookup(client, request).await?;
+        if let Some((message_id, conversation_id)) = found.duplicate {
+            return Ok(IngestOutcome::Duplicate {
+                message_id: parse_ulid(&message_id)?,
+                conversation_id: parse_ulid(&conversation_id)?,
+            });
+        }
+        let unlinked: (Vec<&String>, Vec<&String>) = request
+            .identity_kinds
+            .iter()
+            .zip(&request.identity_values)
+            .filter(|(kind, value)| !found.linked.contains(&((*kind).clone(), (*value).clone())))
+            .unzip();
+        let hints: [&(dyn ToSql + Sync); 4] = [
+            &request.name,
+            &request.tier,
+            &request.language,
+            &request.intake_time,
+        ];
+        let (contact_id, new_contact) = match found.owners.first() {
+            Some((_, oldest)) => {
+                let statement = client.prepare_cached(UPDATE_CONTACT).await?;
+                let rows = client
+                    .query(
+                        &statement,
+                        &[
+                            oldest,
+                            hints[0],
+                            hints[1],
+                            hints[2],
+                            hints[3],
+                            &unlinked.0,
+                            &unlinked.1,
+                        ],
+                    )
+                    .await?;
+                if rows.is_empty() {
+                    return Err(StoreError::Corrupt(format!("contact {oldest} vanished")).into());
+                }
+                (oldest.clone(), false)
+            }
+            None => {
+                let id = Ulid::new().to_string();
+                let statement = client.prepare_cached(CREATE_CONTACT).await?;
+                let rows = client
+                    .query(
+                        &statement,
+                        &[
+                            &id,
+                            hints[0],
+                            hints[1],
+                            hints[2],
+                            hints[3],
+                            &unlinked.0,
+                            &unlinked.1,
+                        ],
+                    )
+                    .await?;
+                if rows.len() < unlinked.0.len() {
+                    let statement = client
+                        .prepare_cached(
+                            "WITH links AS (DELETE FROM identity_links WHERE contact_id = $1)
+                             DELETE FROM contacts WHERE id = $1",
+                        )
+                        .await?;
+                    client.execute(&statement, &[&id]).await?;
+                    continue;
+                }
+                (id, true)
+            }
+        };
+        return store_in_conversation(client, request, &found, &contact_id, new_contact).await;
+    }
+    Err(StoreError::Unavailable(
+        "the customer's identities kept changing under concurrent writes; retry".into(),
+    )
+    .into())
+}
+
+async fn store_in_conversation(
+    client: &Client,
+    request: &IngestRequest,
+    found: &Lookup,
+    contact_id: &str,
+    new_contact: bool,
+) -> Result<IngestOutcome, Failure> {
+    let mut thread_conversation = found.thread_conversation.clone();
+    loop {
+        let thread_matched = thread_conversation.is_some();
+        let existing = match thread_conversation.take() {
+            Some(id) => Some(id),
+            None if new_contact => None,
+            None => {
+                let statement = client.prepare_cached(CONTACT_CONVERSATION).await?;
+                client
+                    .query_opt(&statement, &[&contact_id])
+                    .await?
+                    .map(|row| column::<String>(&row, 0))
+                    .transpose()?
+            }
+        };
+        let new_id = Ulid::new().to_string();
+        let (sql, conversation_id) = match &existing {
+            Some(id) => (JOIN_CONVERSATION, id.as_str()),
+            None => (NEW_CONVERSATION, new_id.as_str()),
+        };
+        let point_thread = !thread_matched;
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+            &conversation_id,
+            &request.channel,
+            &request.provider,
+            &request.from_address,
+            &request.to_address,
+            &request.thread_key,
+            &request.subject,
+            &request.intake_time,
+            &point_thread,
+            &request.message_id,
+            &request.provider_message_id,
+            &request.body,
+            &request.message_time,
+        ];
+        if existing.is_none() {
+            params.push(&contact_id);
+        }
+        let statement = client.prepare_cached(sql).await?;
+        let row = client.query_one(&statement, &params).await?;
+        let (conversations, messages): (i64, i64) = (column(&row, 0)?, column(&row, 1)?);
+        if conversations == 0 {
+            // Closed by the router since the lookup: match again without it.
+            continue;
+        }
+        if messages == 0 {
+            return concurrent_duplicate(client, request).await;
+        }
+        return Ok(IngestOutcome::Stored {
+            message_id: parse_ulid(&request.message_id)?,
+            conversation_id: parse_ulid(conversation_id)?,
+            contact_id: parse_ulid(contact_id)?,
+            new_conversation: existing.is_none(),
+        });
+    }
+}
+
+/// Appends events to the outbox, numbering each conversation's events 1, 2, 3... in order: two
+/// statements however many events.
+async fn append_events(client: &Client, events: &[NewEvent]) -> Result<(), Failure> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    // How many events each conversation gets, in first-seen order.
+    let mut counts: BTreeMap<Ulid, i64> = BTreeMap::new();
+    for event in events {
+        if let Some(id) = event.conversation_id {
+            *counts.entry(id).or_default() += 1;
+        }
+    }
+    let mut next_seq: HashMap<Ulid, i64> = HashMap::new();
+    if !counts.is_empty() {
+        let ids: Vec<String> = counts.keys().map(Ulid::to_string).collect();
+        let added: Vec<i64> = counts.values().copied().collect();
+        let statement = client
+            .prepare_cached(
+                "UPDATE conversations c SET event_seq = c.event_seq + u.added
+                 FROM unnest($1::text[], $2::bigint[]) AS u (id, added)
+                 WHERE c.id = u.id
+                 RETURNING c.id::text, c.event_seq",
+            )
+            .await?;
+        for row in client.query(&statement, &[&ids, &added]).await? {
+            let id = parse_ulid(column(&row, 0)?)?;
+            let last: i64 = column(&row, 1)?;
+            next_seq.insert(id, last - counts.get(&id).copied().unwrap_or(0) + 1);
+        }
+        if let Some(event) = events.iter().find(|event| {
+            event
+                .conversation_id
+                .is_some_and(|id| !next_seq.contains_key(&id))
+        }) {
+            return Err(StoreError::NotFound(format!(
+                "event {} names unknown conversation {}",
+                event.event_id,
+                event
+                    .conversation_id
+                    .map(|id| id.to_string())
+                    .unwrap_or_default()
+            ))
+            .into());
+        }
+    }
+    let mut event_ids = Vec::with_capacity(events.len());
+    let mut kinds = Vec::with_capacity(events.len());
+    let mut conversations = Vec::with_capacity(events.len());
+    let mut seqs = Vec::with_capacity(events.len());
+    let mut data = Vec::with_capacity(events.len());
+    let mut times = Vec::with_capacity(events.len());
+    for event in events {
+        let seq = match event.conversation_id.and_then(|id| next_seq.get_mut(&id)) {
+            Some(next) => {
+                *next += 1;
+                *next - 1
+            }
+            None => 0,
+        };
+        event_ids.push(event.event_id.to_string());
+        kinds.push(event.kind.as_str());
+        conversations.push(event.conversation_id.map(|id| id.to_string()));
+        seqs.push(seq);
+        data.push(json_text(&event.data)?);
+        times.push(nanos(&event.time)?);
+    }
+    let statement = client
+        .prepare_cached(
+            "INSERT INTO outbox (event_id, kind, conversation_id, seq, data, time)
+             SELECT event_id, kind, conversation_id, seq, data::json, time
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::bigint[])
+                  WITH ORDINALITY AS e (event_id, kind, conversation_id, seq, data, time, n)
+             ORDER BY n",
+        )
+        .await?;
+    client
+        .execute(
+            &statement,
+            &[&event_ids, &kinds, &conversations, &seqs, &data, &times],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Refuses a write from a stale leader; records a newer epoch. The lease row stays share-locked
+/// until the commit, so a takeover waits for this transaction.
+async fn check_epoch(client: &Client, epoch: u64) -> Result<(), Failure> {
+    let statement = client
+        .prepare_cached("SELECT epoch FROM leadership WHERE id = 1 FOR SHARE")
+        .await?;
+    let current: i64 = client
+        .query_opt(&statement, &[])
+        .await?
+        .map(|row| column(&row, 0))
+        .transpose()?
+        .unwrap_or(0);
+    let wanted = to_i64(epoch, "epoch")?;
+    if wanted < current {
+        return Err(StoreError::Fenced { epoch }.into());
+    }
+    if wanted > current {
+        let statement = client
+            .prepare_cached("UPDATE leadership SET epoch = $1, updated_at = now() WHERE id = 1")
+            .await?;
+        client.execute(&statement, &[&wanted]).await?;
+    }
+    Ok(())
+}
+
+async fn apply_routing_tx(client: &Client, write: &RoutingWrite) -> Result<(), Failure> {
+    check_epoch(client, write.epoch).await?;
+    let now = nanos(&Utc::now())?;
+    let epoch = to_i64(write.epoch, "epoch")?;
+    if !write.conversations.is_empty() {
+        // One row per conversation, its last state winning (as if applied one after another).
+        let mut latest: BTreeMap<String, (&'static str, String)> = BTreeMap::new();
+        for (id, status, state) in &write.conversations {
+            latest.insert(id.to_string(), (status.as_str(), json_text(state)?));
+        }
+        let ids: Vec<&String> = latest.keys().collect();
+        let statuses: Vec<&str> = latest.values().map(|(status, _)| *status).collect();
+        let states: Vec<&String> = latest.values().map(|(_, state)| state).collect();
+        let statement = client
+            .prepare_cached(
+                "WITH input AS (
+                     SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) AS i (id, status, state)
+                 ), changed AS (
+                     UPDATE conversations c SET
+                         status = i.status,
+                         routing_state = i.state::json,
+                         epoch = $4,
+                         updated_at = GREATEST(c.updated_at, $5),
+                         resolved_at = CASE WHEN i.status = 'resolved' AND c.status <> 'resolved'
+                                            THEN $5 ELSE c.resolved_at END,
+                         closed_at = CASE WHEN i.status = 'closed' AND c.status <> 'closed'
+                                          THEN $5 ELSE c.closed_at END
+                     FROM input i WHERE c.id = i.id
+                     RETURNING c.id
+                 ), unthreaded AS (
+                     DELETE FROM conversation_threads t USING input i
+                     WHERE t.conversation_id = i.id AND i.status = 'closed'
+                 )
+                 SELECT id FROM input WHERE id NOT IN (SELECT id FROM changed) ORDER BY id LIMIT 1",
+            )
+            .await?;
+        if let Some(row) = client
+            .query_opt(&statement, &[&ids, &statuses, &states, &epoch, &now])
+            .await?
+        {
+            let id: String = column(&row, 0)?;
+            return Err(StoreError::NotFound(format!("conversation {id}")).into());
+        }
+    }
+    if !write.agents.is_empty() {
+        let mut latest: BTreeMap<&str, String> = BTreeMap::new();
+        for (agent, state) in &write.agents {
+            latest.insert(agent.as_str(), json_text(state)?);
+        }
+        let agents: Vec<&str> = latest.keys().copied().collect();
+        let states: Vec<&String> = latest.values().collect();
+        let statement = client
+            .prepare_cached(
+                "INSERT INTO agent_state (agent_id, state, updated_at)
+                 SELECT agent_id, state::json, $3 FROM unnest($1::text[], $2::text[]) AS a (agent_id, state)
+                 ON CONFLICT (agent_id) DO UPDATE SET state = excluded.state,
+                     updated_at = excluded.updated_at",
+            )
+            .await?;
+        client
+            .execute(&statement, &[&agents, &states, &now])
+            .await?;
+    }
+    if !write.routed_messages.is_empty() {
+        let ids: BTreeSet<String> = write.routed_messages.iter().map(Ulid::to_string).collect();
+        let ids: Vec<String> = ids.into_iter().collect();
+        let statement = client
+            .prepare_cached(
+                "WITH marked AS (
+                     UPDATE messages SET routed = true
+                     WHERE id = ANY($1) AND direction = 'inbound'
+                     RETURNING id
+                 )
+                 SELECT id FROM unnest($1::text[]) AS i (id)
+                 WHERE id NOT IN (SELECT id FROM marked) ORDER BY id LIMIT 1",
+            )
+            .await?;
+        if let Some(row) = client.query_opt(&statement, &[&ids]).await? {
+            let id: String = column(&row, 0)?;
+            return Err(StoreError::NotFound(format!("inbound message {id}")).into());
+        }
+    }
+    append_events(client, &write.events).await
+}
+
+async fn store_reply_tx(
+    client: &Client,
+    reply: &NewReply,
+    events: &[NewEvent],
+) -> Result<(), Failure> {
+    let mut body = serde_json::json!({
+        "text": reply.text,
+        "agent_id": reply.agent_id,
+        "channel": reply.route.channel,
+        "provider": reply.route.provider,
+        "to": reply.route.customer_address,
+        "from": reply.route.our_address,
+        "thread_key": reply.route.thread_key,
+    });
+    if let (Some(html), Some(object)) = (&reply.html, body.as_object_mut()) {
+        object.insert("html".into(), serde_json::Value::String(html.clone()));
+    }
+    let statement = client
+        .prepare_cached(
+            "WITH conversation AS (
+                 UPDATE conversations SET updated_at = GREATEST(updated_at, $9) WHERE id = $2
+                 RETURNING id
+             ), message AS (
+                 INSERT INTO messages (
+                     id, conversation_id, direction, channel, provider, provider_message_id,
+                     thread_key, from_address, to_address, body, created_at, routed,
+                     delivery_status, agent_id)
+                 SELECT $1, id, 'outbound', $3, $4, NULL, $5, $6, $7, $8::text::json, $9, true,
+                        'pending', $10
+                 FROM conversation
+                 RETURNING id
+             )
+             SELECT count(*) FROM message",
+        )
+        .await?;
+    let row = client
+        .query_one(
+            &statement,
+            &[
+                &reply.id.to_string(),
+                &reply.conversation_id.to_string(),
+                &reply.route.channel,
+                &reply.route.provider,
+                &reply.route.thread_key,
+                &reply.route.our_address,
+                &reply.route.customer_address,
+                &json_text(&body)?,
+                &nanos(&reply.created_at)?,
+                &reply.agent_id,
+            ],
+        )
+        .await?;
+    if column::<i64>(&row, 0)? == 0 {
+        return Err(StoreError::NotFound(format!("conversation {}", reply.conversation_id)).into());
+    }
+    append_events(client, events).await
+}
+
+async fn set_delivery_status_tx(
+    client: &Client,
+    message_id: Ulid,
+    status: &str,
+    provider_message_id: Option<&str>,
+    events: &[NewEvent],
+) -> Result<(), Failure> {
+    let statement = client
+        .prepare_cached(
+            "UPDATE messages SET delivery_status = $2,
+                 provider_message_id = COALESCE($3, provider_message_id)
+             WHERE id = $1 AND direction = 'outbound'",
+        )
+        .await?;
+    let changed = client
+        .execute(
+            &statement,
+            &[&message_id.to_string(), &status, &provider_message_id],
+        )
+        .await?;
+    if changed == 0 {
+        return Err(StoreError::NotFound(format!("outbound message {message_id}")).into());
+    }
+    append_events(client, events).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reads
+
+async fn list_conversations(
+    client: &Client,
+    filter: &ConversationFilter,
+) -> Result<Vec<ConversationRecord>, Failure> {
+    let mut sql = format!("SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE true");
+    let status = filter.status.map(ConversationStatus::as_str);
+    let contact = filter.contact_id.map(|id| id.to_string());
+    let before = filter.updated_before.as_ref().map(nanos).transpose()?;
+    let limit = i64::try_from(filter.limit).unwrap_or(i64::MAX);
+    let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
+    if let Some(status) = &status {
+        params.push(status);
+        sql.push_str(&format!(" AND status = ${}", params.len()));
+    }
+    if let Some(channel) = &filter.channel {
+        params.push(channel);
+        sql.push_str(&format!(" AND channel = ${}", params.len()));
+    }
+    if let Some(contact) = &contact {
+        params.push(contact);
+        sql.push_str(&format!(" AND contact_id = ${}", params.len()));
+    }
+    if let Some(before) = &before {
+        params.push(before);
+        sql.push_str(&format!(" AND updated_at < ${}", params.len()));
+    }
+    sql.push_str(" ORDER BY updated_at DESC, id DESC");
+    // A limit of 0 means no limit (the admin API caps its pages itself).
+    if filter.limit > 0 {
+        params.push(&limit);
+        sql.push_str(&format!(" LIMIT ${}", params.len()));
+    }
+    let statement = client.prepare_cached(&sql).await?;
+    let rows = client.query(&statement, &params).await?;
+    Ok(rows
+        .iter()
+        .map(decode_conversation)
+        .collect::<Result<_, _>>()?)
+}
+
+async fn recovery_read(client: &mut deadpool_postgres::Client) -> Result<Recovery, Failure> {
+    // One snapshot for all three reads, so they agree with each other.
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    let statement = tx
+        .prepare_cached(
+            "SELECT id, routing_state FROM conversations
+             WHERE status <> 'closed' AND routing_state IS NOT NULL ORDER BY id",
+        )
+        .await?;
+    let conversations = tx
+        .query(&statement, &[])
+        .await?
+        .iter()
+        .map(|row| {
+            Ok((
+                parse_ulid(column(row, 0)?)?,
+                column::<Json<serde_json::Value>>(row, 1)?.0,
+            ))
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let statement = tx
+        .prepare_cached("SELECT agent_id, state FROM agent_state ORDER BY agent_id")
+        .await?;
+    let agents = tx
+        .query(&statement, &[])
+        .await?
+        .iter()
+        .map(|row| {
+            Ok((
+                column(row, 0)?,
+                column::<Json<serde_json::Value>>(row, 1)?.0,
+            ))
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    // Storage order: the order in which the messages were acknowledged.
+    let statement = tx
+        .prepare_cached(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE NOT routed AND direction = 'inbound'
+             ORDER BY position"
+        ))
+        .await?;
+    let unrouted = tx
+        .query(&statement, &[])
+        .await?
+        .iter()
+        .map(decode_message)
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    tx.commit().await?;
+    Ok(Recovery {
+        conversations,
+        agents,
+        unrouted,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The trait
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn ingest(
+        &self,
+        message: InboundMessage,
+        received_at: DateTime<Utc>,
+    ) -> Result<IngestOutcome, StoreError> {
+        let request = IngestRequest::new(message, received_at)?;
+        match self.write(Write::Ingest(Box::new(request))).await? {
+            Written::Ingest(outcome) => Ok(outcome),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn apply_routing(&self, write: Arc<RoutingWrite>) -> Result<(), StoreError> {
+        self.write_done(Write::Routing(write)).await
+    }
+
+    async fn store_reply(&self, reply: NewReply, events: Vec<NewEvent>) -> Result<(), StoreError> {
+        self.write_done(Write::Reply(Box::new(reply), events)).await
+    }
+
+    async fn set_delivery_status(
+        &self,
+        message_id: Ulid,
+        status: &str,
+        provider_message_id: Option<String>,
+        events: Vec<NewEvent>,
+    ) -> Result<(), StoreError> {
+        self.write_done(Write::Delivery {
+            message_id,
+            status: status.to_owned(),
+            provider_message_id,
+            events,
+        })
+        .await
+    }
+
+    async fn recovery(&self) -> Result<Recovery, StoreError> {
+        let mut attempt = 0;
+        loop {
+            let mut client = self.client().await?;
+            match recovery_read(&mut client).await {
+                Ok(recovery) => return Ok(recovery),
+                Err(failure) if attempt == 0 && failure.connection_lost(&client) => {
+                    drop(deadpool_postgres::Object::take(client));
+                    attempt += 1;
+                }
+                Err(failure) => return Err(failure.into_store()),
+            }
+        }
+    }
+
+    async fn pending_replies(&self) -> Result<Vec<Ulid>, StoreError> {
+        self.read(|client| {
+            Box::pin(async move {
+                let statement = client
+                    .prepare_cached(
+                        "SELECT id FROM messages
+                         WHERE direction = 'outbound' AND delivery_status = 'pending' ORDER BY id",
+                    )
+                    .await?;
+                let rows = client.query(&statement, &[]).await?;
+                Ok(rows
+                    .iter()
+                    .map(|row| parse_ulid(column(row, 0)?))
+                    .collect::<Result<_, _>>()?)
+            })
+        })
+        .await
+    }
+
+    async fn conversation(&self, id: Ulid) -> Result<Option<ConversationRecord>, StoreError> {
+        let id = id.to_string();
+        self.read(|client| {
+            let id = id.clone();
+            Box::pin(async move {
+                let statement = client
+                    .prepare_cached(&format!(
+                        "SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id = $1"
+                    ))
+                    .await?;
+                let row = client.query_opt(&statement, &[&id]).await?;
+                Ok(row.as_ref().map(decode_conversation).transpose()?)
+            })
+        })
+        .await
+    }
+
+    async fn conversations(
+        &self,
+        filter: ConversationFilter,
+    ) -> Result<Vec<ConversationRecord>, StoreError> {
+        self.read(|client| {
+            let filter = filter.clone();
+            Box::pin(async move { list_conversations(client, &filter).await })
+        })
+        .await
+    }
+
+    async fn messages(&self, conversation_id: Ulid) -> Result<Vec<StoredMessage>, StoreError> {
+        let id = conversation_id.to_string();
+        self.read(|client| {
+            let id = id.clone();
+            Box::pin(async move {
+                let statement = client
+                    .prepare_cached(&format!(
+                        "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1
+                         ORDER BY created_at, position"
+                    ))
+                    .await?;
+                let rows = client.query(&statement, &[&id]).await?;
+                Ok(rows.iter().map(decode_message).collect::<Result<_, _>>()?)
+            })
+        })
+        .await
+    }
+
+    async fn message(&self, id: Ulid) -> Result<Option<StoredMessage>, StoreError> {
+        let id = id.to_string();
+        self.read(|client| {
+            let id = id.clone();
+            Box::pin(async move {
+                let statement = client
+                    .prepare_cached(&format!(
+                        "SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = $1"
+                    ))
+                    .await?;
+                let row = client.query_opt(&statement, &[&id]).await?;
+                Ok(row.as_ref().map(decode_message).transpose()?)
+            })
+        })
+        .await
+    }
+
+    async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxEvent>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(|client| {
+            Box::pin(async move {
+                let statement = client
+                    .prepare_cached(
+                        "SELECT position, event_id, kind, conversation_id, seq, data, time
+                         FROM outbox WHERE sent_at IS NULL ORDER BY position LIMIT $1",
+                    )
+                    .await?;
+                let rows = client.query(&statement, &[&limit]).await?;
+                Ok(rows
+                    .iter()
+                    .map(|row| {
+                        Ok(OutboxEvent {
+                            position: column(row, 0)?,
+                            event_id: parse_ulid(column(row, 1)?)?,
+                            kind: column(row, 2)?,
+                            conversation_id: column::<Option<&str>>(row, 3)?
+                                .map(parse_ulid)
+                                .transpose()?,
+                            seq: to_u64(column(row, 4)?, "seq")?,
+                            data: column::<Json<serde_json::Value>>(row, 5)?.0,
+                            time: from_nanos(column(row, 6)?),
+                        })
+                    })
+                    .collect::<Result<_, StoreError>>()?)
+            })
+        })
+        .await
+    }
+
+    async fn outbox_mark_sent(&self, positions: &[i64]) -> Result<(), StoreError> {
+        self.write_done(Write::MarkSent(positions.to_vec())).await
+    }
+
+    async fn outbox_backlog(&self) -> Result<u64, StoreError> {
+        self.read(|client| {
+            Box::pin(async move {
+                let statement = client
+                    .prepare_cached("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
+                    .await?;
+                let row = client.query_one(&statement, &[]).await?;
+                Ok(to_u64(column(&row, 0)?, "backlog")?)
+            })
+        })
+        .await
+    }
+
+    async fn check_writable(&self) -> Result<(), StoreError> {
+        // A real (tiny) commit through the writer: proves the connection, the locks and the writer.
+        self.write_done(Write::Probe).await
+    }
+
+    async fn try_acquire_lease(
+        &self,
+        node: &str,
+        ttl: Duration,
+    ) -> Result<Option<u64>, StoreError> {
+        let micros = lease_micros(ttl)?;
+        let node = node.to_owned();
+        self.read(|client| {
+            let node = node.clone();
+            Box::pin(async move {
+                let statement = client
+                    .prepare_cached(
+                        "UPDATE leadership SET holder = $1, epoch = epoch + 1,
+                             expires_at = now() + $2::bigint * interval '1 microsecond', updated_at = now()
+                         WHERE id = 1 AND (holder IS NULL OR holder = $1 OR expires_at IS NULL
+                                           OR expires_at <= now())
+                         RETURNING epoch",
+                    )
+                    .await?;
+                let row = client.query_opt(&statement, &[&node, &micros]).await?;
+                Ok(row
+                    .map(|row| to_u64(column(&row, 0)?, "epoch"))
+                    .transpose()?)
+            })
+        })
+        .await
+    }
+
+    async fn renew_lease(&self, node: &str, epoch: u64, ttl: Duration) -> Result<bool, StoreError> {
+        let micros = lease_micros(ttl)?;
+        let epoch = to_i64(epoch, "epoch")?;
+        let node = node.to_owned();
+        self.read(|client| {
+            let node = node.clone();
+            Box::pin(async move {
+                let statement = client
+                    .prepare_cached(
+                        "UPDATE leadership SET expires_at = now() + $3::bigint * interval '1 microsecond',
+                             updated_at = now()
+                         WHERE id = 1 AND holder = $1 AND epoch = $2",
+                    )
+                    .await?;
+                Ok(client.execute(&statement, &[&node, &epoch, &micros]).await? == 1)
+            })
+        })
+        .await
+    }
+
+    async fn release_lease(&self, node: &str, epoch: u64) -> Result<bool, StoreError> {
+        let epoch = to_i64(epoch, "epoch")?;
+        let node = node.to_owned();
+        self.read(|client| {
+            let node = node.clone();
+            Box::pin(async move {
+                let statement = client
+                    .prepare_cached(
+                        "UPDATE leadership SET holder = NULL, expires_at = NULL, updated_at = now()
+                         WHERE id = 1 AND holder = $1 AND epoch = $2",
+                    )
+                    .await?;
+                Ok(client.execute(&statement, &[&node, &epoch]).await? == 1)
+            })
+        })
+        .await
+    }
+
+    async fn lease(&self) -> Result<Lease, StoreError> {
+        self.read(|client| {
+            Box::pin(async move {
+                let statement = client
+                    .prepare_cached(
+                        "SELECT holder, epoch, expires_at,
+                                holder IS NOT NULL AND expires_at IS NOT NULL AND expires_at > now()
+                         FROM leadership WHERE id = 1",
+                    )
+                    .await?;
+                let row = client.query_one(&statement, &[]).await?;
+                Ok(Lease {
+                    holder: column(&row, 0)?,
+                    epoch: to_u64(column(&row, 1)?, "epoch")?,
+                    expires_at: column(&row, 2)?,
+                    live: column(&row, 3)?,
+                })
+            })
+        })
+        .await
+    }
+}
+
+/// A lease's time to live in microseconds (PostgreSQL's interval resolution).
+fn lease_micros(ttl: Duration) -> Result<i64, StoreError> {
+    let ttl = lease_duration(ttl)?;
+    ttl.num_microseconds()
+        .ok_or_else(|| StoreError::NotFound(format!("lease time to live {ttl} is out of range")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_numbered_from_one_without_gaps() {
+        for (index, (version, sql)) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(*version, index as i64 + 1);
+            assert!(!sql.trim().is_empty());
+        }
+        assert_eq!(SCHEMA_VERSION, MIGRATIONS.len() as i64);
+    }
+
+    #[test]
+    fn schema_names_are_plain_identifiers() {
+        for good in ["public", "switchboard", "t_01", "_x"] {
+            assert!(valid_schema_name(good), "{good}");
+        }
+        for bad in [
+            "",
+            "Public",
+            "1abc",
+            "a-b",
+            "a;drop",
+            "a b",
+            &"x".repeat(64),
+        ] {
+            assert!(!valid_schema_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn timestamps_round_trip_to_the_nanosecond() {
+        let now = Utc::now();
+        assert_eq!(nanos(&now).ok().map(from_nanos), Some(now));
+    }
+}
