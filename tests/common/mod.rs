@@ -323,6 +323,8 @@ impl Proxy {
                 tokio::select! {
                     read = client_read.read(&mut buffer) => match read {
                         Ok(0) | Err(_) => return,
+                        // Bytes held back before a cut stay held back: the broker never sees them.
+                        Ok(_) if up_state.borrow().cuts != cuts => return,
                         Ok(n) => if server_write.write_all(&buffer[..n]).await.is_err() { return },
                     },
                     _ = up_state.changed() => {}
@@ -360,14 +362,16 @@ impl Proxy {
     pub fn cut(&self) {
         self.state.send_modify(|state| {
             state.down = true;
-            state.frozen = false;
             state.cuts += 1;
         });
     }
 
-    /// Lets connections through again.
+    /// Lets connections through again, nothing held back.
     pub fn restore(&self) {
-        self.state.send_modify(|state| state.down = false);
+        self.state.send_modify(|state| {
+            state.down = false;
+            state.frozen = false;
+        });
     }
 
     /// Stops passing the daemon's bytes to the broker (the broker's still reach the daemon).
