@@ -556,6 +556,10 @@ mod tests {
                 ("SWITCHBOARD__SERVER__LISTEN", "127.0.0.1:0"),
                 ("SWITCHBOARD__AUTH__ADMIN_TOKENS", "s3cret-admin,other"),
                 ("SWITCHBOARD__AUTH__AGENT_TOKENS__ALICE", "alice-s3cret"),
+                (
+                    "SWITCHBOARD__BUS__AMQP__URL",
+                    "amqp://app:s3cret@mq:5672/%2f",
+                ),
                 ("UNRELATED", "x"),
             ]),
         )
@@ -598,6 +602,18 @@ mod tests {
             (
                 "[server]\nlisten = \"0.0.0.0:8080\"\n",
                 "only allowed when listening on loopback",
+            ),
+            (
+                "[bus.nats]\nenabled = true\nsubject_prefix = \"a b\"\n",
+                "bus.nats.subject_prefix",
+            ),
+            (
+                "[bus]\noutbound_channels = [\"whatsapp\"]\n",
+                "needs bus.nats or bus.amqp enabled",
+            ),
+            (
+                "[bus.amqp]\nenabled = true\nprefetch = 0\n",
+                "bus.amqp.prefetch",
             ),
         ];
         for (extra, expected) in cases {

@@ -25,7 +25,7 @@ use crate::store::{IngestOutcome, NewReply, Store, StoreError};
 /// What kind of problem a refusal is: decides the HTTP status, and on a bus whether a retry may help.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefusalKind {
-    /// Not even well-formed (not JSON): never retry.
+    /// Not even well-formed (not JSON, not an id): never retry.
     Malformed,
     /// The request itself is wrong (bad JSON, an invalid message, a bad argument): never retry.
     Invalid,
@@ -477,7 +477,7 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Ref
 pub fn parse_id(text: &str) -> Result<Ulid, Refusal> {
     text.parse::<Ulid>().map_err(|_| {
         Refusal::new(
-            RefusalKind::Invalid,
+            RefusalKind::Malformed,
             "bad_id",
             format!("`{text}` is not a conversation id (ULID)"),
         )
