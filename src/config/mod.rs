@@ -73,6 +73,8 @@ pub struct ConfigFile {
     pub outbound: OutboundSection,
     #[serde(default)]
     pub log: LogSection,
+    #[serde(default)]
+    pub bus: BusSection,
     pub routing: RoutingSection,
     #[serde(default)]
     pub queues: Vec<QueueSection>,
@@ -207,6 +209,116 @@ impl Default for LogSection {
     }
 }
 
+/// Message buses: NATS JetStream and RabbitMQ, each off unless enabled (then the in-process bus only).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BusSection {
+    /// Channels whose replies are handed to the buses (`<prefix>.outbound.<channel>`, AMQP exchange
+    /// `outbound_exchange` with routing key `<channel>`) for systems that deliver them themselves.
+    pub outbound_channels: Vec<String>,
+    /// Inbound messages processed at once per broker; messages of one customer stay in order.
+    pub workers: usize,
+    /// Reconnect backoff: first delay, doubling up to the maximum.
+    pub reconnect_initial_ms: u64,
+    pub reconnect_max_ms: u64,
+    pub nats: NatsSection,
+    pub amqp: AmqpSection,
+}
+
+impl Default for BusSection {
+    fn default() -> Self {
+        BusSection {
+            outbound_channels: Vec::new(),
+            workers: 64,
+            reconnect_initial_ms: 200,
+            reconnect_max_ms: 5_000,
+            nats: NatsSection::default(),
+            amqp: AmqpSection::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsSection {
+    pub enabled: bool,
+    /// `nats://[user:password@]host:port`; a secret because it may carry credentials.
+    pub url: Secret,
+    /// Subjects: `<prefix>.inbound.<channel>`, `<prefix>.events.<kind>`, `<prefix>.dead.<channel>`,
+    /// `<prefix>.outbound.<channel>`, `<prefix>.cmd.agent.<agent>.<verb>`.
+    pub subject_prefix: String,
+    /// The JetStream stream holding `<prefix>.inbound.>` (created or updated on start).
+    pub inbound_stream: String,
+    /// The durable pull consumer on it.
+    pub consumer: String,
+    /// The JetStream stream holding what switchboard publishes: events, dead letters, outbound.
+    pub publish_stream: String,
+    /// Unacknowledged inbound messages at most (the pull batch).
+    pub max_ack_pending: usize,
+    /// A delivered message not acknowledged within this is redelivered.
+    pub ack_wait_seconds: u64,
+    /// Queue group of the command subscription, so one instance answers each command.
+    pub command_queue_group: String,
+}
+
+impl Default for NatsSection {
+    fn default() -> Self {
+        NatsSection {
+            enabled: false,
+            url: Secret::new("nats://127.0.0.1:4222"),
+            subject_prefix: "switchboard".into(),
+            inbound_stream: "SWITCHBOARD_INBOUND".into(),
+            consumer: "switchboard".into(),
+            publish_stream: "SWITCHBOARD_EVENTS".into(),
+            max_ack_pending: 1024,
+            ack_wait_seconds: 30,
+            command_queue_group: "switchboard".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpSection {
+    pub enabled: bool,
+    /// `amqp://user:password@host:port/vhost` (vhost `/` is `%2f`); a secret: it carries credentials.
+    pub url: Secret,
+    /// Topic exchange inbound messages are published to (routing key `<channel>`).
+    pub inbound_exchange: String,
+    /// Durable queue bound to it (`#`), consumed with manual ack.
+    pub inbound_queue: String,
+    /// Topic exchange of events (routing keys `conversation.assigned`...).
+    pub events_exchange: String,
+    /// Where invalid inbound messages go, with the reason in the `x-switchboard-error` header.
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: String,
+    /// Topic exchange of commands (routing key `agent.<agent>.<verb>`), answered to `reply_to`.
+    pub command_exchange: String,
+    pub command_queue: String,
+    /// Topic exchange of outbound customer messages (routing key `<channel>`).
+    pub outbound_exchange: String,
+    /// Unacknowledged deliveries at most (basic.qos).
+    pub prefetch: u16,
+}
+
+impl Default for AmqpSection {
+    fn default() -> Self {
+        AmqpSection {
+            enabled: false,
+            url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            inbound_exchange: "switchboard.inbound".into(),
+            inbound_queue: "switchboard.inbound".into(),
+            events_exchange: "switchboard.events".into(),
+            dead_letter_exchange: "switchboard.dead".into(),
+            dead_letter_queue: "switchboard.dead".into(),
+            command_exchange: "switchboard.commands".into(),
+            command_queue: "switchboard.commands".into(),
+            outbound_exchange: "switchboard.outbound".into(),
+            prefetch: 256,
+        }
+    }
+}
+
 /// Validated settings, ready to run.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -220,6 +332,7 @@ pub struct Settings {
     pub auth: AuthSection,
     pub outbound: OutboundSection,
     pub log: LogSection,
+    pub bus: BusSection,
     pub routing: RoutingConfig,
     /// The effective file, for `check-config` (secrets serialise masked).
     pub file: ConfigFile,
@@ -301,6 +414,7 @@ pub fn settings_from(file: ConfigFile) -> Result<Settings, ConfigLoadError> {
     if !matches!(file.log.format.as_str(), "text" | "json") {
         return Err(invalid("log.format", "must be text or json"));
     }
+    validate_bus(&file.bus)?;
     let routing = routing_file::build_routing(
         &file.routing,
         &file.queues,
@@ -347,6 +461,7 @@ pub fn settings_from(file: ConfigFile) -> Result<Settings, ConfigLoadError> {
         auth,
         outbound: file.outbound.clone(),
         log: file.log.clone(),
+        bus: file.bus.clone(),
         routing,
         file,
     })
@@ -428,6 +543,91 @@ fn store_settings(section: &StoreSection) -> Result<StoreSettings, ConfigLoadErr
     }
 }
 
+/// A subject token or name: letters, digits, `-`, `_` (and `.` where several tokens are allowed).
+fn check_name(place: &str, value: &str, dots: bool) -> Result<(), ConfigLoadError> {
+    let fine = !value.is_empty()
+        && !value.starts_with('.')
+        && !value.ends_with('.')
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || (dots && c == '.'));
+    if fine {
+        Ok(())
+    } else {
+        Err(invalid(
+            place,
+            format!(
+                "`{value}` must be letters, digits, - or _{}",
+                if dots { " (and . between tokens)" } else { "" }
+            ),
+        ))
+    }
+}
+
+fn validate_bus(bus: &BusSection) -> Result<(), ConfigLoadError> {
+    if bus.workers == 0 {
+        return Err(invalid("bus.workers", "must be at least 1"));
+    }
+    if bus.reconnect_initial_ms == 0 || bus.reconnect_max_ms < bus.reconnect_initial_ms {
+        return Err(invalid(
+            "bus.reconnect_initial_ms",
+            "must be at least 1 and at most bus.reconnect_max_ms",
+        ));
+    }
+    for channel in &bus.outbound_channels {
+        check_name("bus.outbound_channels", channel, false)?;
+    }
+    if !bus.outbound_channels.is_empty() && !bus.nats.enabled && !bus.amqp.enabled {
+        return Err(invalid(
+            "bus.outbound_channels",
+            "needs bus.nats or bus.amqp enabled",
+        ));
+    }
+    let nats = &bus.nats;
+    if nats.enabled {
+        check_name("bus.nats.subject_prefix", &nats.subject_prefix, true)?;
+        check_name("bus.nats.inbound_stream", &nats.inbound_stream, false)?;
+        check_name("bus.nats.publish_stream", &nats.publish_stream, false)?;
+        check_name("bus.nats.consumer", &nats.consumer, false)?;
+        check_name(
+            "bus.nats.command_queue_group",
+            &nats.command_queue_group,
+            false,
+        )?;
+        if nats.inbound_stream == nats.publish_stream {
+            return Err(invalid(
+                "bus.nats.publish_stream",
+                "must differ from inbound_stream",
+            ));
+        }
+        if nats.max_ack_pending == 0 || nats.ack_wait_seconds == 0 {
+            return Err(invalid(
+                "bus.nats.max_ack_pending",
+                "max_ack_pending and ack_wait_seconds must be at least 1",
+            ));
+        }
+    }
+    let amqp = &bus.amqp;
+    if amqp.enabled {
+        for (place, name) in [
+            ("bus.amqp.inbound_exchange", &amqp.inbound_exchange),
+            ("bus.amqp.inbound_queue", &amqp.inbound_queue),
+            ("bus.amqp.events_exchange", &amqp.events_exchange),
+            ("bus.amqp.dead_letter_exchange", &amqp.dead_letter_exchange),
+            ("bus.amqp.dead_letter_queue", &amqp.dead_letter_queue),
+            ("bus.amqp.command_exchange", &amqp.command_exchange),
+            ("bus.amqp.command_queue", &amqp.command_queue),
+            ("bus.amqp.outbound_exchange", &amqp.outbound_exchange),
+        ] {
+            check_name(place, name, true)?;
+        }
+        if amqp.prefetch == 0 {
+            return Err(invalid("bus.amqp.prefetch", "must be at least 1"));
+        }
+    }
+    Ok(())
+}
+
 impl Settings {
     /// The effective configuration as TOML, secrets masked.
     pub fn effective_toml(&self) -> String {
@@ -467,6 +667,10 @@ mod tests {
                 ("SWITCHBOARD__SERVER__LISTEN", "127.0.0.1:0"),
                 ("SWITCHBOARD__AUTH__ADMIN_TOKENS", "s3cret-admin,other"),
                 ("SWITCHBOARD__AUTH__AGENT_TOKENS__ALICE", "alice-s3cret"),
+                (
+                    "SWITCHBOARD__BUS__AMQP__URL",
+                    "amqp://app:s3cret@mq:5672/%2f",
+                ),
                 ("UNRELATED", "x"),
             ]),
         )
@@ -509,6 +713,18 @@ mod tests {
             (
                 "[server]\nlisten = \"0.0.0.0:8080\"\n",
                 "only allowed when listening on loopback",
+            ),
+            (
+                "[bus.nats]\nenabled = true\nsubject_prefix = \"a b\"\n",
+                "bus.nats.subject_prefix",
+            ),
+            (
+                "[bus]\noutbound_channels = [\"whatsapp\"]\n",
+                "needs bus.nats or bus.amqp enabled",
+            ),
+            (
+                "[bus.amqp]\nenabled = true\nprefetch = 0\n",
+                "bus.amqp.prefetch",
             ),
         ];
         for (extra, expected) in cases {

@@ -5,8 +5,12 @@
 //! wraps it as a CloudEvents 1.0 structured-mode JSON document when publishing.
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use schemars::JsonSchema;
+use serde::Serialize;
 use serde_json::{Value, json};
 use ulid::Ulid;
+
+use crate::message::InboundMessage;
 
 use crate::routing::{ConversationId, Effect, Presence, TransferTarget};
 use crate::store::{NewEvent, OutboxEvent};
@@ -33,6 +37,150 @@ fn event(
     }
 }
 
+/// Serialises an event's data. The data types derive `Serialize` from plain strings and numbers,
+/// which cannot fail; `Null` would only mark a bug.
+fn data<T: Serialize>(data: T) -> Value {
+    serde_json::to_value(data).unwrap_or(Value::Null)
+}
+
+/// `conversation.created`: a customer's first message opened a conversation.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ConversationCreated {
+    pub conversation_id: String,
+    pub channel: String,
+    pub contact_id: String,
+}
+
+/// `conversation.queued`: waiting for an agent, with the customer's place and estimated wait.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ConversationQueued {
+    pub conversation_id: String,
+    pub queue: String,
+    pub position: u32,
+    pub estimated_wait_seconds: f64,
+}
+
+/// `conversation.offered`: offered to one agent until `deadline` (RFC 3339).
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ConversationOffered {
+    pub conversation_id: String,
+    pub agent_id: String,
+    pub queue: String,
+    pub deadline: String,
+}
+
+/// `conversation.assigned`: an agent accepted it.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ConversationAssigned {
+    pub conversation_id: String,
+    pub agent_id: String,
+    pub queue: String,
+    pub waited_seconds: f64,
+}
+
+/// `conversation.escalated`: moved to the next support tier; the first agent follows it.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ConversationEscalated {
+    pub conversation_id: String,
+    pub from_agent_id: String,
+    pub to_queue: String,
+}
+
+/// `conversation.transferred`: to another agent or queue (exactly one of the two is set).
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ConversationTransferred {
+    pub conversation_id: String,
+    pub from_agent_id: String,
+    pub to_agent_id: Option<String>,
+    pub to_queue: Option<String>,
+}
+
+/// `conversation.resolved`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ConversationResolved {
+    pub conversation_id: String,
+    pub agent_id: String,
+    pub handle_seconds: f64,
+}
+
+/// `conversation.reopened`: the customer wrote again within the reopen window.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ConversationReopened {
+    pub conversation_id: String,
+    pub preferred_agent_id: Option<String>,
+}
+
+/// `conversation.abandoned`: the customer left before being answered.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ConversationAbandoned {
+    pub conversation_id: String,
+    pub waited_seconds: f64,
+}
+
+/// `conversation.sla_breached`: not answered within the queue's SLA target.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ConversationSlaBreached {
+    pub conversation_id: String,
+    pub queue: String,
+}
+
+/// `message.received`: the whole stored `switchboard.message.v1`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct MessageReceived<'a> {
+    pub conversation_id: String,
+    #[schemars(with = "InboundMessage")]
+    pub message: &'a Value,
+}
+
+/// `message.sent` / `message.delivery_failed`: what became of an agent's reply (`reason` on failure).
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct MessageDelivery<'a> {
+    pub conversation_id: String,
+    pub message_id: String,
+    pub channel: &'a str,
+    pub reason: Option<&'a str>,
+}
+
+/// `agent.presence`, including presence set by the router (`reason`: `agent`, `missed_offers`...).
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct AgentPresence<'a> {
+    pub agent_id: &'a str,
+    pub presence: &'a str,
+    pub reason: &'a str,
+}
+
+/// Every event kind and the JSON Schema of its data, as published in `schemas/events/`.
+pub fn data_schemas() -> Vec<(&'static str, Value)> {
+    fn schema<T: JsonSchema>() -> Value {
+        serde_json::to_value(schemars::schema_for!(T)).unwrap_or_default()
+    }
+    vec![
+        ("conversation.created", schema::<ConversationCreated>()),
+        ("conversation.queued", schema::<ConversationQueued>()),
+        ("conversation.offered", schema::<ConversationOffered>()),
+        ("conversation.assigned", schema::<ConversationAssigned>()),
+        ("conversation.escalated", schema::<ConversationEscalated>()),
+        (
+            "conversation.transferred",
+            schema::<ConversationTransferred>(),
+        ),
+        ("conversation.resolved", schema::<ConversationResolved>()),
+        ("conversation.reopened", schema::<ConversationReopened>()),
+        ("conversation.abandoned", schema::<ConversationAbandoned>()),
+        (
+            "conversation.sla_breached",
+            schema::<ConversationSlaBreached>(),
+        ),
+        ("message.received", schema::<MessageReceived<'static>>()),
+        ("message.sent", schema::<MessageDelivery<'static>>()),
+        (
+            "message.delivery_failed",
+            schema::<MessageDelivery<'static>>(),
+        ),
+        ("agent.presence", schema::<AgentPresence<'static>>()),
+    ]
+}
+
 /// The event an effect produces for other systems, if any. Timers, withdrawals and deliveries to
 /// agents are internal and produce none.
 pub fn for_effect(effect: &Effect, time: DateTime<Utc>) -> Option<NewEvent> {
@@ -46,7 +194,12 @@ pub fn for_effect(effect: &Effect, time: DateTime<Utc>) -> Option<NewEvent> {
         } => (
             "conversation.queued",
             conversation,
-            json!({ "conversation_id": id(conversation), "queue": queue.as_str(), "position": position, "estimated_wait_seconds": estimated_wait.as_secs_f64() }),
+            data(ConversationQueued {
+                conversation_id: id(conversation),
+                queue: queue.as_str().to_owned(),
+                position: *position,
+                estimated_wait_seconds: estimated_wait.as_secs_f64(),
+            }),
         ),
         Effect::Offered {
             conversation,
@@ -56,7 +209,12 @@ pub fn for_effect(effect: &Effect, time: DateTime<Utc>) -> Option<NewEvent> {
         } => (
             "conversation.offered",
             conversation,
-            json!({ "conversation_id": id(conversation), "agent_id": agent.as_str(), "queue": queue.as_str(), "deadline": millis_to_rfc3339(deadline.0) }),
+            data(ConversationOffered {
+                conversation_id: id(conversation),
+                agent_id: agent.as_str().to_owned(),
+                queue: queue.as_str().to_owned(),
+                deadline: millis_to_rfc3339(deadline.0),
+            }),
         ),
         Effect::Assigned {
             conversation,
@@ -66,7 +224,12 @@ pub fn for_effect(effect: &Effect, time: DateTime<Utc>) -> Option<NewEvent> {
         } => (
             "conversation.assigned",
             conversation,
-            json!({ "conversation_id": id(conversation), "agent_id": agent.as_str(), "queue": queue.as_str(), "waited_seconds": waited.as_secs_f64() }),
+            data(ConversationAssigned {
+                conversation_id: id(conversation),
+                agent_id: agent.as_str().to_owned(),
+                queue: queue.as_str().to_owned(),
+                waited_seconds: waited.as_secs_f64(),
+            }),
         ),
         Effect::Escalated {
             conversation,
@@ -75,21 +238,30 @@ pub fn for_effect(effect: &Effect, time: DateTime<Utc>) -> Option<NewEvent> {
         } => (
             "conversation.escalated",
             conversation,
-            json!({ "conversation_id": id(conversation), "from_agent_id": from_agent.as_str(), "to_queue": to_queue.as_str() }),
+            data(ConversationEscalated {
+                conversation_id: id(conversation),
+                from_agent_id: from_agent.as_str().to_owned(),
+                to_queue: to_queue.as_str().to_owned(),
+            }),
         ),
         Effect::Transferred {
             conversation,
             from_agent,
             to,
         } => {
-            let (to_agent, to_queue) = match to {
-                TransferTarget::Agent(agent) => (Some(agent.as_str()), None),
-                TransferTarget::Queue(queue) => (None, Some(queue.as_str())),
+            let (to_agent_id, to_queue) = match to {
+                TransferTarget::Agent(agent) => (Some(agent.as_str().to_owned()), None),
+                TransferTarget::Queue(queue) => (None, Some(queue.as_str().to_owned())),
             };
             (
                 "conversation.transferred",
                 conversation,
-                json!({ "conversation_id": id(conversation), "from_agent_id": from_agent.as_str(), "to_agent_id": to_agent, "to_queue": to_queue }),
+                data(ConversationTransferred {
+                    conversation_id: id(conversation),
+                    from_agent_id: from_agent.as_str().to_owned(),
+                    to_agent_id,
+                    to_queue,
+                }),
             )
         }
         Effect::Resolved {
@@ -99,7 +271,11 @@ pub fn for_effect(effect: &Effect, time: DateTime<Utc>) -> Option<NewEvent> {
         } => (
             "conversation.resolved",
             conversation,
-            json!({ "conversation_id": id(conversation), "agent_id": agent.as_str(), "handle_seconds": handle_time.as_secs_f64() }),
+            data(ConversationResolved {
+                conversation_id: id(conversation),
+                agent_id: agent.as_str().to_owned(),
+                handle_seconds: handle_time.as_secs_f64(),
+            }),
         ),
         Effect::Reopened {
             conversation,
@@ -107,7 +283,12 @@ pub fn for_effect(effect: &Effect, time: DateTime<Utc>) -> Option<NewEvent> {
         } => (
             "conversation.reopened",
             conversation,
-            json!({ "conversation_id": id(conversation), "preferred_agent_id": preferred_agent.as_ref().map(|agent| agent.as_str()) }),
+            data(ConversationReopened {
+                conversation_id: id(conversation),
+                preferred_agent_id: preferred_agent
+                    .as_ref()
+                    .map(|agent| agent.as_str().to_owned()),
+            }),
         ),
         Effect::Abandoned {
             conversation,
@@ -115,7 +296,10 @@ pub fn for_effect(effect: &Effect, time: DateTime<Utc>) -> Option<NewEvent> {
         } => (
             "conversation.abandoned",
             conversation,
-            json!({ "conversation_id": id(conversation), "waited_seconds": waited.as_secs_f64() }),
+            data(ConversationAbandoned {
+                conversation_id: id(conversation),
+                waited_seconds: waited.as_secs_f64(),
+            }),
         ),
         Effect::SlaBreached {
             conversation,
@@ -123,7 +307,10 @@ pub fn for_effect(effect: &Effect, time: DateTime<Utc>) -> Option<NewEvent> {
         } => (
             "conversation.sla_breached",
             conversation,
-            json!({ "conversation_id": id(conversation), "queue": queue.as_str() }),
+            data(ConversationSlaBreached {
+                conversation_id: id(conversation),
+                queue: queue.as_str().to_owned(),
+            }),
         ),
         _ => return None,
     };
@@ -140,7 +327,11 @@ pub fn conversation_created(
     event(
         "conversation.created",
         Some(conversation),
-        json!({ "conversation_id": conversation_ulid(conversation).to_string(), "channel": channel, "contact_id": contact_id.to_string() }),
+        data(ConversationCreated {
+            conversation_id: conversation_ulid(conversation).to_string(),
+            channel: channel.to_owned(),
+            contact_id: contact_id.to_string(),
+        }),
         time,
     )
 }
@@ -154,7 +345,10 @@ pub fn message_received(
     event(
         "message.received",
         Some(conversation),
-        json!({ "conversation_id": conversation_ulid(conversation).to_string(), "message": message }),
+        data(MessageReceived {
+            conversation_id: conversation_ulid(conversation).to_string(),
+            message,
+        }),
         time,
     )
 }
@@ -172,7 +366,12 @@ pub fn message_delivery(
         event_id: Ulid::new(),
         kind: kind.to_owned(),
         conversation_id: Some(conversation),
-        data: json!({ "conversation_id": conversation.to_string(), "message_id": message_id.to_string(), "channel": channel, "reason": detail }),
+        data: data(MessageDelivery {
+            conversation_id: conversation.to_string(),
+            message_id: message_id.to_string(),
+            channel,
+            reason: detail,
+        }),
         time,
     }
 }
@@ -187,7 +386,11 @@ pub fn agent_presence(
     event(
         "agent.presence",
         None,
-        json!({ "agent_id": agent, "presence": presence.as_str(), "reason": reason }),
+        data(AgentPresence {
+            agent_id: agent,
+            presence: presence.as_str(),
+            reason,
+        }),
         time,
     )
 }

@@ -3,7 +3,7 @@
 //! Every error is a JSON body `{"error": {"code": "...", "message": "..."}}` with a 4xx/5xx status that
 //! names the problem. An ingest is answered 2xx only after the message is committed to the store.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
@@ -15,39 +15,30 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use chrono::Utc;
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use ulid::Ulid;
 
-use super::engine::{AgentAction, EngineError, EngineHandle, Ingested};
+use super::actions::{self, Actions, AgentCommand, Refusal, RefusalKind, parse_id};
+use super::engine::{AgentAction, EngineError};
 use super::hub::AgentHub;
-use super::metrics::Metrics;
-use super::outbound::Outbound;
-use super::persist::parse_presence;
+use super::metrics::BusStates;
 use crate::config::AuthSection;
-use crate::message::InboundMessage;
-use crate::routing::{
-    AgentId, CommandError, ConversationId, ConversationState, QueueName, TransferTarget,
-};
-use crate::store::{
-    ConversationFilter, ConversationStatus, IngestOutcome, NewReply, Store, StoreError,
-};
+use crate::routing::{AgentId, ConversationId, ConversationState};
+use crate::store::{ConversationFilter, ConversationStatus, StoreError};
 
 /// Shared state of every handler.
 #[derive(Debug, Clone)]
 pub struct AppState {
-    pub engine: EngineHandle,
-    pub store: Arc<dyn Store>,
+    /// Intake and agent commands, shared with the buses.
+    pub actions: Actions,
     pub hub: Arc<AgentHub>,
-    pub metrics: Metrics,
     pub auth: Arc<RwLock<AuthSection>>,
-    pub outbound: Outbound,
-    /// False once shutdown began: intake answers 503.
-    pub accepting: Arc<AtomicBool>,
     /// Reloads the configuration from its sources (file + environment captured at start).
     pub reloader: super::Reloader,
+    /// Each configured broker's connection state, for `/readyz`.
+    pub buses: BusStates,
 }
 
 /// An API error: status, a stable code, and a message for people.
@@ -78,54 +69,28 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> Self {
+        let status = match refusal.kind {
+            RefusalKind::Malformed => StatusCode::BAD_REQUEST,
+            RefusalKind::Invalid => StatusCode::UNPROCESSABLE_ENTITY,
+            RefusalKind::NotFound => StatusCode::NOT_FOUND,
+            RefusalKind::Conflict => StatusCode::CONFLICT,
+            RefusalKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError::new(status, refusal.code, refusal.message)
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
-        match error {
-            StoreError::NotFound(what) => ApiError::new(StatusCode::NOT_FOUND, "not_found", what),
-            other => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                other.to_string(),
-            ),
-        }
+        Refusal::from(error).into()
     }
 }
 
 impl From<EngineError> for ApiError {
     fn from(error: EngineError) -> Self {
-        match error {
-            EngineError::Command(command) => {
-                let (status, code) = match &command {
-                    CommandError::UnknownAgent(_) => (StatusCode::NOT_FOUND, "unknown_agent"),
-                    CommandError::UnknownConversation(_) => {
-                        (StatusCode::NOT_FOUND, "unknown_conversation")
-                    }
-                    CommandError::UnknownQueue(_) => (StatusCode::NOT_FOUND, "unknown_queue"),
-                    CommandError::NotOffered { .. } => (StatusCode::CONFLICT, "not_offered"),
-                    CommandError::NotOwner { .. } => (StatusCode::CONFLICT, "not_owner"),
-                    CommandError::NoNextTier(_) => (StatusCode::CONFLICT, "no_next_tier"),
-                    CommandError::TransferToSelf => {
-                        (StatusCode::UNPROCESSABLE_ENTITY, "transfer_to_self")
-                    }
-                    CommandError::QueueRejectsChannel { .. } => {
-                        (StatusCode::UNPROCESSABLE_ENTITY, "queue_rejects_channel")
-                    }
-                    CommandError::DuplicateConversation(_) => {
-                        (StatusCode::CONFLICT, "duplicate_conversation")
-                    }
-                    CommandError::InvalidConfig(_) => {
-                        (StatusCode::UNPROCESSABLE_ENTITY, "invalid_config")
-                    }
-                };
-                ApiError::new(status, code, command.to_string())
-            }
-            EngineError::Store(store) => store.into(),
-            EngineError::Stopped => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "shutting_down",
-                "switchboard is shutting down",
-            ),
-        }
+        Refusal::from(error).into()
     }
 }
 
@@ -235,46 +200,23 @@ fn forbidden_or_unknown(auth: &AuthSection, token: &str) -> ApiError {
     }
 }
 
+fn body_rejection(rejection: &BytesRejection) -> ApiError {
+    let status = rejection.status();
+    let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        "too_large"
+    } else {
+        "bad_body"
+    };
+    ApiError::new(status, code, rejection.body_text())
+}
+
 fn parse_json<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> ApiResult<T> {
-    let bytes = body.map_err(|rejection| {
-        let status = rejection.status();
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "too_large"
-        } else {
-            "bad_body"
-        };
-        ApiError::new(status, code, rejection.body_text())
-    })?;
-    serde_json::from_slice(&bytes).map_err(|error| {
-        let status = if error.is_data() {
-            StatusCode::UNPROCESSABLE_ENTITY
-        } else {
-            StatusCode::BAD_REQUEST
-        };
-        ApiError::new(status, "invalid_json", error.to_string())
-    })
+    let bytes = body.map_err(|rejection| body_rejection(&rejection))?;
+    Ok(actions::parse_json(&bytes)?)
 }
 
 fn conversation_id(text: &str) -> ApiResult<Ulid> {
-    text.parse::<Ulid>().map_err(|_| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_id",
-            format!("`{text}` is not a conversation id (ULID)"),
-        )
-    })
-}
-
-fn intake_open(state: &AppState) -> ApiResult<()> {
-    if state.accepting.load(Ordering::SeqCst) {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
-            "switchboard is shutting down; retry on another instance",
-        ))
-    }
+    Ok(parse_id(text)?)
 }
 
 // ----- health and metrics -----------------------------------------------------------------------
@@ -284,16 +226,32 @@ async fn healthz() -> Json<Value> {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    if !state.accepting.load(Ordering::SeqCst) {
+    if !state.actions.accepting.load(Ordering::SeqCst) {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({ "status": "shutting_down" })),
         )
             .into_response();
     }
-    match state.store.check_writable().await {
-        Ok(()) if state.metrics.ready.get() == 1 => {
-            Json(json!({ "status": "ready", "store": "writable" })).into_response()
+    match state.actions.store.check_writable().await {
+        Ok(()) if state.actions.metrics.ready.get() == 1 => {
+            // A broker down delays events (they wait in the outbox) and stops bus intake, but HTTP
+            // intake works: still 200, so load balancers keep sending, reported as degraded.
+            let buses = state.buses.states();
+            let degraded = buses.iter().any(|(_, connected)| !connected);
+            let buses: serde_json::Map<String, Value> = buses
+                .into_iter()
+                .map(|(name, connected)| {
+                    let state = if connected {
+                        "connected"
+                    } else {
+                        "disconnected"
+                    };
+                    (name.to_owned(), json!(state))
+                })
+                .collect();
+            let status = if degraded { "degraded" } else { "ready" };
+            Json(json!({ "status": status, "store": "writable", "buses": buses })).into_response()
         }
         Ok(()) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -309,8 +267,9 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    if let Ok(backlog) = state.store.outbox_backlog().await {
+    if let Ok(backlog) = state.actions.store.outbox_backlog().await {
         state
+            .actions
             .metrics
             .outbox_backlog
             .set(i64::try_from(backlog).unwrap_or(i64::MAX));
@@ -320,7 +279,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(),
+        state.actions.metrics.render(),
     )
         .into_response()
 }
@@ -340,111 +299,19 @@ async fn ingest(
 ) -> ApiResult<Response> {
     let received = Instant::now();
     require_ingest(&state, &headers)?;
-    intake_open(&state)?;
-    let message: InboundMessage = parse_json(body)?;
-    message.validate().map_err(|error| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_message",
-            error.to_string(),
-        )
-    })?;
-    let (status, document) = ingest_message(&state, message, received).await?;
-    Ok((status, Json(document)).into_response())
-}
-
-/// The one intake path after parsing: store (durably), then hand to the router. Channel adapters and
-/// the bus call this too.
-pub async fn ingest_message(
-    state: &AppState,
-    message: InboundMessage,
-    received: Instant,
-) -> ApiResult<(StatusCode, Value)> {
-    let channel = message.channel.clone();
-    let started = Instant::now();
-    let outcome = state.store.ingest(message.clone(), Utc::now()).await?;
-    state
-        .metrics
-        .store_commit_seconds
-        .with_label_values(&["ingest"])
-        .observe(started.elapsed().as_secs_f64());
-    match outcome {
-        IngestOutcome::Duplicate {
-            message_id,
-            conversation_id,
-        } => {
-            state
-                .metrics
-                .messages_duplicate
-                .with_label_values(&[&channel])
-                .inc();
-            Ok((
-                StatusCode::OK,
-                json!({ "message_id": message_id.to_string(), "conversation_id": conversation_id.to_string(), "duplicate": true }),
-            ))
-        }
-        IngestOutcome::Stored {
-            message_id,
-            conversation_id,
-            contact_id,
-            new_conversation,
-        } => {
-            state
-                .metrics
-                .messages_received
-                .with_label_values(&[&channel])
-                .inc();
-            let mut message = message;
-            message.id = Some(message_id);
-            state
-                .engine
-                .ingested(Ingested {
-                    message_id,
-                    conversation_id,
-                    contact_id: Some(contact_id),
-                    new_conversation,
-                    message,
-                    received,
-                })
-                .await?;
-            Ok((
-                StatusCode::ACCEPTED,
-                json!({
-                    "message_id": message_id.to_string(),
-                    "conversation_id": conversation_id.to_string(),
-                    "contact_id": contact_id.to_string(),
-                    "new_conversation": new_conversation,
-                    "duplicate": false
-                }),
-            ))
-        }
-    }
+    state.actions.intake_open()?;
+    let bytes = body.map_err(|rejection| body_rejection(&rejection))?;
+    let message = Actions::parse_message(&bytes)?;
+    let receipt = state.actions.ingest(message, received).await?;
+    let status = if receipt.duplicate {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok((status, Json(receipt.to_json())).into_response())
 }
 
 // ----- agents -----------------------------------------------------------------------------------
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PresenceBody {
-    presence: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TransferBody {
-    #[serde(default)]
-    to_agent: Option<String>,
-    #[serde(default)]
-    to_queue: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ReplyBody {
-    text: String,
-    #[serde(default)]
-    html: Option<String>,
-}
 
 #[derive(Debug, Deserialize, Default)]
 struct TokenQuery {
@@ -458,6 +325,7 @@ async fn agent_view(
 ) -> ApiResult<Json<Value>> {
     let agent = require_agent(&state, &headers, None, &agent)?;
     let view = state
+        .actions
         .engine
         .inspect(move |router| router.agent(&agent))
         .await?;
@@ -478,19 +346,9 @@ async fn agent_presence(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<Value>> {
     let agent = require_agent(&state, &headers, None, &agent)?;
-    let body: PresenceBody = parse_json(body)?;
-    let presence = parse_presence(&body.presence).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "bad_presence",
-            "presence must be available, away or offline",
-        )
-    })?;
-    state
-        .engine
-        .agent(agent, AgentAction::Presence(presence))
-        .await?;
-    Ok(Json(json!({ "presence": presence.as_str() })))
+    let document: Value = parse_json(body)?;
+    let command = AgentCommand::parse(document, Some("presence"))?;
+    Ok(Json(state.actions.agent_command(&agent, command).await?))
 }
 
 async fn agent_conversations(
@@ -500,6 +358,7 @@ async fn agent_conversations(
 ) -> ApiResult<Json<Value>> {
     let agent = require_agent(&state, &headers, None, &agent)?;
     let views = state
+        .actions
         .engine
         .inspect(move |router| {
             let view = router.agent(&agent)?;
@@ -525,6 +384,7 @@ async fn agent_conversations(
 async fn agent_may_see(state: &AppState, agent: &AgentId, conversation: Ulid) -> ApiResult<()> {
     let agent = agent.clone();
     let allowed = state
+        .actions
         .engine
         .inspect(move |router| {
             router
@@ -559,8 +419,8 @@ async fn agent_history(
     let agent = require_agent(&state, &headers, None, &agent)?;
     let conversation = conversation_id(&conversation)?;
     agent_may_see(&state, &agent, conversation).await?;
-    let messages = state.store.messages(conversation).await?;
-    let record = state.store.conversation(conversation).await?;
+    let messages = state.actions.store.messages(conversation).await?;
+    let record = state.actions.store.conversation(conversation).await?;
     Ok(Json(json!({
         "conversation_id": conversation.to_string(),
         "reply_channel": record.as_ref().map(|r| r.reply_route.channel.clone()),
@@ -576,25 +436,9 @@ async fn agent_action(
 ) -> ApiResult<Response> {
     let agent = require_agent(&state, &headers, None, &agent)?;
     let conversation = conversation_id(&conversation)?;
-    let id = ConversationId(conversation.0);
-    let command = match action.as_str() {
-        "accept" => AgentAction::Accept(id),
-        "reject" => AgentAction::Reject(id),
-        "resolve" => AgentAction::Resolve(id),
-        "escalate" => AgentAction::Escalate(id),
-        "transfer" => {
-            let body: TransferBody = parse_json(body)?;
-            AgentAction::Transfer(id, transfer_target(body)?)
-        }
-        "reply" => {
-            let body: ReplyBody = parse_json(body)?;
-            let message_id = reply(&state, &agent, conversation, body.text, body.html).await?;
-            return Ok((
-                StatusCode::ACCEPTED,
-                Json(json!({ "message_id": message_id.to_string(), "status": "pending" })),
-            )
-                .into_response());
-        }
+    let mut document = match action.as_str() {
+        "transfer" | "reply" => parse_json::<Value>(body)?,
+        "accept" | "reject" | "resolve" | "escalate" => json!({}),
         other => {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -603,79 +447,18 @@ async fn agent_action(
             ));
         }
     };
-    state.engine.agent(agent, command).await?;
+    if let Some(object) = document.as_object_mut() {
+        object.insert("conversation_id".into(), json!(conversation.to_string()));
+    }
+    let command = AgentCommand::parse(document, Some(&action))?;
+    let result = state.actions.agent_command(&agent, command).await?;
+    if action == "reply" {
+        return Ok((StatusCode::ACCEPTED, Json(result)).into_response());
+    }
     Ok(
         Json(json!({ "conversation_id": conversation.to_string(), "done": action }))
             .into_response(),
     )
-}
-
-fn transfer_target(body: TransferBody) -> ApiResult<TransferTarget> {
-    match (body.to_agent, body.to_queue) {
-        (Some(agent), None) => Ok(TransferTarget::Agent(AgentId::new(&agent))),
-        (None, Some(queue)) => Ok(TransferTarget::Queue(QueueName::new(&queue))),
-        _ => Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "bad_transfer",
-            "give exactly one of to_agent or to_queue",
-        )),
-    }
-}
-
-/// Stores an agent's reply and queues it for delivery on the customer's last channel.
-async fn reply(
-    state: &AppState,
-    agent: &AgentId,
-    conversation: Ulid,
-    text: String,
-    html: Option<String>,
-) -> ApiResult<Ulid> {
-    if text.trim().is_empty() {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "empty_reply",
-            "a reply needs text",
-        ));
-    }
-    let owner = agent.clone();
-    let owns = state
-        .engine
-        .inspect(move |router| {
-            matches!(router.conversation(ConversationId(conversation.0)).map(|view| view.state),
-                Some(ConversationState::Assigned { agent, .. }) if agent == owner)
-        })
-        .await?;
-    if !owns {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "not_owner",
-            "only the agent who owns a conversation can reply",
-        ));
-    }
-    let record = state
-        .store
-        .conversation(conversation)
-        .await?
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "unknown_conversation",
-                "no such conversation",
-            )
-        })?;
-    let id = Ulid::new();
-    let reply = NewReply {
-        id,
-        conversation_id: conversation,
-        agent_id: agent.to_string(),
-        route: record.reply_route,
-        text,
-        html,
-        created_at: Utc::now(),
-    };
-    state.store.store_reply(reply, Vec::new()).await?;
-    state.outbound.deliver(id);
-    Ok(id)
 }
 
 const AGENT_SOCKET_READ_BUFFER: usize = 8 * 1024;
@@ -697,57 +480,11 @@ async fn agent_stream(
         .on_upgrade(move |socket| agent_socket(state, agent, socket)))
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-enum SocketCommand {
-    Presence {
-        presence: String,
-        #[serde(default)]
-        request_id: Option<String>,
-    },
-    Accept {
-        conversation_id: String,
-        #[serde(default)]
-        request_id: Option<String>,
-    },
-    Reject {
-        conversation_id: String,
-        #[serde(default)]
-        request_id: Option<String>,
-    },
-    Resolve {
-        conversation_id: String,
-        #[serde(default)]
-        request_id: Option<String>,
-    },
-    Escalate {
-        conversation_id: String,
-        #[serde(default)]
-        request_id: Option<String>,
-    },
-    Transfer {
-        conversation_id: String,
-        #[serde(default)]
-        to_agent: Option<String>,
-        #[serde(default)]
-        to_queue: Option<String>,
-        #[serde(default)]
-        request_id: Option<String>,
-    },
-    Reply {
-        conversation_id: String,
-        text: String,
-        #[serde(default)]
-        html: Option<String>,
-        #[serde(default)]
-        request_id: Option<String>,
-    },
-}
-
 async fn agent_socket(state: AppState, agent: AgentId, socket: WebSocket) {
     let (connection, mut pushes) = state.hub.connect(&agent);
     let (mut sender, mut receiver) = socket.split();
     let hello = match state
+        .actions
         .engine
         .inspect({
             let agent = agent.clone();
@@ -784,126 +521,47 @@ async fn agent_socket(state: AppState, agent: AgentId, socket: WebSocket) {
     }
     if state.hub.disconnect(&agent, connection) {
         // The desktop's last connection is gone: its pending offers go to someone else.
-        let _ = state.engine.agent(agent, AgentAction::Disconnected).await;
+        let _ = state
+            .actions
+            .engine
+            .agent(agent, AgentAction::Disconnected)
+            .await;
     }
 }
 
+/// A WebSocket command: an [`AgentCommand`] object, optionally with a `request_id` echoed back.
 async fn socket_command(state: &AppState, agent: &AgentId, text: &str) -> Value {
-    let command: SocketCommand = match serde_json::from_str(text) {
-        Ok(command) => command,
+    let mut document: Value = match serde_json::from_str(text) {
+        Ok(document) => document,
         Err(error) => {
             return json!({ "type": "error", "error": { "code": "bad_command", "message": error.to_string() } });
         }
     };
-    let parse = |id: &str| conversation_id(id).map(|ulid| (ulid, ConversationId(ulid.0)));
-    let (request_id, result): (Option<String>, ApiResult<Value>) = match command {
-        SocketCommand::Presence {
-            presence,
-            request_id,
-        } => (
-            request_id,
-            match parse_presence(&presence) {
-                Some(presence) => state
-                    .engine
-                    .agent(agent.clone(), AgentAction::Presence(presence))
-                    .await
-                    .map(|()| json!({}))
-                    .map_err(Into::into),
-                None => Err(ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "bad_presence",
-                    "presence must be available, away or offline",
-                )),
-            },
-        ),
-        SocketCommand::Accept {
-            conversation_id,
-            request_id,
-        } => (
-            request_id,
-            simple(state, agent, &conversation_id, AgentAction::Accept).await,
-        ),
-        SocketCommand::Reject {
-            conversation_id,
-            request_id,
-        } => (
-            request_id,
-            simple(state, agent, &conversation_id, AgentAction::Reject).await,
-        ),
-        SocketCommand::Resolve {
-            conversation_id,
-            request_id,
-        } => (
-            request_id,
-            simple(state, agent, &conversation_id, AgentAction::Resolve).await,
-        ),
-        SocketCommand::Escalate {
-            conversation_id,
-            request_id,
-        } => (
-            request_id,
-            simple(state, agent, &conversation_id, AgentAction::Escalate).await,
-        ),
-        SocketCommand::Transfer {
-            conversation_id,
-            to_agent,
-            to_queue,
-            request_id,
-        } => {
-            let result = async {
-                let (_, id) = parse(&conversation_id)?;
-                let target = transfer_target(TransferBody { to_agent, to_queue })?;
-                state
-                    .engine
-                    .agent(agent.clone(), AgentAction::Transfer(id, target))
-                    .await?;
-                Ok(json!({}))
-            }
-            .await;
-            (request_id, result)
-        }
-        SocketCommand::Reply {
-            conversation_id,
-            text,
-            html,
-            request_id,
-        } => {
-            let result = async {
-                let (ulid, _) = parse(&conversation_id)?;
-                let message_id = reply(state, agent, ulid, text, html).await?;
-                Ok(json!({ "message_id": message_id.to_string() }))
-            }
-            .await;
-            (request_id, result)
-        }
+    let request_id = document
+        .as_object_mut()
+        .and_then(|object| object.remove("request_id"))
+        .unwrap_or(Value::Null);
+    let result = match AgentCommand::parse(document, None) {
+        Ok(command) => state.actions.agent_command(agent, command).await,
+        Err(refusal) => Err(refusal),
     };
     match result {
         Ok(detail) => json!({ "type": "ack", "request_id": request_id, "result": detail }),
-        Err(error) => {
-            json!({ "type": "error", "request_id": request_id, "error": { "code": error.code, "message": error.message } })
+        Err(refusal) => {
+            json!({ "type": "error", "request_id": request_id, "error": { "code": refusal.code, "message": refusal.message } })
         }
     }
-}
-
-async fn simple(
-    state: &AppState,
-    agent: &AgentId,
-    conversation: &str,
-    action: fn(ConversationId) -> AgentAction,
-) -> ApiResult<Value> {
-    let ulid = conversation_id(conversation)?;
-    state
-        .engine
-        .agent(agent.clone(), action(ConversationId(ulid.0)))
-        .await?;
-    Ok(json!({ "conversation_id": ulid.to_string() }))
 }
 
 // ----- admin and supervisors --------------------------------------------------------------------
 
 async fn admin_queues(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Json<Value>> {
     require_admin(&state, &headers)?;
-    let queues = state.engine.inspect(|router| router.queues()).await?;
+    let queues = state
+        .actions
+        .engine
+        .inspect(|router| router.queues())
+        .await?;
     let now = super::engine::wall_clock();
     Ok(Json(
         json!({ "queues": queues.iter().map(|queue| super::views::queue(queue, now)).collect::<Vec<_>>() }),
@@ -913,6 +571,7 @@ async fn admin_queues(State(state): State<AppState>, headers: HeaderMap) -> ApiR
 async fn admin_agents(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Json<Value>> {
     require_admin(&state, &headers)?;
     let agents: Vec<Value> = state
+        .actions
         .engine
         .inspect(|router| {
             router
@@ -967,7 +626,7 @@ async fn admin_conversations(
         updated_before: None,
         limit: query.limit.unwrap_or(100).min(1000),
     };
-    let records = state.store.conversations(filter).await?;
+    let records = state.actions.store.conversations(filter).await?;
     Ok(Json(
         json!({ "conversations": records.iter().map(super::views::record).collect::<Vec<_>>() }),
     ))
@@ -980,7 +639,7 @@ async fn admin_conversation(
 ) -> ApiResult<Json<Value>> {
     require_admin(&state, &headers)?;
     let id = conversation_id(&conversation)?;
-    let record = state.store.conversation(id).await?.ok_or_else(|| {
+    let record = state.actions.store.conversation(id).await?.ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "unknown_conversation",
@@ -988,10 +647,11 @@ async fn admin_conversation(
         )
     })?;
     let live = state
+        .actions
         .engine
         .inspect(move |router| router.conversation(ConversationId(id.0)))
         .await?;
-    let messages = state.store.messages(id).await?;
+    let messages = state.actions.store.messages(id).await?;
     Ok(Json(json!({
         "conversation": super::views::record(&record),
         "routing": live.as_ref().map(super::views::conversation),

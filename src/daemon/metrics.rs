@@ -28,6 +28,45 @@ pub struct Metrics {
     pub outbox_backlog: IntGauge,
     pub http_requests: IntCounterVec,
     pub ready: IntGauge,
+    /// 1 while connected to a broker, by bus (`nats`, `amqp`).
+    pub bus_connected: IntGaugeVec,
+    /// Inbound bus messages refused as invalid and dead-lettered, by bus.
+    pub bus_dead_lettered: IntCounterVec,
+}
+
+/// The configured brokers' connection states: what `/readyz` reports, kept in the
+/// `switchboard_bus_connected{bus}` gauge so the metric and the health check never disagree.
+#[derive(Debug, Clone)]
+pub struct BusStates {
+    names: Vec<&'static str>,
+    gauge: IntGaugeVec,
+}
+
+impl BusStates {
+    /// The given buses, all disconnected until they say otherwise.
+    pub fn new(metrics: &Metrics, names: Vec<&'static str>) -> BusStates {
+        for name in &names {
+            metrics.bus_connected.with_label_values(&[name]).set(0);
+        }
+        BusStates {
+            names,
+            gauge: metrics.bus_connected.clone(),
+        }
+    }
+
+    pub fn set(&self, bus: &str, connected: bool) {
+        self.gauge
+            .with_label_values(&[bus])
+            .set(i64::from(connected));
+    }
+
+    /// (bus, connected) for every configured broker.
+    pub fn states(&self) -> Vec<(&'static str, bool)> {
+        self.names
+            .iter()
+            .map(|name| (*name, self.gauge.with_label_values(&[name]).get() == 1))
+            .collect()
+    }
 }
 
 fn counter_vec(
@@ -194,6 +233,18 @@ impl Metrics {
                 &["route", "status"],
             )?,
             ready,
+            bus_connected: gauge_vec(
+                &registry,
+                "switchboard_bus_connected",
+                "1 while connected to the broker, by bus.",
+                &["bus"],
+            )?,
+            bus_dead_lettered: counter_vec(
+                &registry,
+                "switchboard_bus_dead_lettered_total",
+                "Invalid inbound bus messages dead-lettered, by bus.",
+                &["bus"],
+            )?,
             registry,
         })
     }

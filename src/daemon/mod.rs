@@ -6,6 +6,7 @@
 //! requests finish, the engine routes what it had queued and the dispatcher commits it, the relay
 //! publishes what it can, the store drains its writer.
 
+pub mod actions;
 pub mod engine;
 pub mod events;
 pub mod http;
@@ -28,6 +29,7 @@ use std::sync::{Arc, RwLock};
 use tokio::sync::{Notify, watch};
 use tracing::{info, warn};
 
+use crate::bus::Buses;
 use crate::config::{self, Settings, StoreSettings};
 use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::{SqliteOptions, SqliteStore};
@@ -47,6 +49,8 @@ pub enum DaemonError {
     },
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("message bus: {0}")]
+    Bus(#[from] relay::BusError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -139,11 +143,14 @@ pub async fn start(settings: Settings, source: ConfigSource) -> Result<Daemon, D
     };
     let (engine, engine_task) = engine::start(settings.routing.clone(), context).await?;
 
+    let mut buses = Buses::connect(&settings.bus, &metrics).await?;
     let mut senders: HashMap<String, Arc<dyn outbound::ChannelSender>> = HashMap::new();
     senders.insert(
         "api".into(),
         Arc::new(outbound::ApiChannel::new(&settings.outbound)),
     );
+    // A channel handed to the buses is delivered by another system, in place of an adapter.
+    senders.extend(buses.channels.iter().cloned());
     let (outbound, outbound_task) = outbound::start(outbound::OutboundContext {
         store: store.clone(),
         hub: hub.clone(),
@@ -158,9 +165,11 @@ pub async fn start(settings: Settings, source: ConfigSource) -> Result<Daemon, D
 
     let bus = relay::InProcessBus::new();
     let (stop_relay, relay_stopped) = watch::channel(false);
+    let mut event_buses: Vec<Arc<dyn relay::EventBus>> = vec![Arc::new(bus.clone())];
+    event_buses.extend(buses.event_buses.iter().cloned());
     let relay_task = tokio::spawn(relay::run(
         store.clone(),
-        vec![Arc::new(bus.clone())],
+        event_buses,
         outbox_written,
         format!("switchboard://{}", settings.listen),
         metrics.clone(),
@@ -188,15 +197,20 @@ pub async fn start(settings: Settings, source: ConfigSource) -> Result<Daemon, D
         }))
     };
     let accepting = Arc::new(AtomicBool::new(true));
-    let state = http::AppState {
+    let actions = actions::Actions {
         engine: engine.clone(),
         store: store.clone(),
-        hub,
         metrics: metrics.clone(),
-        auth,
         outbound,
         accepting: accepting.clone(),
+    };
+    buses.start_intake(&actions);
+    let state = http::AppState {
+        actions,
+        hub,
+        auth,
         reloader: reload.clone(),
+        buses: buses.states.clone(),
     };
     let app = http::router(state, settings.body_limit_bytes).layer(
         tower_http::timeout::TimeoutLayer::with_status_code(
@@ -236,13 +250,18 @@ pub async fn start(settings: Settings, source: ConfigSource) -> Result<Daemon, D
             accepting.store(false, Ordering::SeqCst);
             metrics.ready.set(0);
             let _ = drain_tx.send(true);
-            if tokio::time::timeout(grace, server).await.is_err() {
+            let (_, served) = tokio::join!(
+                buses.stop_intake(grace),
+                tokio::time::timeout(grace, server)
+            );
+            if served.is_err() {
                 warn!("in-flight requests did not finish within the grace period");
             }
             engine.stop().await;
             let _ = engine_task.await;
             let _ = stop_relay.send(true);
             let _ = tokio::time::timeout(grace, relay_task).await;
+            buses.close().await;
             outbound_task.abort();
             drop(store);
             info!("switchboard stopped");

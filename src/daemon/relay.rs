@@ -21,12 +21,30 @@ pub struct BusError {
     pub reason: String,
 }
 
-/// Somewhere events go. Brokers (NATS, RabbitMQ) implement it alongside the in-process bus.
+/// A publish that stopped part-way: the first `confirmed` events were confirmed, the rest were not.
+#[derive(Debug, thiserror::Error)]
+#[error("{error} (after {confirmed} confirmed)")]
+pub struct PartialPublish {
+    pub confirmed: usize,
+    pub error: BusError,
+}
+
+/// One outbox event on its way out: the CloudEvent document, built once for every bus.
+#[derive(Debug)]
+pub struct Publication<'a> {
+    pub event: &'a OutboxEvent,
+    pub document: Value,
+    /// `document` serialised (what brokers send).
+    pub bytes: Vec<u8>,
+}
+
+/// Somewhere events go: the in-process bus, NATS JetStream, RabbitMQ.
 #[async_trait]
 pub trait EventBus: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;
-    /// Publishes one CloudEvent; returns only once the bus confirmed it.
-    async fn publish(&self, event: &OutboxEvent, document: &Value) -> Result<(), BusError>;
+    /// Publishes the events in order and returns once the bus confirmed them all; on a failure,
+    /// says how many of the first ones were confirmed (the rest are published again later).
+    async fn publish(&self, batch: &[Publication<'_>]) -> Result<(), PartialPublish>;
 }
 
 /// The embedded bus: subscribers in this process (tests, the supervisor stream) receive every event.
@@ -59,14 +77,20 @@ impl EventBus for InProcessBus {
         "in-process"
     }
 
-    async fn publish(&self, _event: &OutboxEvent, document: &Value) -> Result<(), BusError> {
-        // No subscriber is not an error: the embedded bus has no durable consumers to wait for.
-        let _ = self.sender.send(document.clone());
+    async fn publish(&self, batch: &[Publication<'_>]) -> Result<(), PartialPublish> {
+        for publication in batch {
+            // No subscriber is not an error: the embedded bus has no durable consumers to wait for.
+            let _ = self.sender.send(publication.document.clone());
+        }
         Ok(())
     }
 }
 
 /// Runs until `stop` turns true and the outbox is drained (or the store is unreachable).
+///
+/// An event is marked sent once every bus confirmed it. While one bus is down the others go on
+/// without republishing what they already confirmed (each bus's progress is remembered here; after
+/// a restart consumers deduplicate by event id, and NATS by message id).
 pub async fn run(
     store: Arc<dyn Store>,
     buses: Vec<Arc<dyn EventBus>>,
@@ -76,6 +100,8 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(100);
+    // The highest outbox position each bus confirmed.
+    let mut confirmed = vec![0_i64; buses.len()];
     loop {
         let batch = match store.outbox_pending(256).await {
             Ok(batch) => batch,
@@ -90,6 +116,7 @@ pub async fn run(
             }
         };
         if batch.is_empty() {
+            metrics.outbox_backlog.set(0);
             if *stop.borrow() {
                 return;
             }
@@ -100,34 +127,58 @@ pub async fn run(
             }
             continue;
         }
-        let mut published = Vec::with_capacity(batch.len());
-        let mut failed = false;
-        for event in &batch {
-            let document = cloud_event(event, &source);
-            for bus in &buses {
-                if let Err(error) = bus.publish(event, &document).await {
-                    warn!(%error, event = %event.event_id, "event not published; will retry");
-                    failed = true;
-                    break;
+        let publications: Vec<Publication> = batch
+            .iter()
+            .map(|event| {
+                let document = cloud_event(event, &source);
+                let bytes = document.to_string().into_bytes();
+                Publication {
+                    event,
+                    document,
+                    bytes,
                 }
+            })
+            .collect();
+        let mut everywhere = publications.len();
+        let mut failed = false;
+        for (bus, done_up_to) in buses.iter().zip(confirmed.iter_mut()) {
+            let start = publications.partition_point(|p| p.event.position <= *done_up_to);
+            let done = match bus.publish(&publications[start..]).await {
+                Ok(()) => publications.len(),
+                Err(partial) => {
+                    warn!(error = %partial, "events not published; will retry");
+                    failed = true;
+                    start + partial.confirmed
+                }
+            };
+            if let Some(last) = done
+                .checked_sub(1)
+                .and_then(|index| publications.get(index))
+            {
+                *done_up_to = (*done_up_to).max(last.event.position);
             }
-            if failed {
-                break;
-            }
-            published.push(event.position);
+            everywhere = everywhere.min(done);
         }
-        if !published.is_empty() {
-            if let Err(error) = store.outbox_mark_sent(&published).await {
+        if everywhere > 0 {
+            let positions: Vec<i64> = batch[..everywhere].iter().map(|e| e.position).collect();
+            if let Err(error) = store.outbox_mark_sent(&positions).await {
                 warn!(%error, "cannot mark events published; they will be published again (consumers dedupe by id)");
             }
-            if let Ok(backlog) = store.outbox_backlog().await {
-                metrics
-                    .outbox_backlog
-                    .set(i64::try_from(backlog).unwrap_or(i64::MAX));
-            }
+        }
+        if let Ok(backlog) = store.outbox_backlog().await {
+            metrics
+                .outbox_backlog
+                .set(i64::try_from(backlog).unwrap_or(i64::MAX));
         }
         if failed {
-            tokio::time::sleep(backoff).await;
+            if *stop.borrow() {
+                // Shutting down with a bus unreachable: the events stay in the outbox for next time.
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.changed() => {}
+            }
             backoff = (backoff * 2).min(Duration::from_secs(5));
         } else {
             backoff = Duration::from_millis(100);

@@ -260,3 +260,188 @@ impl AgentSocket {
 pub fn api_message(id: &str, from: &str, text: &str) -> Value {
     json!({ "channel": "api", "provider": "crm", "provider_message_id": id, "from": { "address": from }, "text": text })
 }
+
+/// A TCP proxy between the daemon and a broker that the test controls: `cut` closes every
+/// connection and refuses new ones (a broker outage), `restore` lets them through again, and
+/// `freeze_upstream` stops passing the daemon's bytes on (its acks never reach the broker) while the
+/// broker's still arrive.
+pub struct Proxy {
+    pub address: std::net::SocketAddr,
+    state: tokio::sync::watch::Sender<ProxyState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProxyState {
+    /// Connections refused (and existing ones closed).
+    down: bool,
+    /// The daemon's bytes are held back.
+    frozen: bool,
+    /// How many cuts so far: a connection opened before a cut ends even if the proxy is restored
+    /// before the connection's task looked.
+    cuts: u64,
+}
+
+impl Proxy {
+    pub async fn start(upstream: &str) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (state, _) = tokio::sync::watch::channel(ProxyState {
+            down: false,
+            frozen: false,
+            cuts: 0,
+        });
+        let upstream = upstream.to_owned();
+        let watch = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                let opened = *watch.borrow();
+                if opened.down {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                tokio::spawn(Proxy::pipe(client, server, watch.subscribe(), opened.cuts));
+            }
+        });
+        Proxy {
+            address,
+            state,
+            task,
+        }
+    }
+
+    async fn pipe(
+        client: tokio::net::TcpStream,
+        server: tokio::net::TcpStream,
+        mut state: tokio::sync::watch::Receiver<ProxyState>,
+        cuts: u64,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client_read, mut client_write) = client.into_split();
+        let (mut server_read, mut server_write) = server.into_split();
+        let mut up_state = state.clone();
+        let up = async move {
+            let mut buffer = vec![0_u8; 64 * 1024];
+            loop {
+                // While frozen, leave the daemon's bytes unread: they never reach the broker.
+                while up_state.borrow().frozen {
+                    if up_state.changed().await.is_err() {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    read = client_read.read(&mut buffer) => match read {
+                        Ok(0) | Err(_) => return,
+                        // Bytes held back before a cut stay held back: the broker never sees them.
+                        Ok(_) if up_state.borrow().cuts != cuts => return,
+                        Ok(n) => if server_write.write_all(&buffer[..n]).await.is_err() { return },
+                    },
+                    _ = up_state.changed() => {}
+                }
+            }
+        };
+        let down = async move {
+            let mut buffer = vec![0_u8; 64 * 1024];
+            loop {
+                match server_read.read(&mut buffer).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if client_write.write_all(&buffer[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        };
+        let cut = async move {
+            while state.borrow().cuts == cuts {
+                if state.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        // Whichever ends first ends the connection: both halves are dropped (closed).
+        tokio::select! {
+            _ = async { tokio::join!(up, down) } => {}
+            _ = cut => {}
+        }
+    }
+
+    /// Closes every connection and refuses new ones.
+    pub fn cut(&self) {
+        self.state.send_modify(|state| {
+            state.down = true;
+            state.cuts += 1;
+        });
+    }
+
+    /// Lets connections through again, nothing held back.
+    pub fn restore(&self) {
+        self.state.send_modify(|state| {
+            state.down = false;
+            state.frozen = false;
+        });
+    }
+
+    /// Stops passing the daemon's bytes to the broker (the broker's still reach the daemon).
+    pub fn freeze_upstream(&self) {
+        self.state.send_modify(|state| state.frozen = true);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.task.abort();
+    }
+}
+
+/// A name no other test (or run) uses, for broker streams, queues and subject prefixes.
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}_{}", ulid::Ulid::new()).to_lowercase()
+}
+
+/// Polls `check` every 20 ms until it returns Some, failing the test after `seconds`.
+pub async fn eventually<T, F, Fut>(seconds: u64, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {seconds} s waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+impl Daemon {
+    /// The value of a metric sample (the whole line's name and labels, e.g.
+    /// `switchboard_bus_connected{bus="nats"}`), if exported.
+    pub async fn metric(&self, sample: &str) -> Option<f64> {
+        let text = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines().find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == sample).then(|| value.parse().ok()).flatten()
+        })
+    }
+}
