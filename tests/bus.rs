@@ -495,6 +495,18 @@ fn assert_in_order(events: &[Value]) {
     }
 }
 
+/// Starts the daemon on `config` and waits until it has connected to the broker and declared its
+/// topology: a message published earlier would find no bound queue (AMQP drops it) or no consumer.
+async fn start_connected<B: TestBus>(config: &str) -> Daemon {
+    let daemon = Daemon::start(config);
+    let connected = format!("switchboard_bus_connected{{bus=\"{}\"}}", B::NAME);
+    eventually(20, "the bus to connect", || async {
+        (daemon.metric(&connected).await == Some(1.0)).then_some(())
+    })
+    .await;
+    daemon
+}
+
 async fn available(daemon: &Daemon, agent: &str) -> common::AgentSocket {
     let mut socket = daemon.agent_socket(agent).await;
     let answer = socket
@@ -505,7 +517,7 @@ async fn available(daemon: &Daemon, agent: &str) -> common::AgentSocket {
 }
 
 async fn routed_offered_and_commanded<B: TestBus>(mut bus: B) {
-    let daemon = Daemon::start(&bus.daemon_config(B::BROKER));
+    let daemon = start_connected::<B>(&bus.daemon_config(B::BROKER)).await;
     let mut alice = available(&daemon, "alice").await;
     let message = api_message("bus-1", "customer-bus-1", "My order never came");
     bus.publish_inbound("api", message.to_string().as_bytes())
@@ -568,7 +580,7 @@ async fn routed_offered_and_commanded<B: TestBus>(mut bus: B) {
 }
 
 async fn invalid_payloads_are_dead_lettered<B: TestBus>(mut bus: B) {
-    let daemon = Daemon::start(&bus.daemon_config(B::BROKER));
+    let daemon = start_connected::<B>(&bus.daemon_config(B::BROKER)).await;
     bus.publish_inbound("api", b"{ not json").await;
     let (body, reason) = bus.next_dead_letter().await;
     assert_eq!(body, b"{ not json");
@@ -605,7 +617,7 @@ async fn invalid_payloads_are_dead_lettered<B: TestBus>(mut bus: B) {
 /// the daemon dies. Restarted, it gets the message again and stores nothing twice.
 async fn redelivery_after_a_crash_creates_nothing_twice<B: TestBus>(bus: B) {
     let proxy = Proxy::start(B::BROKER).await;
-    let mut daemon = Daemon::start(&bus.daemon_config(&proxy.address.to_string()));
+    let mut daemon = start_connected::<B>(&bus.daemon_config(&proxy.address.to_string())).await;
     let mut alice = available(&daemon, "alice").await;
     // A first message proves the consumer is running (its pull request is out, for NATS).
     let first = api_message("crash-1", "customer-crash-1", "first");
@@ -653,12 +665,8 @@ async fn redelivery_after_a_crash_creates_nothing_twice<B: TestBus>(bus: B) {
 /// (still 200). It comes back: every event arrives, each conversation's in order.
 async fn an_outage_delays_events_and_loses_none<B: TestBus>(mut bus: B) {
     let proxy = Proxy::start(B::BROKER).await;
-    let daemon = Daemon::start(&bus.daemon_config(&proxy.address.to_string()));
+    let daemon = start_connected::<B>(&bus.daemon_config(&proxy.address.to_string())).await;
     let connected = format!("switchboard_bus_connected{{bus=\"{}\"}}", B::NAME);
-    eventually(20, "the bus to connect", || async {
-        (daemon.metric(&connected).await == Some(1.0)).then_some(())
-    })
-    .await;
     let mut alice = available(&daemon, "alice").await;
     // The events stream/queue is known to work before the outage.
     let (status, before) = daemon
