@@ -223,6 +223,70 @@ pub struct Lease {
     pub live: bool,
 }
 
+/// An inbound message with everything that does not need the database worked out on the caller's
+/// task, so a backend's writer only runs SQL. Every backend stores the same fields.
+#[derive(Debug)]
+pub(crate) struct IngestRequest {
+    pub message_id: Ulid,
+    pub channel: String,
+    pub provider: String,
+    pub provider_message_id: String,
+    pub thread_key: String,
+    pub from_address: String,
+    pub to_address: String,
+    pub identities: Vec<crate::message::IdentityLink>,
+    pub name: Option<String>,
+    pub tier: Option<String>,
+    pub language: Option<String>,
+    pub subject: Option<String>,
+    pub body: String,
+    pub message_time: DateTime<Utc>,
+    pub intake_time: DateTime<Utc>,
+}
+
+impl IngestRequest {
+    pub(crate) fn new(
+        mut message: InboundMessage,
+        received_at: DateTime<Utc>,
+    ) -> Result<IngestRequest, StoreError> {
+        let message_id = Ulid::new();
+        let message_time = message.received_at.unwrap_or(received_at);
+        message.id = Some(message_id);
+        message.received_at = Some(message_time);
+        let body = serde_json::to_string(&message)
+            .map_err(|error| StoreError::Corrupt(format!("cannot encode the message: {error}")))?;
+        let identities = message.identities();
+        let thread_key = message.effective_thread_key();
+        let to_address = message
+            .to
+            .as_ref()
+            .map(|to| to.address.trim().to_owned())
+            .unwrap_or_default();
+        let name = message
+            .customer
+            .name
+            .clone()
+            .or_else(|| message.from.name.clone());
+        Ok(IngestRequest {
+            message_id,
+            from_address: message.from.address.trim().to_owned(),
+            channel: message.channel,
+            provider: message.provider,
+            provider_message_id: message.provider_message_id,
+            thread_key,
+            to_address,
+            identities,
+            name,
+            tier: message.customer.tier,
+            language: message.customer.language,
+            subject: message.subject,
+            body,
+            message_time,
+            intake_time: received_at,
+        })
+    }
+}
+
 /// The durable store. Implementations are cheap to clone handles (`Arc` inside).
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {

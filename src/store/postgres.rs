@@ -45,6 +45,7 @@ use tokio_postgres::types::{Json, ToSql};
 use tokio_postgres::{NoTls, Row};
 use ulid::Ulid;
 
+use super::IngestRequest;
 use super::sqlite::WriterStats;
 use super::{
     ConversationFilter, ConversationRecord, ConversationStatus, Direction, IngestOutcome, Lease,
@@ -538,7 +539,7 @@ async fn migrate(client: &mut deadpool_postgres::Client, schema: &str) -> Result
 /// again.
 #[derive(Debug)]
 enum Write {
-    Ingest(Box<IngestRequest>),
+    Ingest(Box<EncodedIngest>),
     Routing(Arc<RoutingWrite>),
     Reply(Box<NewReply>, Vec<NewEvent>),
     Delivery {
@@ -842,72 +843,32 @@ fn decode_conversation(row: &Row) -> Result<ConversationRecord, StoreError> {
 // ---------------------------------------------------------------------------------------------
 // Write transactions (run by the writer, inside the savepoint)
 
-/// An inbound message with everything that does not need the database worked out on the caller's
-/// task, so the writer only runs SQL.
+/// An inbound message with its PostgreSQL encodings worked out on the caller's task, so the writer
+/// only runs SQL.
 #[derive(Debug)]
-struct IngestRequest {
+struct EncodedIngest {
+    request: IngestRequest,
     message_id: String,
-    channel: String,
-    provider: String,
-    provider_message_id: String,
-    thread_key: String,
-    from_address: String,
-    to_address: String,
     identity_kinds: Vec<String>,
     identity_values: Vec<String>,
-    name: Option<String>,
-    tier: Option<String>,
-    language: Option<String>,
-    subject: Option<String>,
-    body: String,
     message_time: i64,
     intake_time: i64,
 }
 
-impl IngestRequest {
-    fn new(
-        mut message: InboundMessage,
-        received_at: DateTime<Utc>,
-    ) -> Result<IngestRequest, StoreError> {
-        let message_id = Ulid::new();
-        let message_time = message.received_at.unwrap_or(received_at);
-        message.id = Some(message_id);
-        message.received_at = Some(message_time);
-        let body = serde_json::to_string(&message)
-            .map_err(|error| StoreError::Corrupt(format!("cannot encode the message: {error}")))?;
-        let (identity_kinds, identity_values) = message
-            .identities()
-            .into_iter()
-            .map(|identity| (identity.kind, identity.value))
+impl EncodedIngest {
+    fn new(request: IngestRequest) -> Result<EncodedIngest, StoreError> {
+        let (identity_kinds, identity_values) = request
+            .identities
+            .iter()
+            .map(|identity| (identity.kind.clone(), identity.value.clone()))
             .unzip();
-        let thread_key = message.effective_thread_key();
-        let to_address = message
-            .to
-            .as_ref()
-            .map(|to| to.address.trim().to_owned())
-            .unwrap_or_default();
-        let name = message
-            .customer
-            .name
-            .clone()
-            .or_else(|| message.from.name.clone());
-        Ok(IngestRequest {
-            message_id: message_id.to_string(),
-            from_address: message.from.address.trim().to_owned(),
-            channel: message.channel,
-            provider: message.provider,
-            provider_message_id: message.provider_message_id,
-            thread_key,
-            to_address,
+        Ok(EncodedIngest {
+            message_id: request.message_id.to_string(),
             identity_kinds,
             identity_values,
-            name,
-            tier: message.customer.tier,
-            language: message.customer.language,
-            subject: message.subject,
-            body,
-            message_time: nanos(&message_time)?,
-            intake_time: nanos(&received_at)?,
+            message_time: nanos(&request.message_time)?,
+            intake_time: nanos(&request.intake_time)?,
+            request,
         })
     }
 }
@@ -1019,17 +980,17 @@ struct Lookup {
     thread_conversation: Option<String>,
 }
 
-async fn lookup(client: &Client, request: &IngestRequest) -> Result<Lookup, Failure> {
+async fn lookup(client: &Client, request: &EncodedIngest) -> Result<Lookup, Failure> {
     let statement = client.prepare_cached(INGEST_LOOKUP).await?;
     let rows = client
         .query(
             &statement,
             &[
-                &request.channel,
-                &request.provider_message_id,
+                &request.request.channel,
+                &request.request.provider_message_id,
                 &request.identity_kinds,
                 &request.identity_values,
-                &request.thread_key,
+                &request.request.thread_key,
             ],
         )
         .await?;
@@ -1059,7 +1020,7 @@ async fn lookup(client: &Client, request: &IngestRequest) -> Result<Lookup, Fail
 /// A message that another instance stored while this one was storing it: undo this copy.
 async fn concurrent_duplicate(
     client: &Client,
-    request: &IngestRequest,
+    request: &EncodedIngest,
 ) -> Result<IngestOutcome, Failure> {
     client
         .batch_execute(&format!("ROLLBACK TO {SAVEPOINT}"))
@@ -1074,7 +1035,7 @@ async fn concurrent_duplicate(
     })
 }
 
-async fn ingest_tx(client: &Client, request: &IngestRequest) -> Result<IngestOutcome, Failure> {
+async fn ingest_tx(client: &Client, request: &EncodedIngest) -> Result<IngestOutcome, Failure> {
     // Another instance may link this customer's identities between our lookup and our insert; then
     // our new contact is withdrawn and the lookup repeated (it sees their commit).
     for _ in 0..3 {
@@ -1092,9 +1053,9 @@ async fn ingest_tx(client: &Client, request: &IngestRequest) -> Result<IngestOut
             .filter(|(kind, value)| !found.linked.contains(&((*kind).clone(), (*value).clone())))
             .unzip();
         let hints: [&(dyn ToSql + Sync); 4] = [
-            &request.name,
-            &request.tier,
-            &request.language,
+            &request.request.name,
+            &request.request.tier,
+            &request.request.language,
             &request.intake_time,
         ];
         let (contact_id, new_contact) = match found.owners.first() {
@@ -1159,7 +1120,7 @@ async fn ingest_tx(client: &Client, request: &IngestRequest) -> Result<IngestOut
 
 async fn store_in_conversation(
     client: &Client,
-    request: &IngestRequest,
+    request: &EncodedIngest,
     found: &Lookup,
     contact_id: &str,
     new_contact: bool,
@@ -1187,17 +1148,17 @@ async fn store_in_conversation(
         let point_thread = !thread_matched;
         let mut params: Vec<&(dyn ToSql + Sync)> = vec![
             &conversation_id,
-            &request.channel,
-            &request.provider,
-            &request.from_address,
-            &request.to_address,
-            &request.thread_key,
-            &request.subject,
+            &request.request.channel,
+            &request.request.provider,
+            &request.request.from_address,
+            &request.request.to_address,
+            &request.request.thread_key,
+            &request.request.subject,
             &request.intake_time,
             &point_thread,
             &request.message_id,
-            &request.provider_message_id,
-            &request.body,
+            &request.request.provider_message_id,
+            &request.request.body,
             &request.message_time,
         ];
         if existing.is_none() {
@@ -1614,7 +1575,7 @@ impl Store for PostgresStore {
         message: InboundMessage,
         received_at: DateTime<Utc>,
     ) -> Result<IngestOutcome, StoreError> {
-        let request = IngestRequest::new(message, received_at)?;
+        let request = EncodedIngest::new(IngestRequest::new(message, received_at)?)?;
         match self.write(Write::Ingest(Box::new(request))).await? {
             Written::Ingest(outcome) => Ok(outcome),
             other => Err(unexpected(&other)),

@@ -48,6 +48,7 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 use ulid::Ulid;
 
+use super::IngestRequest;
 use super::{
     ConversationFilter, ConversationRecord, ConversationStatus, Direction, IngestOutcome, Lease,
     NewEvent, NewReply, OutboxEvent, Recovery, ReplyRoute, RoutingWrite, Store, StoreError,
@@ -769,69 +770,6 @@ impl ConversationRow {
 // ---------------------------------------------------------------------------------------------
 // Write transactions (run on the writer thread, inside a savepoint)
 
-/// An inbound message with everything that does not need the database worked out on the caller's
-/// task, so the writer thread only runs SQL.
-struct IngestRequest {
-    message_id: Ulid,
-    channel: String,
-    provider: String,
-    provider_message_id: String,
-    thread_key: String,
-    from_address: String,
-    to_address: String,
-    identities: Vec<IdentityLink>,
-    name: Option<String>,
-    tier: Option<String>,
-    language: Option<String>,
-    subject: Option<String>,
-    body: String,
-    message_time: String,
-    intake_time: String,
-}
-
-impl IngestRequest {
-    fn new(
-        mut message: InboundMessage,
-        received_at: DateTime<Utc>,
-    ) -> Result<IngestRequest, StoreError> {
-        let message_id = Ulid::new();
-        let message_time = message.received_at.unwrap_or(received_at);
-        message.id = Some(message_id);
-        message.received_at = Some(message_time);
-        let body = serde_json::to_string(&message)
-            .map_err(|error| StoreError::Corrupt(format!("cannot encode the message: {error}")))?;
-        let identities = message.identities();
-        let thread_key = message.effective_thread_key();
-        let to_address = message
-            .to
-            .as_ref()
-            .map(|to| to.address.trim().to_owned())
-            .unwrap_or_default();
-        let name = message
-            .customer
-            .name
-            .clone()
-            .or_else(|| message.from.name.clone());
-        Ok(IngestRequest {
-            message_id,
-            from_address: message.from.address.trim().to_owned(),
-            channel: message.channel,
-            provider: message.provider,
-            provider_message_id: message.provider_message_id,
-            thread_key,
-            to_address,
-            identities,
-            name,
-            tier: message.customer.tier,
-            language: message.customer.language,
-            subject: message.subject,
-            body,
-            message_time: ts(&message_time),
-            intake_time: ts(&received_at),
-        })
-    }
-}
-
 fn ingest_tx(conn: &Connection, request: &IngestRequest) -> Result<IngestOutcome, StoreError> {
     // 1. Deduplicate by (channel, provider_message_id).
     let existing: Option<(String, String)> = conn
@@ -903,7 +841,7 @@ fn ingest_tx(conn: &Connection, request: &IngestRequest) -> Result<IngestOutcome
                 request.to_address,
                 request.thread_key,
                 request.subject,
-                request.intake_time,
+                ts(&request.intake_time),
             ])?;
             (id, false)
         }
@@ -925,7 +863,7 @@ fn ingest_tx(conn: &Connection, request: &IngestRequest) -> Result<IngestOutcome
                 request.to_address,
                 request.thread_key,
                 request.subject,
-                request.intake_time,
+                ts(&request.intake_time),
             ])?;
             (id, true)
         }
@@ -962,7 +900,7 @@ fn ingest_tx(conn: &Connection, request: &IngestRequest) -> Result<IngestOutcome
         request.from_address,
         request.to_address,
         request.body,
-        request.message_time,
+        ts(&request.message_time),
     ])?;
 
     Ok(IngestOutcome::Stored {
@@ -1012,7 +950,7 @@ fn find_or_create_contact(
                 request.name,
                 request.tier,
                 request.language,
-                request.intake_time
+                ts(&request.intake_time)
             ])?;
             id
         }
@@ -1030,7 +968,7 @@ fn find_or_create_contact(
                     request.name,
                     request.tier,
                     request.language,
-                    request.intake_time
+                    ts(&request.intake_time)
                 ])?;
             }
             id
@@ -1046,7 +984,7 @@ fn find_or_create_contact(
                 identity.kind,
                 identity.value,
                 contact_id,
-                request.intake_time
+                ts(&request.intake_time)
             ])?;
         }
     }
