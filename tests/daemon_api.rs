@@ -197,6 +197,51 @@ async fn restart_keeps_offers_and_assignments() {
 }
 
 #[tokio::test]
+async fn restart_keeps_queue_handle_times() {
+    let mut daemon = Daemon::start("");
+    let support_handle_seconds = |queues: serde_json::Value| {
+        queues["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|queue| queue["name"] == "support")
+            .map(|queue| queue["average_handle_seconds"].as_f64().unwrap())
+            .unwrap()
+    };
+    let (_, queues) = daemon.get("/v1/admin/queues", ADMIN).await;
+    let configured = support_handle_seconds(queues);
+
+    let mut alice = daemon.agent_socket("alice").await;
+    alice
+        .command(json!({ "type": "presence", "presence": "available" }))
+        .await;
+    let (_, stored) = daemon.ingest(api_message("h-1", "c-1", "hello")).await;
+    let conversation = stored["conversation_id"].as_str().unwrap().to_owned();
+    alice.next_of("offer").await;
+    for command in ["accept", "resolve"] {
+        let ack = alice
+            .command(json!({ "type": command, "conversation_id": conversation }))
+            .await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+    }
+    let (_, queues) = daemon.get("/v1/admin/queues", ADMIN).await;
+    let measured = support_handle_seconds(queues);
+    assert_ne!(
+        measured, configured,
+        "a resolved conversation's handle time replaces the configured estimate"
+    );
+
+    daemon.kill();
+    daemon.spawn();
+    let (_, queues) = daemon.get("/v1/admin/queues", ADMIN).await;
+    assert_eq!(
+        support_handle_seconds(queues),
+        measured,
+        "estimated waits continue from the stored handle times"
+    );
+}
+
+#[tokio::test]
 async fn bad_input_gets_a_clear_4xx_and_stores_nothing() {
     let daemon = Daemon::start_with("body_limit_bytes = 4096", "");
     let raw = |body: &'static str| {

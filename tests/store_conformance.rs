@@ -848,6 +848,7 @@ async fn stale_epoch_is_fenced(backend: Backend) {
                 json!({"leader": 1}),
             )],
             agents: vec![("agent-1".into(), json!({"leader": 1}))],
+            queues: vec![("support".into(), json!({"leader": 1}))],
             routed_messages: vec![message.message],
             events: vec![event("conversation.assigned", Some(conversation))],
             epoch: 1,
@@ -866,6 +867,7 @@ async fn stale_epoch_is_fenced(backend: Backend) {
     assert_eq!(store.outbox_backlog().await.unwrap(), 1);
     let recovery = store.recovery().await.unwrap();
     assert!(recovery.agents.is_empty());
+    assert!(recovery.queues.is_empty());
     assert_eq!(recovery.unrouted.len(), 1);
     // The thread still matches (the fenced close did not happen).
     assert_eq!(
@@ -981,7 +983,12 @@ async fn failed_request_leaves_nothing(backend: Backend) {
 async fn recovery_returns_unrouted_and_states(backend: Backend) {
     let store = backend.store();
     let empty = store.recovery().await.unwrap();
-    assert!(empty.conversations.is_empty() && empty.agents.is_empty() && empty.unrouted.is_empty());
+    assert!(
+        empty.conversations.is_empty()
+            && empty.agents.is_empty()
+            && empty.queues.is_empty()
+            && empty.unrouted.is_empty()
+    );
 
     let m1 = ingest(store, sms("SM1", PHONE, "one")).await;
     let m2 = ingest(store, sms("SM2", "+15555550124", "two")).await;
@@ -1015,6 +1022,7 @@ async fn recovery_returns_unrouted_and_states(backend: Backend) {
                 ("agent-1".into(), json!({"presence": "available"})),
                 ("agent-2".into(), json!({"presence": "away"})),
             ],
+            queues: vec![("sales".into(), json!({"recent_handle_times": [1000]}))],
             routed_messages: vec![m1.message, m2.message],
             ..RoutingWrite::default()
         }))
@@ -1025,20 +1033,27 @@ async fn recovery_returns_unrouted_and_states(backend: Backend) {
         recovery.unrouted.iter().map(|m| m.id).collect::<Vec<_>>(),
         vec![m3.message]
     );
-    let conversations: BTreeMap<Ulid, serde_json::Value> =
-        recovery.conversations.into_iter().collect();
+    let conversations = documents(recovery.conversations);
     assert_eq!(conversations.len(), 2);
     assert_eq!(conversations[&m1.conversation], json!({"queue": "sales"}));
     assert_eq!(conversations[&m2.conversation], json!({"queue": "support"}));
-    let agents: BTreeMap<String, serde_json::Value> = recovery.agents.into_iter().collect();
+    let agents = documents(recovery.agents);
     assert_eq!(agents.len(), 2);
     assert_eq!(agents["agent-1"], json!({"presence": "available"}));
+    assert_eq!(
+        documents(recovery.queues),
+        BTreeMap::from([("sales".into(), json!({"recent_handle_times": [1000]}))])
+    );
 
-    // Agent states are replaced, not duplicated; closed conversations drop out.
+    // Agent and queue states are replaced, not duplicated; closed conversations drop out.
     store
         .apply_routing(Arc::new(RoutingWrite {
             conversations: vec![(m2.conversation, ConversationStatus::Closed, json!({}))],
             agents: vec![("agent-1".into(), json!({"presence": "offline"}))],
+            queues: vec![
+                ("sales".into(), json!({"recent_handle_times": [1000, 2000]})),
+                ("support".into(), json!({"recent_handle_times": []})),
+            ],
             routed_messages: vec![m3.message],
             ..RoutingWrite::default()
         }))
@@ -1047,12 +1062,26 @@ async fn recovery_returns_unrouted_and_states(backend: Backend) {
     let recovery = store.recovery().await.unwrap();
     assert!(recovery.unrouted.is_empty());
     assert_eq!(
-        recovery.conversations,
-        vec![(m1.conversation, json!({"queue": "sales"}))]
+        documents(recovery.conversations),
+        BTreeMap::from([(m1.conversation, json!({"queue": "sales"}))])
     );
-    let agents: BTreeMap<String, serde_json::Value> = recovery.agents.into_iter().collect();
+    let agents = documents(recovery.agents);
     assert_eq!(agents.len(), 2);
     assert_eq!(agents["agent-1"], json!({"presence": "offline"}));
+    let queues = documents(recovery.queues);
+    assert_eq!(queues.len(), 2);
+    assert_eq!(
+        queues["sales"],
+        json!({"recent_handle_times": [1000, 2000]})
+    );
+}
+
+/// Recovered state documents (JSON text) by key, parsed.
+fn documents<K: Ord>(stored: Vec<(K, String)>) -> BTreeMap<K, serde_json::Value> {
+    stored
+        .into_iter()
+        .map(|(key, text)| (key, serde_json::from_str(&text).unwrap()))
+        .collect()
 }
 
 async fn replies_and_delivery_status(backend: Backend) {
@@ -1305,6 +1334,7 @@ async fn data_survives_reopen(backend: Backend) {
                 json!({"queue": "support"}),
             )],
             agents: vec![("agent-1".into(), json!({"presence": "available"}))],
+            queues: vec![("support".into(), json!({"recent_handle_times": [60000]}))],
             routed_messages: vec![inbound.message],
             events: vec![event("conversation.queued", Some(inbound.conversation))],
             epoch: 4,
@@ -1336,6 +1366,7 @@ async fn data_survives_reopen(backend: Backend) {
     );
     assert_eq!(recovery.agents.len(), 1);
     assert_eq!(recovery.conversations.len(), 1);
+    assert_eq!(recovery.queues.len(), 1);
     // Deduplication, threads and fencing survive too.
     assert!(matches!(
         store
@@ -1752,8 +1783,8 @@ async fn takeover_fences_the_old_leader(backend: Backend) {
     assert_eq!(record.routing_state, Some(json!({ "leader": "b", "n": 0 })));
     let recovery = store.recovery().await.unwrap();
     assert_eq!(
-        recovery.agents,
-        vec![("agent-1".into(), json!({ "leader": "b" }))]
+        documents(recovery.agents),
+        BTreeMap::from([("agent-1".into(), json!({ "leader": "b" }))])
     );
     let events = store.outbox_pending(100_000).await.unwrap();
     assert_eq!(events.last().unwrap().seq, record.event_seq);

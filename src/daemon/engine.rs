@@ -25,12 +25,12 @@ use ulid::Ulid;
 use super::events;
 use super::hub::AgentHub;
 use super::metrics::Metrics;
-use super::persist::{StoredAgent, StoredConversation, status_of};
+use super::persist::{StoredAgent, StoredConversation, StoredQueue, status_of};
 use crate::message::InboundMessage;
-use crate::routing::inspect::{AgentSnapshot, ConversationSnapshot, RouterSnapshot};
+use crate::routing::inspect::{AgentSnapshot, ConversationSnapshot, QueueSnapshot, RouterSnapshot};
 use crate::routing::{
-    AgentId, Command, CommandError, ConversationId, Effect, MessageId, OfferEnd, Presence, Router,
-    RoutingConfig, TimerQueue, Timestamp, TransferTarget,
+    AgentId, Command, CommandError, ConversationId, Effect, MessageId, OfferEnd, Presence,
+    QueueName, Router, RoutingConfig, TimerQueue, Timestamp, TransferTarget,
 };
 use crate::store::{ConversationStatus, NewEvent, RoutingWrite, Store, StoreError, StoredMessage};
 
@@ -202,18 +202,24 @@ pub async fn start(
     context: EngineContext,
 ) -> Result<(EngineHandle, tokio::task::JoinHandle<()>), EngineError> {
     let recovery = context.store.recovery().await?;
-    let mut snapshot = RouterSnapshot::default();
-    for (id, document) in recovery.conversations {
-        let stored: StoredConversation = serde_json::from_value(document)
-            .map_err(|error| StoreError::Corrupt(format!("conversation {id}: {error}")))?;
+    let mut snapshot = RouterSnapshot {
+        conversations: Vec::with_capacity(recovery.conversations.len()),
+        ..RouterSnapshot::default()
+    };
+    for (id, document) in &recovery.conversations {
+        let stored: StoredConversation = parse_document(document, "conversation", id)?;
         snapshot
             .conversations
             .push(stored.into_snapshot(ConversationId(id.0)));
     }
-    for (id, document) in recovery.agents {
-        let stored: StoredAgent = serde_json::from_value(document)
-            .map_err(|error| StoreError::Corrupt(format!("agent {id}: {error}")))?;
-        snapshot.agents.push(stored.into_snapshot(&id));
+    drop(recovery.conversations);
+    for (id, document) in &recovery.agents {
+        let stored: StoredAgent = parse_document(document, "agent", id)?;
+        snapshot.agents.push(stored.into_snapshot(id));
+    }
+    for (name, document) in &recovery.queues {
+        let stored: StoredQueue = parse_document(document, "queue", name)?;
+        snapshot.queues.push(stored.into_snapshot(name));
     }
     let restored_conversations = snapshot.conversations.len();
     let now = wall_clock();
@@ -259,6 +265,16 @@ pub async fn start(
         let _ = dispatcher.await;
     });
     Ok((EngineHandle { requests }, engine_task))
+}
+
+/// A stored state document, parsed straight into its type.
+fn parse_document<'a, T: serde::Deserialize<'a>>(
+    document: &'a str,
+    what: &str,
+    key: &dyn std::fmt::Display,
+) -> Result<T, StoreError> {
+    serde_json::from_str(document)
+        .map_err(|error| StoreError::Corrupt(format!("{what} {key}: {error}")))
 }
 
 /// A stored message that was never routed, handed to the router again.
@@ -524,9 +540,14 @@ impl Engine {
         let mut conversations: BTreeSet<ConversationId> =
             touched.conversations.into_iter().collect();
         let mut touched_agents: BTreeSet<AgentId> = touched.agents.into_iter().collect();
+        let mut queues: BTreeSet<QueueName> = touched.queues.into_iter().collect();
         for effect in effects {
             if let Some(conversation) = effect_conversation(effect) {
                 conversations.insert(conversation);
+            }
+            if let Effect::Resolved { queue, .. } = effect {
+                // A new handle time: the queue's estimated waits changed.
+                queues.insert(queue.clone());
             }
             if let Some(agent) = effect_agent(effect) {
                 touched_agents.insert(agent.clone());
@@ -566,6 +587,14 @@ impl Engine {
                 write.agents.push((
                     agent.to_string(),
                     serde_json::to_value(StoredAgent::from(&snapshot)).unwrap_or(Value::Null),
+                ));
+            }
+        }
+        for queue in queues {
+            if let Some(snapshot) = self.router.queue_snapshot(&queue) {
+                write.queues.push((
+                    queue.to_string(),
+                    serde_json::to_value(StoredQueue::from(&snapshot)).unwrap_or(Value::Null),
                 ));
             }
         }
@@ -632,6 +661,7 @@ impl Engine {
 struct Changed {
     conversations: Vec<ConversationId>,
     agents: Vec<AgentId>,
+    queues: Vec<QueueName>,
 }
 
 impl Changed {
@@ -657,9 +687,21 @@ impl Changed {
             .map(|view| view.id)
             .filter(|id| router.agent_snapshot(id).as_ref() != saved_agents.get(id).copied())
             .collect();
+        let saved_queues: HashMap<&QueueName, &QueueSnapshot> = before
+            .queues
+            .iter()
+            .map(|queue| (&queue.name, queue))
+            .collect();
+        let queues = router
+            .queues()
+            .into_iter()
+            .map(|view| view.name)
+            .filter(|name| router.queue_snapshot(name).as_ref() != saved_queues.get(name).copied())
+            .collect();
         Changed {
             conversations,
             agents,
+            queues,
         }
     }
 }
@@ -702,36 +744,55 @@ fn effect_agent(effect: &Effect) -> Option<&AgentId> {
 }
 
 /// Merges queued steps into one write, taking their writes out of them: the last state of each
-/// conversation and agent wins, events and routed marks keep their order.
+/// conversation, agent and queue wins, events and routed marks keep their order.
 fn merge(steps: &mut [Step]) -> RoutingWrite {
     let mut merged = RoutingWrite::default();
     let mut conversation_index = HashMap::new();
     let mut agent_index = HashMap::new();
+    let mut queue_index = HashMap::new();
     for step in steps {
         let write = std::mem::take(&mut step.write);
-        for (id, status, document) in write.conversations {
-            match conversation_index.get(&id) {
-                Some(&index) => merged.conversations[index] = (id, status, document),
-                None => {
-                    conversation_index.insert(id, merged.conversations.len());
-                    merged.conversations.push((id, status, document));
-                }
-            }
-        }
-        for (id, document) in write.agents {
-            match agent_index.get(&id) {
-                Some(&index) => merged.agents[index] = (id, document),
-                None => {
-                    agent_index.insert(id.clone(), merged.agents.len());
-                    merged.agents.push((id, document));
-                }
-            }
-        }
+        keep_last(
+            &mut merged.conversations,
+            &mut conversation_index,
+            write.conversations,
+            |(id, _, _)| *id,
+        );
+        keep_last(
+            &mut merged.agents,
+            &mut agent_index,
+            write.agents,
+            |(id, _)| id.clone(),
+        );
+        keep_last(
+            &mut merged.queues,
+            &mut queue_index,
+            write.queues,
+            |(name, _)| name.clone(),
+        );
         merged.routed_messages.extend(write.routed_messages);
         merged.events.extend(write.events);
         merged.epoch = merged.epoch.max(write.epoch);
     }
     merged
+}
+
+/// Appends `items` to `merged`, an item whose key is already there replacing it in place.
+fn keep_last<T, K: std::hash::Hash + Eq>(
+    merged: &mut Vec<T>,
+    index: &mut HashMap<K, usize>,
+    items: Vec<T>,
+    key: impl Fn(&T) -> K,
+) {
+    for item in items {
+        match index.get(&key(&item)) {
+            Some(&at) => merged[at] = item,
+            None => {
+                index.insert(key(&item), merged.len());
+                merged.push(item);
+            }
+        }
+    }
 }
 
 /// Commits steps in order (merging whatever queued meanwhile) and only then tells anyone about them.

@@ -100,6 +100,8 @@ pub struct ConversationTransferred {
 pub struct ConversationResolved {
     pub conversation_id: String,
     pub agent_id: String,
+    /// The queue it was assigned from.
+    pub queue: String,
     pub handle_seconds: f64,
 }
 
@@ -267,6 +269,7 @@ pub fn for_effect(effect: &Effect, time: DateTime<Utc>) -> Option<NewEvent> {
         Effect::Resolved {
             conversation,
             agent,
+            queue,
             handle_time,
         } => (
             "conversation.resolved",
@@ -274,6 +277,7 @@ pub fn for_effect(effect: &Effect, time: DateTime<Utc>) -> Option<NewEvent> {
             data(ConversationResolved {
                 conversation_id: id(conversation),
                 agent_id: agent.as_str().to_owned(),
+                queue: queue.as_str().to_owned(),
                 handle_seconds: handle_time.as_secs_f64(),
             }),
         ),

@@ -4,9 +4,11 @@
 use serde::{Deserialize, Serialize};
 
 use crate::routing::command::PriorityReason;
-use crate::routing::inspect::{AgentSnapshot, ConversationSnapshot, ConversationState};
+use crate::routing::inspect::{
+    AgentSnapshot, ConversationSnapshot, ConversationState, QueueSnapshot,
+};
 use crate::routing::model::SkillRequirement;
-use crate::routing::{AgentId, Channel, ConversationId, Presence, QueueName, Timestamp};
+use crate::routing::{AgentId, Channel, ConversationId, Millis, Presence, QueueName, Timestamp};
 use crate::store::ConversationStatus;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -312,6 +314,30 @@ impl StoredAgent {
                 .iter()
                 .map(|(queue, turn)| (QueueName::new(queue), *turn))
                 .collect(),
+        }
+    }
+}
+
+/// A queue's stored state: what its estimated waits are computed from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredQueue {
+    /// Recent handle times in milliseconds, oldest first.
+    pub recent_handle_times: Vec<u64>,
+}
+
+impl From<&QueueSnapshot> for StoredQueue {
+    fn from(snapshot: &QueueSnapshot) -> Self {
+        StoredQueue {
+            recent_handle_times: snapshot.recent_handle_times.iter().map(|t| t.0).collect(),
+        }
+    }
+}
+
+impl StoredQueue {
+    pub fn into_snapshot(self, name: &str) -> QueueSnapshot {
+        QueueSnapshot {
+            name: QueueName::new(name),
+            recent_handle_times: self.recent_handle_times.into_iter().map(Millis).collect(),
         }
     }
 }

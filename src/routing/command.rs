@@ -187,6 +187,9 @@ pub enum Effect {
     Resolved {
         conversation: ConversationId,
         agent: AgentId,
+        /// The queue it was assigned from: its recent handle times (and so its estimated waits)
+        /// now include `handle_time`.
+        queue: QueueName,
         handle_time: Millis,
     },
     Reopened {

@@ -457,6 +457,15 @@ impl Router {
         }
     }
 
+    /// One queue's part of [`Router::snapshot`]; `None` for a queue not in the configuration.
+    pub fn queue_snapshot(&self, name: &QueueName) -> Option<QueueSnapshot> {
+        let queue = &self.queues[*self.queue_index.get(name)? as usize];
+        Some(QueueSnapshot {
+            name: queue.config.name.clone(),
+            recent_handle_times: queue.recent_handle_times(),
+        })
+    }
+
     /// One conversation's part of [`Router::snapshot`]; `None` once the router forgot it.
     pub fn conversation_snapshot(&self, id: ConversationId) -> Option<ConversationSnapshot> {
         Some(self.snapshot_of(self.conv(self.slot_of.get(id)?)))

@@ -1089,6 +1089,7 @@ impl Router {
         effects.push(Effect::Resolved {
             conversation: id,
             agent: agent.clone(),
+            queue: self.queues[queue as usize].config.name.clone(),
             handle_time,
         });
         if let Some(follower) = follower {

@@ -181,6 +181,8 @@ pub struct RoutingWrite {
     pub conversations: Vec<(Ulid, ConversationStatus, serde_json::Value)>,
     /// Agents whose router state changed: (agent id, state document).
     pub agents: Vec<(String, serde_json::Value)>,
+    /// Queues whose router state changed (recent handle times): (queue name, state document).
+    pub queues: Vec<(String, serde_json::Value)>,
     /// Inbound messages now handed to the router (recovery replays the others).
     pub routed_messages: Vec<Ulid>,
     pub events: Vec<NewEvent>,
@@ -201,12 +203,14 @@ pub struct NewReply {
     pub created_at: DateTime<Utc>,
 }
 
-/// What restart recovery needs: every conversation with router state, every agent's state, and the
-/// inbound messages stored but not yet handed to the router.
+/// What restart recovery needs: every conversation with router state, every agent's and queue's
+/// state, and the inbound messages stored but not yet handed to the router. State documents come as
+/// the JSON text that was stored, so the caller parses each once, straight into its own type.
 #[derive(Debug, Clone, Default)]
 pub struct Recovery {
-    pub conversations: Vec<(Ulid, serde_json::Value)>,
-    pub agents: Vec<(String, serde_json::Value)>,
+    pub conversations: Vec<(Ulid, String)>,
+    pub agents: Vec<(String, String)>,
+    pub queues: Vec<(String, String)>,
     pub unrouted: Vec<StoredMessage>,
 }
 

@@ -56,7 +56,13 @@ use super::{
 use crate::message::InboundMessage;
 
 /// The schema migrations, applied in order on open. Append only: never edit a released one.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/postgres/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/postgres/0001_init.sql")),
+    (
+        2,
+        include_str!("../../migrations/postgres/0002_queue_state.sql"),
+    ),
+];
 
 /// The newest schema version this binary knows.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -1293,6 +1299,28 @@ async fn check_epoch(client: &Client, epoch: u64) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Writes keyed state documents (agents', queues') with one statement `upsert` taking
+/// `$1` keys, `$2` JSON texts and `$3` the time; the last document for a key wins.
+async fn upsert_documents(
+    client: &Client,
+    upsert: &str,
+    documents: &[(String, serde_json::Value)],
+    now: i64,
+) -> Result<(), Failure> {
+    if documents.is_empty() {
+        return Ok(());
+    }
+    let mut latest: BTreeMap<&str, String> = BTreeMap::new();
+    for (key, state) in documents {
+        latest.insert(key.as_str(), json_text(state)?);
+    }
+    let keys: Vec<&str> = latest.keys().copied().collect();
+    let states: Vec<&String> = latest.values().collect();
+    let statement = client.prepare_cached(upsert).await?;
+    client.execute(&statement, &[&keys, &states, &now]).await?;
+    Ok(())
+}
+
 async fn apply_routing_tx(client: &Client, write: &RoutingWrite) -> Result<(), Failure> {
     check_epoch(client, write.epoch).await?;
     let now = nanos(&Utc::now())?;
@@ -1337,25 +1365,26 @@ async fn apply_routing_tx(client: &Client, write: &RoutingWrite) -> Result<(), F
             return Err(StoreError::NotFound(format!("conversation {id}")).into());
         }
     }
-    if !write.agents.is_empty() {
-        let mut latest: BTreeMap<&str, String> = BTreeMap::new();
-        for (agent, state) in &write.agents {
-            latest.insert(agent.as_str(), json_text(state)?);
-        }
-        let agents: Vec<&str> = latest.keys().copied().collect();
-        let states: Vec<&String> = latest.values().collect();
-        let statement = client
-            .prepare_cached(
-                "INSERT INTO agent_state (agent_id, state, updated_at)
-                 SELECT agent_id, state::json, $3 FROM unnest($1::text[], $2::text[]) AS a (agent_id, state)
-                 ON CONFLICT (agent_id) DO UPDATE SET state = excluded.state,
-                     updated_at = excluded.updated_at",
-            )
-            .await?;
-        client
-            .execute(&statement, &[&agents, &states, &now])
-            .await?;
-    }
+    upsert_documents(
+        client,
+        "INSERT INTO agent_state (agent_id, state, updated_at)
+         SELECT key, state::json, $3 FROM unnest($1::text[], $2::text[]) AS d (key, state)
+         ON CONFLICT (agent_id) DO UPDATE SET state = excluded.state,
+             updated_at = excluded.updated_at",
+        &write.agents,
+        now,
+    )
+    .await?;
+    upsert_documents(
+        client,
+        "INSERT INTO queue_state (queue, state, updated_at)
+         SELECT key, state::json, $3 FROM unnest($1::text[], $2::text[]) AS d (key, state)
+         ON CONFLICT (queue) DO UPDATE SET state = excluded.state,
+             updated_at = excluded.updated_at",
+        &write.queues,
+        now,
+    )
+    .await?;
     if !write.routed_messages.is_empty() {
         let ids: BTreeSet<String> = write.routed_messages.iter().map(Ulid::to_string).collect();
         let ids: Vec<String> = ids.into_iter().collect();
@@ -1513,9 +1542,10 @@ async fn recovery_read(client: &mut deadpool_postgres::Client) -> Result<Recover
         .read_only(true)
         .start()
         .await?;
+    // Documents as the JSON text stored (`json` keeps it verbatim), parsed once by the caller.
     let statement = tx
         .prepare_cached(
-            "SELECT id, routing_state FROM conversations
+            "SELECT id, routing_state::text FROM conversations
              WHERE status <> 'closed' AND routing_state IS NOT NULL ORDER BY id",
         )
         .await?;
@@ -1523,27 +1553,24 @@ async fn recovery_read(client: &mut deadpool_postgres::Client) -> Result<Recover
         .query(&statement, &[])
         .await?
         .iter()
-        .map(|row| {
-            Ok((
-                parse_ulid(column(row, 0)?)?,
-                column::<Json<serde_json::Value>>(row, 1)?.0,
-            ))
-        })
+        .map(|row| Ok((parse_ulid(column(row, 0)?)?, column(row, 1)?)))
         .collect::<Result<Vec<_>, StoreError>>()?;
-    let statement = tx
-        .prepare_cached("SELECT agent_id, state FROM agent_state ORDER BY agent_id")
-        .await?;
-    let agents = tx
-        .query(&statement, &[])
-        .await?
-        .iter()
-        .map(|row| {
-            Ok((
-                column(row, 0)?,
-                column::<Json<serde_json::Value>>(row, 1)?.0,
-            ))
-        })
-        .collect::<Result<Vec<_>, StoreError>>()?;
+    let mut documents = Vec::with_capacity(2);
+    for sql in [
+        "SELECT agent_id, state::text FROM agent_state ORDER BY agent_id",
+        "SELECT queue, state::text FROM queue_state ORDER BY queue",
+    ] {
+        let statement = tx.prepare_cached(sql).await?;
+        documents.push(
+            tx.query(&statement, &[])
+                .await?
+                .iter()
+                .map(|row| Ok((column(row, 0)?, column(row, 1)?)))
+                .collect::<Result<Vec<(String, String)>, StoreError>>()?,
+        );
+    }
+    let queues = documents.pop().unwrap_or_default();
+    let agents = documents.pop().unwrap_or_default();
     // Storage order: the order in which the messages were acknowledged.
     let statement = tx
         .prepare_cached(&format!(
@@ -1561,6 +1588,7 @@ async fn recovery_read(client: &mut deadpool_postgres::Client) -> Result<Recover
     Ok(Recovery {
         conversations,
         agents,
+        queues,
         unrouted,
     })
 }

@@ -61,6 +61,10 @@ use crate::message::{IdentityLink, InboundMessage};
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/sqlite/0001_init.sql")),
     (2, include_str!("../../migrations/sqlite/0002_lease.sql")),
+    (
+        3,
+        include_str!("../../migrations/sqlite/0003_queue_state.sql"),
+    ),
 ];
 
 /// The newest schema version this binary knows.
@@ -1106,13 +1110,25 @@ fn apply_routing_tx(conn: &Connection, write: &RoutingWrite) -> Result<(), Store
                 .execute(params![id])?;
         }
     }
-    for (agent_id, state) in &write.agents {
-        conn.prepare_cached(
+    // Keyed state documents: agents', then queues'.
+    for (upsert, documents) in [
+        (
             "INSERT INTO agent_state (agent_id, state, updated_at) VALUES (?1, ?2, ?3)
              ON CONFLICT (agent_id) DO UPDATE SET state = excluded.state,
                  updated_at = excluded.updated_at",
-        )?
-        .execute(params![agent_id, json_text(state)?, now])?;
+            &write.agents,
+        ),
+        (
+            "INSERT INTO queue_state (queue, state, updated_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (queue) DO UPDATE SET state = excluded.state,
+                 updated_at = excluded.updated_at",
+            &write.queues,
+        ),
+    ] {
+        for (key, state) in documents {
+            conn.prepare_cached(upsert)?
+                .execute(params![key, json_text(state)?, now])?;
+        }
     }
     for message_id in &write.routed_messages {
         let changed = conn
@@ -1313,17 +1329,16 @@ fn recovery_read(conn: &Connection) -> Result<Recovery, StoreError> {
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?
         .into_iter()
-        .map(|(id, state)| Ok((parse_ulid(&id)?, parse_json(&state)?)))
+        .map(|(id, state)| Ok((parse_ulid(&id)?, state)))
         .collect::<Result<Vec<_>, StoreError>>()?;
-    let agents = tx
-        .prepare_cached("SELECT agent_id, state FROM agent_state ORDER BY agent_id")?
-        .query_map([], |row| {
-            Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?
-        .into_iter()
-        .map(|(id, state)| Ok((id, parse_json(&state)?)))
-        .collect::<Result<Vec<_>, StoreError>>()?;
+    let documents = |sql: &str| -> Result<Vec<(String, String)>, StoreError> {
+        Ok(tx
+            .prepare_cached(sql)?
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+            .collect::<rusqlite::Result<Vec<_>>>()?)
+    };
+    let agents = documents("SELECT agent_id, state FROM agent_state ORDER BY agent_id")?;
+    let queues = documents("SELECT queue, state FROM queue_state ORDER BY queue")?;
     // Storage order: the order in which the messages were acknowledged.
     let sql = format!(
         "SELECT {MESSAGE_COLUMNS} FROM messages WHERE routed = 0 AND direction = 'inbound'
@@ -1340,6 +1355,7 @@ fn recovery_read(conn: &Connection) -> Result<Recovery, StoreError> {
     Ok(Recovery {
         conversations,
         agents,
+        queues,
         unrouted,
     })
 }
