@@ -229,7 +229,7 @@ impl Default for BusSection {
     fn default() -> Self {
         BusSection {
             outbound_channels: Vec::new(),
-            workers: 64,
+            workers: 1024,
             reconnect_initial_ms: 200,
             reconnect_max_ms: 5_000,
             nats: NatsSection::default(),
@@ -314,7 +314,7 @@ impl Default for AmqpSection {
             command_exchange: "switchboard.commands".into(),
             command_queue: "switchboard.commands".into(),
             outbound_exchange: "switchboard.outbound".into(),
-            prefetch: 256,
+            prefetch: 1024,
         }
     }
 }

@@ -132,21 +132,6 @@ pub struct IngestReceipt {
     pub duplicate: bool,
 }
 
-impl IngestReceipt {
-    pub fn to_json(&self) -> Value {
-        let mut document = json!({
-            "message_id": self.message_id.to_string(),
-            "conversation_id": self.conversation_id.to_string(),
-            "duplicate": self.duplicate,
-        });
-        if let Some(contact) = self.contact_id {
-            document["contact_id"] = json!(contact.to_string());
-            document["new_conversation"] = json!(self.new_conversation);
-        }
-        document
-    }
-}
-
 impl Actions {
     pub fn intake_open(&self) -> Result<(), Refusal> {
         if self.accepting.load(Ordering::SeqCst) {

@@ -24,6 +24,7 @@ use super::actions::{self, Actions, AgentCommand, Refusal, RefusalKind, parse_id
 use super::engine::{AgentAction, EngineError};
 use super::hub::AgentHub;
 use super::metrics::BusStates;
+use super::views;
 use crate::config::AuthSection;
 use crate::routing::{AgentId, ConversationId, ConversationState};
 use crate::store::{ConversationFilter, ConversationStatus, StoreError};
@@ -63,7 +64,12 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (
             self.status,
-            Json(json!({ "error": { "code": self.code, "message": self.message } })),
+            Json(views::ErrorBody {
+                error: views::ErrorDetail {
+                    code: self.code.to_owned(),
+                    message: self.message,
+                },
+            }),
         )
             .into_response()
     }
@@ -308,7 +314,7 @@ async fn ingest(
     } else {
         StatusCode::ACCEPTED
     };
-    Ok((status, Json(receipt.to_json())).into_response())
+    Ok((status, Json(views::Receipt::from(&receipt))).into_response())
 }
 
 // ----- agents -----------------------------------------------------------------------------------
@@ -322,7 +328,7 @@ async fn agent_view(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(agent): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<views::Agent>> {
     let agent = require_agent(&state, &headers, None, &agent)?;
     let view = state
         .actions
@@ -336,7 +342,7 @@ async fn agent_view(
             "no such agent in the configuration",
         )
     })?;
-    Ok(Json(super::views::agent(&view)))
+    Ok(Json(views::Agent::from(&view)))
 }
 
 async fn agent_presence(
@@ -355,9 +361,9 @@ async fn agent_conversations(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(agent): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<views::AgentConversations>> {
     let agent = require_agent(&state, &headers, None, &agent)?;
-    let views = state
+    let lists = state
         .actions
         .engine
         .inspect(move |router| {
@@ -365,13 +371,16 @@ async fn agent_conversations(
             let list = |ids: &[ConversationId]| {
                 ids.iter()
                     .filter_map(|id| router.conversation(*id))
-                    .map(|c| super::views::conversation(&c))
-                    .collect::<Vec<_>>()
+                    .map(|c| views::Routing::from(&c))
+                    .collect()
             };
-            Some(json!({ "offers": list(&view.offers), "assigned": list(&view.assigned) }))
+            Some(views::AgentConversations {
+                offers: list(&view.offers),
+                assigned: list(&view.assigned),
+            })
         })
         .await?;
-    views.map(Json).ok_or_else(|| {
+    lists.map(Json).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "unknown_agent",
@@ -415,17 +424,17 @@ async fn agent_history(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path((agent, conversation)): Path<(String, String)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<views::History>> {
     let agent = require_agent(&state, &headers, None, &agent)?;
     let conversation = conversation_id(&conversation)?;
     agent_may_see(&state, &agent, conversation).await?;
     let messages = state.actions.store.messages(conversation).await?;
     let record = state.actions.store.conversation(conversation).await?;
-    Ok(Json(json!({
-        "conversation_id": conversation.to_string(),
-        "reply_channel": record.as_ref().map(|r| r.reply_route.channel.clone()),
-        "messages": messages.iter().map(super::views::message).collect::<Vec<_>>(),
-    })))
+    Ok(Json(views::History::new(
+        conversation,
+        record.as_ref(),
+        &messages,
+    )))
 }
 
 async fn agent_action(
@@ -455,10 +464,11 @@ async fn agent_action(
     if action == "reply" {
         return Ok((StatusCode::ACCEPTED, Json(result)).into_response());
     }
-    Ok(
-        Json(json!({ "conversation_id": conversation.to_string(), "done": action }))
-            .into_response(),
-    )
+    Ok(Json(views::Done {
+        conversation_id: conversation.to_string(),
+        done: action,
+    })
+    .into_response())
 }
 
 const AGENT_SOCKET_READ_BUFFER: usize = 8 * 1024;
@@ -492,7 +502,7 @@ async fn agent_socket(state: AppState, agent: AgentId, socket: WebSocket) {
         })
         .await
     {
-        Ok(Some(view)) => json!({ "type": "hello", "agent": super::views::agent(&view) }),
+        Ok(Some(view)) => json!({ "type": "hello", "agent": views::Agent::from(&view) }),
         _ => json!({ "type": "hello" }),
     };
     if sender
@@ -555,7 +565,10 @@ async fn socket_command(state: &AppState, agent: &AgentId, text: &str) -> Value 
 
 // ----- admin and supervisors --------------------------------------------------------------------
 
-async fn admin_queues(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+async fn admin_queues(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> ApiResult<Json<views::QueueList>> {
     require_admin(&state, &headers)?;
     let queues = state
         .actions
@@ -563,24 +576,30 @@ async fn admin_queues(State(state): State<AppState>, headers: HeaderMap) -> ApiR
         .inspect(|router| router.queues())
         .await?;
     let now = super::engine::wall_clock();
-    Ok(Json(
-        json!({ "queues": queues.iter().map(|queue| super::views::queue(queue, now)).collect::<Vec<_>>() }),
-    ))
+    Ok(Json(views::QueueList {
+        queues: queues
+            .iter()
+            .map(|queue| views::Queue::new(queue, now))
+            .collect(),
+    }))
 }
 
-async fn admin_agents(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+async fn admin_agents(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> ApiResult<Json<views::AgentList>> {
     require_admin(&state, &headers)?;
-    let agents: Vec<Value> = state
+    let agents = state
         .actions
         .engine
         .inspect(|router| {
             router
                 .agents()
-                .map(|view| super::views::agent(&view))
+                .map(|view| views::Agent::from(&view))
                 .collect()
         })
         .await?;
-    Ok(Json(json!({ "agents": agents })))
+    Ok(Json(views::AgentList { agents }))
 }
 
 #[derive(Debug, Deserialize)]
@@ -596,7 +615,7 @@ async fn admin_conversations(
     State(state): State<AppState>,
     headers: HeaderMap,
     query: Result<Query<ConversationQuery>, axum::extract::rejection::QueryRejection>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<views::ConversationList>> {
     require_admin(&state, &headers)?;
     let Query(query) = query.map_err(|rejection| {
         ApiError::new(StatusCode::BAD_REQUEST, "bad_query", rejection.body_text())
@@ -627,16 +646,16 @@ async fn admin_conversations(
         limit: query.limit.unwrap_or(100).min(1000),
     };
     let records = state.actions.store.conversations(filter).await?;
-    Ok(Json(
-        json!({ "conversations": records.iter().map(super::views::record).collect::<Vec<_>>() }),
-    ))
+    Ok(Json(views::ConversationList {
+        conversations: records.iter().map(views::Conversation::from).collect(),
+    }))
 }
 
 async fn admin_conversation(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(conversation): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<views::ConversationDetail>> {
     require_admin(&state, &headers)?;
     let id = conversation_id(&conversation)?;
     let record = state.actions.store.conversation(id).await?.ok_or_else(|| {
@@ -652,17 +671,20 @@ async fn admin_conversation(
         .inspect(move |router| router.conversation(ConversationId(id.0)))
         .await?;
     let messages = state.actions.store.messages(id).await?;
-    Ok(Json(json!({
-        "conversation": super::views::record(&record),
-        "routing": live.as_ref().map(super::views::conversation),
-        "messages": messages.iter().map(super::views::message).collect::<Vec<_>>(),
-    })))
+    Ok(Json(views::ConversationDetail::new(
+        &record,
+        live.as_ref(),
+        &messages,
+    )))
 }
 
-async fn admin_reload(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+async fn admin_reload(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> ApiResult<Json<views::Reloaded>> {
     require_admin(&state, &headers)?;
     state.reloader.reload().await.map_err(|error| {
         ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_config", error)
     })?;
-    Ok(Json(json!({ "reloaded": true })))
+    Ok(Json(views::Reloaded { reloaded: true }))
 }

@@ -1,84 +1,100 @@
 //! The OpenAPI 3.1 document served at `/v1/openapi.json`.
 
-use serde_json::{Value, json};
+use schemars::JsonSchema;
+use schemars::generate::{SchemaGenerator, SchemaSettings};
+use serde_json::{Map, Value, json};
+
+use super::views;
+use crate::message::InboundMessage;
+
+/// Generates `components/schemas` from the Rust types: responses as they serialize, requests as
+/// they deserialize, each named type once, referred to by `$ref`.
+struct Components {
+    responses: SchemaGenerator,
+    requests: SchemaGenerator,
+}
+
+impl Components {
+    fn new() -> Components {
+        let settings = SchemaSettings::draft2020_12()
+            .with(|settings| settings.definitions_path = "#/components/schemas/".into());
+        Components {
+            responses: settings.clone().for_serialize().into_generator(),
+            requests: settings.for_deserialize().into_generator(),
+        }
+    }
+
+    fn response<T: JsonSchema>(&mut self) -> Value {
+        self.responses.subschema_for::<T>().to_value()
+    }
+
+    fn request<T: JsonSchema>(&mut self) -> Value {
+        self.requests.subschema_for::<T>().to_value()
+    }
+
+    fn into_schemas(mut self) -> Map<String, Value> {
+        let mut schemas = self.responses.take_definitions(true);
+        schemas.extend(self.requests.take_definitions(true));
+        schemas
+    }
+}
 
 fn error_responses() -> Value {
+    let error = json!({ "$ref": "#/components/responses/Error" });
     json!({
-        "400": { "$ref": "#/components/responses/Error" },
-        "401": { "$ref": "#/components/responses/Error" },
-        "403": { "$ref": "#/components/responses/Error" },
-        "404": { "$ref": "#/components/responses/Error" },
-        "409": { "$ref": "#/components/responses/Error" },
-        "413": { "$ref": "#/components/responses/Error" },
-        "422": { "$ref": "#/components/responses/Error" },
-        "503": { "$ref": "#/components/responses/Error" }
+        "400": error, "401": error, "403": error, "404": error,
+        "409": error, "413": error, "422": error, "503": error
     })
 }
 
-fn operation(summary: &str, security: &str, ok: &str) -> Value {
+/// An operation answering `status` with a JSON body of `schema` (or the common errors).
+fn operation(summary: &str, security: &str, status: &str, schema: Value) -> Value {
     let mut responses = error_responses();
-    responses[ok] = json!({ "description": "Success", "content": { "application/json": { "schema": { "type": "object" } } } });
+    responses[status] = json!({ "description": "Success", "content": { "application/json": { "schema": schema } } });
     json!({ "summary": summary, "security": [{ security: [] }], "responses": responses })
 }
 
-fn agent_action(summary: &str) -> Value {
-    let mut op = operation(summary, "agentToken", "200");
+fn agent_action(summary: &str, status: &str, schema: Value) -> Value {
+    let mut op = operation(summary, "agentToken", status, schema);
     op["parameters"] = json!([{ "$ref": "#/components/parameters/agent" }, { "$ref": "#/components/parameters/conversation" }]);
     op
 }
 
-/// The message schema with its `$defs` hoisted into `components/schemas`, refs rewritten to match.
-fn message_schemas() -> (Value, serde_json::Map<String, Value>) {
-    fn rewrite(value: &mut Value) {
-        match value {
-            Value::Object(map) => {
-                for (key, inner) in map.iter_mut() {
-                    if key == "$ref"
-                        && let Value::String(target) = inner
-                    {
-                        *target = target.replace("#/$defs/", "#/components/schemas/");
-                    }
-                    rewrite(inner);
-                }
-            }
-            Value::Array(items) => items.iter_mut().for_each(rewrite),
-            _ => {}
-        }
-    }
-    let mut schema = crate::message::json_schema();
-    rewrite(&mut schema);
-    let definitions = match schema.as_object_mut().and_then(|map| map.remove("$defs")) {
-        Some(Value::Object(definitions)) => definitions,
-        _ => serde_json::Map::new(),
-    };
-    if let Some(map) = schema.as_object_mut() {
-        map.remove("$schema");
-    }
-    (schema, definitions)
-}
-
-/// The document, with the message schema generated from the Rust type.
+/// The document. Every request and response body's schema is generated from its Rust type.
 pub fn document() -> Value {
+    let mut components = Components::new();
+    let done = components.response::<views::Done>();
     let mut ingest = operation(
         "Ingest a normalised message (the `api` channel). Idempotent by (channel, provider_message_id). Answered only after the message is durably stored.",
         "ingestToken",
         "202",
+        components.response::<views::Receipt>(),
     );
-    ingest["requestBody"] = json!({ "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Message" } } } });
-    ingest["responses"]["200"] =
-        json!({ "description": "Already stored (duplicate); nothing written" });
-    let mut presence = operation("Set presence", "agentToken", "200");
+    ingest["requestBody"] = json!({ "required": true, "content": { "application/json": { "schema": components.request::<InboundMessage>() } } });
+    ingest["responses"]["200"] = json!({ "description": "Already stored (duplicate); nothing written", "content": { "application/json": { "schema": components.response::<views::Receipt>() } } });
+    let mut presence = operation(
+        "Set presence",
+        "agentToken",
+        "200",
+        components.response::<views::PresenceSet>(),
+    );
     presence["parameters"] = json!([{ "$ref": "#/components/parameters/agent" }]);
     presence["requestBody"] = json!({ "required": true, "content": { "application/json": { "schema": {
         "type": "object", "additionalProperties": false, "required": ["presence"],
         "properties": { "presence": { "enum": ["available", "away", "offline"] } } } } } });
-    let mut transfer =
-        agent_action("Transfer to an agent or a queue (keeps priority and waiting time)");
+    let mut transfer = agent_action(
+        "Transfer to an agent or a queue (keeps priority and waiting time)",
+        "200",
+        done.clone(),
+    );
     transfer["requestBody"] = json!({ "required": true, "content": { "application/json": { "schema": {
         "type": "object", "additionalProperties": false,
         "properties": { "to_agent": { "type": "string" }, "to_queue": { "type": "string" } } } } } });
-    let mut reply = agent_action("Reply; goes out on the channel the customer last used");
-    reply["responses"]["202"] = json!({ "description": "Stored; delivery status follows on the agent stream and as events" });
+    let mut reply = agent_action(
+        "Reply; goes out on the channel the customer last used. Answered once stored; the delivery status follows on the agent stream and as events.",
+        "202",
+        components.response::<views::ReplyAccepted>(),
+    );
     reply["requestBody"] = json!({ "required": true, "content": { "application/json": { "schema": {
         "type": "object", "additionalProperties": false, "required": ["text"],
         "properties": { "text": { "type": "string" }, "html": { "type": "string" } } } } } });
@@ -86,15 +102,30 @@ pub fn document() -> Value {
         "The agent's presence, load, offers and conversations",
         "agentToken",
         "200",
+        components.response::<views::Agent>(),
     );
     agent_get["parameters"] = json!([{ "$ref": "#/components/parameters/agent" }]);
+    let mut agent_conversations = operation(
+        "My offers and assigned conversations",
+        "agentToken",
+        "200",
+        components.response::<views::AgentConversations>(),
+    );
+    agent_conversations["parameters"] = json!([{ "$ref": "#/components/parameters/agent" }]);
     let mut stream = operation(
-        "WebSocket: pushes offers (with deadline), assignments, customer messages, withdrawals, follow-ups and reply statuses; takes `{\"type\": \"accept\" | \"reject\" | \"resolve\" | \"escalate\" | \"transfer\" | \"reply\" | \"presence\", ...}` commands, each answered by `ack` or `error` with its `request_id`. The token may also be given as `?access_token=`.",
+        "WebSocket: pushes offers (with deadline), assignments, customer messages, withdrawals, follow-ups and reply statuses; takes the agent commands of `schemas/agent-command.v1.json` (`{\"type\": \"accept\" | \"reject\" | \"resolve\" | \"escalate\" | \"transfer\" | \"reply\" | \"presence\", ...}`), each answered by `ack` or `error` with its `request_id`. The token may also be given as `?access_token=`.",
         "agentToken",
         "101",
+        json!({}),
     );
+    stream["responses"]["101"] = json!({ "description": "Switching to the WebSocket protocol" });
     stream["parameters"] = json!([{ "$ref": "#/components/parameters/agent" }]);
-    let mut conversations = operation("List conversations (newest first)", "adminToken", "200");
+    let mut conversations = operation(
+        "List conversations (newest first)",
+        "adminToken",
+        "200",
+        components.response::<views::ConversationList>(),
+    );
     conversations["parameters"] = json!([
         { "name": "status", "in": "query", "schema": { "enum": ["open", "resolved", "closed"] } },
         { "name": "channel", "in": "query", "schema": { "type": "string" } },
@@ -105,37 +136,67 @@ pub fn document() -> Value {
         "One conversation: record, live routing state, messages",
         "adminToken",
         "200",
+        components.response::<views::ConversationDetail>(),
     );
     conversation["parameters"] = json!([{ "$ref": "#/components/parameters/conversation" }]);
-    let mut history = agent_action(
-        "Conversation history across channels (owner, offered agent or follower only)",
+    let history = agent_action(
+        "Conversation history across channels, oldest first (owner, offered agent or follower only)",
+        "200",
+        components.response::<views::History>(),
     );
-    history["responses"]["200"] = json!({ "description": "Messages, oldest first" });
-    let (message, definitions) = message_schemas();
-    let mut document = json!({
+    let queues = operation(
+        "Queues: waiting, oldest wait, SLA, agents available",
+        "adminToken",
+        "200",
+        components.response::<views::QueueList>(),
+    );
+    let agents = operation(
+        "Agents: presence and load",
+        "adminToken",
+        "200",
+        components.response::<views::AgentList>(),
+    );
+    let reload = operation(
+        "Reload the configuration (as SIGHUP); an invalid one is refused (422) and the old one kept",
+        "adminToken",
+        "200",
+        components.response::<views::Reloaded>(),
+    );
+    let error = components.response::<views::ErrorBody>();
+    let text = |description: &str| json!({ "200": { "description": description, "content": { "text/plain": { "schema": { "type": "string" } } } } });
+    let mut schemas = components.into_schemas();
+    schemas.insert(
+        "StatusBody".into(),
+        json!({ "type": "object", "required": ["status"], "properties": { "status": { "type": "string" } } }),
+    );
+    let status = json!({ "$ref": "#/components/schemas/StatusBody" });
+    json!({
         "openapi": "3.1.0",
         "info": { "title": "switchboard", "version": env!("CARGO_PKG_VERSION"), "description": "Omnichannel contact-centre router." },
         "paths": {
+            "/v1/openapi.json": { "get": { "summary": "This document", "responses": { "200": { "description": "OpenAPI 3.1", "content": { "application/json": {} } } } } },
             "/v1/messages": { "post": ingest },
             "/v1/agents/{agent}": { "get": agent_get },
             "/v1/agents/{agent}/presence": { "put": presence },
-            "/v1/agents/{agent}/conversations": { "get": { "summary": "My offers and assigned conversations", "security": [{ "agentToken": [] }], "parameters": [{ "$ref": "#/components/parameters/agent" }], "responses": error_responses() } },
+            "/v1/agents/{agent}/conversations": { "get": agent_conversations },
             "/v1/agents/{agent}/conversations/{conversation}/messages": { "get": history },
-            "/v1/agents/{agent}/conversations/{conversation}/accept": { "post": agent_action("Accept an offer (409 if it expired or went elsewhere)") },
-            "/v1/agents/{agent}/conversations/{conversation}/reject": { "post": agent_action("Reject an offer") },
-            "/v1/agents/{agent}/conversations/{conversation}/resolve": { "post": agent_action("Resolve (wrap-up follows)") },
-            "/v1/agents/{agent}/conversations/{conversation}/escalate": { "post": agent_action("Escalate to the queue's next tier; you stay attached as follower") },
+            "/v1/agents/{agent}/conversations/{conversation}/accept": { "post": agent_action("Accept an offer (409 if it expired or went elsewhere)", "200", done.clone()) },
+            "/v1/agents/{agent}/conversations/{conversation}/reject": { "post": agent_action("Reject an offer", "200", done.clone()) },
+            "/v1/agents/{agent}/conversations/{conversation}/resolve": { "post": agent_action("Resolve (wrap-up follows)", "200", done.clone()) },
+            "/v1/agents/{agent}/conversations/{conversation}/escalate": { "post": agent_action("Escalate to the queue's next tier; you stay attached as follower", "200", done) },
             "/v1/agents/{agent}/conversations/{conversation}/transfer": { "post": transfer },
             "/v1/agents/{agent}/conversations/{conversation}/reply": { "post": reply },
             "/v1/agents/{agent}/stream": { "get": stream },
-            "/v1/admin/queues": { "get": operation("Queues: waiting, oldest wait, SLA, agents available", "adminToken", "200") },
-            "/v1/admin/agents": { "get": operation("Agents: presence and load", "adminToken", "200") },
+            "/v1/admin/queues": { "get": queues },
+            "/v1/admin/agents": { "get": agents },
             "/v1/admin/conversations": { "get": conversations },
             "/v1/admin/conversations/{conversation}": { "get": conversation },
-            "/v1/admin/reload": { "post": operation("Reload the configuration (as SIGHUP); an invalid one is refused and the old one kept", "adminToken", "200") },
-            "/healthz": { "get": { "summary": "Liveness", "responses": { "200": { "description": "alive" } } } },
-            "/readyz": { "get": { "summary": "Readiness: recovery done and store writable", "responses": { "200": { "description": "ready" }, "503": { "description": "not ready" } } } },
-            "/metrics": { "get": { "summary": "Prometheus metrics (text format)", "responses": { "200": { "description": "metrics" } } } }
+            "/v1/admin/reload": { "post": reload },
+            "/healthz": { "get": { "summary": "Liveness", "responses": { "200": { "description": "alive", "content": { "application/json": { "schema": status } } } } } },
+            "/readyz": { "get": { "summary": "Readiness: recovery done and the store writable (`degraded` while a broker is down)", "responses": {
+                "200": { "description": "ready", "content": { "application/json": { "schema": status } } },
+                "503": { "description": "not ready", "content": { "application/json": { "schema": status } } } } } },
+            "/metrics": { "get": { "summary": "Prometheus metrics (text format 0.0.4)", "responses": text("metrics") } }
         },
         "components": {
             "securitySchemes": {
@@ -148,16 +209,9 @@ pub fn document() -> Value {
                 "conversation": { "name": "conversation", "in": "path", "required": true, "schema": { "type": "string", "description": "ULID" } }
             },
             "responses": {
-                "Error": { "description": "An error naming the problem", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } }
+                "Error": { "description": "An error naming the problem", "content": { "application/json": { "schema": error } } }
             },
-            "schemas": {
-                "Message": message,
-                "Error": { "type": "object", "required": ["error"], "properties": { "error": { "type": "object", "required": ["code", "message"], "properties": { "code": { "type": "string" }, "message": { "type": "string" } } } } }
-            }
+            "schemas": schemas
         }
-    });
-    if let Some(schemas) = document["components"]["schemas"].as_object_mut() {
-        schemas.extend(definitions);
-    }
-    document
+    })
 }

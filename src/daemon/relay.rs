@@ -2,7 +2,7 @@
 //! configured bus accepted them. A bus outage delays events and loses none.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde_json::Value;
@@ -12,6 +12,11 @@ use tracing::warn;
 use super::events::cloud_event;
 use super::metrics::Metrics;
 use crate::store::{OutboxEvent, Store};
+
+/// Events read from the outbox and published per round (their confirmations awaited together).
+const RELAY_BATCH: usize = 1024;
+/// How often, at most, the backlog gauge is refreshed while events keep coming.
+const BACKLOG_COUNT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Why a publish failed; the relay retries later.
 #[derive(Debug, thiserror::Error)]
@@ -102,8 +107,10 @@ pub async fn run(
     let mut backoff = Duration::from_millis(100);
     // The highest outbox position each bus confirmed.
     let mut confirmed = vec![0_i64; buses.len()];
+    // Counting the backlog is a scan of the outbox: under load, once a second is enough for the gauge.
+    let mut backlog_counted: Option<Instant> = None;
     loop {
-        let batch = match store.outbox_pending(256).await {
+        let batch = match store.outbox_pending(RELAY_BATCH).await {
             Ok(batch) => batch,
             Err(error) => {
                 warn!(%error, "outbox unreadable; retrying");
@@ -165,7 +172,10 @@ pub async fn run(
                 warn!(%error, "cannot mark events published; they will be published again (consumers dedupe by id)");
             }
         }
-        if let Ok(backlog) = store.outbox_backlog().await {
+        if backlog_counted.is_none_or(|at| at.elapsed() >= BACKLOG_COUNT_INTERVAL)
+            && let Ok(backlog) = store.outbox_backlog().await
+        {
+            backlog_counted = Some(Instant::now());
             metrics
                 .outbox_backlog
                 .set(i64::try_from(backlog).unwrap_or(i64::MAX));

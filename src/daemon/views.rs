@@ -1,107 +1,408 @@
-//! JSON renderings of the router's views and stored records for the API (wire shapes at the edge).
+//! The HTTP API's response bodies: typed renderings of the router's views and stored records (wire
+//! shapes at the edge). Each derives its JSON Schema, which the OpenAPI document publishes.
 
-use serde_json::{Value, json};
+use schemars::JsonSchema;
+use serde::Serialize;
+use serde_json::Value;
 use ulid::Ulid;
 
+use super::actions::IngestReceipt;
 use super::events::millis_to_rfc3339;
 use super::persist::reason_name;
 use crate::routing::inspect::{AgentView, ConversationView, QueueView};
-use crate::routing::{ConversationState, Timestamp};
+use crate::routing::{ConversationId, ConversationState, Timestamp};
 use crate::store::{ConversationRecord, Direction, StoredMessage};
 
-pub fn agent(view: &AgentView) -> Value {
-    let ids = |ids: &[crate::routing::ConversationId]| {
-        ids.iter()
-            .map(|id| Ulid(id.0).to_string())
-            .collect::<Vec<_>>()
-    };
-    json!({
-        "id": view.id.as_str(),
-        "name": view.name,
-        "presence": view.presence.as_str(),
-        "wrap_up": view.wrapping_up,
-        "load": view.load.iter().map(|(channel, load, capacity)| json!({ "channel": channel.as_str(), "load": load, "capacity": capacity })).collect::<Vec<_>>(),
-        "load_total": view.load_total,
-        "max_total": view.max_total,
-        "offers": ids(&view.offers),
-        "assigned": ids(&view.assigned),
-        "missed_offers": view.missed,
-    })
+fn ulids(ids: &[ConversationId]) -> Vec<String> {
+    ids.iter().map(|id| Ulid(id.0).to_string()).collect()
 }
 
-pub fn conversation(view: &ConversationView) -> Value {
-    let (state, agent, detail) = match &view.state {
-        ConversationState::Waiting => ("waiting", None, Value::Null),
-        ConversationState::Offered {
-            agent, deadline, ..
-        } => (
-            "offered",
-            Some(agent),
-            json!({ "deadline": millis_to_rfc3339(deadline.0) }),
-        ),
-        ConversationState::Assigned { agent, since, .. } => (
-            "assigned",
-            Some(agent),
-            json!({ "since": millis_to_rfc3339(since.0) }),
-        ),
-        ConversationState::Resolved { agent, at } => (
-            "resolved",
-            Some(agent),
-            json!({ "at": millis_to_rfc3339(at.0) }),
-        ),
-    };
-    json!({
-        "id": Ulid(view.id.0).to_string(),
-        "channel": view.channel.as_str(),
-        "state": state,
-        "agent_id": agent.map(|agent| agent.as_str()),
-        "detail": detail,
-        "queue": view.queue.as_str(),
-        "priority": view.priority,
-        "waiting_since": millis_to_rfc3339(view.since.0),
-        "priority_reasons": view.reasons.iter().map(reason_name).collect::<Vec<_>>(),
-        "tags": view.tags,
-        "follower_id": view.follower.as_ref().map(|agent| agent.as_str()),
-    })
+/// An agent's live state.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Agent {
+    pub id: String,
+    pub name: String,
+    /// `available`, `away`, `offline` or `disconnected`.
+    pub presence: String,
+    /// In wrap-up after a resolve (still holding capacity).
+    pub wrap_up: bool,
+    /// Load and capacity on each channel the agent serves.
+    pub load: Vec<ChannelLoad>,
+    pub load_total: u16,
+    pub max_total: u16,
+    /// Conversations offered to the agent and not yet answered (ULIDs).
+    pub offers: Vec<String>,
+    /// Conversations the agent owns (ULIDs).
+    pub assigned: Vec<String>,
+    /// Offers missed in a row (counts towards being set away).
+    pub missed_offers: u32,
 }
 
-pub fn queue(view: &QueueView, now: Timestamp) -> Value {
-    json!({
-        "name": view.name.as_str(),
-        "open": view.open,
-        "waiting": view.waiting,
-        "oldest_wait_seconds": view.oldest_since.map_or(0.0, |since| now.since(since).as_secs_f64()),
-        "agents_available": view.agents_available,
-        "average_handle_seconds": view.average_handle_time.as_secs_f64(),
-        "sla_seconds": view.sla_target.as_secs_f64(),
-    })
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ChannelLoad {
+    pub channel: String,
+    pub load: u16,
+    pub capacity: u16,
 }
 
-pub fn record(record: &ConversationRecord) -> Value {
-    json!({
-        "id": record.id.to_string(),
-        "contact_id": record.contact_id.to_string(),
-        "status": record.status.as_str(),
-        "channel": record.channel,
-        "reply_channel": record.reply_route.channel,
-        "subject": record.subject,
-        "created_at": record.created_at.to_rfc3339(),
-        "updated_at": record.updated_at.to_rfc3339(),
-        "events": record.event_seq,
-    })
+impl From<&AgentView> for Agent {
+    fn from(view: &AgentView) -> Agent {
+        Agent {
+            id: view.id.as_str().to_owned(),
+            name: view.name.clone(),
+            presence: view.presence.as_str().to_owned(),
+            wrap_up: view.wrapping_up,
+            load: view
+                .load
+                .iter()
+                .map(|(channel, load, capacity)| ChannelLoad {
+                    channel: channel.as_str().to_owned(),
+                    load: *load,
+                    capacity: *capacity,
+                })
+                .collect(),
+            load_total: view.load_total,
+            max_total: view.max_total,
+            offers: ulids(&view.offers),
+            assigned: ulids(&view.assigned),
+            missed_offers: view.missed,
+        }
+    }
 }
 
-pub fn message(message: &StoredMessage) -> Value {
-    json!({
-        "id": message.id.to_string(),
-        "direction": match message.direction { Direction::Inbound => "inbound", Direction::Outbound => "outbound" },
-        "channel": message.channel,
-        "provider": message.provider,
-        "from": message.from_address,
-        "to": message.to_address,
-        "agent_id": message.agent_id,
-        "delivery_status": message.delivery_status,
-        "created_at": message.created_at.to_rfc3339(),
-        "body": message.body,
-    })
+/// `GET /v1/admin/agents`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct AgentList {
+    pub agents: Vec<Agent>,
+}
+
+/// A conversation's live routing state.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Routing {
+    pub id: String,
+    pub channel: String,
+    /// `waiting`, `offered`, `assigned` or `resolved`.
+    pub state: String,
+    /// The agent it is offered to, assigned to or was resolved by.
+    pub agent_id: Option<String>,
+    /// Offered: `deadline`; assigned: `since`; resolved: `at` (RFC 3339).
+    pub detail: Option<RoutingDetail>,
+    /// The queue it waits in or was assigned from.
+    pub queue: String,
+    /// Effective priority (higher is served first).
+    pub priority: i32,
+    pub waiting_since: String,
+    /// Why the priority is what it is (`vip_tier`, `sla_breached`, `wait_step:<queue>:<n>`...).
+    pub priority_reasons: Vec<String>,
+    pub tags: Vec<String>,
+    /// A former owner following the conversation after an escalation.
+    pub follower_id: Option<String>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct RoutingDetail {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
+}
+
+impl From<&ConversationView> for Routing {
+    fn from(view: &ConversationView) -> Routing {
+        let time = |at: &Timestamp| Some(millis_to_rfc3339(at.0));
+        let none = RoutingDetail {
+            deadline: None,
+            since: None,
+            at: None,
+        };
+        let (state, agent, detail) = match &view.state {
+            ConversationState::Waiting => ("waiting", None, None),
+            ConversationState::Offered {
+                agent, deadline, ..
+            } => (
+                "offered",
+                Some(agent),
+                Some(RoutingDetail {
+                    deadline: time(deadline),
+                    ..none
+                }),
+            ),
+            ConversationState::Assigned { agent, since, .. } => (
+                "assigned",
+                Some(agent),
+                Some(RoutingDetail {
+                    since: time(since),
+                    ..none
+                }),
+            ),
+            ConversationState::Resolved { agent, at } => (
+                "resolved",
+                Some(agent),
+                Some(RoutingDetail {
+                    at: time(at),
+                    ..none
+                }),
+            ),
+        };
+        Routing {
+            id: Ulid(view.id.0).to_string(),
+            channel: view.channel.as_str().to_owned(),
+            state: state.to_owned(),
+            agent_id: agent.map(|agent| agent.as_str().to_owned()),
+            detail,
+            queue: view.queue.as_str().to_owned(),
+            priority: view.priority,
+            waiting_since: millis_to_rfc3339(view.since.0),
+            priority_reasons: view.reasons.iter().map(reason_name).collect(),
+            tags: view.tags.clone(),
+            follower_id: view
+                .follower
+                .as_ref()
+                .map(|agent| agent.as_str().to_owned()),
+        }
+    }
+}
+
+/// `GET /v1/agents/{agent}/conversations`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct AgentConversations {
+    pub offers: Vec<Routing>,
+    pub assigned: Vec<Routing>,
+}
+
+/// A queue's live state.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Queue {
+    pub name: String,
+    /// Inside its business hours.
+    pub open: bool,
+    /// Unanswered conversations waiting with this queue as home.
+    pub waiting: u32,
+    pub oldest_wait_seconds: f64,
+    pub agents_available: u32,
+    pub average_handle_seconds: f64,
+    pub sla_seconds: f64,
+}
+
+impl Queue {
+    pub fn new(view: &QueueView, now: Timestamp) -> Queue {
+        Queue {
+            name: view.name.as_str().to_owned(),
+            open: view.open,
+            waiting: view.waiting,
+            oldest_wait_seconds: view
+                .oldest_since
+                .map_or(0.0, |since| now.since(since).as_secs_f64()),
+            agents_available: view.agents_available,
+            average_handle_seconds: view.average_handle_time.as_secs_f64(),
+            sla_seconds: view.sla_target.as_secs_f64(),
+        }
+    }
+}
+
+/// `GET /v1/admin/queues`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct QueueList {
+    pub queues: Vec<Queue>,
+}
+
+/// A conversation as stored.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Conversation {
+    pub id: String,
+    pub contact_id: String,
+    /// `open`, `resolved` or `closed`.
+    pub status: String,
+    /// The channel of the first message.
+    pub channel: String,
+    /// Where replies go: the channel of the customer's latest message.
+    pub reply_channel: String,
+    pub subject: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+    /// How many events it has produced (the last event's sequence number).
+    pub events: u64,
+}
+
+impl From<&ConversationRecord> for Conversation {
+    fn from(record: &ConversationRecord) -> Conversation {
+        Conversation {
+            id: record.id.to_string(),
+            contact_id: record.contact_id.to_string(),
+            status: record.status.as_str().to_owned(),
+            channel: record.channel.clone(),
+            reply_channel: record.reply_route.channel.clone(),
+            subject: record.subject.clone(),
+            created_at: record.created_at.to_rfc3339(),
+            updated_at: record.updated_at.to_rfc3339(),
+            events: record.event_seq,
+        }
+    }
+}
+
+/// `GET /v1/admin/conversations`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ConversationList {
+    pub conversations: Vec<Conversation>,
+}
+
+/// A stored message, inbound or outbound.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct StoredMessageBody {
+    pub id: String,
+    /// `inbound` or `outbound`.
+    pub direction: String,
+    pub channel: String,
+    pub provider: String,
+    pub from: String,
+    pub to: String,
+    /// Outbound: the agent who wrote it.
+    pub agent_id: Option<String>,
+    /// Outbound: `pending`, `sent`, `delivered` or `failed`.
+    pub delivery_status: Option<String>,
+    pub created_at: String,
+    /// Inbound: the full `switchboard.message.v1`; outbound: the reply as sent.
+    pub body: Value,
+}
+
+impl From<&StoredMessage> for StoredMessageBody {
+    fn from(message: &StoredMessage) -> StoredMessageBody {
+        StoredMessageBody {
+            id: message.id.to_string(),
+            direction: match message.direction {
+                Direction::Inbound => "inbound",
+                Direction::Outbound => "outbound",
+            }
+            .to_owned(),
+            channel: message.channel.clone(),
+            provider: message.provider.clone(),
+            from: message.from_address.clone(),
+            to: message.to_address.clone(),
+            agent_id: message.agent_id.clone(),
+            delivery_status: message.delivery_status.clone(),
+            created_at: message.created_at.to_rfc3339(),
+            body: message.body.clone(),
+        }
+    }
+}
+
+fn messages(messages: &[StoredMessage]) -> Vec<StoredMessageBody> {
+    messages.iter().map(StoredMessageBody::from).collect()
+}
+
+/// `GET /v1/agents/{agent}/conversations/{conversation}/messages`: oldest first.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct History {
+    pub conversation_id: String,
+    /// The channel a reply goes out on.
+    pub reply_channel: Option<String>,
+    pub messages: Vec<StoredMessageBody>,
+}
+
+impl History {
+    pub fn new(
+        conversation: Ulid,
+        record: Option<&ConversationRecord>,
+        stored: &[StoredMessage],
+    ) -> History {
+        History {
+            conversation_id: conversation.to_string(),
+            reply_channel: record.map(|record| record.reply_route.channel.clone()),
+            messages: messages(stored),
+        }
+    }
+}
+
+/// `GET /v1/admin/conversations/{conversation}`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ConversationDetail {
+    pub conversation: Conversation,
+    /// The router's live state; absent once the router forgot it (closed).
+    pub routing: Option<Routing>,
+    pub messages: Vec<StoredMessageBody>,
+}
+
+impl ConversationDetail {
+    pub fn new(
+        record: &ConversationRecord,
+        live: Option<&ConversationView>,
+        stored: &[StoredMessage],
+    ) -> ConversationDetail {
+        ConversationDetail {
+            conversation: record.into(),
+            routing: live.map(Routing::from),
+            messages: messages(stored),
+        }
+    }
+}
+
+/// `POST /v1/messages`: where the message went.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Receipt {
+    pub message_id: String,
+    pub conversation_id: String,
+    /// Already stored: nothing was written.
+    pub duplicate: bool,
+    /// New messages only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub contact_id: Option<String>,
+    /// New messages only: whether it opened a conversation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub new_conversation: Option<bool>,
+}
+
+impl From<&IngestReceipt> for Receipt {
+    fn from(receipt: &IngestReceipt) -> Receipt {
+        Receipt {
+            message_id: receipt.message_id.to_string(),
+            conversation_id: receipt.conversation_id.to_string(),
+            duplicate: receipt.duplicate,
+            contact_id: receipt.contact_id.map(|contact| contact.to_string()),
+            new_conversation: receipt.contact_id.map(|_| receipt.new_conversation),
+        }
+    }
+}
+
+/// An agent action on a conversation (accept, reject, resolve, escalate, transfer) was done.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Done {
+    pub conversation_id: String,
+    /// The action's name.
+    pub done: String,
+}
+
+/// `PUT /v1/agents/{agent}/presence`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct PresenceSet {
+    pub presence: String,
+}
+
+/// `POST .../reply`: stored, delivery follows.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ReplyAccepted {
+    pub message_id: String,
+    /// `pending` until the channel confirms.
+    pub status: String,
+}
+
+/// `POST /v1/admin/reload`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Reloaded {
+    pub reloaded: bool,
+}
+
+/// Every error answer: `{"error": {"code", "message"}}`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ErrorDetail {
+    /// A stable code (`unknown_agent`, `not_offered`, `bad_json`...).
+    pub code: String,
+    /// What is wrong, for a person.
+    pub message: String,
 }
