@@ -207,9 +207,15 @@ async fn drive(args: &[String]) {
                         {
                             let pushed = pushed_at.lock().unwrap().remove(conversation);
                             match pushed {
-                                Some(at) => offer_latencies.lock().unwrap().push((at - begun).as_secs_f64() * 1000.0),
+                                Some(at) => offer_latencies
+                                    .lock()
+                                    .unwrap()
+                                    .push((at - begun).as_secs_f64() * 1000.0),
                                 None => {
-                                    sent_at.lock().unwrap().insert(conversation.to_owned(), begun);
+                                    sent_at
+                                        .lock()
+                                        .unwrap()
+                                        .insert(conversation.to_owned(), begun);
                                 }
                             }
                         }

@@ -43,7 +43,10 @@ async fn post_signed(daemon: &Daemon, body: &Value) -> (u16, String) {
         .webhook(
             WEBHOOK,
             "application/json",
-            &[("x-hub-signature-256", signature(APP_SECRET, body.as_bytes()))],
+            &[(
+                "x-hub-signature-256",
+                signature(APP_SECRET, body.as_bytes()),
+            )],
             &body,
         )
         .await
@@ -126,7 +129,10 @@ async fn handshake_signatures_and_several_messages_per_delivery() {
         .webhook(
             WEBHOOK,
             "application/json",
-            &[("x-hub-signature-256", signature("wrong", unsigned.as_bytes()))],
+            &[(
+                "x-hub-signature-256",
+                signature("wrong", unsigned.as_bytes()),
+            )],
             &unsigned,
         )
         .await;
@@ -139,11 +145,19 @@ async fn handshake_signatures_and_several_messages_per_delivery() {
     assert_eq!(daemon.conversations().await.len(), 2);
     let (status, _) = post_signed(&daemon, &delivery).await;
     assert_eq!(status, 200);
-    assert_eq!(daemon.conversations().await.len(), 2, "a retried delivery adds nothing");
+    assert_eq!(
+        daemon.conversations().await.len(),
+        2,
+        "a retried delivery adds nothing"
+    );
     alice.next_of("offer").await;
     alice.next_of("offer").await;
 
-    let (status, reason) = post_signed(&daemon, &json!({ "object": "page", "entry": [{ "messaging": [{ "sender": {} }] }] })).await;
+    let (status, reason) = post_signed(
+        &daemon,
+        &json!({ "object": "page", "entry": [{ "messaging": [{ "sender": {} }] }] }),
+    )
+    .await;
     assert_eq!(status, 400, "{reason}");
 }
 
@@ -152,9 +166,10 @@ async fn the_24_hour_window_decides_how_a_reply_goes() {
     let graph = MockServer::start().await;
     Mock::given(method("POST"))
         .and(header("authorization", "Bearer graph-token"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(
-            json!({ "recipient_id": "7654321", "message_id": "m_reply" }),
-        ))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({ "recipient_id": "7654321", "message_id": "m_reply" })),
+        )
         .mount(&graph)
         .await;
     let daemon = Daemon::start(&meta_config(&graph.uri(), false));
@@ -185,7 +200,12 @@ async fn the_24_hour_window_decides_how_a_reply_goes() {
     );
 
     // A WhatsApp customer from two days ago, no template configured: the agent is told why.
-    let old = whatsapp(json!([wa_text("16505551234", "wamid.OLD", now() - 2 * 86_400, "hello?")]));
+    let old = whatsapp(json!([wa_text(
+        "16505551234",
+        "wamid.OLD",
+        now() - 2 * 86_400,
+        "hello?"
+    )]));
     assert_eq!(post_signed(&daemon, &old).await.0, 200);
     let conversation = alice.next_of("offer").await["conversation_id"]
         .as_str()
@@ -197,8 +217,15 @@ async fn the_24_hour_window_decides_how_a_reply_goes() {
     reply(&daemon, &conversation, "Hello!").await;
     let failed = alice.next_of("reply_status").await;
     assert_eq!(failed["status"], "failed");
-    assert!(failed["reason"].as_str().unwrap().contains("24-hour"), "{failed}");
-    assert_eq!(graph.received_requests().await.unwrap().len(), 1, "nothing was sent");
+    assert!(
+        failed["reason"].as_str().unwrap().contains("24-hour"),
+        "{failed}"
+    );
+    assert_eq!(
+        graph.received_requests().await.unwrap().len(),
+        1,
+        "nothing was sent"
+    );
 }
 
 #[tokio::test]
@@ -206,7 +233,9 @@ async fn whatsapp_outside_the_window_uses_the_template() {
     let graph = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path(format!("/v21.0/{PHONE_ID}/messages")))
-        .and(body_partial_json(json!({ "type": "template", "template": { "name": "follow_up" } })))
+        .and(body_partial_json(
+            json!({ "type": "template", "template": { "name": "follow_up" } }),
+        ))
         .respond_with(ResponseTemplate::new(200).set_body_json(
             json!({ "messaging_product": "whatsapp", "messages": [{ "id": "wamid.TEMPLATE" }] }),
         ))
@@ -214,7 +243,12 @@ async fn whatsapp_outside_the_window_uses_the_template() {
         .await;
     let daemon = Daemon::start(&meta_config(&graph.uri(), true));
     let mut alice = available(&daemon).await;
-    let old = whatsapp(json!([wa_text("16505551234", "wamid.OLD2", now() - 2 * 86_400, "hi")]));
+    let old = whatsapp(json!([wa_text(
+        "16505551234",
+        "wamid.OLD2",
+        now() - 2 * 86_400,
+        "hi"
+    )]));
     post_signed(&daemon, &old).await;
     let conversation = alice.next_of("offer").await["conversation_id"]
         .as_str()
@@ -267,7 +301,10 @@ async fn sms_then_whatsapp_is_one_conversation_and_the_reply_goes_to_whatsapp() 
         .webhook(
             "/v1/webhooks/twilio/main",
             "application/x-www-form-urlencoded",
-            &[("x-twilio-signature", twilio::signature("tw", public_url, &form))],
+            &[(
+                "x-twilio-signature",
+                twilio::signature("tw", public_url, &form),
+            )],
             &serde_urlencoded::to_string(&form).unwrap(),
         )
         .await;
@@ -280,7 +317,12 @@ async fn sms_then_whatsapp_is_one_conversation_and_the_reply_goes_to_whatsapp() 
         .command(json!({ "type": "accept", "conversation_id": conversation }))
         .await;
 
-    let delivery = whatsapp(json!([wa_text("16505551234", "wamid.CROSS", now(), "sending a photo here instead")]));
+    let delivery = whatsapp(json!([wa_text(
+        "16505551234",
+        "wamid.CROSS",
+        now(),
+        "sending a photo here instead"
+    )]));
     assert_eq!(post_signed(&daemon, &delivery).await.0, 200);
     let pushed = alice.next_of("message").await;
     assert_eq!(pushed["conversation_id"], conversation.as_str(), "{pushed}");

@@ -18,11 +18,7 @@ async fn available(daemon: &Daemon) -> common::AgentSocket {
     alice
 }
 
-async fn accept_and_reply(
-    daemon: &Daemon,
-    alice: &mut common::AgentSocket,
-    text: &str,
-) -> String {
+async fn accept_and_reply(daemon: &Daemon, alice: &mut common::AgentSocket, text: &str) -> String {
     let conversation = alice.next_of("offer").await["conversation_id"]
         .as_str()
         .unwrap()
@@ -75,25 +71,45 @@ async fn telegram_updates_in_and_send_message_out_honouring_retry_after() {
     let hook = "/v1/webhooks/telegram/main";
     let secret = [("x-telegram-bot-api-secret-token", "tg-secret".to_owned())];
     let (status, _) = daemon
-        .webhook(hook, "application/json", &[("x-telegram-bot-api-secret-token", "nope".into())], &update(500, "hi"))
+        .webhook(
+            hook,
+            "application/json",
+            &[("x-telegram-bot-api-secret-token", "nope".into())],
+            &update(500, "hi"),
+        )
         .await;
     assert_eq!(status, 403);
-    let (status, _) = daemon.webhook(hook, "application/json", &[], &update(500, "hi")).await;
+    let (status, _) = daemon
+        .webhook(hook, "application/json", &[], &update(500, "hi"))
+        .await;
     assert_eq!(status, 401);
-    let (status, _) = daemon.webhook(hook, "application/json", &secret, &update(500, "hello bot")).await;
+    let (status, _) = daemon
+        .webhook(hook, "application/json", &secret, &update(500, "hello bot"))
+        .await;
     assert_eq!(status, 200);
-    let (status, _) = daemon.webhook(hook, "application/json", &secret, &update(500, "hello bot")).await;
+    let (status, _) = daemon
+        .webhook(hook, "application/json", &secret, &update(500, "hello bot"))
+        .await;
     assert_eq!(status, 200, "the same update_id again");
-    let (status, _) = daemon.webhook(hook, "application/json", &secret, "{\"update_id\": \"x\"}").await;
+    let (status, _) = daemon
+        .webhook(hook, "application/json", &secret, "{\"update_id\": \"x\"}")
+        .await;
     assert_eq!(status, 400);
 
     let conversation = accept_and_reply(&daemon, &mut alice, "Hello from support").await;
     assert_eq!(daemon.history("alice", &conversation).await.len(), 2);
     assert_eq!(alice.next_of("reply_status").await["status"], "sent");
     let requests = api.received_requests().await.unwrap();
-    assert_eq!(requests.len(), 2, "the 429, then the retry after retry_after");
+    assert_eq!(
+        requests.len(),
+        2,
+        "the 429, then the retry after retry_after"
+    );
     let sent: Value = serde_json::from_slice(&requests[1].body).unwrap();
-    assert_eq!(sent, json!({ "chat_id": 1111111, "text": "Hello from support" }));
+    assert_eq!(
+        sent,
+        json!({ "chat_id": 1111111, "text": "Hello from support" })
+    );
 }
 
 #[tokio::test]
@@ -102,7 +118,10 @@ async fn vonage_signed_webhooks_and_messages_api_send() {
     Mock::given(method("POST"))
         .and(path("/v1/messages"))
         // Basic base64("abcd1234:vonage-api-secret")
-        .and(header("authorization", "Basic YWJjZDEyMzQ6dm9uYWdlLWFwaS1zZWNyZXQ="))
+        .and(header(
+            "authorization",
+            "Basic YWJjZDEyMzQ6dm9uYWdlLWFwaS1zZWNyZXQ=",
+        ))
         .respond_with(
             ResponseTemplate::new(202)
                 .set_body_json(json!({ "message_uuid": "aaaaaaaa-0000-0000-0000-000000000001" })),
@@ -118,9 +137,19 @@ async fn vonage_signed_webhooks_and_messages_api_send() {
     let post = |body: String, secret: &'static str| {
         let daemon = &daemon;
         async move {
-            let token = sign(secret, "abcd1234", chrono::Utc::now().timestamp(), body.as_bytes());
+            let token = sign(
+                secret,
+                "abcd1234",
+                chrono::Utc::now().timestamp(),
+                body.as_bytes(),
+            );
             daemon
-                .webhook(hook, "application/json", &[("authorization", format!("Bearer {token}"))], &body)
+                .webhook(
+                    hook,
+                    "application/json",
+                    &[("authorization", format!("Bearer {token}"))],
+                    &body,
+                )
                 .await
         }
     };
@@ -135,7 +164,8 @@ async fn vonage_signed_webhooks_and_messages_api_send() {
 
     accept_and_reply(&daemon, &mut alice, "Hi from support").await;
     assert_eq!(alice.next_of("reply_status").await["status"], "sent");
-    let sent: Value = serde_json::from_slice(&api.received_requests().await.unwrap()[0].body).unwrap();
+    let sent: Value =
+        serde_json::from_slice(&api.received_requests().await.unwrap()[0].body).unwrap();
     assert_eq!(sent["to"], "447700900001");
     assert_eq!(sent["from"], "447700900000");
     assert_eq!(sent["channel"], "sms");
@@ -150,5 +180,8 @@ async fn vonage_signed_webhooks_and_messages_api_send() {
     assert_eq!(post(status, "vonage-signature").await.0, 200);
     let failed = alice.next_of("reply_status").await;
     assert_eq!(failed["status"], "failed");
-    assert!(failed["reason"].as_str().unwrap().contains("1330"), "{failed}");
+    assert!(
+        failed["reason"].as_str().unwrap().contains("1330"),
+        "{failed}"
+    );
 }

@@ -78,7 +78,8 @@ async fn sms_in_reply_out_status_back() {
             "Basic QUNhYWFhYWFhYWFhYWFhYWFhYWFhYWFhYWFhYWFhYWFhYTp0d2lsaW8tYXV0aC10b2tlbg==",
         ))
         .respond_with(
-            ResponseTemplate::new(201).set_body_json(json!({ "sid": "SMreply1", "status": "queued" })),
+            ResponseTemplate::new(201)
+                .set_body_json(json!({ "sid": "SMreply1", "status": "queued" })),
         )
         .mount(&twilio)
         .await;
@@ -223,7 +224,10 @@ async fn sends_retry_on_5xx_and_not_on_4xx() {
     reply("second").await;
     let failed = alice.next_of("reply_status").await;
     assert_eq!(failed["status"], "failed");
-    assert!(failed["reason"].as_str().unwrap().contains("21211"), "{failed}");
+    assert!(
+        failed["reason"].as_str().unwrap().contains("21211"),
+        "{failed}"
+    );
     let requests = twilio.received_requests().await.unwrap();
     let count = |needle: &str| {
         requests

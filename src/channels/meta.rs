@@ -309,8 +309,7 @@ impl Meta {
             messaging.sender.id, messaging.recipient.id
         ));
         message.received_at = messaging.timestamp.and_then(|ms| {
-            seconds(ms.div_euclid(1000))
-                .map(|at| at + Duration::milliseconds(ms.rem_euclid(1000)))
+            seconds(ms.div_euclid(1000)).map(|at| at + Duration::milliseconds(ms.rem_euclid(1000)))
         });
         for attachment in social.attachments {
             if let Some(url) = attachment.payload.and_then(|payload| payload.url) {
@@ -335,8 +334,9 @@ impl Meta {
 
 impl Webhook for Meta {
     fn handshake(&self, query: Option<&str>) -> Result<String, WebhookError> {
-        let params: Vec<(String, String)> = serde_urlencoded::from_str(query.unwrap_or_default())
-            .map_err(|error| WebhookError::Malformed(format!("bad query: {error}")))?;
+        let params: Vec<(String, String)> =
+            serde_urlencoded::from_str(query.unwrap_or_default())
+                .map_err(|error| WebhookError::Malformed(format!("bad query: {error}")))?;
         let get = |name: &str| {
             params
                 .iter()
@@ -371,8 +371,9 @@ impl Webhook for Meta {
                 "X-Hub-Signature-256 does not match the app secret".into(),
             ));
         }
-        let delivery: Delivery = serde_json::from_slice(request.body)
-            .map_err(|error| WebhookError::Malformed(format!("not a Graph API webhook: {error}")))?;
+        let delivery: Delivery = serde_json::from_slice(request.body).map_err(|error| {
+            WebhookError::Malformed(format!("not a Graph API webhook: {error}"))
+        })?;
         let mut items = Vec::new();
         for entry in delivery.entry {
             match delivery.object.as_str() {
@@ -443,7 +444,10 @@ pub fn window_rule(
 }
 
 impl Meta {
-    async fn last_inbound(&self, reply: &StoredMessage) -> Result<Option<DateTime<Utc>>, SendError> {
+    async fn last_inbound(
+        &self,
+        reply: &StoredMessage,
+    ) -> Result<Option<DateTime<Utc>>, SendError> {
         let messages = self
             .store
             .messages(reply.conversation_id)
@@ -512,7 +516,10 @@ impl ChannelSender for Meta {
             }),
         };
         self.limit.acquire().await;
-        let url = format!("{}/{}/messages", self.account.graph_base, reply.from_address);
+        let url = format!(
+            "{}/{}/messages",
+            self.account.graph_base, reply.from_address
+        );
         let request = self
             .client
             .post(url)
@@ -554,7 +561,8 @@ mod tests {
 
     fn meta() -> Meta {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("s.sqlite"), SqliteOptions::default()).unwrap();
+        let store =
+            SqliteStore::open(&dir.path().join("s.sqlite"), SqliteOptions::default()).unwrap();
         Meta::new(
             MetaAccount {
                 name: "main".into(),
@@ -572,7 +580,11 @@ mod tests {
         )
     }
 
-    fn receive(meta: &Meta, body: &str, signature_header: Option<&str>) -> Result<Vec<Inbound>, WebhookError> {
+    fn receive(
+        meta: &Meta,
+        body: &str,
+        signature_header: Option<&str>,
+    ) -> Result<Vec<Inbound>, WebhookError> {
         let mut headers = HeaderMap::new();
         if let Some(signature) = signature_header {
             headers.insert("x-hub-signature-256", signature.parse().unwrap());
@@ -591,18 +603,35 @@ mod tests {
     #[test]
     fn whatsapp_delivery_is_normalised() {
         let meta = meta();
-        let items = receive(&meta, WHATSAPP, Some(&signature("app-secret", WHATSAPP.as_bytes()))).unwrap();
+        let items = receive(
+            &meta,
+            WHATSAPP,
+            Some(&signature("app-secret", WHATSAPP.as_bytes())),
+        )
+        .unwrap();
         assert_eq!(items.len(), 3, "{items:?}");
-        let Inbound::Status(status) = &items[0] else { panic!() };
+        let Inbound::Status(status) = &items[0] else {
+            panic!()
+        };
         assert_eq!(status.state, DeliveryState::Failed);
-        assert_eq!(status.error.as_deref(), Some("whatsapp error 131047: Re-engagement message"));
-        let Inbound::Message(text) = &items[1] else { panic!() };
+        assert_eq!(
+            status.error.as_deref(),
+            Some("whatsapp error 131047: Re-engagement message")
+        );
+        let Inbound::Message(text) = &items[1] else {
+            panic!()
+        };
         assert_eq!(text.from.address, "+16505551234");
         assert_eq!(text.from.name.as_deref(), Some("Sheena Nelson"));
         assert_eq!(text.to.as_ref().unwrap().address, "106540352242922");
         assert_eq!(text.validate(), Ok(()));
-        let Inbound::Message(image) = &items[2] else { panic!() };
-        assert_eq!(image.attachments[0].url, "https://graph.facebook.com/v21.0/1003383421387256");
+        let Inbound::Message(image) = &items[2] else {
+            panic!()
+        };
+        assert_eq!(
+            image.attachments[0].url,
+            "https://graph.facebook.com/v21.0/1003383421387256"
+        );
         assert_eq!(image.text, "this one");
     }
 
@@ -612,18 +641,35 @@ mod tests {
     #[test]
     fn messenger_messages_are_normalised_and_echoes_ignored() {
         let meta = meta();
-        let items = receive(&meta, MESSENGER, Some(&signature("app-secret", MESSENGER.as_bytes()))).unwrap();
-        let [Inbound::Message(message)] = items.as_slice() else { panic!("{items:?}") };
-        assert_eq!((message.channel.as_str(), message.from.address.as_str()), ("messenger", "7654321"));
+        let items = receive(
+            &meta,
+            MESSENGER,
+            Some(&signature("app-secret", MESSENGER.as_bytes())),
+        )
+        .unwrap();
+        let [Inbound::Message(message)] = items.as_slice() else {
+            panic!("{items:?}")
+        };
+        assert_eq!(
+            (message.channel.as_str(), message.from.address.as_str()),
+            ("messenger", "7654321")
+        );
         assert_eq!(message.validate(), Ok(()));
     }
 
     #[test]
     fn signatures_and_handshake() {
         let meta = meta();
-        assert!(matches!(receive(&meta, MESSENGER, None), Err(WebhookError::Unauthenticated(_))));
         assert!(matches!(
-            receive(&meta, MESSENGER, Some(&signature("other", MESSENGER.as_bytes()))),
+            receive(&meta, MESSENGER, None),
+            Err(WebhookError::Unauthenticated(_))
+        ));
+        assert!(matches!(
+            receive(
+                &meta,
+                MESSENGER,
+                Some(&signature("other", MESSENGER.as_bytes()))
+            ),
             Err(WebhookError::Forbidden(_))
         ));
         let body = r#"{"object":"page","entry":[{"messaging":[{"sender":{}}]}]}"#;
@@ -632,11 +678,15 @@ mod tests {
             Err(WebhookError::Malformed(_))
         ));
         assert_eq!(
-            meta.handshake(Some("hub.mode=subscribe&hub.challenge=1158201444&hub.verify_token=verify-me")),
+            meta.handshake(Some(
+                "hub.mode=subscribe&hub.challenge=1158201444&hub.verify_token=verify-me"
+            )),
             Ok("1158201444".into())
         );
         assert!(matches!(
-            meta.handshake(Some("hub.mode=subscribe&hub.challenge=1&hub.verify_token=nope")),
+            meta.handshake(Some(
+                "hub.mode=subscribe&hub.challenge=1&hub.verify_token=nope"
+            )),
             Err(WebhookError::Forbidden(_))
         ));
     }
@@ -645,12 +695,32 @@ mod tests {
     fn the_window_rules() {
         let now = Utc::now();
         let hours = |h| Some(now - Duration::hours(h));
-        assert_eq!(window_rule("whatsapp", hours(2), now, false), Ok(WindowRule::FreeText));
-        assert_eq!(window_rule("whatsapp", hours(30), now, true), Ok(WindowRule::Template));
-        assert!(window_rule("whatsapp", hours(30), now, false).unwrap_err().contains("24-hour"));
-        assert_eq!(window_rule("messenger", hours(23), now, false), Ok(WindowRule::FreeText));
-        assert_eq!(window_rule("instagram", hours(100), now, false), Ok(WindowRule::HumanAgentTag));
-        assert!(window_rule("messenger", hours(24 * 8), now, false).unwrap_err().contains("7-day"));
+        assert_eq!(
+            window_rule("whatsapp", hours(2), now, false),
+            Ok(WindowRule::FreeText)
+        );
+        assert_eq!(
+            window_rule("whatsapp", hours(30), now, true),
+            Ok(WindowRule::Template)
+        );
+        assert!(
+            window_rule("whatsapp", hours(30), now, false)
+                .unwrap_err()
+                .contains("24-hour")
+        );
+        assert_eq!(
+            window_rule("messenger", hours(23), now, false),
+            Ok(WindowRule::FreeText)
+        );
+        assert_eq!(
+            window_rule("instagram", hours(100), now, false),
+            Ok(WindowRule::HumanAgentTag)
+        );
+        assert!(
+            window_rule("messenger", hours(24 * 8), now, false)
+                .unwrap_err()
+                .contains("7-day")
+        );
         assert!(window_rule("messenger", None, now, false).is_err());
     }
 }

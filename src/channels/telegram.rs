@@ -96,7 +96,10 @@ struct Contact {
 impl Telegram {
     /// Files are fetched with `getFile`; the URL names the file id for whoever downloads it.
     fn file_url(&self, file_id: &str) -> String {
-        format!("{}/bot<token>/getFile?file_id={file_id}", self.account.api_url)
+        format!(
+            "{}/bot<token>/getFile?file_id={file_id}",
+            self.account.api_url
+        )
     }
 }
 
@@ -283,15 +286,27 @@ mod tests {
         };
         assert_eq!(message.provider_message_id, "123456:10000");
         assert_eq!(message.from.address, "1111111");
-        assert_eq!(message.from.name.as_deref(), Some("Test Firstname Test Lastname"));
+        assert_eq!(
+            message.from.name.as_deref(),
+            Some("Test Firstname Test Lastname")
+        );
         assert_eq!(message.customer.language.as_deref(), Some("en"));
         assert_eq!(message.validate(), Ok(()));
     }
 
     #[test]
     fn the_secret_token_is_checked() {
-        assert!(matches!(receive(None, UPDATE), Err(WebhookError::Unauthenticated(_))));
-        assert!(matches!(receive(Some("wrong"), UPDATE), Err(WebhookError::Forbidden(_))));
-        assert!(matches!(receive(Some("s3cret-token"), "{"), Err(WebhookError::Malformed(_))));
+        assert!(matches!(
+            receive(None, UPDATE),
+            Err(WebhookError::Unauthenticated(_))
+        ));
+        assert!(matches!(
+            receive(Some("wrong"), UPDATE),
+            Err(WebhookError::Forbidden(_))
+        ));
+        assert!(matches!(
+            receive(Some("s3cret-token"), "{"),
+            Err(WebhookError::Malformed(_))
+        ));
     }
 }

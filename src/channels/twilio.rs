@@ -72,7 +72,8 @@ fn verify(
         return false;
     };
     // Constant time: a signature cannot be guessed byte by byte.
-    signing_mac(auth_token.expose(), url, params).is_some_and(|mac| mac.verify_slice(&given).is_ok())
+    signing_mac(auth_token.expose(), url, params)
+        .is_some_and(|mac| mac.verify_slice(&given).is_ok())
 }
 
 /// `whatsapp:+1415…` → (`whatsapp`, `+1415…`); `+1415…` → (`sms`, `+1415…`).
@@ -125,7 +126,10 @@ impl Webhook for Twilio {
             .map(|(name, value)| (name.as_str(), value.as_str()))
             .collect();
         let field = |name: &str| required(&form, name);
-        if form.get("AccountSid").is_some_and(|sid| *sid != self.account.account_sid) {
+        if form
+            .get("AccountSid")
+            .is_some_and(|sid| *sid != self.account.account_sid)
+        {
             return Err(WebhookError::Forbidden(
                 "AccountSid is not this account's".into(),
             ));
@@ -136,10 +140,15 @@ impl Webhook for Twilio {
             let Some(state) = status_of(status) else {
                 return Ok(Vec::new());
             };
-            let error = form.get("ErrorCode").filter(|code| !code.is_empty()).map(|code| {
-                let message = form.get("ErrorMessage").copied().unwrap_or_default();
-                format!("twilio error {code} ({status}) {message}").trim().to_owned()
-            });
+            let error = form
+                .get("ErrorCode")
+                .filter(|code| !code.is_empty())
+                .map(|code| {
+                    let message = form.get("ErrorMessage").copied().unwrap_or_default();
+                    format!("twilio error {code} ({status}) {message}")
+                        .trim()
+                        .to_owned()
+                });
             return Ok(vec![Inbound::Status(StatusUpdate {
                 channel: channel.into(),
                 provider_message_id: sid.to_owned(),
@@ -180,7 +189,13 @@ impl Webhook for Twilio {
                 });
             }
         }
-        for extra in ["FromCity", "FromState", "FromCountry", "MessagingServiceSid", "WaId"] {
+        for extra in [
+            "FromCity",
+            "FromState",
+            "FromCountry",
+            "MessagingServiceSid",
+            "WaId",
+        ] {
             if let Some(value) = form.get(extra) {
                 message
                     .metadata
@@ -236,7 +251,10 @@ impl AccountSender for Twilio {
     }
 
     fn serves(&self, _channel: &str, our_address: &str) -> bool {
-        self.account.numbers.iter().any(|number| number == our_address)
+        self.account
+            .numbers
+            .iter()
+            .any(|number| number == our_address)
     }
 }
 
@@ -292,9 +310,22 @@ mod tests {
             ("From", "+12349013030"),
             ("To", "+18005551212"),
         ]);
-        assert_eq!(signature("12345", url, &params), "0/KCTR6DLpKmkAf8muzZqo1nDgQ=");
-        assert!(verify(&Secret::new("12345"), url, &params, "0/KCTR6DLpKmkAf8muzZqo1nDgQ="));
-        assert!(!verify(&Secret::new("54321"), url, &params, "0/KCTR6DLpKmkAf8muzZqo1nDgQ="));
+        assert_eq!(
+            signature("12345", url, &params),
+            "0/KCTR6DLpKmkAf8muzZqo1nDgQ="
+        );
+        assert!(verify(
+            &Secret::new("12345"),
+            url,
+            &params,
+            "0/KCTR6DLpKmkAf8muzZqo1nDgQ="
+        ));
+        assert!(!verify(
+            &Secret::new("54321"),
+            url,
+            &params,
+            "0/KCTR6DLpKmkAf8muzZqo1nDgQ="
+        ));
     }
 
     /// An inbound MMS shaped like Twilio's documented webhook; the signature was made by
@@ -306,12 +337,17 @@ mod tests {
     fn inbound_mms_is_normalised() {
         let twilio = Twilio::new(account());
         let headers = signed(INBOUND_SIGNATURE);
-        let items = twilio.receive(&request(&headers, INBOUND.as_bytes())).unwrap();
+        let items = twilio
+            .receive(&request(&headers, INBOUND.as_bytes()))
+            .unwrap();
         let [Inbound::Message(message)] = items.as_slice() else {
             panic!("{items:?}");
         };
         assert_eq!(message.channel, "sms");
-        assert_eq!(message.provider_message_id, "SM1f0e8ae6ade43cb3c0ce4525424e404f");
+        assert_eq!(
+            message.provider_message_id,
+            "SM1f0e8ae6ade43cb3c0ce4525424e404f"
+        );
         assert_eq!(message.from.address, "+14155550123");
         assert_eq!(message.to.as_ref().unwrap().address, "+14155550100");
         assert_eq!(message.text, "Hello, my order has not arrived");
@@ -359,7 +395,10 @@ mod tests {
         let [Inbound::Message(message)] = items.as_slice() else {
             panic!("{items:?}");
         };
-        assert_eq!((message.channel.as_str(), message.from.address.as_str()), ("whatsapp", "+14155550123"));
+        assert_eq!(
+            (message.channel.as_str(), message.from.address.as_str()),
+            ("whatsapp", "+14155550123")
+        );
         assert_eq!(message.from.name.as_deref(), Some("Ann"));
 
         let failed = pairs(&[

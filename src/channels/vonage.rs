@@ -155,7 +155,10 @@ pub fn sign(secret: &str, api_key: &str, iat: i64, body: &[u8]) -> String {
         return String::new();
     };
     mac.update(signing_input.as_bytes());
-    format!("{signing_input}.{}", url.encode(mac.finalize().into_bytes()))
+    format!(
+        "{signing_input}.{}",
+        url.encode(mac.finalize().into_bytes())
+    )
 }
 
 impl Webhook for Vonage {
@@ -256,7 +259,10 @@ impl ChannelSender for Vonage {
         let request = self
             .client
             .post(format!("{}/v1/messages", self.account.api_url))
-            .basic_auth(&self.account.api_key, Some(self.account.api_secret.expose()))
+            .basic_auth(
+                &self.account.api_key,
+                Some(self.account.api_secret.expose()),
+            )
             .json(&body);
         let answer = call("vonage", request)
             .await
@@ -271,7 +277,10 @@ impl AccountSender for Vonage {
     }
 
     fn serves(&self, _channel: &str, our_address: &str) -> bool {
-        self.account.numbers.iter().any(|number| number == our_address)
+        self.account
+            .numbers
+            .iter()
+            .any(|number| number == our_address)
     }
 }
 
@@ -340,13 +349,29 @@ mod tests {
     #[test]
     fn bad_tokens_are_refused() {
         let now = Utc::now().timestamp();
-        assert!(matches!(receive(None, INBOUND), Err(WebhookError::Unauthenticated(_))));
+        assert!(matches!(
+            receive(None, INBOUND),
+            Err(WebhookError::Unauthenticated(_))
+        ));
         let wrong_secret = sign("other", "abcd1234", now, INBOUND.as_bytes());
-        assert!(matches!(receive(Some(&wrong_secret), INBOUND), Err(WebhookError::Forbidden(_))));
+        assert!(matches!(
+            receive(Some(&wrong_secret), INBOUND),
+            Err(WebhookError::Forbidden(_))
+        ));
         let other_body = sign("signature-secret", "abcd1234", now, STATUS.as_bytes());
         let error = receive(Some(&other_body), INBOUND).unwrap_err();
         assert!(error.to_string().contains("payload_hash"), "{error}");
-        let stale = sign("signature-secret", "abcd1234", now - 3600, INBOUND.as_bytes());
-        assert!(receive(Some(&stale), INBOUND).unwrap_err().to_string().contains("iat"));
+        let stale = sign(
+            "signature-secret",
+            "abcd1234",
+            now - 3600,
+            INBOUND.as_bytes(),
+        );
+        assert!(
+            receive(Some(&stale), INBOUND)
+                .unwrap_err()
+                .to_string()
+                .contains("iat")
+        );
     }
 }

@@ -211,7 +211,10 @@ fn required(
         Some(secret) if !secret.expose().is_empty() => Ok(secret.clone()),
         _ => Err(invalid(
             &format!("{place}.{key}"),
-            format!("required (set it from the environment: {env}__{})", key.to_uppercase()),
+            format!(
+                "required (set it from the environment: {env}__{})",
+                key.to_uppercase()
+            ),
         )),
     }
 }

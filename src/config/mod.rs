@@ -866,7 +866,10 @@ mod tests {
         .unwrap();
         let settings = load(
             Some(&path),
-            env(&[("SWITCHBOARD__CHANNELS__TWILIO__MAIN__AUTH_TOKEN", "tw-s3cret")]),
+            env(&[(
+                "SWITCHBOARD__CHANNELS__TWILIO__MAIN__AUTH_TOKEN",
+                "tw-s3cret",
+            )]),
         )
         .unwrap();
         let twilio = &settings.channels.twilio[0];
@@ -883,17 +886,26 @@ mod tests {
             "{error}"
         );
         let cases = [
-            ("[channels.twilio.main]\naccount_sid = \"AC1\"\nauth_token = \"x\"\n", "public_url"),
+            (
+                "[channels.twilio.main]\naccount_sid = \"AC1\"\nauth_token = \"x\"\n",
+                "public_url",
+            ),
             (
                 "[channels.twilio.main]\naccount_sid = \"AC1\"\nauth_token = \"x\"\npublic_url = \"https://a/b\"\nnumbers = [\"0155\"]\n",
                 "must be E.164",
             ),
-            ("[channels.meta.main]\napp_secret = \"a\"\n", "whatsapp_phone_number_ids"),
+            (
+                "[channels.meta.main]\napp_secret = \"a\"\n",
+                "whatsapp_phone_number_ids",
+            ),
             (
                 "[channels.telegram.main]\nbot_token = \"nocolon\"\nsecret_token = \"s\"\n",
                 "is not a bot token",
             ),
-            ("[channels.vonage.main]\napi_key = \"k\"\napi_secret = \"s\"\n", "signature_secret"),
+            (
+                "[channels.vonage.main]\napi_key = \"k\"\napi_secret = \"s\"\n",
+                "signature_secret",
+            ),
         ];
         for (extra, expected) in cases {
             std::fs::write(&path, extra).unwrap();
@@ -901,7 +913,10 @@ mod tests {
                 .err()
                 .map(|e| e.to_string())
                 .unwrap_or_default();
-            assert!(error.contains(expected), "{extra:?}: `{expected}` in `{error}`");
+            assert!(
+                error.contains(expected),
+                "{extra:?}: `{expected}` in `{error}`"
+            );
         }
     }
 

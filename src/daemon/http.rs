@@ -395,7 +395,11 @@ async fn webhook(
     for item in &items {
         if let Inbound::Message(message) = item {
             message.validate().map_err(|error| {
-                refused(&provider, &account, WebhookError::Malformed(error.to_string()))
+                refused(
+                    &provider,
+                    &account,
+                    WebhookError::Malformed(error.to_string()),
+                )
             })?;
         }
     }

@@ -20,9 +20,9 @@ use ulid::Ulid;
 use super::events;
 use super::hub::AgentHub;
 use super::metrics::Metrics;
+use crate::channels::{DeliveryState, StatusUpdate};
 use crate::config::{OutboundSection, Secret};
 use crate::routing::AgentId;
-use crate::channels::{DeliveryState, StatusUpdate};
 use crate::store::{Direction, Store, StoreError, StoredMessage};
 
 /// Why a send failed, and whether trying again may help.
@@ -164,13 +164,23 @@ impl Outbound {
         };
         let current = reply.delivery_status.as_deref().unwrap_or("pending");
         let (status, kind) = match update.state {
-            DeliveryState::Delivered if matches!(current, "pending" | "sent") => ("delivered", None),
+            DeliveryState::Delivered if matches!(current, "pending" | "sent") => {
+                ("delivered", None)
+            }
             DeliveryState::Failed if current != "failed" => {
                 ("failed", Some("message.delivery_failed"))
             }
             _ => return Ok(()),
         };
-        record(&self.context, &reply, status, None, kind, update.error.as_deref()).await
+        record(
+            &self.context,
+            &reply,
+            status,
+            None,
+            kind,
+            update.error.as_deref(),
+        )
+        .await
     }
 }
 

@@ -195,7 +195,10 @@ impl Daemon {
     pub async fn conversations(&self) -> Vec<Value> {
         let (status, listed) = self.get("/v1/admin/conversations", ADMIN).await;
         assert_eq!(status, 200, "{listed}");
-        listed["conversations"].as_array().cloned().unwrap_or_default()
+        listed["conversations"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// A conversation's messages as its agent sees them.
