@@ -129,7 +129,7 @@ impl Channels {
                 "twilio",
                 &account.name,
                 adapter.clone(),
-                adapter,
+                &(adapter as Arc<dyn AccountSender>),
                 &["sms", "whatsapp"],
             );
         }
@@ -139,7 +139,7 @@ impl Channels {
                 "vonage",
                 &account.name,
                 adapter.clone(),
-                adapter,
+                &(adapter as Arc<dyn AccountSender>),
                 &["sms", "whatsapp"],
             );
         }
@@ -149,7 +149,7 @@ impl Channels {
                 "meta",
                 &account.name,
                 adapter.clone(),
-                adapter,
+                &(adapter as Arc<dyn AccountSender>),
                 &["whatsapp", "messenger", "instagram"],
             );
         }
@@ -159,7 +159,7 @@ impl Channels {
                 "telegram",
                 &account.name,
                 adapter.clone(),
-                adapter,
+                &(adapter as Arc<dyn AccountSender>),
                 &["telegram"],
             );
         }
@@ -171,7 +171,7 @@ impl Channels {
         provider: &str,
         account: &str,
         webhook: Arc<dyn Webhook>,
-        sender: Arc<dyn AccountSender>,
+        sender: &Arc<dyn AccountSender>,
         channels: &[&str],
     ) {
         self.webhooks
@@ -202,11 +202,14 @@ impl Channels {
     }
 
     /// Webhooks only (the HTTP side keeps these; senders go to the delivery worker).
-    pub fn split(self) -> (Webhooks, Vec<(String, Arc<dyn ChannelSender>)>) {
+    pub fn split(self) -> (Webhooks, Senders) {
         let webhooks = Webhooks(Arc::new(self.webhooks.clone()));
         (webhooks, self.senders().collect())
     }
 }
+
+/// Each channel's sender, for the delivery worker.
+pub type Senders = Vec<(String, Arc<dyn ChannelSender>)>;
 
 /// The webhooks of every account, by (provider, account name); cheap to clone.
 #[derive(Debug, Clone, Default)]

@@ -107,7 +107,7 @@ fn verify_jwt(
         .map_err(|_| unauthorized("bad signature encoding"))?;
     let mut mac = Hmac::<Sha256>::new_from_slice(account.signature_secret.expose().as_bytes())
         .map_err(|_| unauthorized("unusable secret"))?;
-    mac.update(token[..header_and_payload_len(token)].as_bytes());
+    mac.update(&token.as_bytes()[..header_and_payload_len(token)]);
     mac.verify_slice(&signature)
         .map_err(|_| unauthorized("signature does not match the signature secret"))?;
     let claims: Claims = url

@@ -117,6 +117,10 @@ pub fn document() -> Value {
         "info": { "title": "switchboard", "version": env!("CARGO_PKG_VERSION"), "description": "Omnichannel contact-centre router." },
         "paths": {
             "/v1/messages": { "post": ingest },
+            "/v1/webhooks/{provider}/{account}": {
+                "get": { "summary": "Meta's subscription handshake: answers hub.challenge when hub.verify_token matches", "responses": { "200": { "description": "the challenge" }, "403": { "description": "wrong verify token" }, "404": { "description": "no such account" } } },
+                "post": { "summary": "A provider's signed delivery (twilio, vonage, meta, telegram): answered 200 only after every message in it is stored", "responses": { "200": { "description": "stored (Twilio: empty TwiML)" }, "400": { "description": "malformed delivery" }, "401": { "description": "signature missing" }, "403": { "description": "signature wrong" }, "404": { "description": "no such account" }, "503": { "description": "not stored; retry" } } }
+            },
             "/v1/agents/{agent}": { "get": agent_get },
             "/v1/agents/{agent}/presence": { "put": presence },
             "/v1/agents/{agent}/conversations": { "get": { "summary": "My offers and assigned conversations", "security": [{ "agentToken": [] }], "parameters": [{ "$ref": "#/components/parameters/agent" }], "responses": error_responses() } },
