@@ -52,7 +52,7 @@ async fn post_signed(daemon: &Daemon, body: &Value) -> (u16, String) {
         .await
 }
 
-fn whatsapp(messages: Value) -> Value {
+fn whatsapp(messages: &Value) -> Value {
     json!({
         "object": "whatsapp_business_account",
         "entry": [{ "id": "102290129340398", "changes": [{ "field": "messages", "value": {
@@ -116,7 +116,7 @@ async fn handshake_signatures_and_several_messages_per_delivery() {
     assert_eq!(response.status(), 403);
 
     let mut alice = available(&daemon).await;
-    let delivery = whatsapp(json!([
+    let delivery = whatsapp(&json!([
         wa_text("16505551234", "wamid.A1", now(), "first customer"),
         wa_text("16505550000", "wamid.B1", now(), "second customer"),
     ]));
@@ -200,7 +200,7 @@ async fn the_24_hour_window_decides_how_a_reply_goes() {
     );
 
     // A WhatsApp customer from two days ago, no template configured: the agent is told why.
-    let old = whatsapp(json!([wa_text(
+    let old = whatsapp(&json!([wa_text(
         "16505551234",
         "wamid.OLD",
         now() - 2 * 86_400,
@@ -243,7 +243,7 @@ async fn whatsapp_outside_the_window_uses_the_template() {
         .await;
     let daemon = Daemon::start(&meta_config(&graph.uri(), true));
     let mut alice = available(&daemon).await;
-    let old = whatsapp(json!([wa_text(
+    let old = whatsapp(&json!([wa_text(
         "16505551234",
         "wamid.OLD2",
         now() - 2 * 86_400,
@@ -317,7 +317,7 @@ async fn sms_then_whatsapp_is_one_conversation_and_the_reply_goes_to_whatsapp() 
         .command(json!({ "type": "accept", "conversation_id": conversation }))
         .await;
 
-    let delivery = whatsapp(json!([wa_text(
+    let delivery = whatsapp(&json!([wa_text(
         "16505551234",
         "wamid.CROSS",
         now(),
