@@ -6,6 +6,9 @@
 //!   posts N distinct messages and prints one JSON line: messages/s and latency percentiles of the
 //!   HTTP answer; with `--agents` (their WebSockets opened with `demo-<id>-token`) also the latency
 //!   from sending a message to its offer or assignment reaching an agent (ingest → offer).
+//!   `--kind twilio --secret S --public-url U` posts signed Twilio SMS webhooks to
+//!   `/v1/webhooks/twilio/bench` instead, `--kind whatsapp --secret S` signed WhatsApp Cloud API
+//!   deliveries to `/v1/webhooks/meta/bench`: the same message, through each adapter.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
@@ -74,6 +77,9 @@ async fn drive(args: &[String]) {
     let concurrency: usize = arg(args, "--concurrency").map_or(32, |n| n.parse().unwrap());
     let rate: Option<f64> = arg(args, "--rate").map(|r| r.parse().unwrap());
     let run = arg(args, "--run").unwrap_or_else(|| ulid::Ulid::new().to_string());
+    let kind = Arc::new(Kind::from_args(args));
+    // Phone numbers must be new in every run (a known number joins its open conversation).
+    let area = 200 + rand::random_range(0..700u32);
     // The offer push can arrive before the HTTP answer naming its conversation: whichever of the two
     // comes second records the latency (send time → push time).
     let sent_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
@@ -164,6 +170,7 @@ async fn drive(args: &[String]) {
             sent_at,
             pushed_at,
             offer_latencies,
+            kind,
         ) = (
             client.clone(),
             url.clone(),
@@ -175,6 +182,7 @@ async fn drive(args: &[String]) {
             sent_at.clone(),
             pushed_at.clone(),
             offer_latencies.clone(),
+            kind.clone(),
         );
         tasks.push(tokio::spawn(async move {
             loop {
@@ -187,12 +195,9 @@ async fn drive(args: &[String]) {
                     let due = started + Duration::from_secs_f64(index as f64 / rate);
                     tokio::time::sleep_until(due.into()).await;
                 }
-                let body = json!({
-                    "channel": "api", "provider": "load", "provider_message_id": format!("{run}-{index}"),
-                    "from": { "address": format!("load-{run}-{index}") }, "text": "Hello, I need help with my order please."
-                });
+                let request = kind.request(&client, &url, &token, &run, area, index);
                 let begun = Instant::now();
-                let response = client.post(format!("{url}/v1/messages")).bearer_auth(&token).json(&body).send().await;
+                let response = request.send().await;
                 match response {
                     Ok(response) if response.status().is_success() => {
                         let elapsed = begun.elapsed().as_secs_f64() * 1000.0;
@@ -202,9 +207,15 @@ async fn drive(args: &[String]) {
                         {
                             let pushed = pushed_at.lock().unwrap().remove(conversation);
                             match pushed {
-                                Some(at) => offer_latencies.lock().unwrap().push((at - begun).as_secs_f64() * 1000.0),
+                                Some(at) => offer_latencies
+                                    .lock()
+                                    .unwrap()
+                                    .push((at - begun).as_secs_f64() * 1000.0),
                                 None => {
-                                    sent_at.lock().unwrap().insert(conversation.to_owned(), begun);
+                                    sent_at
+                                        .lock()
+                                        .unwrap()
+                                        .insert(conversation.to_owned(), begun);
                                 }
                             }
                         }
@@ -243,5 +254,93 @@ async fn drive(args: &[String]) {
     );
     for listener in listeners {
         listener.abort();
+    }
+}
+
+const TEXT: &str = "Hello, I need help with my order please.";
+
+/// What the load posts: the generic API message, or the same message as a signed provider webhook.
+#[derive(Debug)]
+enum Kind {
+    Api,
+    Twilio { secret: String, public_url: String },
+    Whatsapp { secret: String },
+}
+
+impl Kind {
+    fn from_args(args: &[String]) -> Kind {
+        let secret = || arg(args, "--secret").expect("--secret");
+        match arg(args, "--kind").as_deref() {
+            None | Some("api") => Kind::Api,
+            Some("twilio") => Kind::Twilio {
+                secret: secret(),
+                public_url: arg(args, "--public-url").expect("--public-url"),
+            },
+            Some("whatsapp") => Kind::Whatsapp { secret: secret() },
+            Some(other) => panic!("unknown --kind {other}"),
+        }
+    }
+
+    fn request(
+        &self,
+        client: &reqwest::Client,
+        url: &str,
+        token: &str,
+        run: &str,
+        area: u32,
+        index: usize,
+    ) -> reqwest::RequestBuilder {
+        let phone = format!("1{area}{index:07}");
+        match self {
+            Kind::Api => {
+                let body = json!({
+                    "channel": "api", "provider": "load", "provider_message_id": format!("{run}-{index}"),
+                    "from": { "address": format!("load-{run}-{index}") }, "text": TEXT
+                });
+                client
+                    .post(format!("{url}/v1/messages"))
+                    .bearer_auth(token)
+                    .json(&body)
+            }
+            Kind::Twilio { secret, public_url } => {
+                let form: Vec<(String, String)> = [
+                    ("MessageSid", format!("SM{run}{index}")),
+                    ("AccountSid", "ACbench".to_owned()),
+                    ("From", format!("+{phone}")),
+                    ("To", "+14155550100".to_owned()),
+                    ("Body", TEXT.to_owned()),
+                    ("NumMedia", "0".to_owned()),
+                    ("SmsStatus", "received".to_owned()),
+                    ("ApiVersion", "2010-04-01".to_owned()),
+                ]
+                .into_iter()
+                .map(|(name, value)| (name.to_owned(), value))
+                .collect();
+                let signature = switchboard::channels::twilio::signature(secret, public_url, &form);
+                client
+                    .post(format!("{url}/v1/webhooks/twilio/bench"))
+                    .header("x-twilio-signature", signature)
+                    .form(&form)
+            }
+            Kind::Whatsapp { secret } => {
+                let body = json!({
+                    "object": "whatsapp_business_account",
+                    "entry": [{ "id": "102290129340398", "changes": [{ "field": "messages", "value": {
+                        "messaging_product": "whatsapp",
+                        "metadata": { "display_phone_number": "15550783881", "phone_number_id": "106540352242922" },
+                        "contacts": [{ "profile": { "name": "Load" }, "wa_id": phone }],
+                        "messages": [{ "from": phone, "id": format!("wamid.{run}{index}"),
+                            "timestamp": "1749416383", "type": "text", "text": { "body": TEXT } }],
+                    }}]}]
+                })
+                .to_string();
+                let signature = switchboard::channels::meta::signature(secret, body.as_bytes());
+                client
+                    .post(format!("{url}/v1/webhooks/meta/bench"))
+                    .header("x-hub-signature-256", signature)
+                    .header("content-type", "application/json")
+                    .body(body)
+            }
+        }
     }
 }

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bus;
+pub mod channels;
 pub mod config;
 pub mod daemon;
 pub mod message;

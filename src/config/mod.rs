@@ -5,6 +5,7 @@
 //! `SWITCHBOARD__AUTH__ADMIN_TOKENS`). Secrets are [`Secret`]s: they never print, in logs or in
 //! `check-config`.
 
+pub mod channels;
 pub mod routing_file;
 
 use std::collections::BTreeMap;
@@ -75,6 +76,8 @@ pub struct ConfigFile {
     pub log: LogSection,
     #[serde(default)]
     pub bus: BusSection,
+    #[serde(default)]
+    pub channels: channels::ChannelsSection,
     pub routing: RoutingSection,
     #[serde(default)]
     pub queues: Vec<QueueSection>,
@@ -333,6 +336,8 @@ pub struct Settings {
     pub outbound: OutboundSection,
     pub log: LogSection,
     pub bus: BusSection,
+    /// Provider accounts of the SMS and social channels.
+    pub channels: channels::ChannelSettings,
     pub routing: RoutingConfig,
     /// The effective file, for `check-config` (secrets serialise masked).
     pub file: ConfigFile,
@@ -415,6 +420,7 @@ pub fn settings_from(file: ConfigFile) -> Result<Settings, ConfigLoadError> {
         return Err(invalid("log.format", "must be text or json"));
     }
     validate_bus(&file.bus)?;
+    let channels = channels::validate(&file.channels)?;
     let routing = routing_file::build_routing(
         &file.routing,
         &file.queues,
@@ -462,6 +468,7 @@ pub fn settings_from(file: ConfigFile) -> Result<Settings, ConfigLoadError> {
         outbound: file.outbound.clone(),
         log: file.log.clone(),
         bus: file.bus.clone(),
+        channels,
         routing,
         file,
     })
@@ -846,6 +853,71 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(error.contains("sqlite or postgres"), "{error}");
+    }
+
+    #[test]
+    fn channel_accounts_take_secrets_from_env_and_incomplete_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("channels.toml");
+        std::fs::write(
+            &path,
+            "[channels.twilio.main]\naccount_sid = \"AC123\"\npublic_url = \"https://sb.example.com/v1/webhooks/twilio/main\"\nnumbers = [\"+14155550100\"]\n",
+        )
+        .unwrap();
+        let settings = load(
+            Some(&path),
+            env(&[(
+                "SWITCHBOARD__CHANNELS__TWILIO__MAIN__AUTH_TOKEN",
+                "tw-s3cret",
+            )]),
+        )
+        .unwrap();
+        let twilio = &settings.channels.twilio[0];
+        assert_eq!(twilio.name, "main");
+        assert!(twilio.auth_token.matches("tw-s3cret"));
+        assert_eq!(twilio.api_url, "https://api.twilio.com");
+        let printed = format!("{}{:?}", settings.effective_toml(), settings);
+        assert!(!printed.contains("tw-s3cret"), "a secret leaked: {printed}");
+
+        let error = load(Some(&path), env(&[])).unwrap_err().to_string();
+        assert!(
+            error.contains("channels.twilio.main.auth_token")
+                && error.contains("SWITCHBOARD__CHANNELS__TWILIO__MAIN__AUTH_TOKEN"),
+            "{error}"
+        );
+        let cases = [
+            (
+                "[channels.twilio.main]\naccount_sid = \"AC1\"\nauth_token = \"x\"\n",
+                "public_url",
+            ),
+            (
+                "[channels.twilio.main]\naccount_sid = \"AC1\"\nauth_token = \"x\"\npublic_url = \"https://a/b\"\nnumbers = [\"0155\"]\n",
+                "must be E.164",
+            ),
+            (
+                "[channels.meta.main]\napp_secret = \"a\"\n",
+                "whatsapp_phone_number_ids",
+            ),
+            (
+                "[channels.telegram.main]\nbot_token = \"nocolon\"\nsecret_token = \"s\"\n",
+                "is not a bot token",
+            ),
+            (
+                "[channels.vonage.main]\napi_key = \"k\"\napi_secret = \"s\"\n",
+                "signature_secret",
+            ),
+        ];
+        for (extra, expected) in cases {
+            std::fs::write(&path, extra).unwrap();
+            let error = load(Some(&path), env(&[]))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                error.contains(expected),
+                "{extra:?}: `{expected}` in `{error}`"
+            );
+        }
     }
 
     #[test]

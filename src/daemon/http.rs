@@ -25,6 +25,7 @@ use super::engine::{AgentAction, EngineError};
 use super::hub::AgentHub;
 use super::metrics::BusStates;
 use super::views;
+use crate::channels::{Inbound, WebhookAnswer, WebhookError, WebhookRequest, Webhooks};
 use crate::config::AuthSection;
 use crate::routing::{AgentId, ConversationId, ConversationState};
 use crate::store::{ConversationFilter, ConversationStatus, StoreError};
@@ -40,6 +41,8 @@ pub struct AppState {
     pub reloader: super::Reloader,
     /// Each configured broker's connection state, for `/readyz`.
     pub buses: BusStates,
+    /// The SMS and social providers' webhooks, by (provider, account).
+    pub webhooks: Webhooks,
 }
 
 /// An API error: status, a stable code, and a message for people.
@@ -110,6 +113,10 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/messages", post(ingest))
+        .route(
+            "/v1/webhooks/{provider}/{account}",
+            get(webhook_handshake).post(webhook),
+        )
         .route("/v1/agents/{agent}", get(agent_view))
         .route("/v1/agents/{agent}/presence", put(agent_presence))
         .route("/v1/agents/{agent}/conversations", get(agent_conversations))
@@ -315,6 +322,109 @@ async fn ingest(
         StatusCode::ACCEPTED
     };
     Ok((status, Json(views::Receipt::from(&receipt))).into_response())
+}
+
+// ----- provider webhooks -----------------------------------------------------------------------
+
+impl From<WebhookError> for ApiError {
+    fn from(error: WebhookError) -> Self {
+        match error {
+            WebhookError::Unauthenticated(reason) => {
+                ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", reason)
+            }
+            WebhookError::Forbidden(reason) => {
+                ApiError::new(StatusCode::FORBIDDEN, "bad_signature", reason)
+            }
+            WebhookError::Malformed(reason) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "malformed_webhook", reason)
+            }
+        }
+    }
+}
+
+fn no_such_webhook(provider: &str, account: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "unknown_webhook",
+        format!("no [channels.{provider}.{account}] is configured"),
+    )
+}
+
+/// Logs a refused delivery without its body (it may hold a customer's words; a forged one is noise).
+fn refused(provider: &str, account: &str, error: WebhookError) -> ApiError {
+    tracing::warn!(provider, account, reason = %error, "webhook refused");
+    error.into()
+}
+
+/// `GET /v1/webhooks/{provider}/{account}`: Meta's subscription handshake.
+async fn webhook_handshake(
+    State(state): State<AppState>,
+    Path((provider, account)): Path<(String, String)>,
+    uri: axum::http::Uri,
+) -> ApiResult<Response> {
+    let hook = state
+        .webhooks
+        .get(&provider, &account)
+        .ok_or_else(|| no_such_webhook(&provider, &account))?;
+    let challenge = hook
+        .handshake(uri.query())
+        .map_err(|error| refused(&provider, &account, error))?;
+    Ok(challenge.into_response())
+}
+
+/// `POST /v1/webhooks/{provider}/{account}`: a provider's delivery. Signature first; then every
+/// message takes the one intake path and every status is recorded; 2xx only once all are stored
+/// (a failure answers 503 and the provider retries; what was stored is deduplicated then).
+async fn webhook(
+    State(state): State<AppState>,
+    Path((provider, account)): Path<(String, String)>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let received = Instant::now();
+    let hook = state
+        .webhooks
+        .get(&provider, &account)
+        .ok_or_else(|| no_such_webhook(&provider, &account))?;
+    state.actions.intake_open()?;
+    let bytes = body.map_err(|rejection| body_rejection(&rejection))?;
+    let items = hook
+        .receive(&WebhookRequest {
+            query: uri.query(),
+            headers: &headers,
+            body: &bytes,
+            now: chrono::Utc::now(),
+        })
+        .map_err(|error| refused(&provider, &account, error))?;
+    // Check every message before storing any, so a bad one leaves nothing half-stored.
+    for item in &items {
+        if let Inbound::Message(message) = item {
+            message.validate().map_err(|error| {
+                refused(
+                    &provider,
+                    &account,
+                    WebhookError::Malformed(error.to_string()),
+                )
+            })?;
+        }
+    }
+    for item in items {
+        match item {
+            Inbound::Message(message) => {
+                state.actions.ingest(*message, received).await?;
+            }
+            Inbound::Status(update) => state.actions.outbound.provider_status(&update).await?,
+        }
+    }
+    Ok(match hook.answer() {
+        WebhookAnswer::EmptyTwiml => (
+            [(header::CONTENT_TYPE, "text/xml")],
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response></Response>",
+        )
+            .into_response(),
+        WebhookAnswer::Empty => StatusCode::OK.into_response(),
+    })
 }
 
 // ----- agents -----------------------------------------------------------------------------------

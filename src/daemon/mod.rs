@@ -149,6 +149,9 @@ pub async fn start(settings: Settings, source: ConfigSource) -> Result<Daemon, D
         "api".into(),
         Arc::new(outbound::ApiChannel::new(&settings.outbound)),
     );
+    let (webhooks, channel_senders) =
+        crate::channels::Channels::build(&settings.channels, &store).split();
+    senders.extend(channel_senders);
     // A channel handed to the buses is delivered by another system, in place of an adapter.
     senders.extend(buses.channels.iter().cloned());
     let (outbound, outbound_task) = outbound::start(outbound::OutboundContext {
@@ -211,6 +214,7 @@ pub async fn start(settings: Settings, source: ConfigSource) -> Result<Daemon, D
         auth,
         reloader: reload.clone(),
         buses: buses.states.clone(),
+        webhooks,
     };
     let app = http::router(state, settings.body_limit_bytes).layer(
         tower_http::timeout::TimeoutLayer::with_status_code(

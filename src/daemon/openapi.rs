@@ -176,6 +176,10 @@ pub fn document() -> Value {
         "paths": {
             "/v1/openapi.json": { "get": { "summary": "This document", "responses": { "200": { "description": "OpenAPI 3.1", "content": { "application/json": {} } } } } },
             "/v1/messages": { "post": ingest },
+            "/v1/webhooks/{provider}/{account}": {
+                "get": { "summary": "Meta's subscription handshake: answers hub.challenge when hub.verify_token matches", "responses": { "200": { "description": "the challenge" }, "403": { "$ref": "#/components/responses/Error" }, "404": { "$ref": "#/components/responses/Error" } } },
+                "post": { "summary": "A provider's signed delivery (twilio, vonage, meta, telegram): answered 200 only after every message in it is stored", "responses": { "200": { "description": "stored (Twilio: empty TwiML)" }, "400": { "$ref": "#/components/responses/Error" }, "401": { "$ref": "#/components/responses/Error" }, "403": { "$ref": "#/components/responses/Error" }, "404": { "$ref": "#/components/responses/Error" }, "503": { "$ref": "#/components/responses/Error" } } }
+            },
             "/v1/agents/{agent}": { "get": agent_get },
             "/v1/agents/{agent}/presence": { "put": presence },
             "/v1/agents/{agent}/conversations": { "get": agent_conversations },

@@ -14,15 +14,16 @@ use hmac::{Hmac, Mac};
 use serde_json::json;
 use sha2::Sha256;
 use tokio::sync::{Notify, mpsc};
-use tracing::warn;
+use tracing::{debug, warn};
 use ulid::Ulid;
 
 use super::events;
 use super::hub::AgentHub;
 use super::metrics::Metrics;
+use crate::channels::{DeliveryState, StatusUpdate};
 use crate::config::{OutboundSection, Secret};
 use crate::routing::AgentId;
-use crate::store::{Direction, Store, StoredMessage};
+use crate::store::{Direction, Store, StoreError, StoredMessage};
 
 /// Why a send failed, and whether trying again may help.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,15 +137,50 @@ pub fn classify(
     })
 }
 
-/// Queues replies for delivery; cheap to clone.
+/// Queues replies for delivery and records what providers report of them; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Outbound {
     queue: mpsc::UnboundedSender<Ulid>,
+    context: OutboundContext,
 }
 
 impl Outbound {
     pub fn deliver(&self, message: Ulid) {
         let _ = self.queue.send(message);
+    }
+
+    /// A provider's status callback for one of our replies: `delivered` is recorded (no event: the
+    /// brief has no `message.delivered`), a failure becomes `message.delivery_failed` with the
+    /// provider's error. Statuses only move forward; an id that is not one of our replies is ignored.
+    pub async fn provider_status(&self, update: &StatusUpdate) -> Result<(), StoreError> {
+        let Some(reply) = self
+            .context
+            .store
+            .outbound_by_provider_id(&update.channel, &update.provider_message_id)
+            .await?
+        else {
+            debug!(id = %update.provider_message_id, "status of a message that is not one of our replies");
+            return Ok(());
+        };
+        let current = reply.delivery_status.as_deref().unwrap_or("pending");
+        let (status, kind) = match update.state {
+            DeliveryState::Delivered if matches!(current, "pending" | "sent") => {
+                ("delivered", None)
+            }
+            DeliveryState::Failed if current != "failed" => {
+                ("failed", Some("message.delivery_failed"))
+            }
+            _ => return Ok(()),
+        };
+        record(
+            &self.context,
+            &reply,
+            status,
+            None,
+            kind,
+            update.error.as_deref(),
+        )
+        .await
     }
 }
 
@@ -162,6 +198,10 @@ pub struct OutboundContext {
 /// hold up the others.
 pub fn start(context: OutboundContext) -> (Outbound, tokio::task::JoinHandle<()>) {
     let (queue, mut receiver) = mpsc::unbounded_channel::<Ulid>();
+    let outbound = Outbound {
+        queue,
+        context: context.clone(),
+    };
     let worker = tokio::spawn(async move {
         let mut deliveries = tokio::task::JoinSet::new();
         while let Some(message) = receiver.recv().await {
@@ -170,7 +210,7 @@ pub fn start(context: OutboundContext) -> (Outbound, tokio::task::JoinHandle<()>
         }
         while deliveries.join_next().await.is_some() {}
     });
-    (Outbound { queue }, worker)
+    (outbound, worker)
 }
 
 async fn deliver(context: OutboundContext, id: Ulid) {
@@ -200,35 +240,55 @@ async fn deliver(context: OutboundContext, id: Ulid) {
             None,
         ),
     };
-    let event = events::message_delivery(
-        kind,
-        reply.conversation_id,
-        reply.id,
-        &channel,
+    if let Err(error) = record(
+        &context,
+        &reply,
+        status,
+        provider_id,
+        Some(kind),
         detail.as_deref(),
-        Utc::now(),
-    );
-    if let Err(error) = context
-        .store
-        .set_delivery_status(reply.id, status, provider_id, vec![event])
-        .await
+    )
+    .await
     {
         warn!(%error, message = %id, "cannot record a delivery status");
-        return;
     }
+}
+
+/// Stores a reply's delivery status with its event (if any), then tells the relay, the metrics and
+/// the agent who wrote it.
+async fn record(
+    context: &OutboundContext,
+    reply: &StoredMessage,
+    status: &str,
+    provider_id: Option<String>,
+    kind: Option<&str>,
+    detail: Option<&str>,
+) -> Result<(), StoreError> {
+    let events = kind
+        .map(|kind| {
+            events::message_delivery(
+                kind,
+                reply.conversation_id,
+                reply.id,
+                &reply.channel,
+                detail,
+                Utc::now(),
+            )
+        })
+        .into_iter()
+        .collect();
+    context
+        .store
+        .set_delivery_status(reply.id, status, provider_id, events)
+        .await?;
     context.outbox_written.notify_one();
-    if status == "sent" {
-        context
-            .metrics
-            .messages_sent
-            .with_label_values(&[&channel])
-            .inc();
-    } else {
-        context
-            .metrics
-            .messages_failed
-            .with_label_values(&[&channel])
-            .inc();
+    let counter = match status {
+        "sent" => Some(&context.metrics.messages_sent),
+        "failed" => Some(&context.metrics.messages_failed),
+        _ => None,
+    };
+    if let Some(counter) = counter {
+        counter.with_label_values(&[&reply.channel]).inc();
     }
     if let Some(agent) = &reply.agent_id {
         context.hub.push(
@@ -236,6 +296,7 @@ async fn deliver(context: OutboundContext, id: Ulid) {
             &json!({ "type": "reply_status", "conversation_id": reply.conversation_id.to_string(), "message_id": reply.id.to_string(), "status": status, "reason": detail }),
         );
     }
+    Ok(())
 }
 
 async fn send_with_retries(

@@ -339,6 +339,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     async fn message(&self, id: Ulid) -> Result<Option<StoredMessage>, StoreError>;
 
+    /// The outbound message a provider knows by this id on this channel (for its status callbacks).
+    async fn outbound_by_provider_id(
+        &self,
+        channel: &str,
+        provider_message_id: &str,
+    ) -> Result<Option<StoredMessage>, StoreError>;
+
     /// The oldest unpublished events, in outbox order.
     async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxEvent>, StoreError>;
 

@@ -1731,6 +1731,30 @@ impl Store for PostgresStore {
         .await
     }
 
+    async fn outbound_by_provider_id(
+        &self,
+        channel: &str,
+        provider_message_id: &str,
+    ) -> Result<Option<StoredMessage>, StoreError> {
+        let (channel, provider_message_id) = (channel.to_owned(), provider_message_id.to_owned());
+        self.read(|client| {
+            let (channel, provider_message_id) = (channel.clone(), provider_message_id.clone());
+            Box::pin(async move {
+                let statement = client
+                    .prepare_cached(&format!(
+                        "SELECT {MESSAGE_COLUMNS} FROM messages
+                         WHERE channel = $1 AND provider_message_id = $2 AND direction = 'outbound'"
+                    ))
+                    .await?;
+                let row = client
+                    .query_opt(&statement, &[&channel, &provider_message_id])
+                    .await?;
+                Ok(row.as_ref().map(decode_message).transpose()?)
+            })
+        })
+        .await
+    }
+
     async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxEvent>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.read(|client| {

@@ -1300,6 +1300,22 @@ fn message_by_id(conn: &Connection, id: Ulid) -> Result<Option<StoredMessage>, S
         .transpose()
 }
 
+fn outbound_by_provider_id_read(
+    conn: &Connection,
+    channel: &str,
+    provider_message_id: &str,
+) -> Result<Option<StoredMessage>, StoreError> {
+    let sql = format!(
+        "SELECT {MESSAGE_COLUMNS} FROM messages
+         WHERE channel = ?1 AND provider_message_id = ?2 AND direction = 'outbound'"
+    );
+    conn.prepare_cached(&sql)?
+        .query_row(params![channel, provider_message_id], MessageRow::read)
+        .optional()?
+        .map(MessageRow::decode)
+        .transpose()
+}
+
 fn pending_replies_read(conn: &Connection) -> Result<Vec<Ulid>, StoreError> {
     let ids = conn
         .prepare_cached(
@@ -1531,6 +1547,16 @@ impl Store for SqliteStore {
 
     async fn message(&self, id: Ulid) -> Result<Option<StoredMessage>, StoreError> {
         self.read(move |conn| message_by_id(conn, id)).await
+    }
+
+    async fn outbound_by_provider_id(
+        &self,
+        channel: &str,
+        provider_message_id: &str,
+    ) -> Result<Option<StoredMessage>, StoreError> {
+        let (channel, provider_message_id) = (channel.to_owned(), provider_message_id.to_owned());
+        self.read(move |conn| outbound_by_provider_id_read(conn, &channel, &provider_message_id))
+            .await
     }
 
     async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxEvent>, StoreError> {

@@ -170,6 +170,49 @@ impl Daemon {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// Posts a provider's webhook delivery as the provider would: raw body, its own headers.
+    pub async fn webhook(
+        &self,
+        path: &str,
+        content_type: &str,
+        headers: &[(&str, String)],
+        body: &str,
+    ) -> (u16, String) {
+        let mut request = self
+            .http
+            .post(self.url(path))
+            .header("content-type", content_type)
+            .body(body.to_owned());
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap_or_default())
+    }
+
+    /// The conversations the admin API lists (newest first).
+    pub async fn conversations(&self) -> Vec<Value> {
+        let (status, listed) = self.get("/v1/admin/conversations", ADMIN).await;
+        assert_eq!(status, 200, "{listed}");
+        listed["conversations"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// A conversation's messages as its agent sees them.
+    pub async fn history(&self, agent: &str, conversation: &str) -> Vec<Value> {
+        let (status, history) = self
+            .get(
+                &format!("/v1/agents/{agent}/conversations/{conversation}/messages"),
+                &agent_token(agent),
+            )
+            .await;
+        assert_eq!(status, 200, "{history}");
+        history["messages"].as_array().cloned().unwrap_or_default()
+    }
+
     pub async fn ingest(&self, message: Value) -> (u16, Value) {
         self.post("/v1/messages", INGEST, message).await
     }
