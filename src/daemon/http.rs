@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use ulid::Ulid;
 
 use super::actions::{self, Actions, AgentCommand, Refusal, RefusalKind, parse_id};
-use super::engine::{AgentAction, EngineError};
+use super::engine::EngineError;
 use super::hub::AgentHub;
 use super::metrics::BusStates;
 use crate::config::AuthSection;
@@ -124,6 +124,7 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
             get(admin_conversation),
         )
         .route("/v1/admin/reload", post(admin_reload))
+        .route("/v1/admin/cluster", get(admin_cluster))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
@@ -521,11 +522,7 @@ async fn agent_socket(state: AppState, agent: AgentId, socket: WebSocket) {
     }
     if state.hub.disconnect(&agent, connection) {
         // The desktop's last connection is gone: its pending offers go to someone else.
-        let _ = state
-            .actions
-            .engine
-            .agent(agent, AgentAction::Disconnected)
-            .await;
+        let _ = state.actions.agent_disconnected(&agent).await;
     }
 }
 
@@ -665,4 +662,62 @@ async fn admin_reload(State(state): State<AppState>, headers: HeaderMap) -> ApiR
         ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_config", error)
     })?;
     Ok(Json(json!({ "reloaded": true })))
+}
+
+/// `GET /v1/admin/cluster`: the instances, who leads under which epoch, and what waits for the
+/// leader. A single node lists itself as the leader.
+async fn admin_cluster(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    require_admin(&state, &headers)?;
+    let leadership = &state.actions.engine;
+    let store = &state.actions.store;
+    let this = json!({
+        "node_id": leadership.node(),
+        "leader": leadership.is_leader(),
+        "epoch": leadership.epoch(),
+    });
+    if !leadership.clustered() {
+        return Ok(Json(json!({
+            "clustered": false,
+            "this": this,
+            "leader": leadership.node(),
+            "epoch": 0,
+            "forwarding_backlog": 0,
+            "members": [{ "node_id": leadership.node(), "role": "leader" }],
+        })));
+    }
+    let lease = store.lease().await?;
+    let members = store.members().await?;
+    let backlog = store.forwarding_backlog().await?;
+    let now = chrono::Utc::now();
+    let leader = lease.holder.clone().filter(|_| lease.live);
+    let members: Vec<Value> = members
+        .iter()
+        .map(|member| {
+            let role = if leader.as_deref() == Some(member.node.as_str()) {
+                "leader"
+            } else {
+                "follower"
+            };
+            json!({
+                "node_id": member.node,
+                "address": member.address,
+                "role": role,
+                "started_at": member.started_at.to_rfc3339(),
+                "last_heartbeat": member.heartbeat_at.to_rfc3339(),
+                "heartbeat_age_ms": now.signed_duration_since(member.heartbeat_at).num_milliseconds(),
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "clustered": true,
+        "this": this,
+        "leader": leader,
+        "epoch": lease.epoch,
+        "lease_expires_at": lease.expires_at.map(|at| at.to_rfc3339()),
+        "forwarding_backlog": backlog,
+        "members": members,
+    })))
 }

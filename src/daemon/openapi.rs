@@ -133,8 +133,9 @@ pub fn document() -> Value {
             "/v1/admin/conversations": { "get": conversations },
             "/v1/admin/conversations/{conversation}": { "get": conversation },
             "/v1/admin/reload": { "post": operation("Reload the configuration (as SIGHUP); an invalid one is refused and the old one kept", "adminToken", "200") },
+            "/v1/admin/cluster": { "get": operation("Cluster: members and their last heartbeat, the leader, its epoch, the forwarding backlog", "adminToken", "200") },
             "/healthz": { "get": { "summary": "Liveness", "responses": { "200": { "description": "alive" } } } },
-            "/readyz": { "get": { "summary": "Readiness: recovery done and store writable", "responses": { "200": { "description": "ready" }, "503": { "description": "not ready" } } } },
+            "/readyz": { "get": { "summary": "Readiness: able to take intake (store writable; a single node after recovery)", "responses": { "200": { "description": "ready" }, "503": { "description": "not ready" } } } },
             "/metrics": { "get": { "summary": "Prometheus metrics (text format)", "responses": { "200": { "description": "metrics" } } } }
         },
         "components": {
