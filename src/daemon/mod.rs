@@ -2,7 +2,9 @@
 //! the HTTP API together, and takes them down in order on shutdown.
 //!
 //! Start: open the store (migrations) → recover the router (replaying unrouted messages) → re-queue
-//! pending replies → serve. Ready (`/readyz`) only after recovery. Stop: intake answers 503, in-flight
+//! pending replies → serve. Ready (`/readyz`) only after recovery. On PostgreSQL the instance serves
+//! intake at once as a follower, and recovers the router only when it takes the lease
+//! (`cluster.rs`); a leader that stops releases the lease. Stop: intake answers 503, in-flight
 //! requests finish, the engine routes what it had queued and the dispatcher commits it, the relay
 //! publishes what it can, the store drains its writer.
 
