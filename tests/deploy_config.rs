@@ -9,9 +9,9 @@ fn repo_file(name: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|error| panic!("{}: {error}", path.display()))
 }
 
-/// The `switchboard.toml: |` block of the ConfigMap, unindented.
-fn configmap_toml() -> String {
-    let yaml = repo_file("deploy/k8s/configmap.yaml");
+/// The `switchboard.toml: |` block of a ConfigMap, unindented.
+fn configmap_toml_of(file: &str) -> String {
+    let yaml = repo_file(file);
     let mut lines = yaml
         .lines()
         .skip_while(|line| line.trim() != "switchboard.toml: |");
@@ -26,9 +26,17 @@ fn configmap_toml() -> String {
         .join("\n")
 }
 
+fn configmap_toml() -> String {
+    configmap_toml_of("deploy/k8s/configmap.yaml")
+}
+
 /// The `SWITCHBOARD__*` keys of the Secret's stringData, with their placeholder values.
 fn secret_environment() -> Vec<(String, String)> {
-    repo_file("deploy/k8s/secret.yaml")
+    secret_environment_of("deploy/k8s/secret.yaml")
+}
+
+fn secret_environment_of(file: &str) -> Vec<(String, String)> {
+    repo_file(file)
         .lines()
         .filter_map(|line| {
             let (key, value) = line.trim().split_once(": ")?;
@@ -73,6 +81,56 @@ fn kubernetes_configmap_and_secret_load() {
             .any(|t| t.matches("demo-admin-token")),
         "no demo token off loopback"
     );
+}
+
+#[test]
+fn highly_available_deployment_runs_three_instances_on_postgres() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("switchboard.toml");
+    std::fs::write(&file, configmap_toml_of("deploy/k8s-ha/configmap.yaml")).unwrap();
+    let mut environment = secret_environment_of("deploy/k8s-ha/secret.yaml");
+    // The Deployment sets the node id from the pod's name.
+    environment.push((
+        "SWITCHBOARD__CLUSTER__NODE_ID".into(),
+        "switchboard-7d9f-abcde".into(),
+    ));
+    let settings = switchboard::config::load(Some(&file), environment).unwrap();
+    assert!(
+        matches!(
+            &settings.store,
+            switchboard::config::StoreSettings::Postgres(options)
+                if options.schema == "switchboard"
+        ),
+        "{:?}",
+        settings.store
+    );
+    assert_eq!(settings.cluster.node_id, "switchboard-7d9f-abcde");
+    assert!(settings.cluster.lease_ttl >= 2 * settings.cluster.renew_every);
+    assert!(
+        !settings.store.describe().contains("REPLACE-ME"),
+        "the password is never shown"
+    );
+
+    let deployment = repo_file("deploy/k8s-ha/deployment.yaml");
+    assert!(deployment.contains("replicas: 3"), "{deployment}");
+    assert!(deployment.contains("SWITCHBOARD__CLUSTER__NODE_ID"));
+    assert!(
+        !deployment.contains("persistentVolumeClaim"),
+        "the instances share the database, not a volume"
+    );
+    let budget = repo_file("deploy/k8s-ha/pdb.yaml");
+    assert!(budget.contains("kind: PodDisruptionBudget"));
+    assert!(budget.contains("minAvailable: 2"));
+    let kustomization = repo_file("deploy/k8s-ha/kustomization.yaml");
+    for resource in [
+        "deployment.yaml",
+        "pdb.yaml",
+        "postgres-service.yaml",
+        "configmap.yaml",
+        "service.yaml",
+    ] {
+        assert!(kustomization.contains(resource), "{resource}");
+    }
 }
 
 #[test]

@@ -17,8 +17,8 @@ use switchboard::message::{Address, IdentityLink, InboundMessage};
 use switchboard::store::postgres::{PostgresOptions, PostgresStore};
 use switchboard::store::sqlite::{SCHEMA_VERSION, SqliteOptions, SqliteStore};
 use switchboard::store::{
-    ConversationFilter, ConversationStatus, Direction, IngestOutcome, NewEvent, NewReply,
-    RoutingWrite, Store, StoreError,
+    AgentPush, ConversationFilter, ConversationStatus, Direction, IngestOutcome, NewEvent,
+    NewReply, RoutingWrite, Store, StoreError,
 };
 use tempfile::TempDir;
 use ulid::Ulid;
@@ -852,6 +852,11 @@ async fn stale_epoch_is_fenced(backend: Backend) {
             routed_messages: vec![message.message],
             events: vec![event("conversation.assigned", Some(conversation))],
             epoch: 1,
+            pushes: vec![AgentPush {
+                agent_id: "agent-1".into(),
+                document: json!({"type": "offer"}),
+            }],
+            node: "old-leader".into(),
         }))
         .await;
     assert!(
@@ -869,6 +874,7 @@ async fn stale_epoch_is_fenced(backend: Backend) {
     assert!(recovery.agents.is_empty());
     assert!(recovery.queues.is_empty());
     assert_eq!(recovery.unrouted.len(), 1);
+    assert!(store.pushes_after(0, 10).await.unwrap().is_empty());
     // The thread still matches (the fenced close did not happen).
     assert_eq!(
         ingest(store, sms("SM2", PHONE, "?")).await.conversation,
@@ -1338,6 +1344,7 @@ async fn data_survives_reopen(backend: Backend) {
             routed_messages: vec![inbound.message],
             events: vec![event("conversation.queued", Some(inbound.conversation))],
             epoch: 4,
+            ..RoutingWrite::default()
         }))
         .await
         .unwrap();

@@ -78,6 +78,7 @@ pub struct ConfigFile {
     pub bus: BusSection,
     #[serde(default)]
     pub channels: channels::ChannelsSection,
+    pub cluster: ClusterSection,
     pub routing: RoutingSection,
     #[serde(default)]
     pub queues: Vec<QueueSection>,
@@ -322,6 +323,87 @@ impl Default for AmqpSection {
     }
 }
 
+/// Several instances on one PostgreSQL database (ignored on SQLite: a single node always leads).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// This instance's name in the cluster; default: the host name and the process id.
+    #[serde(default)]
+    pub node_id: Option<String>,
+    /// How long the router's lease lasts unless renewed; a dead leader is replaced after this.
+    pub lease_ttl_ms: u64,
+    /// How often the leader renews its lease (and every instance sends its heartbeat).
+    pub renew_every_ms: u64,
+    /// How often unrouted messages, forwarded commands and pushes are read even without a
+    /// notification (a missed notification delays by at most this).
+    pub poll_every_ms: u64,
+    /// How long a follower waits for the leader to answer a forwarded agent command (then 503).
+    pub command_timeout_ms: u64,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            node_id: None,
+            lease_ttl_ms: 3000,
+            renew_every_ms: 1000,
+            poll_every_ms: 500,
+            command_timeout_ms: 5000,
+        }
+    }
+}
+
+/// The cluster section, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSettings {
+    pub node_id: String,
+    pub lease_ttl: Duration,
+    pub renew_every: Duration,
+    pub poll_every: Duration,
+    pub command_timeout: Duration,
+}
+
+fn cluster_settings(section: &ClusterSection) -> Result<ClusterSettings, ConfigLoadError> {
+    let node_id = match &section.node_id {
+        Some(node) => {
+            let node = node.trim();
+            if node.is_empty() || node.len() > 200 {
+                return Err(invalid("cluster.node_id", "must be 1 to 200 characters"));
+            }
+            node.to_owned()
+        }
+        None => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|name| name.trim().to_owned())
+                .filter(|name| !name.is_empty())
+                .unwrap_or_else(|| "switchboard".into());
+            format!("{host}-{}", std::process::id())
+        }
+    };
+    if section.renew_every_ms == 0 || section.poll_every_ms == 0 || section.command_timeout_ms == 0
+    {
+        return Err(invalid(
+            "cluster",
+            "renew_every_ms, poll_every_ms and command_timeout_ms must be above 0",
+        ));
+    }
+    // The leader must renew a few times per lease, or one slow renewal loses leadership.
+    if section.lease_ttl_ms < 2 * section.renew_every_ms {
+        return Err(invalid(
+            "cluster.lease_ttl_ms",
+            "must be at least twice renew_every_ms",
+        ));
+    }
+    Ok(ClusterSettings {
+        node_id,
+        lease_ttl: Duration::from_millis(section.lease_ttl_ms),
+        renew_every: Duration::from_millis(section.renew_every_ms),
+        poll_every: Duration::from_millis(section.poll_every_ms),
+        command_timeout: Duration::from_millis(section.command_timeout_ms),
+    })
+}
+
 /// Validated settings, ready to run.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -338,6 +420,7 @@ pub struct Settings {
     pub bus: BusSection,
     /// Provider accounts of the SMS and social channels.
     pub channels: channels::ChannelSettings,
+    pub cluster: ClusterSettings,
     pub routing: RoutingConfig,
     /// The effective file, for `check-config` (secrets serialise masked).
     pub file: ConfigFile,
@@ -421,6 +504,7 @@ pub fn settings_from(file: ConfigFile) -> Result<Settings, ConfigLoadError> {
     }
     validate_bus(&file.bus)?;
     let channels = channels::validate(&file.channels)?;
+    let cluster = cluster_settings(&file.cluster)?;
     let routing = routing_file::build_routing(
         &file.routing,
         &file.queues,
@@ -469,6 +553,7 @@ pub fn settings_from(file: ConfigFile) -> Result<Settings, ConfigLoadError> {
         log: file.log.clone(),
         bus: file.bus.clone(),
         channels,
+        cluster,
         routing,
         file,
     })

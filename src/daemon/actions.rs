@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use ulid::Ulid;
 
-use super::engine::{AgentAction, EngineError, EngineHandle, Ingested};
+use super::cluster::{self, Forwarded, Leadership};
+use super::engine::{AgentAction, EngineError, Ingested};
 use super::metrics::Metrics;
 use super::outbound::Outbound;
 use super::persist::parse_presence;
@@ -105,6 +106,11 @@ impl From<EngineError> for Refusal {
                 "shutting_down",
                 "switchboard is shutting down",
             ),
+            EngineError::NotLeader => Refusal::new(
+                RefusalKind::Unavailable,
+                "not_leader",
+                "this instance does not run the router now; retry (on the leader, or later)",
+            ),
         }
     }
 }
@@ -113,7 +119,8 @@ impl From<EngineError> for Refusal {
 /// intake is still open.
 #[derive(Debug, Clone)]
 pub struct Actions {
-    pub engine: EngineHandle,
+    /// The router, while this instance leads.
+    pub engine: Leadership,
     pub store: Arc<dyn Store>,
     pub metrics: Metrics,
     pub outbound: Outbound,
@@ -221,7 +228,44 @@ impl Actions {
     }
 
     /// Runs one agent command (from REST, the WebSocket or a bus) and returns its result document.
+    /// A follower hands it to the leader through the store and waits for the answer.
     pub async fn agent_command(
+        &self,
+        agent: &AgentId,
+        command: AgentCommand,
+    ) -> Result<Value, Refusal> {
+        if self.engine.clustered() && !self.engine.is_leader() {
+            return cluster::forward(
+                self.store.as_ref(),
+                &self.engine,
+                agent,
+                Forwarded::Command(command),
+            )
+            .await;
+        }
+        self.agent_command_here(agent, command).await
+    }
+
+    /// The agent's last desktop connection closed: its pending offers go to someone else.
+    pub async fn agent_disconnected(&self, agent: &AgentId) -> Result<(), Refusal> {
+        if self.engine.clustered() && !self.engine.is_leader() {
+            cluster::forward(
+                self.store.as_ref(),
+                &self.engine,
+                agent,
+                Forwarded::Disconnected,
+            )
+            .await?;
+            return Ok(());
+        }
+        self.engine
+            .agent(agent.clone(), AgentAction::Disconnected)
+            .await?;
+        Ok(())
+    }
+
+    /// Runs an agent command with this instance's router (the leader's, or a single node's).
+    pub async fn agent_command_here(
         &self,
         agent: &AgentId,
         command: AgentCommand,

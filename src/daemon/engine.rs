@@ -32,7 +32,9 @@ use crate::routing::{
     AgentId, Command, CommandError, ConversationId, Effect, MessageId, OfferEnd, Presence,
     QueueName, Router, RoutingConfig, TimerQueue, Timestamp, TransferTarget,
 };
-use crate::store::{ConversationStatus, NewEvent, RoutingWrite, Store, StoreError, StoredMessage};
+use crate::store::{
+    AgentPush, ConversationStatus, NewEvent, RoutingWrite, Store, StoreError, StoredMessage,
+};
 
 /// The wall clock, read only here at the edge: milliseconds since the Unix epoch.
 pub fn wall_clock() -> Timestamp {
@@ -57,6 +59,9 @@ pub enum EngineError {
     Store(#[from] StoreError),
     #[error("the routing engine has stopped")]
     Stopped,
+    /// Several instances: another instance runs the router now.
+    #[error("this instance does not run the router now")]
+    NotLeader,
 }
 
 /// What an agent (or a system acting for one) asks of the router.
@@ -97,6 +102,12 @@ enum Request {
         reply: oneshot::Sender<Result<(), EngineError>>,
     },
     Inspect(Inspection),
+    /// Stored messages not yet routed (several instances: another instance took them in), read
+    /// from the store at `read_started`.
+    PickUp {
+        messages: Vec<StoredMessage>,
+        read_started: Instant,
+    },
     Stop,
 }
 
@@ -113,6 +124,7 @@ impl std::fmt::Debug for Request {
             Request::Agent { .. } => "Agent",
             Request::Reload { .. } => "Reload",
             Request::Inspect(_) => "Inspect",
+            Request::PickUp { .. } => "PickUp",
             Request::Stop => "Stop",
         })
     }
@@ -170,6 +182,21 @@ impl EngineHandle {
         answer.await.map_err(|_| EngineError::Stopped)
     }
 
+    /// Hands stored, unrouted messages to the router (those it is routing already are skipped).
+    pub async fn pick_up(
+        &self,
+        messages: Vec<StoredMessage>,
+        read_started: Instant,
+    ) -> Result<(), EngineError> {
+        self.requests
+            .send(Request::PickUp {
+                messages,
+                read_started,
+            })
+            .await
+            .map_err(|_| EngineError::Stopped)
+    }
+
     /// Stops the engine after everything queued before was handled and committed.
     pub async fn stop(&self) {
         let _ = self.requests.send(Request::Stop).await;
@@ -193,6 +220,41 @@ pub struct EngineContext {
     pub metrics: Metrics,
     /// Woken after each commit that wrote events, so the outbox relay publishes promptly.
     pub outbox_written: Arc<Notify>,
+    /// The leadership epoch every routing write carries (0 on a single node).
+    pub epoch: u64,
+    /// Several instances: this node's id. Pushes for agents are then stored with each routing
+    /// write (for the instances holding their connections), agents keep their stored presence on
+    /// recovery (their desktops may be connected to other instances), and messages handed to the
+    /// router are remembered until their routed mark is committed, so a message is routed once
+    /// however often it is picked up.
+    pub cluster_node: Option<String>,
+    /// Woken when the store refused a routing write as fenced (a newer leader exists).
+    pub fenced: Arc<Notify>,
+}
+
+/// Messages handed to the router in this term: `None` until their routed mark is committed, then
+/// when that commit was seen. Pruned once a store read that began after the commit was picked up
+/// (that read already saw them routed).
+type Handed = Arc<std::sync::Mutex<HashMap<Ulid, Option<Instant>>>>;
+
+/// The engine's tasks: the router's task and the dispatcher.
+#[derive(Debug)]
+pub struct EngineTasks {
+    engine: tokio::task::JoinHandle<()>,
+    dispatcher: tokio::task::AbortHandle,
+}
+
+impl EngineTasks {
+    /// Waits for a stopped engine to finish (its dispatcher commits what was decided).
+    pub async fn join(self) {
+        let _ = self.engine.await;
+    }
+
+    /// Stops routing at once: nothing more is decided or committed by this instance.
+    pub fn abort(&self) {
+        self.engine.abort();
+        self.dispatcher.abort();
+    }
 }
 
 /// Rebuilds the router from the store and starts the engine. Returns once recovery is committed;
@@ -200,7 +262,7 @@ pub struct EngineContext {
 pub async fn start(
     routing: RoutingConfig,
     context: EngineContext,
-) -> Result<(EngineHandle, tokio::task::JoinHandle<()>), EngineError> {
+) -> Result<(EngineHandle, EngineTasks), EngineError> {
     let recovery = context.store.recovery().await?;
     let mut snapshot = RouterSnapshot {
         conversations: Vec::with_capacity(recovery.conversations.len()),
@@ -226,9 +288,13 @@ pub async fn start(
     let mut effects = Vec::new();
     // What is stored, to rewrite only what the restore changes.
     let saved = snapshot.clone();
-    for agent in &mut snapshot.agents {
-        // Agents come back offline until their desktop reconnects; their conversations stay theirs.
-        agent.presence = Presence::Offline;
+    if context.cluster_node.is_none() {
+        // Agents come back offline until their desktop reconnects; their conversations stay
+        // theirs. (A takeover in a cluster keeps presence: the desktops on the other instances
+        // are still connected.)
+        for agent in &mut snapshot.agents {
+            agent.presence = Presence::Offline;
+        }
     }
     let router = Router::restore(routing, snapshot, now, &mut effects)?;
     let changed = Changed::since(&router, &saved);
@@ -236,11 +302,13 @@ pub async fn start(
     let rewritten = changed.conversations.len();
     let (requests, receiver) = mpsc::channel(4096);
     let (steps, step_receiver) = mpsc::unbounded_channel();
+    let handed: Option<Handed> = context.cluster_node.as_ref().map(|_| Handed::default());
     let mut engine = Engine {
         router,
         timers: TimerQueue::new(),
         context: context.clone(),
         steps,
+        handed: handed.clone(),
     };
     engine.timers.apply(&effects);
     engine.record(now, effects, Vec::new(), changed, None);
@@ -257,14 +325,21 @@ pub async fn start(
         replayed = unrouted,
         "router state recovered"
     );
-    let dispatcher = tokio::spawn(dispatch(step_receiver, context));
+    let dispatcher = tokio::spawn(dispatch(step_receiver, context, handed));
+    let dispatcher_abort = dispatcher.abort_handle();
     let engine_task = tokio::spawn(async move {
         engine.run(receiver).await;
         // Dropping the engine drops its step sender: the dispatcher commits what is left, then ends.
         drop(engine);
         let _ = dispatcher.await;
     });
-    Ok((EngineHandle { requests }, engine_task))
+    Ok((
+        EngineHandle { requests },
+        EngineTasks {
+            engine: engine_task,
+            dispatcher: dispatcher_abort,
+        },
+    ))
 }
 
 /// A stored state document, parsed straight into its type.
@@ -296,6 +371,8 @@ struct Engine {
     timers: TimerQueue,
     context: EngineContext,
     steps: mpsc::UnboundedSender<Step>,
+    /// Several instances: messages handed to the router this term (see [`Handed`]).
+    handed: Option<Handed>,
 }
 
 impl Engine {
@@ -424,6 +501,22 @@ impl Engine {
                 }
             }
             Request::Inspect(look) => look(&self.router),
+            Request::PickUp {
+                messages,
+                read_started,
+            } => {
+                for stored in messages {
+                    match replay(stored) {
+                        Ok(ingested) => self.route_ingested(&ingested),
+                        Err(reason) => error!(%reason, "skipping an unreadable stored message"),
+                    }
+                }
+                if let Some(handed) = &self.handed
+                    && let Ok(mut handed) = handed.lock()
+                {
+                    handed.retain(|_, committed| committed.is_none_or(|at| at >= read_started));
+                }
+            }
             Request::Stop => {}
         }
     }
@@ -449,6 +542,15 @@ impl Engine {
     /// A stored message reaches the router: a conversation the router holds gets a customer message,
     /// any other is a new arrival (also a conversation the store reopened after the router forgot it).
     fn route_ingested(&mut self, ingested: &Ingested) {
+        if let Some(handed) = &self.handed
+            && let Ok(mut handed) = handed.lock()
+        {
+            if handed.contains_key(&ingested.message_id) {
+                // Already routed (taken in here, or picked up before): once is enough.
+                return;
+            }
+            handed.insert(ingested.message_id, None);
+        }
         let now = wall_clock();
         let conversation = ConversationId(ingested.conversation_id.0);
         let message = MessageId(ingested.message_id.0);
@@ -564,7 +666,7 @@ impl Engine {
         }
         let mut write = RoutingWrite {
             events,
-            epoch: 0,
+            epoch: self.context.epoch,
             ..RoutingWrite::default()
         };
         for conversation in conversations {
@@ -796,7 +898,11 @@ fn keep_last<T, K: std::hash::Hash + Eq>(
 }
 
 /// Commits steps in order (merging whatever queued meanwhile) and only then tells anyone about them.
-async fn dispatch(mut steps: mpsc::UnboundedReceiver<Step>, context: EngineContext) {
+async fn dispatch(
+    mut steps: mpsc::UnboundedReceiver<Step>,
+    context: EngineContext,
+    handed: Option<Handed>,
+) {
     const MAX_MERGED: usize = 1024;
     let mut backoff = Duration::from_millis(50);
     while let Some(first) = steps.recv().await {
@@ -807,7 +913,20 @@ async fn dispatch(mut steps: mpsc::UnboundedReceiver<Step>, context: EngineConte
                 Err(_) => break,
             }
         }
-        let write = Arc::new(merge(&mut batch));
+        let mut write = merge(&mut batch);
+        if let Some(node) = &context.cluster_node {
+            // Agents connected to other instances get these from the store, in commit order.
+            write.node = node.clone();
+            write.pushes = batch
+                .iter()
+                .flat_map(|step| step.effects.iter().filter_map(push_for))
+                .map(|(agent, document)| AgentPush {
+                    agent_id: agent.to_string(),
+                    document,
+                })
+                .collect();
+        }
+        let write = Arc::new(write);
         let has_events = !write.events.is_empty();
         // The router already decided: the commit must happen. Retry until the store is back.
         loop {
@@ -827,6 +946,7 @@ async fn dispatch(mut steps: mpsc::UnboundedReceiver<Step>, context: EngineConte
                         epoch,
                         "a newer router leader exists; this instance's routing writes are refused"
                     );
+                    context.fenced.notify_one();
                     for step in batch {
                         if let Some(reply) = step.reply {
                             let _ =
@@ -842,6 +962,15 @@ async fn dispatch(mut steps: mpsc::UnboundedReceiver<Step>, context: EngineConte
                 }
             }
         }
+        if let Some(handed) = &handed
+            && !write.routed_messages.is_empty()
+            && let Ok(mut handed) = handed.lock()
+        {
+            let committed = Some(Instant::now());
+            for id in &write.routed_messages {
+                handed.insert(*id, committed);
+            }
+        }
         if has_events {
             context.outbox_written.notify_one();
         }
@@ -854,75 +983,104 @@ async fn dispatch(mut steps: mpsc::UnboundedReceiver<Step>, context: EngineConte
     }
 }
 
+/// What an effect pushes to an agent's desktop, if anything. A `message` push names the message;
+/// [`complete_push`] adds its body just before it is pushed.
+pub fn push_for(effect: &Effect) -> Option<(&AgentId, Value)> {
+    let id = |conversation: &ConversationId| events::conversation_ulid(*conversation).to_string();
+    match effect {
+        Effect::Offered {
+            conversation,
+            agent,
+            queue,
+            deadline,
+        } => Some((
+            agent,
+            json!({ "type": "offer", "conversation_id": id(conversation), "queue": queue.as_str(), "deadline": events::millis_to_rfc3339(deadline.0) }),
+        )),
+        Effect::OfferWithdrawn {
+            conversation,
+            agent,
+            reason,
+        } => Some((
+            agent,
+            json!({ "type": "offer_withdrawn", "conversation_id": id(conversation), "reason": offer_end(reason) }),
+        )),
+        Effect::Assigned {
+            conversation,
+            agent,
+            queue,
+            ..
+        } => Some((
+            agent,
+            json!({ "type": "assigned", "conversation_id": id(conversation), "queue": queue.as_str() }),
+        )),
+        Effect::DeliverToAgent {
+            conversation,
+            agent,
+            message,
+        } => Some((
+            agent,
+            json!({ "type": "message", "conversation_id": id(conversation), "message_id": Ulid(message.0).to_string() }),
+        )),
+        Effect::FollowUp {
+            conversation,
+            agent,
+        } => Some((
+            agent,
+            json!({ "type": "follow_up", "conversation_id": id(conversation), "status": "resolved" }),
+        )),
+        Effect::AgentSetAway { agent, .. } => Some((
+            agent,
+            json!({ "type": "presence", "presence": "away", "reason": "missed_offers" }),
+        )),
+        _ => None,
+    }
+}
+
+fn offer_end(reason: &OfferEnd) -> &'static str {
+    match reason {
+        OfferEnd::Rejected => "rejected",
+        OfferEnd::TimedOut => "timed_out",
+        _ => "withdrawn",
+    }
+}
+
+/// A push as the desktop gets it: a `message` push carries the stored message (read here, so the
+/// stored push and the router's step stay small).
+pub async fn complete_push(store: &dyn Store, mut push: Value) -> Value {
+    if push["type"] == "message"
+        && let Some(id) = push["message_id"]
+            .as_str()
+            .and_then(|id| id.parse::<Ulid>().ok())
+    {
+        push["message"] = match store.message(id).await {
+            Ok(Some(stored)) => stored.body,
+            _ => Value::Null,
+        };
+    }
+    push
+}
+
 /// Pushes a committed step's effects to agents' desktops and counts them.
 async fn announce(context: &EngineContext, step: &Step) {
     let metrics = &context.metrics;
     let mut offered_now: HashSet<ConversationId> = HashSet::new();
     for effect in &step.effects {
-        let id =
-            |conversation: &ConversationId| events::conversation_ulid(*conversation).to_string();
+        if let Some((agent, push)) = push_for(effect) {
+            let push = complete_push(context.store.as_ref(), push).await;
+            context.hub.push(agent, &push);
+        }
         match effect {
-            Effect::Offered {
-                conversation,
-                agent,
-                queue,
-                deadline,
-            } => {
+            Effect::Offered { conversation, .. } => {
                 metrics.offers.with_label_values(&["offered"]).inc();
                 offered_now.insert(*conversation);
-                context.hub.push(
-                    agent,
-                    &json!({ "type": "offer", "conversation_id": id(conversation), "queue": queue.as_str(), "deadline": events::millis_to_rfc3339(deadline.0) }),
-                );
             }
-            Effect::OfferWithdrawn {
-                conversation,
-                agent,
-                reason,
-            } => {
-                let result = match reason {
-                    OfferEnd::Rejected => "rejected",
-                    OfferEnd::TimedOut => "timed_out",
-                    _ => "withdrawn",
-                };
-                metrics.offers.with_label_values(&[result]).inc();
-                context.hub.push(agent, &json!({ "type": "offer_withdrawn", "conversation_id": id(conversation), "reason": result }));
+            Effect::OfferWithdrawn { reason, .. } => {
+                metrics.offers.with_label_values(&[offer_end(reason)]).inc();
             }
-            Effect::Assigned {
-                conversation,
-                agent,
-                queue,
-                ..
-            } => {
+            Effect::Assigned { conversation, .. } => {
                 metrics.offers.with_label_values(&["accepted"]).inc();
                 offered_now.insert(*conversation);
-                context.hub.push(agent, &json!({ "type": "assigned", "conversation_id": id(conversation), "queue": queue.as_str() }));
-            }
-            Effect::DeliverToAgent {
-                conversation,
-                agent,
-                message,
-            } => {
-                let body = match context.store.message(Ulid(message.0)).await {
-                    Ok(Some(stored)) => stored.body,
-                    _ => Value::Null,
-                };
-                context.hub.push(
-                    agent,
-                    &json!({ "type": "message", "conversation_id": id(conversation), "message_id": Ulid(message.0).to_string(), "message": body }),
-                );
-            }
-            Effect::FollowUp {
-                conversation,
-                agent,
-            } => {
-                context.hub.push(agent, &json!({ "type": "follow_up", "conversation_id": id(conversation), "status": "resolved" }));
-            }
-            Effect::AgentSetAway { agent, .. } => {
-                context.hub.push(
-                    agent,
-                    &json!({ "type": "presence", "presence": "away", "reason": "missed_offers" }),
-                );
             }
             Effect::Escalated { .. } => metrics.escalations.inc(),
             Effect::Transferred { .. } => metrics.transfers.inc(),

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use ulid::Ulid;
 
 use super::actions::{self, Actions, AgentCommand, Refusal, RefusalKind, parse_id};
-use super::engine::{AgentAction, EngineError};
+use super::engine::EngineError;
 use super::hub::AgentHub;
 use super::metrics::BusStates;
 use super::views;
@@ -137,6 +137,7 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
             get(admin_conversation),
         )
         .route("/v1/admin/reload", post(admin_reload))
+        .route("/v1/admin/cluster", get(admin_cluster))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
@@ -641,11 +642,7 @@ async fn agent_socket(state: AppState, agent: AgentId, socket: WebSocket) {
     }
     if state.hub.disconnect(&agent, connection) {
         // The desktop's last connection is gone: its pending offers go to someone else.
-        let _ = state
-            .actions
-            .engine
-            .agent(agent, AgentAction::Disconnected)
-            .await;
+        let _ = state.actions.agent_disconnected(&agent).await;
     }
 }
 
@@ -797,4 +794,71 @@ async fn admin_reload(
         ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_config", error)
     })?;
     Ok(Json(views::Reloaded { reloaded: true }))
+}
+
+/// `GET /v1/admin/cluster`: the instances, who leads under which epoch, and what waits for the
+/// leader. A single node lists itself as the leader.
+async fn admin_cluster(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> ApiResult<Json<views::Cluster>> {
+    require_admin(&state, &headers)?;
+    let leadership = &state.actions.engine;
+    let store = &state.actions.store;
+    let this = views::ClusterNode {
+        node_id: leadership.node().to_owned(),
+        leader: leadership.is_leader(),
+        epoch: leadership.epoch(),
+    };
+    if !leadership.clustered() {
+        return Ok(Json(views::Cluster {
+            clustered: false,
+            leader: Some(this.node_id.clone()),
+            epoch: 0,
+            lease_expires_at: None,
+            forwarding_backlog: 0,
+            members: vec![views::ClusterMember {
+                node_id: this.node_id.clone(),
+                role: "leader".into(),
+                address: None,
+                started_at: None,
+                last_heartbeat: None,
+                heartbeat_age_ms: None,
+            }],
+            this,
+        }));
+    }
+    let lease = store.lease().await?;
+    let members = store.members().await?;
+    let backlog = store.forwarding_backlog().await?;
+    let now = chrono::Utc::now();
+    let leader = lease.holder.clone().filter(|_| lease.live);
+    let members = members
+        .iter()
+        .map(|member| views::ClusterMember {
+            node_id: member.node.clone(),
+            role: if leader.as_deref() == Some(member.node.as_str()) {
+                "leader"
+            } else {
+                "follower"
+            }
+            .into(),
+            address: Some(member.address.clone()),
+            started_at: Some(member.started_at.to_rfc3339()),
+            last_heartbeat: Some(member.heartbeat_at.to_rfc3339()),
+            heartbeat_age_ms: Some(
+                now.signed_duration_since(member.heartbeat_at)
+                    .num_milliseconds(),
+            ),
+        })
+        .collect();
+    Ok(Json(views::Cluster {
+        clustered: true,
+        this,
+        leader,
+        epoch: lease.epoch,
+        lease_expires_at: lease.expires_at.map(|at| at.to_rfc3339()),
+        forwarding_backlog: backlog,
+        members,
+    }))
 }

@@ -32,6 +32,14 @@ pub struct Metrics {
     pub bus_connected: IntGaugeVec,
     /// Inbound bus messages refused as invalid and dead-lettered, by bus.
     pub bus_dead_lettered: IntCounterVec,
+    /// 1 while this instance holds the router's lease (a single node: always).
+    pub cluster_leader: IntGauge,
+    /// The fencing epoch this instance last led under.
+    pub cluster_epoch: IntGauge,
+    /// How often this instance took the router's lease over.
+    pub cluster_failovers: IntCounter,
+    /// Inbound messages not yet routed plus agent commands not yet run by the leader.
+    pub cluster_forwarding_backlog: IntGauge,
 }
 
 /// The configured brokers' connection states: what `/readyz` reports, kept in the
@@ -148,6 +156,26 @@ impl Metrics {
             "Events written but not yet published.",
         )?;
         registry.register(Box::new(outbox_backlog.clone()))?;
+        let cluster_leader = IntGauge::new(
+            "switchboard_cluster_leader",
+            "1 while this instance runs the router (holds the lease), else 0.",
+        )?;
+        registry.register(Box::new(cluster_leader.clone()))?;
+        let cluster_epoch = IntGauge::new(
+            "switchboard_cluster_epoch",
+            "The fencing epoch this instance last led under.",
+        )?;
+        registry.register(Box::new(cluster_epoch.clone()))?;
+        let cluster_failovers = IntCounter::new(
+            "switchboard_cluster_failovers_total",
+            "Times this instance took the router's lease over.",
+        )?;
+        registry.register(Box::new(cluster_failovers.clone()))?;
+        let cluster_forwarding_backlog = IntGauge::new(
+            "switchboard_cluster_forwarding_backlog",
+            "Inbound messages not yet routed plus agent commands not yet run by the leader.",
+        )?;
+        registry.register(Box::new(cluster_forwarding_backlog.clone()))?;
         let ready = IntGauge::new(
             "switchboard_ready",
             "1 when recovery is done and the store is writable.",
@@ -233,6 +261,10 @@ impl Metrics {
                 &["route", "status"],
             )?,
             ready,
+            cluster_leader,
+            cluster_epoch,
+            cluster_failovers,
+            cluster_forwarding_backlog,
             bus_connected: gauge_vec(
                 &registry,
                 "switchboard_bus_connected",

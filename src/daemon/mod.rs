@@ -2,11 +2,14 @@
 //! the HTTP API together, and takes them down in order on shutdown.
 //!
 //! Start: open the store (migrations) → recover the router (replaying unrouted messages) → re-queue
-//! pending replies → serve. Ready (`/readyz`) only after recovery. Stop: intake answers 503, in-flight
+//! pending replies → serve. Ready (`/readyz`) only after recovery. On PostgreSQL the instance serves
+//! intake at once as a follower, and recovers the router only when it takes the lease
+//! (`cluster.rs`); a leader that stops releases the lease. Stop: intake answers 503, in-flight
 //! requests finish, the engine routes what it had queued and the dispatcher commits it, the relay
 //! publishes what it can, the store drains its writer.
 
 pub mod actions;
+pub mod cluster;
 pub mod engine;
 pub mod events;
 pub mod http;
@@ -130,18 +133,29 @@ async fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, DaemonError> 
 }
 
 /// Starts everything and returns once the daemon is serving and ready.
+///
+/// A single node (SQLite) recovers its router before serving. Several instances (PostgreSQL)
+/// serve intake at once, as followers, and one of them leads (see `cluster.rs`).
 pub async fn start(settings: Settings, source: ConfigSource) -> Result<Daemon, DaemonError> {
     let metrics = metrics::Metrics::new()?;
     let store = open_store(&settings).await?;
+    let clustered = matches!(settings.store, StoreSettings::Postgres(_));
     let hub = Arc::new(hub::AgentHub::default());
     let outbox_written = Arc::new(Notify::new());
-    let context = engine::EngineContext {
+    let leadership = cluster::Leadership::new(
+        settings.routing.clone(),
+        clustered,
+        settings.cluster.clone(),
+    );
+    let engine_context = engine::EngineContext {
         store: store.clone(),
         hub: hub.clone(),
         metrics: metrics.clone(),
         outbox_written: outbox_written.clone(),
+        epoch: 0,
+        cluster_node: clustered.then(|| settings.cluster.node_id.clone()),
+        fenced: Arc::new(Notify::new()),
     };
-    let (engine, engine_task) = engine::start(settings.routing.clone(), context).await?;
 
     let mut buses = Buses::connect(&settings.bus, &metrics).await?;
     let mut senders: HashMap<String, Arc<dyn outbound::ChannelSender>> = HashMap::new();
@@ -162,32 +176,35 @@ pub async fn start(settings: Settings, source: ConfigSource) -> Result<Daemon, D
         settings: settings.outbound.clone(),
         outbox_written: outbox_written.clone(),
     });
-    for reply in store.pending_replies().await? {
-        outbound.deliver(reply);
-    }
 
     let bus = relay::InProcessBus::new();
-    let (stop_relay, relay_stopped) = watch::channel(false);
     let mut event_buses: Vec<Arc<dyn relay::EventBus>> = vec![Arc::new(bus.clone())];
     event_buses.extend(buses.event_buses.iter().cloned());
-    let relay_task = tokio::spawn(relay::run(
-        store.clone(),
-        event_buses,
-        outbox_written,
-        format!("switchboard://{}", settings.listen),
-        metrics.clone(),
-        relay_stopped,
-    ));
+    let term_context = cluster::TermContext {
+        leadership: leadership.clone(),
+        engine: engine_context,
+        outbound: outbound.clone(),
+        buses: event_buses,
+        source: format!("switchboard://{}", settings.listen),
+        actions: Arc::new(std::sync::OnceLock::new()),
+    };
+    // A single node leads from the start, under epoch 0; its recovery comes before serving.
+    let single_term = if clustered {
+        None
+    } else {
+        metrics.cluster_leader.set(1);
+        Some(cluster::Term::begin(&term_context, 0).await?)
+    };
 
     let auth = Arc::new(RwLock::new(settings.auth.clone()));
     let reload = {
-        let (engine, auth) = (engine.clone(), auth.clone());
+        let (leadership, auth) = (leadership.clone(), auth.clone());
         Reloader(Arc::new(move || -> ReloadFuture {
-            let (engine, auth, source) = (engine.clone(), auth.clone(), source.clone());
+            let (leadership, auth, source) = (leadership.clone(), auth.clone(), source.clone());
             Box::pin(async move {
                 let fresh = config::load(source.file.as_deref(), source.environment.clone())
                     .map_err(|error| error.to_string())?;
-                engine
+                leadership
                     .reload(fresh.routing)
                     .await
                     .map_err(|error| error.to_string())?;
@@ -201,12 +218,13 @@ pub async fn start(settings: Settings, source: ConfigSource) -> Result<Daemon, D
     };
     let accepting = Arc::new(AtomicBool::new(true));
     let actions = actions::Actions {
-        engine: engine.clone(),
+        engine: leadership.clone(),
         store: store.clone(),
         metrics: metrics.clone(),
         outbound,
         accepting: accepting.clone(),
     };
+    let _ = term_context.actions.set(actions.clone());
     buses.start_intake(&actions);
     let state = http::AppState {
         actions,
@@ -232,11 +250,20 @@ pub async fn start(settings: Settings, source: ConfigSource) -> Result<Daemon, D
     if let Some(path) = &settings.port_file {
         std::fs::write(path, local_addr.to_string())?;
     }
+    let grace = settings.shutdown_grace;
+    let (stop_cluster, cluster_stopped) = watch::channel(false);
+    let member = clustered.then(|| {
+        tokio::spawn(cluster::run(
+            term_context,
+            local_addr.to_string(),
+            grace,
+            cluster_stopped,
+        ))
+    });
     metrics.ready.set(1);
-    info!(address = %local_addr, store = %settings.store.describe(), "switchboard is ready");
+    info!(address = %local_addr, store = %settings.store.describe(), node = leadership.node(), "switchboard is ready");
 
     let stop = Arc::new(Notify::new());
-    let grace = settings.shutdown_grace;
     let finished = tokio::spawn({
         let stop = stop.clone();
         async move {
@@ -261,10 +288,15 @@ pub async fn start(settings: Settings, source: ConfigSource) -> Result<Daemon, D
             if served.is_err() {
                 warn!("in-flight requests did not finish within the grace period");
             }
-            engine.stop().await;
-            let _ = engine_task.await;
-            let _ = stop_relay.send(true);
-            let _ = tokio::time::timeout(grace, relay_task).await;
+            // The router finishes what was queued and commits it; the relay flushes; a cluster
+            // leader then releases its lease so another instance takes over at once.
+            if let Some(term) = single_term {
+                term.finish(&leadership, grace).await;
+            }
+            if let Some(member) = member {
+                let _ = stop_cluster.send(true);
+                let _ = member.await;
+            }
             buses.close().await;
             outbound_task.abort();
             drop(store);

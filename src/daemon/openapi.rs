@@ -162,6 +162,12 @@ pub fn document() -> Value {
         "200",
         components.response::<views::Reloaded>(),
     );
+    let cluster = operation(
+        "Cluster: members and their last heartbeat, the leader, its epoch, the forwarding backlog",
+        "adminToken",
+        "200",
+        components.response::<views::Cluster>(),
+    );
     let error = components.response::<views::ErrorBody>();
     let text = |description: &str| json!({ "200": { "description": description, "content": { "text/plain": { "schema": { "type": "string" } } } } });
     let mut schemas = components.into_schemas();
@@ -196,6 +202,7 @@ pub fn document() -> Value {
             "/v1/admin/conversations": { "get": conversations },
             "/v1/admin/conversations/{conversation}": { "get": conversation },
             "/v1/admin/reload": { "post": reload },
+            "/v1/admin/cluster": { "get": cluster },
             "/healthz": { "get": { "summary": "Liveness", "responses": { "200": { "description": "alive", "content": { "application/json": { "schema": status } } } } } },
             "/readyz": { "get": { "summary": "Readiness: recovery done and the store writable (`degraded` while a broker is down)", "responses": {
                 "200": { "description": "ready", "content": { "application/json": { "schema": status } } },

@@ -393,6 +393,46 @@ pub struct Reloaded {
     pub reloaded: bool,
 }
 
+/// `GET /v1/admin/cluster`: who leads, under which epoch, and every instance's heartbeat.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Cluster {
+    /// Several instances share one PostgreSQL database (false: a single node, always leader).
+    pub clustered: bool,
+    /// The instance that answered.
+    pub this: ClusterNode,
+    /// The node holding a live lease, if any.
+    pub leader: Option<String>,
+    /// The fencing epoch of the current lease (grows at every takeover).
+    pub epoch: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_expires_at: Option<String>,
+    /// Inbound messages and agent commands stored by followers and not yet handled by the leader.
+    pub forwarding_backlog: u64,
+    pub members: Vec<ClusterMember>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ClusterNode {
+    pub node_id: String,
+    pub leader: bool,
+    pub epoch: u64,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ClusterMember {
+    pub node_id: String,
+    /// `leader` or `follower`.
+    pub role: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_age_ms: Option<i64>,
+}
+
 /// Every error answer: `{"error": {"code", "message"}}`.
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct ErrorBody {

@@ -189,6 +189,66 @@ pub struct RoutingWrite {
     /// The writer's leadership epoch (0 on a single node); the write is refused with `Fenced` if a
     /// newer epoch exists.
     pub epoch: u64,
+    /// Pushes for agents' desktops, stored for the instances that hold their connections
+    /// (several instances only; a single node pushes directly).
+    pub pushes: Vec<AgentPush>,
+    /// The instance writing (`origin` of its pushes).
+    pub node: String,
+}
+
+/// A push for an agent's desktop, stored by the leader for whichever instance holds the agent's
+/// WebSocket (a `message` push carries the message id; the pushing instance adds the body).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentPush {
+    pub agent_id: String,
+    pub document: serde_json::Value,
+}
+
+/// A stored push, as a tailing instance reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredPush {
+    pub position: i64,
+    /// The instance that wrote it (and already pushed it to its own connections).
+    pub origin: String,
+    pub agent_id: String,
+    pub document: serde_json::Value,
+}
+
+/// An agent command taken by a follower, for the leader to run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ForwardedCommand {
+    pub id: Ulid,
+    /// The instance waiting for the answer.
+    pub node: String,
+    pub agent_id: String,
+    /// The command as the wire document (`daemon::cluster::Forwarded`).
+    pub command: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+}
+
+/// One instance of a cluster, as its heartbeat row says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Member {
+    pub node: String,
+    /// Where its HTTP API listens.
+    pub address: String,
+    pub started_at: DateTime<Utc>,
+    pub heartbeat_at: DateTime<Utc>,
+}
+
+/// What a store notification says changed; the reader then reads the store (the truth).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wakeup {
+    /// An inbound message was stored (not yet routed).
+    Inbound,
+    /// A follower forwarded an agent command.
+    Commands,
+    /// The leader stored pushes for agents.
+    Pushes,
+    /// The leader answered this forwarded command.
+    Answer(Ulid),
+    /// The listening connection was re-established: anything may have been missed.
+    Resync,
 }
 
 /// An agent's reply, stored before it is sent.
@@ -383,6 +443,87 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// The lease as stored now.
     async fn lease(&self) -> Result<Lease, StoreError>;
+
+    // Several instances. A single node (SQLite) routes everything itself: these default to what one
+    // instance alone sees.
+
+    /// Inbound messages stored but not yet routed, oldest first (the leader picks them up).
+    async fn unrouted(&self, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
+        let mut unrouted = self.recovery().await?.unrouted;
+        unrouted.truncate(limit);
+        Ok(unrouted)
+    }
+
+    /// Notifications from other instances (`None`: there are none).
+    fn wakeups(&self) -> Option<tokio::sync::broadcast::Receiver<Wakeup>> {
+        None
+    }
+
+    /// Records that `node` is alive and where it listens.
+    async fn heartbeat(
+        &self,
+        _node: &str,
+        _address: &str,
+        _started_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Every instance that sent a heartbeat, by node id.
+    async fn members(&self) -> Result<Vec<Member>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    /// Stores a command for the leader to run (and wakes it).
+    async fn forward_command(&self, _command: ForwardedCommand) -> Result<(), StoreError> {
+        Err(StoreError::Unavailable(
+            "a single node runs its own router: nothing to forward to".into(),
+        ))
+    }
+
+    /// Forwarded commands not answered yet, oldest first.
+    async fn open_commands(&self, _limit: usize) -> Result<Vec<ForwardedCommand>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    /// Stores the answer to a forwarded command (and wakes the instance waiting for it). `false`
+    /// if it was answered already.
+    async fn answer_command(
+        &self,
+        _id: Ulid,
+        _answer: serde_json::Value,
+    ) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+
+    /// The answer to a forwarded command, once there is one.
+    async fn command_answer(&self, _id: Ulid) -> Result<Option<serde_json::Value>, StoreError> {
+        Ok(None)
+    }
+
+    /// Stored pushes after `position`, in order.
+    async fn pushes_after(
+        &self,
+        _position: i64,
+        _limit: usize,
+    ) -> Result<Vec<StoredPush>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    /// The position of the latest stored push (where a starting instance begins to tail).
+    async fn latest_push(&self) -> Result<i64, StoreError> {
+        Ok(0)
+    }
+
+    /// Inbound messages waiting to be routed plus commands waiting for the leader.
+    async fn forwarding_backlog(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+
+    /// Deletes answered commands and pushes older than `age`, and members silent that long.
+    async fn prune_cluster(&self, _age: std::time::Duration) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// A lease's time to live as a calendar duration (refuses absurd ones rather than overflowing).

@@ -48,10 +48,10 @@ use ulid::Ulid;
 use super::IngestRequest;
 use super::sqlite::WriterStats;
 use super::{
-    ConversationFilter, ConversationRecord, ConversationStatus, Direction, IngestOutcome, Lease,
-    NewEvent, NewReply, OutboxEvent, Recovery, ReplyRoute, RoutingWrite, Store, StoreError,
-    StoredMessage, json_text, lease_duration, parse_status, parse_ulid, prefix_error, to_i64,
-    to_u64,
+    ConversationFilter, ConversationRecord, ConversationStatus, Direction, ForwardedCommand,
+    IngestOutcome, Lease, Member, NewEvent, NewReply, OutboxEvent, Recovery, ReplyRoute,
+    RoutingWrite, Store, StoreError, StoredMessage, StoredPush, Wakeup, json_text, lease_duration,
+    parse_status, parse_ulid, prefix_error, to_i64, to_u64,
 };
 use crate::message::InboundMessage;
 
@@ -61,6 +61,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (
         2,
         include_str!("../../migrations/postgres/0002_queue_state.sql"),
+    ),
+    (
+        3,
+        include_str!("../../migrations/postgres/0003_cluster.sql"),
     ),
 ];
 
@@ -159,6 +163,9 @@ pub struct PostgresStore {
 struct Inner {
     target: String,
     pool: Pool,
+    /// Notifications from every instance on this schema (the listener task feeds it).
+    wakeups: tokio::sync::broadcast::Sender<Wakeup>,
+    listener: tokio::task::JoinHandle<()>,
     /// `None` once closed.
     sender: Mutex<Option<mpsc::UnboundedSender<Job>>>,
     writer: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -172,6 +179,88 @@ impl std::fmt::Debug for PostgresStore {
             .field("pool", &self.inner.pool.status())
             .field("stats", &self.stats())
             .finish()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+/// The channel every instance notifies on; the payload starts with the schema, so instances on other
+/// schemas of the same database ignore it.
+const NOTIFY_CHANNEL: &str = "switchboard";
+
+/// Keeps a dedicated connection listening for other instances' notifications, reconnecting when it
+/// is lost. After each (re)connection it announces [`Wakeup::Resync`]: what was sent meanwhile was
+/// missed, and readers look at the store again.
+async fn listen(
+    mut config: tokio_postgres::Config,
+    connect_timeout: Duration,
+    schema: String,
+    wakeups: tokio::sync::broadcast::Sender<Wakeup>,
+) {
+    config.connect_timeout(connect_timeout);
+    let prefix = format!("{schema}|");
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if let Ok((client, mut connection)) = config.connect(NoTls).await {
+            let (lost_tx, mut lost) = oneshot::channel::<()>();
+            let forward = wakeups.clone();
+            let prefix = prefix.clone();
+            let driver = tokio::spawn(async move {
+                while let Some(Ok(message)) =
+                    std::future::poll_fn(|cx| connection.poll_message(cx)).await
+                {
+                    if let tokio_postgres::AsyncMessage::Notification(note) = message
+                        && let Some(wakeup) = note
+                            .payload()
+                            .strip_prefix(prefix.as_str())
+                            .and_then(parse_wakeup)
+                    {
+                        let _ = forward.send(wakeup);
+                    }
+                }
+                let _ = lost_tx.send(());
+            });
+            if client
+                .batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))
+                .await
+                .is_ok()
+            {
+                backoff = Duration::from_millis(100);
+                let _ = wakeups.send(Wakeup::Resync);
+                let _ = (&mut lost).await;
+            }
+            driver.abort();
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// `inbound`, `commands`, `pushes`, `answer|<id>` (after the schema prefix).
+fn parse_wakeup(payload: &str) -> Option<Wakeup> {
+    match payload {
+        "inbound" => Some(Wakeup::Inbound),
+        "commands" => Some(Wakeup::Commands),
+        "pushes" => Some(Wakeup::Pushes),
+        other => other
+            .strip_prefix("answer|")
+            .and_then(|id| id.parse().ok())
+            .map(Wakeup::Answer),
+    }
+}
+
+/// The payload (after the schema prefix) announcing a committed write, if others should wake.
+fn wakeup_payload(write: &Write, written: &Written) -> Option<String> {
+    match (write, written) {
+        (Write::Ingest(_), Written::Ingest(IngestOutcome::Stored { .. })) => Some("inbound".into()),
+        (Write::Routing(routing), _) if !routing.pushes.is_empty() => Some("pushes".into()),
+        (Write::Command(_), _) => Some("commands".into()),
+        (Write::Answer(id, _), Written::Answered(true)) => Some(format!("answer|{id}")),
+        _ => None,
     }
 }
 
@@ -241,11 +330,21 @@ impl PostgresStore {
             receiver,
             max_batch,
             Arc::clone(&counters),
+            Arc::from(options.schema.as_str()),
+        ));
+        let (wakeups, _) = tokio::sync::broadcast::channel(1024);
+        let listener = tokio::spawn(listen(
+            options.connection.clone(),
+            options.connect_timeout,
+            options.schema.clone(),
+            wakeups.clone(),
         ));
         Ok(PostgresStore {
             inner: Arc::new(Inner {
                 target,
                 pool,
+                wakeups,
+                listener,
                 sender: Mutex::new(Some(sender)),
                 writer: tokio::sync::Mutex::new(Some(writer)),
                 counters,
@@ -556,12 +655,16 @@ enum Write {
     },
     MarkSent(Vec<i64>),
     Probe,
+    Command(Box<ForwardedCommand>),
+    Answer(Ulid, serde_json::Value),
 }
 
 #[derive(Debug)]
 enum Written {
     Ingest(IngestOutcome),
     Done,
+    /// Whether a forwarded command's answer was stored (false: it had one already).
+    Answered(bool),
 }
 
 struct Job {
@@ -581,6 +684,7 @@ async fn run_writer(
     mut receiver: mpsc::UnboundedReceiver<Job>,
     max_batch: usize,
     counters: Arc<Counters>,
+    schema: Arc<str>,
 ) {
     // Returns when every sender is gone and the queue is empty, so everything queued before
     // close/drop is committed.
@@ -593,7 +697,7 @@ async fn run_writer(
                 Err(_) => break,
             }
         }
-        run_batch(&pool, batch, &counters).await;
+        run_batch(&pool, batch, &counters, &schema).await;
     }
 }
 
@@ -601,7 +705,7 @@ async fn run_writer(
 const SAVEPOINT: &str = "request";
 
 /// Runs one batch in one transaction, one savepoint per write, and answers every caller.
-async fn run_batch(pool: &Pool, batch: Vec<Job>, counters: &Counters) {
+async fn run_batch(pool: &Pool, batch: Vec<Job>, counters: &Counters, schema: &str) {
     let fail_all = |batch: Vec<Job>, message: String| {
         counters.failed_batches.fetch_add(1, Ordering::Relaxed);
         for job in batch {
@@ -615,6 +719,8 @@ async fn run_batch(pool: &Pool, batch: Vec<Job>, counters: &Counters) {
     let mut done: Vec<(Job, Result<Written, StoreError>)> = Vec::with_capacity(batch.len());
     // Whether the savepoint holds a successful write that must be released before the next one.
     let mut release = false;
+    // Notifications to send with the commit (PostgreSQL delivers them only if it commits).
+    let mut wake: BTreeSet<String> = BTreeSet::new();
     let mut jobs = batch.into_iter();
     while let Some(job) = jobs.next() {
         let open = if release {
@@ -651,6 +757,9 @@ async fn run_batch(pool: &Pool, batch: Vec<Job>, counters: &Counters) {
         match outcome {
             Ok(written) => {
                 release = true;
+                if let Some(payload) = wakeup_payload(&job.write, &written) {
+                    wake.insert(payload);
+                }
                 done.push((job, Ok(written)));
             }
             Err(failure) => {
@@ -665,6 +774,19 @@ async fn run_batch(pool: &Pool, batch: Vec<Job>, counters: &Counters) {
                 release = false;
                 done.push((job, Err(failure.into_store())));
             }
+        }
+    }
+    if !wake.is_empty() {
+        // Payloads are the schema (a plain identifier) and fixed words or ULIDs: nothing to quote.
+        let notify: String = wake
+            .iter()
+            .map(|payload| format!("NOTIFY {NOTIFY_CHANNEL}, '{schema}|{payload}';"))
+            .collect();
+        if let Err(error) = client.batch_execute(&notify).await {
+            let reason = format!("cannot notify: {}", postgres_error(&error));
+            abandon(client, &mut done, &reason).await;
+            counters.failed_batches.fetch_add(1, Ordering::Relaxed);
+            return;
         }
     }
     match client.batch_execute("COMMIT").await {
@@ -771,6 +893,37 @@ async fn run_write(client: &Client, write: &Write) -> Result<Written, Failure> {
                 .await?;
             client.execute(&statement, &[&nanos(&Utc::now())?]).await?;
             Ok(Written::Done)
+        }
+        Write::Command(command) => {
+            let statement = client
+                .prepare_cached(
+                    "INSERT INTO agent_commands (id, node_id, agent_id, command) VALUES ($1, $2, $3, $4)",
+                )
+                .await?;
+            client
+                .execute(
+                    &statement,
+                    &[
+                        &command.id.to_string(),
+                        &command.node,
+                        &command.agent_id,
+                        &Json(&command.command),
+                    ],
+                )
+                .await?;
+            Ok(Written::Done)
+        }
+        Write::Answer(id, answer) => {
+            let statement = client
+                .prepare_cached(
+                    "UPDATE agent_commands SET answer = $2, answered_at = now()
+                     WHERE id = $1 AND answer IS NULL",
+                )
+                .await?;
+            let changed = client
+                .execute(&statement, &[&id.to_string(), &Json(answer)])
+                .await?;
+            Ok(Written::Answered(changed == 1))
         }
     }
 }
@@ -1404,6 +1557,29 @@ async fn apply_routing_tx(client: &Client, write: &RoutingWrite) -> Result<(), F
             return Err(StoreError::NotFound(format!("inbound message {id}")).into());
         }
     }
+    if !write.pushes.is_empty() {
+        let agents: Vec<&str> = write
+            .pushes
+            .iter()
+            .map(|push| push.agent_id.as_str())
+            .collect();
+        let documents = write
+            .pushes
+            .iter()
+            .map(|push| json_text(&push.document))
+            .collect::<Result<Vec<String>, StoreError>>()?;
+        let statement = client
+            .prepare_cached(
+                "INSERT INTO agent_pushes (origin, agent_id, document)
+                 SELECT $1, p.agent, p.document::json
+                 FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS p (agent, document, n)
+                 ORDER BY p.n",
+            )
+            .await?;
+        client
+            .execute(&statement, &[&write.node, &agents, &documents])
+            .await?;
+    }
     append_events(client, &write.events).await
 }
 
@@ -1870,6 +2046,224 @@ impl Store for PostgresStore {
                     )
                     .await?;
                 Ok(client.execute(&statement, &[&node, &epoch]).await? == 1)
+            })
+        })
+        .await
+    }
+
+    async fn unrouted(&self, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(|client| {
+            Box::pin(async move {
+                let statement = client
+                    .prepare_cached(&format!(
+                        "SELECT {MESSAGE_COLUMNS} FROM messages
+                         WHERE NOT routed AND direction = 'inbound' ORDER BY position LIMIT $1"
+                    ))
+                    .await?;
+                let rows = client.query(&statement, &[&limit]).await?;
+                Ok(rows.iter().map(decode_message).collect::<Result<_, _>>()?)
+            })
+        })
+        .await
+    }
+
+    fn wakeups(&self) -> Option<tokio::sync::broadcast::Receiver<Wakeup>> {
+        Some(self.inner.wakeups.subscribe())
+    }
+
+    async fn heartbeat(
+        &self,
+        node: &str,
+        address: &str,
+        started_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let (node, address) = (node.to_owned(), address.to_owned());
+        self.read(|client| {
+            let (node, address) = (node.clone(), address.clone());
+            Box::pin(async move {
+                let statement = client
+                    .prepare_cached(
+                        "INSERT INTO cluster_members (node_id, address, started_at, heartbeat_at)
+                         VALUES ($1, $2, $3, now())
+                         ON CONFLICT (node_id) DO UPDATE SET address = excluded.address,
+                             started_at = excluded.started_at, heartbeat_at = now()",
+                    )
+                    .await?;
+                client
+                    .execute(&statement, &[&node, &address, &started_at])
+                    .await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn members(&self) -> Result<Vec<Member>, StoreError> {
+        self.read(|client| {
+            Box::pin(async move {
+                let statement = client
+                    .prepare_cached(
+                        "SELECT node_id, address, started_at, heartbeat_at FROM cluster_members
+                         ORDER BY node_id",
+                    )
+                    .await?;
+                let rows = client.query(&statement, &[]).await?;
+                Ok(rows
+                    .iter()
+                    .map(|row| {
+                        Ok(Member {
+                            node: column(row, 0)?,
+                            address: column(row, 1)?,
+                            started_at: column(row, 2)?,
+                            heartbeat_at: column(row, 3)?,
+                        })
+                    })
+                    .collect::<Result<_, StoreError>>()?)
+            })
+        })
+        .await
+    }
+
+    async fn forward_command(&self, command: ForwardedCommand) -> Result<(), StoreError> {
+        self.write_done(Write::Command(Box::new(command))).await
+    }
+
+    async fn open_commands(&self, limit: usize) -> Result<Vec<ForwardedCommand>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(|client| {
+            Box::pin(async move {
+                let statement = client
+                    .prepare_cached(
+                        "SELECT id, node_id, agent_id, command, created_at FROM agent_commands
+                         WHERE answer IS NULL ORDER BY position LIMIT $1",
+                    )
+                    .await?;
+                let rows = client.query(&statement, &[&limit]).await?;
+                Ok(rows
+                    .iter()
+                    .map(|row| {
+                        Ok(ForwardedCommand {
+                            id: parse_ulid(column(row, 0)?)?,
+                            node: column(row, 1)?,
+                            agent_id: column(row, 2)?,
+                            command: column::<Json<serde_json::Value>>(row, 3)?.0,
+                            created_at: column(row, 4)?,
+                        })
+                    })
+                    .collect::<Result<_, StoreError>>()?)
+            })
+        })
+        .await
+    }
+
+    async fn answer_command(
+        &self,
+        id: Ulid,
+        answer: serde_json::Value,
+    ) -> Result<bool, StoreError> {
+        match self.write(Write::Answer(id, answer)).await? {
+            Written::Answered(answered) => Ok(answered),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn command_answer(&self, id: Ulid) -> Result<Option<serde_json::Value>, StoreError> {
+        let id = id.to_string();
+        self.read(|client| {
+            let id = id.clone();
+            Box::pin(async move {
+                let statement = client
+                    .prepare_cached("SELECT answer FROM agent_commands WHERE id = $1")
+                    .await?;
+                let row = client.query_opt(&statement, &[&id]).await?;
+                Ok(match row {
+                    Some(row) => {
+                        column::<Option<Json<serde_json::Value>>>(&row, 0)?.map(|answer| answer.0)
+                    }
+                    None => None,
+                })
+            })
+        })
+        .await
+    }
+
+    async fn pushes_after(
+        &self,
+        position: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredPush>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(|client| {
+            Box::pin(async move {
+                let statement = client
+                    .prepare_cached(
+                        "SELECT position, origin, agent_id, document FROM agent_pushes
+                         WHERE position > $1 ORDER BY position LIMIT $2",
+                    )
+                    .await?;
+                let rows = client.query(&statement, &[&position, &limit]).await?;
+                Ok(rows
+                    .iter()
+                    .map(|row| {
+                        Ok(StoredPush {
+                            position: column(row, 0)?,
+                            origin: column(row, 1)?,
+                            agent_id: column(row, 2)?,
+                            document: column::<Json<serde_json::Value>>(row, 3)?.0,
+                        })
+                    })
+                    .collect::<Result<_, StoreError>>()?)
+            })
+        })
+        .await
+    }
+
+    async fn latest_push(&self) -> Result<i64, StoreError> {
+        self.read(|client| {
+            Box::pin(async move {
+                let statement = client
+                    .prepare_cached("SELECT coalesce(max(position), 0) FROM agent_pushes")
+                    .await?;
+                let row = client.query_one(&statement, &[]).await?;
+                Ok(column(&row, 0)?)
+            })
+        })
+        .await
+    }
+
+    async fn forwarding_backlog(&self) -> Result<u64, StoreError> {
+        self.read(|client| {
+            Box::pin(async move {
+                let statement = client
+                    .prepare_cached(
+                        "SELECT (SELECT count(*) FROM messages WHERE NOT routed AND direction = 'inbound')
+                              + (SELECT count(*) FROM agent_commands WHERE answer IS NULL)",
+                    )
+                    .await?;
+                let row = client.query_one(&statement, &[]).await?;
+                Ok(to_u64(column(&row, 0)?, "backlog")?)
+            })
+        })
+        .await
+    }
+
+    async fn prune_cluster(&self, age: Duration) -> Result<(), StoreError> {
+        let micros = lease_micros(age)?;
+        self.read(|client| {
+            Box::pin(async move {
+                for sql in [
+                    "DELETE FROM agent_commands WHERE answer IS NOT NULL
+                     AND answered_at < now() - $1::bigint * interval '1 microsecond'",
+                    "DELETE FROM agent_pushes
+                     WHERE created_at < now() - $1::bigint * interval '1 microsecond'",
+                    "DELETE FROM cluster_members
+                     WHERE heartbeat_at < now() - $1::bigint * interval '1 microsecond'",
+                ] {
+                    let statement = client.prepare_cached(sql).await?;
+                    client.execute(&statement, &[&micros]).await?;
+                }
+                Ok(())
             })
         })
         .await

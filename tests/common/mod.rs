@@ -68,6 +68,24 @@ impl Daemon {
         Daemon::start_in(dir)
     }
 
+    /// Starts on `store` with `extra` tables (e.g. `[cluster]`).
+    pub fn start_on_store_with(store: &str, extra: &str) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        write_config_with_store(dir.path(), "", store, extra);
+        Daemon::start_in(dir)
+    }
+
+    /// Sends a signal (`STOP`, `CONT`...) to the running process.
+    pub fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("running");
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal}");
+    }
+
     fn start_in(dir: tempfile::TempDir) -> Daemon {
         let mut daemon = Daemon {
             dir,
@@ -229,6 +247,7 @@ impl Daemon {
         let mut socket = AgentSocket {
             socket,
             next_request: 0,
+            kept: std::collections::VecDeque::new(),
         };
         let hello = socket.next().await;
         assert_eq!(hello["type"], "hello");
@@ -248,6 +267,8 @@ pub struct AgentSocket {
         tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
     >,
     next_request: u64,
+    /// Pushes that arrived while [`AgentSocket::command_keeping`] waited for its answer.
+    kept: std::collections::VecDeque<Value>,
 }
 
 impl AgentSocket {
@@ -262,6 +283,43 @@ impl AgentSocket {
             if let Message::Text(text) = message {
                 return serde_json::from_str(&text).unwrap();
             }
+        }
+    }
+
+    /// The next push, if one arrives within `within` (kept pushes first).
+    pub async fn try_next(&mut self, within: Duration) -> Option<Value> {
+        if let Some(kept) = self.kept.pop_front() {
+            return Some(kept);
+        }
+        loop {
+            let message = tokio::time::timeout(within, self.socket.next())
+                .await
+                .ok()?
+                .expect("socket open")
+                .expect("socket ok");
+            if let Message::Text(text) = message {
+                return Some(serde_json::from_str(&text).unwrap());
+            }
+        }
+    }
+
+    /// Like [`AgentSocket::command`], keeping the pushes that arrive meanwhile for `try_next`.
+    pub async fn command_keeping(&mut self, mut command: Value) -> Value {
+        self.next_request += 1;
+        let request_id = self.next_request.to_string();
+        command["request_id"] = json!(request_id);
+        self.socket
+            .send(Message::Text(command.to_string().into()))
+            .await
+            .unwrap();
+        loop {
+            let message = self.next().await;
+            if (message["type"] == "ack" || message["type"] == "error")
+                && message["request_id"] == json!(request_id)
+            {
+                return message;
+            }
+            self.kept.push_back(message);
         }
     }
 
