@@ -652,7 +652,7 @@ impl Router {
                 name: queue.config.name.clone(),
                 open: queue.open,
                 waiting: queue.by_age.len() as u32,
-                oldest_since: queue.by_age.first().map(|(since, _)| *since),
+                oldest_since: queue.by_age.first().map(|(since, _)| since),
                 agents_available: self
                     .agents
                     .iter()
@@ -677,11 +677,9 @@ impl Router {
             return None;
         }
         let queue = &self.queues[conversation.home_queue() as usize];
-        let higher: u32 = queue
+        let higher = queue
             .by_priority
-            .range(conversation.priority.saturating_add(1)..)
-            .map(|(_, count)| *count)
-            .sum();
+            .at_or_above(conversation.priority.saturating_add(1));
         let key = conversation.key(slot);
         // Level with it and ahead: same priority, waiting longer. Counted in the home lane's sets.
         let level_ahead = self.conversations.iter().flatten().filter(|other| {
@@ -938,6 +936,44 @@ impl Router {
             return Err(format!(
                 "queues count {lane_total} waiting, {waiting_indexed} are waiting"
             ));
+        }
+        for (index, queue) in self.queues.iter().enumerate() {
+            let home_waiting = self.conversations.iter().flatten().filter(|conversation| {
+                conversation.state == ConvState::Waiting
+                    && conversation.home_queue() == index as u32
+            });
+            let (count, oldest) = home_waiting.fold((0usize, None), |(count, oldest), c| {
+                let age = (c.since, c.seq);
+                (
+                    count + 1,
+                    Some(oldest.map_or(age, |known: (Timestamp, u64)| known.min(age))),
+                )
+            });
+            let mut levels: Vec<(Priority, u32)> = Vec::new();
+            for conversation in self.conversations.iter().flatten().filter(|conversation| {
+                conversation.state == ConvState::Waiting
+                    && conversation.home_queue() == index as u32
+            }) {
+                match levels.binary_search_by_key(&conversation.priority, |&(level, _)| level) {
+                    Ok(at) => levels[at].1 += 1,
+                    Err(at) => levels.insert(at, (conversation.priority, 1)),
+                }
+            }
+            if queue.by_priority.levels() != levels.as_slice() {
+                return Err(format!(
+                    "queue {} counts {:?} waiting by priority; {levels:?} wait at home",
+                    queue.config.name,
+                    queue.by_priority.levels()
+                ));
+            }
+            if queue.by_age.len() != count || queue.by_age.first() != oldest {
+                return Err(format!(
+                    "queue {} counts {} waiting, oldest {:?}; {count} wait at home, oldest {oldest:?}",
+                    queue.config.name,
+                    queue.by_age.len(),
+                    queue.by_age.first()
+                ));
+            }
         }
         let reserved: usize = self.agents.iter().map(|agent| agent.reserved.len()).sum();
         let expected_reserved = self

@@ -5,6 +5,7 @@
 //! returned [`Effect`]s, and feed back `TimerFired` when a scheduled [`TimerKey`] comes due
 //! ([`TimerQueue`] keeps them for drivers).
 
+mod backlog;
 pub mod command;
 pub mod config;
 pub mod hours;

@@ -25,10 +25,11 @@
 //! reservation). Timers are semantic keys ([`TimerKey`]); a stale timer is ignored when it fires.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::Arc;
 
+use super::backlog::{OldestWaits, PriorityCounts};
 use super::command::{
     AwayReason, Command, CommandError, Effect, NewConversation, OfferEnd, PriorityReason, TimerKey,
     TransferTarget,
@@ -93,9 +94,9 @@ pub(super) struct QueueState {
     pub(super) overflow_targets: Vec<Option<u32>>,
     pub(super) lanes: Vec<u32>,
     /// Unanswered conversations waiting with this queue as home, counted by priority (for positions).
-    pub(super) by_priority: BTreeMap<Priority, u32>,
-    /// The same conversations by age (for the oldest wait).
-    pub(super) by_age: BTreeSet<(Timestamp, u64)>,
+    pub(super) by_priority: PriorityCounts,
+    /// The same conversations by age (for the count and the oldest wait).
+    pub(super) by_age: OldestWaits,
     handle_times: VecDeque<u64>,
     handle_time_sum: u64,
     /// Per channel: capacity of the available agents serving this queue.
@@ -613,8 +614,8 @@ impl Router {
                 next_tier,
                 overflow_targets,
                 lanes: Vec::new(),
-                by_priority: BTreeMap::new(),
-                by_age: BTreeSet::new(),
+                by_priority: PriorityCounts::default(),
+                by_age: OldestWaits::default(),
                 handle_times: VecDeque::new(),
                 handle_time_sum: 0,
                 staffed: Vec::new(),
@@ -1412,11 +1413,7 @@ impl Router {
             )
         };
         let queue = &self.queues[home as usize];
-        let ahead: u32 = queue
-            .by_priority
-            .range(priority..)
-            .map(|(_, count)| *count)
-            .sum();
+        let ahead = queue.by_priority.at_or_above(priority);
         let position = ahead + 1;
         let estimated_wait = queue.estimated_wait(position, channel);
         effects.push(Effect::Queued {
@@ -1574,10 +1571,14 @@ impl Router {
                 {
                     continue;
                 }
-                let first = lane_channel
-                    .waiting
-                    .iter()
-                    .find(|key| !self.conv(key.slot).is_excluded(agent));
+                // The first key is nearly always the one; only an exclusion makes the walk go on.
+                let first = match lane_channel.waiting.first() {
+                    Some(key) if !self.conv(key.slot).is_excluded(agent) => Some(key),
+                    _ => lane_channel
+                        .waiting
+                        .iter()
+                        .find(|key| !self.conv(key.slot).is_excluded(agent)),
+                };
                 if let Some(key) = first
                     && best.is_none_or(|(best_key, _)| *key < best_key)
                 {
@@ -1830,7 +1831,7 @@ impl Router {
             }
         }
         let queue = &mut self.queues[home as usize];
-        *queue.by_priority.entry(key.priority.0).or_insert(0) += 1;
+        queue.by_priority.add(key.priority.0);
         queue.by_age.insert((key.since, key.seq));
         self.conv_mut(slot).indexed = true;
     }
@@ -1863,13 +1864,8 @@ impl Router {
             }
         }
         let queue = &mut self.queues[home as usize];
-        if let Some(count) = queue.by_priority.get_mut(&key.priority.0) {
-            *count -= 1;
-            if *count == 0 {
-                queue.by_priority.remove(&key.priority.0);
-            }
-        }
-        queue.by_age.remove(&(key.since, key.seq));
+        queue.by_priority.remove(key.priority.0);
+        queue.by_age.remove((key.since, key.seq));
         self.conv_mut(slot).indexed = false;
     }
 

@@ -7,7 +7,6 @@
 //! are found by a hash lookup of the address instead of being tried one by one.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use aho_corasick::AhoCorasick;
@@ -15,6 +14,7 @@ use aho_corasick::AhoCorasick;
 use super::command::{NewConversation, PriorityReason};
 use super::config::{ConfigError, RoutingConfig, RoutingRule};
 use super::model::{Priority, SkillRequirement};
+use super::router::KeyMap;
 
 /// What a matching rule (or the default, when none matches) decides, prepared for the router.
 #[derive(Debug, Clone)]
@@ -86,8 +86,9 @@ pub(crate) struct CompiledRules {
     /// Every rule's keywords, lowercased, in one automaton; `None` when no rule has keywords.
     keywords: Option<AhoCorasick>,
     keyword_count: usize,
-    /// Destination address → the rules naming it, in rule order.
-    by_address: HashMap<String, Vec<u32>>,
+    /// Destination address → the rules naming it, in rule order. The addresses come from the
+    /// configuration and are few, so the router's fast unkeyed hash serves.
+    by_address: KeyMap<String, Vec<u32>>,
     /// The rules that name no destination address, in rule order.
     any_address: Vec<u32>,
 }
@@ -102,7 +103,7 @@ impl CompiledRules {
                 .collect()
         };
         let mut patterns: Vec<String> = Vec::new();
-        let mut by_address: HashMap<String, Vec<u32>> = HashMap::new();
+        let mut by_address: KeyMap<String, Vec<u32>> = KeyMap::default();
         let mut any_address = Vec::new();
         let mut rules = Vec::with_capacity(config.rules.len());
         for (index, rule) in config.rules.iter().enumerate() {
