@@ -304,23 +304,8 @@ impl AgentSocket {
     }
 
     /// Like [`AgentSocket::command`], keeping the pushes that arrive meanwhile for `try_next`.
-    pub async fn command_keeping(&mut self, mut command: Value) -> Value {
-        self.next_request += 1;
-        let request_id = self.next_request.to_string();
-        command["request_id"] = json!(request_id);
-        self.socket
-            .send(Message::Text(command.to_string().into()))
-            .await
-            .unwrap();
-        loop {
-            let message = self.next().await;
-            if (message["type"] == "ack" || message["type"] == "error")
-                && message["request_id"] == json!(request_id)
-            {
-                return message;
-            }
-            self.kept.push_back(message);
-        }
+    pub async fn command_keeping(&mut self, command: Value) -> Value {
+        self.send_command(command, true).await
     }
 
     /// The next message of a given type, skipping others.
@@ -334,7 +319,13 @@ impl AgentSocket {
     }
 
     /// Sends a command and returns its `ack` or `error` answer (pushes in between are skipped).
-    pub async fn command(&mut self, mut command: Value) -> Value {
+    pub async fn command(&mut self, command: Value) -> Value {
+        self.send_command(command, false).await
+    }
+
+    /// Sends a command with a fresh `request_id` and waits for its answer; pushes that arrive
+    /// meanwhile are kept for `try_next` when `keep`, else skipped.
+    async fn send_command(&mut self, mut command: Value, keep: bool) -> Value {
         self.next_request += 1;
         let request_id = self.next_request.to_string();
         command["request_id"] = json!(request_id);
@@ -348,6 +339,9 @@ impl AgentSocket {
                 && message["request_id"] == json!(request_id)
             {
                 return message;
+            }
+            if keep {
+                self.kept.push_back(message);
             }
         }
     }
