@@ -50,7 +50,8 @@ fn error_responses() -> Value {
 /// An operation answering `status` with a JSON body of `schema` (or the common errors).
 fn operation(summary: &str, security: &str, status: &str, schema: Value) -> Value {
     let mut responses = error_responses();
-    responses[status] = json!({ "description": "Success", "content": { "application/json": { "schema": schema } } });
+    responses[status] = json!({ "description": "Success", "content": { "application/json": {} } });
+    responses[status]["content"]["application/json"]["schema"] = schema;
     json!({ "summary": summary, "security": [{ security: [] }], "responses": responses })
 }
 
