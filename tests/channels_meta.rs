@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Daemon, agent_token};
+use common::Daemon;
 use serde_json::{Value, json};
 use switchboard::channels::meta::signature;
 use switchboard::channels::twilio;
@@ -81,13 +81,7 @@ async fn available(daemon: &Daemon) -> common::AgentSocket {
 }
 
 async fn reply(daemon: &Daemon, conversation: &str, text: &str) {
-    let (status, answer) = daemon
-        .post(
-            &format!("/v1/agents/alice/conversations/{conversation}/reply"),
-            &agent_token("alice"),
-            json!({ "text": text }),
-        )
-        .await;
+    let (status, answer) = daemon.reply_as("alice", conversation, text).await;
     assert_eq!(status, 202, "{answer}");
 }
 
@@ -181,13 +175,7 @@ async fn the_24_hour_window_decides_how_a_reply_goes() {
         "sender": { "id": "7654321" }, "recipient": { "id": PAGE_ID }, "timestamp": three_days_ago_ms,
         "message": { "mid": "m_old", "text": "still waiting" } }] }] });
     assert_eq!(post_signed(&daemon, &messenger).await.0, 200);
-    let conversation = alice.next_of("offer").await["conversation_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    alice
-        .command(json!({ "type": "accept", "conversation_id": conversation }))
-        .await;
+    let conversation = alice.accept_next_offer().await;
     reply(&daemon, &conversation, "Sorry for the wait").await;
     assert_eq!(alice.next_of("reply_status").await["status"], "sent");
     let requests = graph.received_requests().await.unwrap();
@@ -207,13 +195,7 @@ async fn the_24_hour_window_decides_how_a_reply_goes() {
         "hello?"
     )]));
     assert_eq!(post_signed(&daemon, &old).await.0, 200);
-    let conversation = alice.next_of("offer").await["conversation_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    alice
-        .command(json!({ "type": "accept", "conversation_id": conversation }))
-        .await;
+    let conversation = alice.accept_next_offer().await;
     reply(&daemon, &conversation, "Hello!").await;
     let failed = alice.next_of("reply_status").await;
     assert_eq!(failed["status"], "failed");
@@ -250,13 +232,7 @@ async fn whatsapp_outside_the_window_uses_the_template() {
         "hi"
     )]));
     post_signed(&daemon, &old).await;
-    let conversation = alice.next_of("offer").await["conversation_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    alice
-        .command(json!({ "type": "accept", "conversation_id": conversation }))
-        .await;
+    let conversation = alice.accept_next_offer().await;
     reply(&daemon, &conversation, "Your order shipped").await;
     assert_eq!(alice.next_of("reply_status").await["status"], "sent");
     let sent: Value =
@@ -309,13 +285,7 @@ async fn sms_then_whatsapp_is_one_conversation_and_the_reply_goes_to_whatsapp() 
         )
         .await;
     assert_eq!(status, 200);
-    let conversation = alice.next_of("offer").await["conversation_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    alice
-        .command(json!({ "type": "accept", "conversation_id": conversation }))
-        .await;
+    let conversation = alice.accept_next_offer().await;
 
     let delivery = whatsapp(&json!([wa_text(
         "16505551234",

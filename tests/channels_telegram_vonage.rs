@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Daemon, agent_token};
+use common::Daemon;
 use serde_json::{Value, json};
 use switchboard::channels::vonage::sign;
 use wiremock::matchers::{header, method, path};
@@ -19,20 +19,8 @@ async fn available(daemon: &Daemon) -> common::AgentSocket {
 }
 
 async fn accept_and_reply(daemon: &Daemon, alice: &mut common::AgentSocket, text: &str) -> String {
-    let conversation = alice.next_of("offer").await["conversation_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    alice
-        .command(json!({ "type": "accept", "conversation_id": conversation }))
-        .await;
-    let (status, answer) = daemon
-        .post(
-            &format!("/v1/agents/alice/conversations/{conversation}/reply"),
-            &agent_token("alice"),
-            json!({ "text": text }),
-        )
-        .await;
+    let conversation = alice.accept_next_offer().await;
+    let (status, answer) = daemon.reply_as("alice", &conversation, text).await;
     assert_eq!(status, 202, "{answer}");
     conversation
 }

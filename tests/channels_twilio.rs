@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Daemon, agent_token};
+use common::Daemon;
 use serde_json::json;
 use switchboard::channels::twilio::signature;
 use wiremock::matchers::{body_string_contains, header, method, path};
@@ -126,11 +126,7 @@ async fn sms_in_reply_out_status_back() {
     assert_eq!(history[0]["channel"], "sms");
 
     let (status, reply) = daemon
-        .post(
-            &format!("/v1/agents/alice/conversations/{conversation}/reply"),
-            &agent_token("alice"),
-            json!({ "text": "It arrives tomorrow." }),
-        )
+        .reply_as("alice", &conversation, "It arrives tomorrow.")
         .await;
     assert_eq!(status, 202, "{reply}");
     let sent = alice.next_of("reply_status").await;
@@ -200,24 +196,10 @@ async fn sends_retry_on_5xx_and_not_on_4xx() {
         .command(json!({ "type": "presence", "presence": "available" }))
         .await;
     post_signed(&daemon, &inbound("SM200", "hello")).await;
-    let conversation = alice.next_of("offer").await["conversation_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    alice
-        .command(json!({ "type": "accept", "conversation_id": conversation }))
-        .await;
+    let conversation = alice.accept_next_offer().await;
     let reply = |text: &'static str| {
         let (daemon, conversation) = (&daemon, conversation.clone());
-        async move {
-            daemon
-                .post(
-                    &format!("/v1/agents/alice/conversations/{conversation}/reply"),
-                    &agent_token("alice"),
-                    json!({ "text": text }),
-                )
-                .await
-        }
+        async move { daemon.reply_as("alice", &conversation, text).await }
     };
     reply("first").await;
     assert_eq!(alice.next_of("reply_status").await["status"], "sent");

@@ -231,6 +231,16 @@ impl Daemon {
         history["messages"].as_array().cloned().unwrap_or_default()
     }
 
+    /// An agent's reply to a conversation over the REST API: the status and the answer.
+    pub async fn reply_as(&self, agent: &str, conversation: &str, text: &str) -> (u16, Value) {
+        self.post(
+            &format!("/v1/agents/{agent}/conversations/{conversation}/reply"),
+            &agent_token(agent),
+            json!({ "text": text }),
+        )
+        .await
+    }
+
     pub async fn ingest(&self, message: Value) -> (u16, Value) {
         self.post("/v1/messages", INGEST, message).await
     }
@@ -306,6 +316,19 @@ impl AgentSocket {
     /// Like [`AgentSocket::command`], keeping the pushes that arrive meanwhile for `try_next`.
     pub async fn command_keeping(&mut self, command: Value) -> Value {
         self.send_command(command, true).await
+    }
+
+    /// Waits for the next offer, accepts it, and returns its conversation id.
+    pub async fn accept_next_offer(&mut self) -> String {
+        let conversation = self.next_of("offer").await["conversation_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let ack = self
+            .command(json!({ "type": "accept", "conversation_id": conversation }))
+            .await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        conversation
     }
 
     /// The next message of a given type, skipping others.
