@@ -733,6 +733,17 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
+    /// Loads a file holding `extra` (no environment) and returns its error, or "" if it loaded.
+    fn load_error(extra: &str) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("extra.toml");
+        std::fs::write(&path, extra).unwrap();
+        load(Some(&path), env(&[]))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    }
+
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
             .iter()
@@ -820,13 +831,7 @@ mod tests {
             ),
         ];
         for (extra, expected) in cases {
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("extra.toml");
-            std::fs::write(&path, extra).unwrap();
-            let error = load(Some(&path), env(&[]))
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default();
+            let error = load_error(extra);
             assert!(
                 error.contains(expected),
                 "{extra:?}: expected `{expected}` in `{error}`"
@@ -993,11 +998,7 @@ mod tests {
             ),
         ];
         for (extra, expected) in cases {
-            std::fs::write(&path, extra).unwrap();
-            let error = load(Some(&path), env(&[]))
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default();
+            let error = load_error(extra);
             assert!(
                 error.contains(expected),
                 "{extra:?}: `{expected}` in `{error}`"
