@@ -24,10 +24,10 @@ use super::actions::{self, Actions, AgentCommand, Refusal, RefusalKind, parse_id
 use super::engine::EngineError;
 use super::hub::AgentHub;
 use super::metrics::BusStates;
-use super::views;
+use super::views::{self, RouterRead};
 use crate::channels::{Inbound, WebhookAnswer, WebhookError, WebhookRequest, Webhooks};
 use crate::config::AuthSection;
-use crate::routing::{AgentId, ConversationId, ConversationState};
+use crate::routing::AgentId;
 use crate::store::{ConversationFilter, ConversationStatus, StoreError};
 
 /// Shared state of every handler.
@@ -441,19 +441,21 @@ async fn agent_view(
     Path(agent): Path<String>,
 ) -> ApiResult<Json<views::Agent>> {
     let agent = require_agent(&state, &headers, None, &agent)?;
-    let view = state
+    let view: Option<views::Agent> = state
         .actions
-        .engine
-        .inspect(move |router| router.agent(&agent))
+        .read_router(RouterRead::Agent {
+            agent: agent.to_string(),
+        })
         .await?;
-    let view = view.ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_agent",
-            "no such agent in the configuration",
-        )
-    })?;
-    Ok(Json(views::Agent::from(&view)))
+    view.map(Json).ok_or_else(unknown_agent)
+}
+
+fn unknown_agent() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "unknown_agent",
+        "no such agent in the configuration",
+    )
 }
 
 async fn agent_presence(
@@ -474,50 +476,22 @@ async fn agent_conversations(
     Path(agent): Path<String>,
 ) -> ApiResult<Json<views::AgentConversations>> {
     let agent = require_agent(&state, &headers, None, &agent)?;
-    let lists = state
+    let lists: Option<views::AgentConversations> = state
         .actions
-        .engine
-        .inspect(move |router| {
-            let view = router.agent(&agent)?;
-            let list = |ids: &[ConversationId]| {
-                ids.iter()
-                    .filter_map(|id| router.conversation(*id))
-                    .map(|c| views::Routing::from(&c))
-                    .collect()
-            };
-            Some(views::AgentConversations {
-                offers: list(&view.offers),
-                assigned: list(&view.assigned),
-            })
+        .read_router(RouterRead::AgentConversations {
+            agent: agent.to_string(),
         })
         .await?;
-    lists.map(Json).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_agent",
-            "no such agent in the configuration",
-        )
-    })
+    lists.map(Json).ok_or_else(unknown_agent)
 }
 
 /// May this agent see the conversation? Its owner, the agent it is offered to, or its follower.
 async fn agent_may_see(state: &AppState, agent: &AgentId, conversation: Ulid) -> ApiResult<()> {
-    let agent = agent.clone();
-    let allowed = state
+    let allowed: bool = state
         .actions
-        .engine
-        .inspect(move |router| {
-            router
-                .conversation(ConversationId(conversation.0))
-                .is_some_and(|view| {
-                    let holder = match &view.state {
-                        ConversationState::Offered { agent, .. }
-                        | ConversationState::Assigned { agent, .. }
-                        | ConversationState::Resolved { agent, .. } => Some(agent),
-                        ConversationState::Waiting => None,
-                    };
-                    holder == Some(&agent) || view.follower.as_ref() == Some(&agent)
-                })
+        .read_router(RouterRead::AgentMaySee {
+            agent: agent.to_string(),
+            conversation,
         })
         .await?;
     if allowed {
@@ -604,16 +578,14 @@ async fn agent_stream(
 async fn agent_socket(state: AppState, agent: AgentId, socket: WebSocket) {
     let (connection, mut pushes) = state.hub.connect(&agent);
     let (mut sender, mut receiver) = socket.split();
-    let hello = match state
+    let view: Result<Option<views::Agent>, _> = state
         .actions
-        .engine
-        .inspect({
-            let agent = agent.clone();
-            move |router| router.agent(&agent)
+        .read_router(RouterRead::Agent {
+            agent: agent.to_string(),
         })
-        .await
-    {
-        Ok(Some(view)) => json!({ "type": "hello", "agent": views::Agent::from(&view) }),
+        .await;
+    let hello = match view {
+        Ok(Some(view)) => json!({ "type": "hello", "agent": view }),
         _ => json!({ "type": "hello" }),
     };
     if sender
@@ -677,18 +649,7 @@ async fn admin_queues(
     headers: HeaderMap,
 ) -> ApiResult<Json<views::QueueList>> {
     require_admin(&state, &headers)?;
-    let queues = state
-        .actions
-        .engine
-        .inspect(|router| router.queues())
-        .await?;
-    let now = super::engine::wall_clock();
-    Ok(Json(views::QueueList {
-        queues: queues
-            .iter()
-            .map(|queue| views::Queue::new(queue, now))
-            .collect(),
-    }))
+    Ok(Json(state.actions.read_router(RouterRead::Queues).await?))
 }
 
 async fn admin_agents(
@@ -696,17 +657,7 @@ async fn admin_agents(
     headers: HeaderMap,
 ) -> ApiResult<Json<views::AgentList>> {
     require_admin(&state, &headers)?;
-    let agents = state
-        .actions
-        .engine
-        .inspect(|router| {
-            router
-                .agents()
-                .map(|view| views::Agent::from(&view))
-                .collect()
-        })
-        .await?;
-    Ok(Json(views::AgentList { agents }))
+    Ok(Json(state.actions.read_router(RouterRead::Agents).await?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -772,16 +723,13 @@ async fn admin_conversation(
             "no such conversation",
         )
     })?;
-    let live = state
+    let routing: Option<views::Routing> = state
         .actions
-        .engine
-        .inspect(move |router| router.conversation(ConversationId(id.0)))
+        .read_router(RouterRead::Conversation { conversation: id })
         .await?;
     let messages = state.actions.store.messages(id).await?;
     Ok(Json(views::ConversationDetail::new(
-        &record,
-        live.as_ref(),
-        &messages,
+        &record, routing, &messages,
     )))
 }
 
