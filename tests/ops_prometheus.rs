@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
 use common::{
-    Daemon, api_message, delete_nats_streams, eventually, nats_config, unique_name,
+    AgentSocket, Daemon, api_message, delete_nats_streams, eventually, nats_config, unique_name,
 };
 use serde_json::{Value, json};
 
@@ -165,8 +165,8 @@ fn compose_prometheus_configuration_passes_promtool() {
 }
 
 /// Known traffic: alice goes available and accepts two customers' conversations; one message is
-/// sent twice (a provider retry).
-async fn known_traffic(daemon: &Daemon) {
+/// sent twice (a provider retry). Alice's desktop is returned: she stays connected (available).
+async fn known_traffic(daemon: &Daemon) -> AgentSocket {
     let mut alice = daemon.agent_socket("alice").await;
     let ack = alice
         .command(json!({ "type": "presence", "presence": "available" }))
@@ -182,6 +182,7 @@ async fn known_traffic(daemon: &Daemon) {
         .await;
     assert!(status < 300, "{status} {receipt}");
     assert_eq!(receipt["duplicate"], true, "{receipt}");
+    alice
 }
 
 async fn scrape(daemon: &Daemon) -> String {
@@ -215,7 +216,7 @@ async fn daemon_metrics_pass_promtool_check_metrics() {
     // With a broker, so that its metrics are exported and checked too.
     let name = unique_name("ops_lint");
     let daemon = Daemon::start(&nats_config(NATS, &name));
-    known_traffic(&daemon).await;
+    let _alice = known_traffic(&daemon).await;
     let exposition = scrape(&daemon).await;
     let mut child = Command::new("promtool")
         .args(["check", "metrics"])
@@ -395,7 +396,7 @@ async fn prometheus_scrapes_the_daemon_and_every_shipped_query_works() {
     let prometheus = Prometheus::start(&target).await;
     prometheus.expect_value("up{job=\"switchboard\"}", 1.0).await;
 
-    known_traffic(&daemon).await;
+    let alice = known_traffic(&daemon).await;
 
     // The series and values after the known traffic, as Prometheus scraped them.
     for (expression, expected) in [
@@ -485,6 +486,7 @@ async fn prometheus_scrapes_the_daemon_and_every_shipped_query_works() {
         .await;
     }
 
+    alice.close().await;
     drop(prometheus);
     drop(daemon);
     delete_nats_streams(NATS, &name).await;
