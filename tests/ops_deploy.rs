@@ -39,9 +39,12 @@ fn compose_file_validates_against_the_compose_specification() {
     assert!(errors.is_empty(), "{errors:#?}");
 
     // The schema is really applied: a misspelt key is refused.
-    let mut broken = compose.clone();
+    let mut broken = compose;
     broken["services"]["switchboard"]["enviroment"] = serde_json::json!({});
-    assert!(!validator.is_valid(&broken), "the schema refuses unknown keys");
+    assert!(
+        !validator.is_valid(&broken),
+        "the schema refuses unknown keys"
+    );
 }
 
 #[test]
@@ -77,7 +80,12 @@ fn compose_runs_every_part_with_health_checks_and_no_secret_in_the_file() {
     assert!(nats_command.iter().any(|argument| argument == "-js"));
     // The image is the repository's Dockerfile, listening on the port the k8s Service uses.
     assert_eq!(switchboard["build"]["dockerfile"], "Dockerfile");
-    assert!(repo_path("deploy").join(switchboard["build"]["context"].as_str().unwrap()).join("Dockerfile").exists());
+    assert!(
+        repo_path("deploy")
+            .join(switchboard["build"]["context"].as_str().unwrap())
+            .join("Dockerfile")
+            .exists()
+    );
     assert_eq!(switchboard["ports"][0], "8080:8080");
     // Every secret is required from the environment: `${NAME:?...}`, never a value in the file.
     for (service, definition) in services {
@@ -189,9 +197,14 @@ fn kubernetes_prometheus_rule_carries_the_same_rules() {
 fn grafana_is_provisioned_with_the_dashboard() {
     let datasources = yaml("deploy/grafana/provisioning/datasources/prometheus.yml");
     assert_eq!(datasources["datasources"][0]["type"], "prometheus");
-    assert_eq!(datasources["datasources"][0]["url"], "http://prometheus:9090");
+    assert_eq!(
+        datasources["datasources"][0]["url"],
+        "http://prometheus:9090"
+    );
     let providers = yaml("deploy/grafana/provisioning/dashboards/switchboard.yml");
-    let path = providers["providers"][0]["options"]["path"].as_str().unwrap();
+    let path = providers["providers"][0]["options"]["path"]
+        .as_str()
+        .unwrap();
     let compose = compose();
     let mounts: Vec<&str> = compose["services"]["grafana"]["volumes"]
         .as_array()
@@ -243,7 +256,10 @@ fn dashboard_has_the_operators_panels() {
     }
     let mut ids = BTreeSet::new();
     for panel in panels {
-        assert!(ids.insert(panel["id"].as_u64().unwrap()), "duplicate panel id");
+        assert!(
+            ids.insert(panel["id"].as_u64().unwrap()),
+            "duplicate panel id"
+        );
         if panel["type"] == "row" {
             continue;
         }

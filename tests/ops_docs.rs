@@ -21,7 +21,10 @@ fn operations() -> String {
 /// The rows of the first table after `heading`, as cells with surrounding backticks removed.
 fn table_after(document: &str, heading: &str) -> Vec<Vec<String>> {
     let mut lines = document.lines().skip_while(|line| line.trim() != heading);
-    assert!(lines.next().is_some(), "docs/OPERATIONS.md has no `{heading}`");
+    assert!(
+        lines.next().is_some(),
+        "docs/OPERATIONS.md has no `{heading}`"
+    );
     lines
         .skip_while(|line| !line.starts_with('|'))
         .take_while(|line| line.starts_with('|'))
@@ -93,14 +96,18 @@ fn everything_configured() -> ConfigFile {
     )
     .unwrap();
     file.insert("channels".into(), extra["channels"].clone());
-    let queue = file["queues"].as_array_mut().unwrap()[0].as_table_mut().unwrap();
+    let queue = file["queues"].as_array_mut().unwrap()[0]
+        .as_table_mut()
+        .unwrap();
     queue.insert(
         "business_hours".into(),
         toml::Value::Table(toml::from_str("timezone = \"Europe/Paris\"").unwrap()),
     );
     file.insert(
         "outbound".into(),
-        toml::Value::Table(toml::from_str("api_webhook_url = \"https://crm.example/hook\"").unwrap()),
+        toml::Value::Table(
+            toml::from_str("api_webhook_url = \"https://crm.example/hook\"").unwrap(),
+        ),
     );
     toml::Value::Table(file).try_into().unwrap()
 }
@@ -108,7 +115,9 @@ fn everything_configured() -> ConfigFile {
 fn environment_name(path: &str) -> String {
     format!(
         "SWITCHBOARD__{}",
-        path.replace('.', "__").replace("<account>", "<ACCOUNT>").to_uppercase()
+        path.replace('.', "__")
+            .replace("<account>", "<ACCOUNT>")
+            .to_uppercase()
     )
 }
 
@@ -152,16 +161,35 @@ fn configuration_reference_lists_every_key_with_its_default_and_environment_name
         keys.remove(&container);
     }
     assert!(keys.len() > 100, "{keys:?}");
-    let missing: Vec<&String> = keys.keys().filter(|key| !documented.contains_key(*key)).collect();
-    assert!(missing.is_empty(), "keys missing from docs/OPERATIONS.md: {missing:#?}");
-    let unknown: Vec<&String> = documented.keys().filter(|key| !keys.contains_key(*key)).collect();
-    assert!(unknown.is_empty(), "documented keys that do not exist: {unknown:#?}");
+    let missing: Vec<&String> = keys
+        .keys()
+        .filter(|key| !documented.contains_key(*key))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "keys missing from docs/OPERATIONS.md: {missing:#?}"
+    );
+    let unknown: Vec<&String> = documented
+        .keys()
+        .filter(|key| !keys.contains_key(*key))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "documented keys that do not exist: {unknown:#?}"
+    );
 
     for (key, cells) in &documented {
-        assert_eq!(cells.len(), 4, "{key}: key | default | environment | meaning");
+        assert_eq!(
+            cells.len(),
+            4,
+            "{key}: key | default | environment | meaning"
+        );
         let environment = &cells[2];
         if key.contains("[]") {
-            assert_eq!(environment, "—", "{key}: tables in arrays are set in the file only");
+            assert_eq!(
+                environment, "—",
+                "{key}: tables in arrays are set in the file only"
+            );
         } else {
             assert!(
                 environment.contains(&environment_name(key)),
@@ -175,7 +203,11 @@ fn configuration_reference_lists_every_key_with_its_default_and_environment_name
     // Defaults: what the embedded configuration and the types give when nothing is set.
     let defaults = switchboard::config::load(None, Vec::new()).unwrap().file;
     let mut default_values = BTreeMap::new();
-    key_paths(&serde_json::to_value(defaults).unwrap(), "", &mut default_values);
+    key_paths(
+        &serde_json::to_value(defaults).unwrap(),
+        "",
+        &mut default_values,
+    );
     for (key, value) in default_values {
         if key.contains("[]") {
             continue; // the demo centre's queues, rules and agents are examples, not defaults
@@ -241,7 +273,11 @@ async fn metrics_catalogue_is_what_the_daemon_exports() {
     let rows = table_after(&document, "## Metrics");
     let mut documented: BTreeMap<String, (String, BTreeSet<String>)> = BTreeMap::new();
     for cells in rows {
-        assert_eq!(cells.len(), 4, "metric | type | labels | meaning: {cells:?}");
+        assert_eq!(
+            cells.len(),
+            4,
+            "metric | type | labels | meaning: {cells:?}"
+        );
         let labels = cells[2]
             .split(',')
             .map(|label| unquote(label.trim()).to_owned())
@@ -266,10 +302,15 @@ async fn metrics_catalogue_is_what_the_daemon_exports() {
 async fn sqlite_online_backup_as_documented_restores_a_running_daemon_s_store() {
     let document = operations();
     let documented = "sqlite3 /var/lib/switchboard/switchboard.sqlite \".backup '/backup/switchboard-$(date +%F).sqlite'\"";
-    assert!(document.contains(documented), "the backup command in docs/OPERATIONS.md changed: update this test");
+    assert!(
+        document.contains(documented),
+        "the backup command in docs/OPERATIONS.md changed: update this test"
+    );
 
     let daemon = Daemon::start("");
-    let (status, receipt) = daemon.ingest(api_message("backup-1", "c", "before the backup")).await;
+    let (status, receipt) = daemon
+        .ingest(api_message("backup-1", "c", "before the backup"))
+        .await;
     assert_eq!(status, 202, "{receipt}");
     let database = daemon.dir.path().join("switchboard.sqlite");
     let backups = tempfile::tempdir().unwrap();
@@ -282,7 +323,9 @@ async fn sqlite_online_backup_as_documented_restores_a_running_daemon_s_store() 
         .expect("sqlite3: install Debian's sqlite3 package (scripts/test does)");
     assert!(output.status.success(), "{output:?}");
     // The daemon keeps running and writing meanwhile.
-    let (status, receipt) = daemon.ingest(api_message("backup-2", "d", "after the backup")).await;
+    let (status, receipt) = daemon
+        .ingest(api_message("backup-2", "d", "after the backup"))
+        .await;
     assert_eq!(status, 202, "{receipt}");
     drop(daemon);
 
@@ -290,7 +333,12 @@ async fn sqlite_online_backup_as_documented_restores_a_running_daemon_s_store() 
     let restored = Daemon::start_on_store(&format!("path = \"{}\"", backup.display()));
     let conversations = restored.conversations().await;
     assert_eq!(conversations.len(), 1, "{conversations:?}");
-    let (status, again) = restored.ingest(api_message("backup-1", "c", "before the backup")).await;
+    let (status, again) = restored
+        .ingest(api_message("backup-1", "c", "before the backup"))
+        .await;
     assert!(status < 300, "{status} {again}");
-    assert_eq!(again["duplicate"], true, "a redelivery of a backed-up message is deduplicated: {again}");
+    assert_eq!(
+        again["duplicate"], true,
+        "a redelivery of a backed-up message is deduplicated: {again}"
+    );
 }

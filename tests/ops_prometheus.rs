@@ -77,7 +77,10 @@ fn alert_rules_pass_promtool_and_their_unit_tests() {
 #[test]
 fn every_alert_is_the_issue_s_list_with_a_unit_test_and_a_runbook() {
     let rules = rules_of(&alert_rules());
-    let alerts: Vec<&Value> = rules.iter().filter(|rule| rule["alert"].is_string()).collect();
+    let alerts: Vec<&Value> = rules
+        .iter()
+        .filter(|rule| rule["alert"].is_string())
+        .collect();
     let names: BTreeSet<&str> = alerts
         .iter()
         .map(|rule| rule["alert"].as_str().unwrap())
@@ -113,7 +116,12 @@ fn every_alert_is_the_issue_s_list_with_a_unit_test_and_a_runbook() {
         .as_array()
         .unwrap()
         .iter()
-        .flat_map(|test| test["alert_rule_test"].as_array().cloned().unwrap_or_default())
+        .flat_map(|test| {
+            test["alert_rule_test"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
         .map(|case| {
             let fires = case["exp_alerts"]
                 .as_array()
@@ -202,12 +210,7 @@ fn sample_names(exposition: &str) -> BTreeSet<String> {
     exposition
         .lines()
         .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
-        .map(|line| {
-            line.split(['{', ' '])
-                .next()
-                .unwrap_or_default()
-                .to_owned()
-        })
+        .map(|line| line.split(['{', ' ']).next().unwrap_or_default().to_owned())
         .collect()
 }
 
@@ -239,7 +242,10 @@ async fn daemon_metrics_pass_promtool_check_metrics() {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(findings.trim().is_empty(), "promtool check metrics:\n{findings}");
+    assert!(
+        findings.trim().is_empty(),
+        "promtool check metrics:\n{findings}"
+    );
     // The histograms were observed, so promtool saw their buckets, not only their names.
     for sample in [
         "switchboard_queue_answer_wait_seconds_count{queue=\"support\"} 2",
@@ -394,7 +400,9 @@ async fn prometheus_scrapes_the_daemon_and_every_shipped_query_works() {
     let daemon = Daemon::start(&nats_config(NATS, &name));
     let target = daemon.base.trim_start_matches("http://").to_owned();
     let prometheus = Prometheus::start(&target).await;
-    prometheus.expect_value("up{job=\"switchboard\"}", 1.0).await;
+    prometheus
+        .expect_value("up{job=\"switchboard\"}", 1.0)
+        .await;
 
     let alice = known_traffic(&daemon).await;
 
@@ -412,20 +420,29 @@ async fn prometheus_scrapes_the_daemon_and_every_shipped_query_works() {
             "switchboard_queue_answered_total{queue=\"support\",within_sla=\"false\"}",
             0.0,
         ),
-        ("switchboard_queue_answer_wait_seconds_count{queue=\"support\"}", 2.0),
+        (
+            "switchboard_queue_answer_wait_seconds_count{queue=\"support\"}",
+            2.0,
+        ),
         ("switchboard_conversations{state=\"assigned\"}", 2.0),
         ("switchboard_conversations{state=\"waiting\"}", 0.0),
         ("switchboard_agents{presence=\"available\"}", 1.0),
         ("switchboard_agent_load_conversations", 2.0),
         ("switchboard_agent_capacity_conversations", 6.0),
         ("switchboard_queue_waiting{queue=\"support\"}", 0.0),
-        ("switchboard_queue_sla_target_seconds{queue=\"support\"}", 60.0),
+        (
+            "switchboard_queue_sla_target_seconds{queue=\"support\"}",
+            60.0,
+        ),
         ("switchboard_queue_agents_available{queue=\"support\"}", 1.0),
         ("switchboard_bus_connected{bus=\"nats\"}", 1.0),
         ("switchboard_ready", 1.0),
         ("switchboard_cluster_leader", 1.0),
         // The recording rules, evaluated by this Prometheus: both answers within the SLA.
-        ("queue:switchboard_service_level:ratio_rate5m{queue=\"support\"}", 1.0),
+        (
+            "queue:switchboard_service_level:ratio_rate5m{queue=\"support\"}",
+            1.0,
+        ),
         ("switchboard_ingest_to_offer_seconds_count", 2.0),
     ] {
         prometheus.expect_value(expression, expected).await;
