@@ -171,6 +171,27 @@ impl std::fmt::Debug for Assembled {
 /// serve intake at once, as followers, and one of them leads (see `cluster.rs`).
 pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assembled, DaemonError> {
     let metrics = metrics::Metrics::new()?;
+    {
+        let routing = &settings.routing;
+        let queues: Vec<&str> = routing.queues.iter().map(|q| q.name.as_str()).collect();
+        // The built-in channels, plus any custom channel a queue names.
+        let mut channels: Vec<&str> = vec![
+            "email",
+            "chat",
+            "sms",
+            "whatsapp",
+            "messenger",
+            "instagram",
+            "telegram",
+            "api",
+        ];
+        for channel in routing.queues.iter().flat_map(|q| &q.channels) {
+            if !channels.contains(&channel.as_str()) {
+                channels.push(channel.as_str());
+            }
+        }
+        metrics.initialise_series(&queues, &channels);
+    }
     let store = open_store(&settings).await?;
     let clustered = matches!(settings.store, StoreSettings::Postgres(_));
     let hub = Arc::new(hub::AgentHub::default());
