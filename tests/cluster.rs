@@ -221,6 +221,22 @@ async fn three_instances_take_intake_and_agents_on_followers_work_as_on_one_node
             .await,
         CONVERSATIONS as i64
     );
+    // Every conversation is announced once, whichever instance took its first message in.
+    assert_eq!(
+        schema
+            .count(
+                "SELECT count(DISTINCT conversation_id) FROM {schema}.outbox \
+                 WHERE kind = 'conversation.created'"
+            )
+            .await,
+        CONVERSATIONS as i64
+    );
+    assert_eq!(
+        schema
+            .count("SELECT count(*) FROM {schema}.outbox WHERE kind = 'conversation.created'")
+            .await,
+        CONVERSATIONS as i64
+    );
     drop(desks);
     drop(instances);
     schema.drop_schema().await;

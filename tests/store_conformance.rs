@@ -1001,9 +1001,25 @@ async fn recovery_returns_unrouted_and_states(backend: Backend) {
     let m3 = ingest(store, sms("SM3", PHONE, "three")).await;
     let recovery = store.recovery().await.unwrap();
     assert_eq!(
-        recovery.unrouted.iter().map(|m| m.id).collect::<Vec<_>>(),
+        recovery
+            .unrouted
+            .iter()
+            .map(|m| m.message.id)
+            .collect::<Vec<_>>(),
         vec![m1.message, m2.message, m3.message],
         "oldest first"
+    );
+    assert!(
+        recovery.unrouted.iter().all(|m| m.new_conversation),
+        "no conversation routed yet"
+    );
+    assert_eq!(
+        recovery.unrouted[0].contact_id,
+        recovery.unrouted[2].contact_id
+    );
+    assert_ne!(
+        recovery.unrouted[0].contact_id,
+        recovery.unrouted[1].contact_id
     );
     assert!(
         recovery.conversations.is_empty(),
@@ -1036,8 +1052,16 @@ async fn recovery_returns_unrouted_and_states(backend: Backend) {
         .unwrap();
     let recovery = store.recovery().await.unwrap();
     assert_eq!(
-        recovery.unrouted.iter().map(|m| m.id).collect::<Vec<_>>(),
+        recovery
+            .unrouted
+            .iter()
+            .map(|m| m.message.id)
+            .collect::<Vec<_>>(),
         vec![m3.message]
+    );
+    assert!(
+        !recovery.unrouted[0].new_conversation,
+        "its conversation was routed with m1"
     );
     let conversations = documents(recovery.conversations);
     assert_eq!(conversations.len(), 2);
@@ -1124,7 +1148,11 @@ async fn replies_and_delivery_status(backend: Backend) {
     // Replies are never replayed to the router.
     let recovery = store.recovery().await.unwrap();
     assert_eq!(
-        recovery.unrouted.iter().map(|m| m.id).collect::<Vec<_>>(),
+        recovery
+            .unrouted
+            .iter()
+            .map(|m| m.message.id)
+            .collect::<Vec<_>>(),
         vec![inbound.message]
     );
     // A pending reply is re-queued after a restart; once sent it is not.
@@ -1368,7 +1396,11 @@ async fn data_survives_reopen(backend: Backend) {
     assert_eq!(store.outbox_pending(10).await.unwrap(), outbox);
     let recovery = store.recovery().await.unwrap();
     assert_eq!(
-        recovery.unrouted.iter().map(|m| m.id).collect::<Vec<_>>(),
+        recovery
+            .unrouted
+            .iter()
+            .map(|m| m.message.id)
+            .collect::<Vec<_>>(),
         vec![unrouted.message]
     );
     assert_eq!(recovery.agents.len(), 1);

@@ -33,7 +33,7 @@ use crate::routing::{
     QueueName, Router, RoutingConfig, TimerQueue, Timestamp, TransferTarget,
 };
 use crate::store::{
-    AgentPush, ConversationStatus, NewEvent, RoutingWrite, Store, StoreError, StoredMessage,
+    AgentPush, ConversationStatus, NewEvent, RoutingWrite, Store, StoreError, UnroutedMessage,
 };
 
 /// The wall clock, read only here at the edge: milliseconds since the Unix epoch.
@@ -105,7 +105,7 @@ enum Request {
     /// Stored messages not yet routed (several instances: another instance took them in), read
     /// from the store at `read_started`.
     PickUp {
-        messages: Vec<StoredMessage>,
+        messages: Vec<UnroutedMessage>,
         read_started: Instant,
     },
     Stop,
@@ -185,7 +185,7 @@ impl EngineHandle {
     /// Hands stored, unrouted messages to the router (those it is routing already are skipped).
     pub async fn pick_up(
         &self,
-        messages: Vec<StoredMessage>,
+        messages: Vec<UnroutedMessage>,
         read_started: Instant,
     ) -> Result<(), EngineError> {
         self.requests
@@ -356,14 +356,15 @@ fn parse_document<'a, T: serde::Deserialize<'a>>(
 }
 
 /// A stored message that was never routed, handed to the router again.
-fn replay(stored: StoredMessage) -> Result<Ingested, String> {
+fn replay(unrouted: UnroutedMessage) -> Result<Ingested, String> {
+    let stored = unrouted.message;
     let message: InboundMessage = serde_json::from_value(stored.body)
         .map_err(|error| format!("message {}: {error}", stored.id))?;
     Ok(Ingested {
         message_id: stored.id,
         conversation_id: stored.conversation_id,
-        contact_id: None,
-        new_conversation: false,
+        contact_id: Some(unrouted.contact_id),
+        new_conversation: unrouted.new_conversation,
         message,
         received: Instant::now(),
     })
@@ -558,8 +559,10 @@ impl Engine {
         let conversation = ConversationId(ingested.conversation_id.0);
         let message = MessageId(ingested.message_id.0);
         let mut extra = Vec::new();
+        // Replayed messages of a never-routed conversation all say new: the first one announces it.
         if ingested.new_conversation
             && let Some(contact) = ingested.contact_id
+            && self.router.conversation(conversation).is_none()
         {
             extra.push(events::conversation_created(
                 conversation,

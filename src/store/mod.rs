@@ -271,7 +271,17 @@ pub struct Recovery {
     pub conversations: Vec<(Ulid, String)>,
     pub agents: Vec<(String, String)>,
     pub queues: Vec<(String, String)>,
-    pub unrouted: Vec<StoredMessage>,
+    pub unrouted: Vec<UnroutedMessage>,
+}
+
+/// An inbound message stored but not yet handed to the router (after a crash, or taken in by another
+/// instance), with what the router's first look at its conversation needs.
+#[derive(Debug, Clone)]
+pub struct UnroutedMessage {
+    pub message: StoredMessage,
+    pub contact_id: Ulid,
+    /// The conversation was never routed, so its `conversation.created` is still to be published.
+    pub new_conversation: bool,
 }
 
 /// The router's lease as stored: who leads, under which fencing epoch, until when.
@@ -448,7 +458,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     // instance alone sees.
 
     /// Inbound messages stored but not yet routed, oldest first (the leader picks them up).
-    async fn unrouted(&self, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
+    async fn unrouted(&self, limit: usize) -> Result<Vec<UnroutedMessage>, StoreError> {
         let mut unrouted = self.recovery().await?.unrouted;
         unrouted.truncate(limit);
         Ok(unrouted)

@@ -50,8 +50,8 @@ use super::sqlite::WriterStats;
 use super::{
     ConversationFilter, ConversationRecord, ConversationStatus, Direction, ForwardedCommand,
     IngestOutcome, Lease, Member, NewEvent, NewReply, OutboxEvent, Recovery, ReplyRoute,
-    RoutingWrite, Store, StoreError, StoredMessage, StoredPush, Wakeup, json_text, lease_duration,
-    parse_status, parse_ulid, prefix_error, to_i64, to_u64,
+    RoutingWrite, Store, StoreError, StoredMessage, StoredPush, UnroutedMessage, Wakeup, json_text,
+    lease_duration, parse_status, parse_ulid, prefix_error, to_i64, to_u64,
 };
 use crate::message::InboundMessage;
 
@@ -974,6 +974,19 @@ fn decode_message(row: &Row) -> Result<StoredMessage, StoreError> {
     })
 }
 
+/// After [`MESSAGE_COLUMNS`] for an unrouted message: its conversation's contact, and whether the
+/// conversation was never routed (no routing document yet).
+const UNROUTED_COLUMNS: &str = "(SELECT contact_id FROM conversations c WHERE c.id = messages.conversation_id), \
+     (SELECT routing_state IS NULL FROM conversations c WHERE c.id = messages.conversation_id)";
+
+fn decode_unrouted(row: &Row) -> Result<UnroutedMessage, StoreError> {
+    Ok(UnroutedMessage {
+        message: decode_message(row)?,
+        contact_id: parse_ulid(column(row, 12)?)?,
+        new_conversation: column(row, 13)?,
+    })
+}
+
 const CONVERSATION_COLUMNS: &str = "id, contact_id, status, channel, reply_channel, \
      reply_provider, reply_customer_address, reply_our_address, reply_thread_key, subject, \
      created_at, updated_at, routing_state, event_seq";
@@ -1750,15 +1763,15 @@ async fn recovery_read(client: &mut deadpool_postgres::Client) -> Result<Recover
     // Storage order: the order in which the messages were acknowledged.
     let statement = tx
         .prepare_cached(&format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE NOT routed AND direction = 'inbound'
-             ORDER BY position"
+            "SELECT {MESSAGE_COLUMNS}, {UNROUTED_COLUMNS} FROM messages
+             WHERE NOT routed AND direction = 'inbound' ORDER BY position"
         ))
         .await?;
     let unrouted = tx
         .query(&statement, &[])
         .await?
         .iter()
-        .map(decode_message)
+        .map(decode_unrouted)
         .collect::<Result<Vec<_>, StoreError>>()?;
     tx.commit().await?;
     Ok(Recovery {
@@ -2051,18 +2064,18 @@ impl Store for PostgresStore {
         .await
     }
 
-    async fn unrouted(&self, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
+    async fn unrouted(&self, limit: usize) -> Result<Vec<UnroutedMessage>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.read(|client| {
             Box::pin(async move {
                 let statement = client
                     .prepare_cached(&format!(
-                        "SELECT {MESSAGE_COLUMNS} FROM messages
+                        "SELECT {MESSAGE_COLUMNS}, {UNROUTED_COLUMNS} FROM messages
                          WHERE NOT routed AND direction = 'inbound' ORDER BY position LIMIT $1"
                     ))
                     .await?;
                 let rows = client.query(&statement, &[&limit]).await?;
-                Ok(rows.iter().map(decode_message).collect::<Result<_, _>>()?)
+                Ok(rows.iter().map(decode_unrouted).collect::<Result<_, _>>()?)
             })
         })
         .await

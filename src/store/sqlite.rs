@@ -52,8 +52,8 @@ use super::IngestRequest;
 use super::{
     ConversationFilter, ConversationRecord, ConversationStatus, Direction, IngestOutcome, Lease,
     NewEvent, NewReply, OutboxEvent, Recovery, ReplyRoute, RoutingWrite, Store, StoreError,
-    StoredMessage, json_text, lease_duration, parse_status, parse_ulid, prefix_error, to_i64,
-    to_u64,
+    StoredMessage, UnroutedMessage, json_text, lease_duration, parse_status, parse_ulid,
+    prefix_error, to_i64, to_u64,
 };
 use crate::message::{IdentityLink, InboundMessage};
 
@@ -716,6 +716,11 @@ impl MessageRow {
     }
 }
 
+/// After [`MESSAGE_COLUMNS`] for an unrouted message: its conversation's contact, and whether the
+/// conversation was never routed (no routing document yet).
+const UNROUTED_COLUMNS: &str = "(SELECT contact_id FROM conversations c WHERE c.id = messages.conversation_id), \
+     (SELECT routing_state IS NULL FROM conversations c WHERE c.id = messages.conversation_id)";
+
 const CONVERSATION_COLUMNS: &str = "id, contact_id, status, channel, reply_channel, \
      reply_provider, reply_customer_address, reply_our_address, reply_thread_key, subject, \
      created_at, updated_at, routing_state, event_seq";
@@ -1357,15 +1362,27 @@ fn recovery_read(conn: &Connection) -> Result<Recovery, StoreError> {
     let queues = documents("SELECT queue, state FROM queue_state ORDER BY queue")?;
     // Storage order: the order in which the messages were acknowledged.
     let sql = format!(
-        "SELECT {MESSAGE_COLUMNS} FROM messages WHERE routed = 0 AND direction = 'inbound'
-         ORDER BY rowid"
+        "SELECT {MESSAGE_COLUMNS}, {UNROUTED_COLUMNS} FROM messages
+         WHERE routed = 0 AND direction = 'inbound' ORDER BY rowid"
     );
     let unrouted = tx
         .prepare_cached(&sql)?
-        .query_map([], MessageRow::read)?
+        .query_map([], |row| {
+            Ok((
+                MessageRow::read(row)?,
+                row.get::<_, String>(12)?,
+                row.get::<_, bool>(13)?,
+            ))
+        })?
         .collect::<rusqlite::Result<Vec<_>>>()?
         .into_iter()
-        .map(MessageRow::decode)
+        .map(|(row, contact_id, new_conversation)| {
+            Ok(UnroutedMessage {
+                message: row.decode()?,
+                contact_id: parse_ulid(&contact_id)?,
+                new_conversation,
+            })
+        })
         .collect::<Result<Vec<_>, StoreError>>()?;
     tx.finish()?;
     Ok(Recovery {
