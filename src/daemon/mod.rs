@@ -56,6 +56,10 @@ pub enum DaemonError {
     Bus(#[from] relay::BusError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("email: {0}")]
+    EmailListener(#[from] crate::channels::email::smtp::ListenerError),
+    #[error("email: {0}")]
+    EmailRelay(#[from] crate::channels::email::outbound::RelayError),
 }
 
 /// Where the configuration came from, so a reload reads the same sources again.
@@ -70,6 +74,8 @@ pub struct ConfigSource {
 #[derive(Debug)]
 pub struct Daemon {
     pub local_addr: SocketAddr,
+    /// The built-in SMTP listener's address, when it is enabled.
+    pub smtp_addr: Option<SocketAddr>,
     pub bus: relay::InProcessBus,
     reload: Reloader,
     stop: Arc<Notify>,
@@ -166,6 +172,17 @@ pub async fn start(settings: Settings, source: ConfigSource) -> Result<Daemon, D
     let (webhooks, channel_senders) =
         crate::channels::Channels::build(&settings.channels, &store).split();
     senders.extend(channel_senders);
+    let email = settings.channels.email.clone().map(Arc::new);
+    if let Some(email) = &email
+        && let Some(relay) = &email.relay
+    {
+        let sender = crate::channels::email::outbound::EmailSender::new(
+            email.clone(),
+            relay,
+            store.clone(),
+        )?;
+        senders.insert("email".into(), Arc::new(sender));
+    }
     // A channel handed to the buses is delivered by another system, in place of an adapter.
     senders.extend(buses.channels.iter().cloned());
     let (outbound, outbound_task) = outbound::start(outbound::OutboundContext {
@@ -226,6 +243,22 @@ pub async fn start(settings: Settings, source: ConfigSource) -> Result<Daemon, D
     };
     let _ = term_context.actions.set(actions.clone());
     buses.start_intake(&actions);
+    let email_intake = email.map(|email| {
+        crate::channels::email::intake::EmailIntake::new(
+            email,
+            &settings.public_url,
+            actions.clone(),
+        )
+    });
+    let (stop_smtp, smtp_stopped) = watch::channel(false);
+    let mut smtp_addr = None;
+    if let Some(intake) = &email_intake
+        && let Some(smtp) = &intake.settings.smtp
+    {
+        let listener = crate::channels::email::smtp::SmtpListener::bind(smtp.clone()).await?;
+        smtp_addr = Some(listener.local_addr()?);
+        tokio::spawn(listener.serve(intake.clone(), smtp_stopped));
+    }
     let state = http::AppState {
         actions,
         hub,
@@ -233,6 +266,7 @@ pub async fn start(settings: Settings, source: ConfigSource) -> Result<Daemon, D
         reloader: reload.clone(),
         buses: buses.states.clone(),
         webhooks,
+        email: email_intake,
     };
     let app = http::router(state, settings.body_limit_bytes).layer(
         tower_http::timeout::TimeoutLayer::with_status_code(
@@ -279,6 +313,7 @@ pub async fn start(settings: Settings, source: ConfigSource) -> Result<Daemon, D
             stop.notified().await;
             info!("shutting down: intake closed, finishing in-flight requests");
             accepting.store(false, Ordering::SeqCst);
+            let _ = stop_smtp.send(true);
             metrics.ready.set(0);
             let _ = drain_tx.send(true);
             let (_, served) = tokio::join!(
@@ -305,6 +340,7 @@ pub async fn start(settings: Settings, source: ConfigSource) -> Result<Daemon, D
     });
     Ok(Daemon {
         local_addr,
+        smtp_addr,
         bus,
         reload,
         stop,
