@@ -501,3 +501,91 @@ Message-ID: <{reply_id}>\r\nSubject: Re: Where is my order?\r\n--R--\r\n"
     assert_eq!(sent["delivery_status"], "failed");
     assert_eq!(daemon.conversations().await.len(), 1);
 }
+
+#[tokio::test]
+async fn starttls_is_offered_with_a_certificate_and_the_connection_cap_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let attachments = dir.path().join("attachments");
+    let config = format!(
+        "{}max_connections = 1\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+        email_config(OURS, &attachments.display().to_string(), None),
+        cert.display(),
+        key.display()
+    );
+    common::write_config(dir.path(), "", &config);
+    let daemon = Daemon::start_in(dir);
+
+    // One session at a time: the second connection is told to come back later.
+    let stream = TcpStream::connect(smtp_address(&daemon)).await.unwrap();
+    let mut first = BufReader::new(stream);
+    assert_eq!(read_reply(&mut first).await.0, 220);
+    first
+        .get_mut()
+        .write_all(b"EHLO client.test\r\n")
+        .await
+        .unwrap();
+    let (_, ehlo) = read_reply(&mut first).await;
+    assert!(ehlo.contains("STARTTLS"), "{ehlo}");
+    let stream = TcpStream::connect(smtp_address(&daemon)).await.unwrap();
+    let mut second = BufReader::new(stream);
+    assert_eq!(read_reply(&mut second).await.0, 421);
+    first.get_mut().write_all(b"QUIT\r\n").await.unwrap();
+    assert_eq!(read_reply(&mut first).await.0, 221);
+    drop(first);
+
+    // lettre requires TLS and checks our certificate.
+    let certificate =
+        lettre::transport::smtp::client::Certificate::from_pem(&std::fs::read(&cert).unwrap())
+            .unwrap();
+    let tls = lettre::transport::smtp::client::TlsParameters::builder("localhost".into())
+        .add_root_certificate(certificate)
+        .build_rustls()
+        .unwrap();
+    let port: u16 = smtp_address(&daemon)
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let client = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous("localhost")
+        .port(port)
+        .tls(lettre::transport::smtp::client::Tls::Required(tls))
+        .timeout(Some(Duration::from_secs(10)))
+        .build();
+    let email = Message::builder()
+        .from("ivy@customer.example".parse::<Mailbox>().unwrap())
+        .to(OURS.parse::<Mailbox>().unwrap())
+        .subject("over TLS")
+        .singlepart(SinglePart::plain("sent over STARTTLS".to_owned()))
+        .unwrap();
+    // The first session may still be closing on the server: retry while the cap refuses us.
+    let sent = eventually(10, "a free session slot", || {
+        let (client, email) = (client.clone(), email.clone());
+        async move { client.send(email).await.ok() }
+    })
+    .await;
+    assert!(sent.is_positive());
+    let conversations = daemon.conversations().await;
+    let detail = detail(&daemon, conversations[0]["id"].as_str().unwrap()).await;
+    assert_eq!(detail["messages"][0]["body"]["text"], "sent over STARTTLS");
+}

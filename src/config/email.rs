@@ -331,3 +331,88 @@ pub fn validate(section: &EmailSection) -> Result<EmailSettings, ConfigLoadError
         relay,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn load(extra: &str, environment: &[(&str, &str)]) -> Result<EmailSettings, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("email.toml");
+        std::fs::write(&path, extra).unwrap();
+        let environment = environment
+            .iter()
+            .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()));
+        super::super::load(Some(&path), environment)
+            .map(|settings| settings.channels.email.unwrap())
+            .map_err(|error| error.to_string())
+    }
+
+    #[test]
+    fn the_relay_password_comes_from_the_environment_and_is_never_printed() {
+        let toml = "[channels.email]\nmailboxes = [\"Support@Example.com\"]\ndomains = [\"@help.example.com\"]\n\n\
+                    [channels.email.relay]\nhost = \"smtp.example.com\"\nusername = \"switchboard\"\n";
+        let email = load(
+            toml,
+            &[(
+                "SWITCHBOARD__CHANNELS__EMAIL__RELAY__PASSWORD",
+                "relay-s3cret",
+            )],
+        )
+        .unwrap();
+        assert_eq!(email.mailboxes, vec!["support@example.com"]);
+        assert_eq!(email.message_id_domain, "example.com");
+        assert!(email.is_ours("SUPPORT@example.com"));
+        assert!(email.is_ours("anyone@help.example.com"));
+        assert!(!email.is_ours("someone@elsewhere.example"));
+        let relay = email.relay.as_ref().unwrap();
+        assert_eq!((relay.port, relay.security), (587, RelaySecurity::Starttls));
+        assert!(
+            relay
+                .credentials
+                .as_ref()
+                .unwrap()
+                .1
+                .matches("relay-s3cret")
+        );
+        assert!(!format!("{email:?}").contains("relay-s3cret"));
+        let error = load(toml, &[]).unwrap_err();
+        assert!(
+            error.contains("SWITCHBOARD__CHANNELS__EMAIL__RELAY__PASSWORD"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn incomplete_email_sections_are_refused_with_the_key() {
+        for (toml, expected) in [
+            (
+                "[channels.email]\n",
+                "name at least one of mailboxes or domains",
+            ),
+            (
+                "[channels.email]\nmailboxes = [\"nobody\"]\n",
+                "not an email address",
+            ),
+            (
+                "[channels.email]\nmailboxes = [\"a@b.example\"]\nsubject_tag_prefix = \"S B\"\n",
+                "subject_tag_prefix",
+            ),
+            (
+                "[channels.email]\nmailboxes = [\"a@b.example\"]\n[channels.email.smtp]\nenabled = true\ntls_cert_file = \"c.pem\"\n",
+                "tls_cert_file and tls_key_file",
+            ),
+            (
+                "[channels.email]\nmailboxes = [\"a@b.example\"]\n[channels.email.smtp]\nenabled = true\nlisten = \"nowhere\"\n",
+                "channels.email.smtp.listen",
+            ),
+        ] {
+            let error = load(toml, &[]).unwrap_err();
+            assert!(
+                error.contains(expected),
+                "{toml:?}: `{expected}` in `{error}`"
+            );
+        }
+    }
+}
