@@ -589,3 +589,69 @@ async fn starttls_is_offered_with_a_certificate_and_the_connection_cap_holds() {
     let detail = detail(&daemon, conversations[0]["id"].as_str().unwrap()).await;
     assert_eq!(detail["messages"][0]["body"]["text"], "sent over STARTTLS");
 }
+
+#[tokio::test]
+async fn python_smtplib_sends_latin1_and_html_only_mail() {
+    let daemon = start(OURS, None);
+    let (host, port) = smtp_address(&daemon)
+        .rsplit_once(':')
+        .map(|(h, p)| (h.to_owned(), p.to_owned()))
+        .unwrap();
+    // Python's standard library as a second real client: a Latin-1 body (8-bit, declared
+    // charset) and an HTML-only message with a Windows-1252 subject in an encoded word.
+    let script = r#"
+import smtplib, sys
+from email.mime.text import MIMEText
+from email.header import Header
+from email.utils import formataddr
+host, port = sys.argv[1], int(sys.argv[2])
+latin = MIMEText("Grüße aus Köln, die Lieferung fehlt.", "plain", "iso-8859-1")
+latin["From"] = formataddr(("Jürgen", "juergen@kunde.example"), "iso-8859-1")
+latin["To"] = "support@example.com"
+latin["Subject"] = Header("Lieferung für Jürgen", "iso-8859-1")
+latin["Message-ID"] = "<py-latin1@kunde.example>"
+html = MIMEText("<p>Caf&eacute; order <b>late</b></p><p>-- <br>Zo&euml;</p>", "html", "windows-1252")
+html["From"] = "zoe@kunde.example"
+html["To"] = "support@example.com"
+html["Subject"] = Header("Café – late", "windows-1252")
+html["Message-ID"] = "<py-html@kunde.example>"
+with smtplib.SMTP(host, port, timeout=10) as client:
+    client.ehlo("python.test")
+    assert client.has_extn("pipelining") and client.has_extn("8bitmime")
+    client.send_message(latin)
+    client.send_message(html)
+print("sent")
+"#;
+    let output = tokio::process::Command::new("python3")
+        .args(["-c", script, &host, &port])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut bodies = Vec::new();
+    for conversation in daemon.conversations().await {
+        let detail = detail(&daemon, conversation["id"].as_str().unwrap()).await;
+        bodies.push(detail["messages"][0]["body"].clone());
+    }
+    let latin = bodies
+        .iter()
+        .find(|b| b["provider_message_id"] == "py-latin1@kunde.example")
+        .unwrap();
+    assert_eq!(latin["text"], "Grüße aus Köln, die Lieferung fehlt.");
+    assert_eq!(latin["subject"], "Lieferung für Jürgen");
+    assert_eq!(latin["from"]["name"], "Jürgen");
+    let html = bodies
+        .iter()
+        .find(|b| b["provider_message_id"] == "py-html@kunde.example")
+        .unwrap();
+    assert_eq!(html["subject"], "Café – late");
+    assert!(html["html"].as_str().unwrap().contains("<b>late</b>"));
+    assert!(
+        html["text"].as_str().unwrap().contains("Café order late"),
+        "{html}"
+    );
+}
