@@ -45,6 +45,72 @@ pub struct EmailSection {
     pub smtp: SmtpListenerSection,
     #[serde(default)]
     pub relay: Option<RelaySection>,
+    #[serde(default)]
+    pub imap: Option<ImapSection>,
+}
+
+/// An IMAP mailbox read for new mail (an existing Microsoft 365, Google Workspace or Dovecot box).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImapSection {
+    pub host: String,
+    #[serde(default = "default_imap_port")]
+    pub port: u16,
+    /// `tls` (implicit, port 993) or `none` (a server on the same host only).
+    #[serde(default = "default_imap_security")]
+    pub security: ImapSecurity,
+    pub username: String,
+    /// From the environment: `SWITCHBOARD__CHANNELS__EMAIL__IMAP__PASSWORD`.
+    #[serde(default)]
+    pub password: Option<Secret>,
+    #[serde(default = "default_imap_mailbox")]
+    pub mailbox: String,
+    /// Processed mail is moved here; without it, processed mail is flagged `\Seen` and left.
+    #[serde(default)]
+    pub processed_mailbox: Option<String>,
+    /// How long to IDLE (or, without IDLE, to wait) before looking again.
+    #[serde(default = "default_imap_poll")]
+    pub poll_seconds: u64,
+    /// Where the mailbox's UIDVALIDITY and last UID taken are kept across restarts.
+    #[serde(default = "default_imap_state")]
+    pub state_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImapSecurity {
+    Tls,
+    None,
+}
+
+fn default_imap_port() -> u16 {
+    993
+}
+fn default_imap_security() -> ImapSecurity {
+    ImapSecurity::Tls
+}
+fn default_imap_mailbox() -> String {
+    "INBOX".into()
+}
+fn default_imap_poll() -> u64 {
+    60
+}
+fn default_imap_state() -> PathBuf {
+    PathBuf::from("data/imap-state.json")
+}
+
+/// The validated IMAP intake.
+#[derive(Debug, Clone)]
+pub struct ImapSettings {
+    pub host: String,
+    pub port: u16,
+    pub security: ImapSecurity,
+    pub username: String,
+    pub password: Secret,
+    pub mailbox: String,
+    pub processed_mailbox: Option<String>,
+    pub poll: Duration,
+    pub state_file: PathBuf,
 }
 
 /// The built-in SMTP listener (for an MX record, or a relay forwarding the support mailbox).
@@ -149,6 +215,7 @@ pub struct EmailSettings {
     pub max_message_bytes: usize,
     pub smtp: Option<SmtpListenerSettings>,
     pub relay: Option<RelaySettings>,
+    pub imap: Option<ImapSettings>,
 }
 
 impl EmailSettings {
@@ -318,8 +385,40 @@ pub fn validate(section: &EmailSection) -> Result<EmailSettings, ConfigLoadError
             })
         }
     };
+    let imap = match &section.imap {
+        None => None,
+        Some(imap) => {
+            let password = match &imap.password {
+                Some(password) if !password.expose().is_empty() => password.clone(),
+                _ => {
+                    return Err(invalid(
+                        &format!("{place}.imap.password"),
+                        "required (set it from the environment: SWITCHBOARD__CHANNELS__EMAIL__IMAP__PASSWORD)",
+                    ));
+                }
+            };
+            if imap.host.trim().is_empty() || imap.username.is_empty() {
+                return Err(invalid(
+                    &format!("{place}.imap"),
+                    "host and username are required",
+                ));
+            }
+            Some(ImapSettings {
+                host: imap.host.trim().to_owned(),
+                port: imap.port,
+                security: imap.security,
+                username: imap.username.clone(),
+                password,
+                mailbox: imap.mailbox.clone(),
+                processed_mailbox: imap.processed_mailbox.clone(),
+                poll: Duration::from_secs(imap.poll_seconds.max(1)),
+                state_file: imap.state_file.clone(),
+            })
+        }
+    };
     Ok(EmailSettings {
         mailboxes,
+        imap,
         domains,
         from_name: section.from_name.clone(),
         subject_tag_prefix: section.subject_tag_prefix.clone(),

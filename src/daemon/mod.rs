@@ -250,14 +250,23 @@ pub async fn start(settings: Settings, source: ConfigSource) -> Result<Daemon, D
             actions.clone(),
         )
     });
-    let (stop_smtp, smtp_stopped) = watch::channel(false);
+    let (stop_email, email_stopped) = watch::channel(false);
     let mut smtp_addr = None;
     if let Some(intake) = &email_intake
         && let Some(smtp) = &intake.settings.smtp
     {
         let listener = crate::channels::email::smtp::SmtpListener::bind(smtp.clone()).await?;
         smtp_addr = Some(listener.local_addr()?);
-        tokio::spawn(listener.serve(intake.clone(), smtp_stopped));
+        tokio::spawn(listener.serve(intake.clone(), email_stopped.clone()));
+    }
+    if let Some(intake) = &email_intake
+        && let Some(imap) = &intake.settings.imap
+    {
+        tokio::spawn(crate::channels::email::imap::run(
+            imap.clone(),
+            intake.clone(),
+            email_stopped,
+        ));
     }
     let state = http::AppState {
         actions,
@@ -313,7 +322,7 @@ pub async fn start(settings: Settings, source: ConfigSource) -> Result<Daemon, D
             stop.notified().await;
             info!("shutting down: intake closed, finishing in-flight requests");
             accepting.store(false, Ordering::SeqCst);
-            let _ = stop_smtp.send(true);
+            let _ = stop_email.send(true);
             metrics.ready.set(0);
             let _ = drain_tx.send(true);
             let (_, served) = tokio::join!(

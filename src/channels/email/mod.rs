@@ -7,12 +7,14 @@
 //! - `intake.rs` — every intake's one path: parse, save attachments, resolve the thread, then
 //!   `Actions::ingest` (or, for a bounce, the failed reply's status).
 //! - `smtp.rs` — the ESMTP listener (smtp-proto grammar, STARTTLS with rustls).
+//! - `imap.rs` — an existing mailbox read over IMAP (IDLE or polling, UIDVALIDITY + UID kept).
 //! - `outbound.rs` — agents' replies over SMTP to the configured relay (lettre).
 //!
 //! Every intake uses provider `smtp`, `imap` or `mime` (the webhook); the dedupe key is the
 //! `Message-ID`, so one message reaching switchboard by two paths is stored once.
 
 pub mod attachments;
+pub mod imap;
 pub mod intake;
 pub mod mime;
 pub mod outbound;
