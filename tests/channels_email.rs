@@ -655,3 +655,23 @@ print("sent")
         "{html}"
     );
 }
+
+#[tokio::test]
+async fn an_idle_client_is_disconnected_after_the_command_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let attachments = dir.path().join("attachments");
+    let config = format!(
+        "{}command_timeout_seconds = 1\n",
+        email_config(OURS, &attachments.display().to_string(), None)
+    );
+    common::write_config(dir.path(), "", &config);
+    let daemon = Daemon::start_in(dir);
+    let stream = TcpStream::connect(smtp_address(&daemon)).await.unwrap();
+    let mut reader = BufReader::new(stream);
+    assert_eq!(read_reply(&mut reader).await.0, 220);
+    // Say nothing: the server gives up first, with 421, and closes.
+    let (code, text) = read_reply(&mut reader).await;
+    assert_eq!(code, 421, "{text}");
+    let mut rest = String::new();
+    assert_eq!(reader.read_line(&mut rest).await.unwrap(), 0, "closed");
+}
