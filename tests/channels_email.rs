@@ -134,6 +134,16 @@ Content-Transfer-Encoding: base64\r\n\r\niVBORw0KGgo=\r\n--b1--\r\n";
 
     let (status, refused) = post_raw(&daemon, Some(INGEST), "this is not mail").await;
     assert_eq!(status, 400, "{refused}");
+    // Over max_message_bytes (64 KiB here): 413, nothing stored.
+    let huge = mail(
+        "ann@customer.example",
+        "huge@customer.example",
+        "huge",
+        "",
+        &"x".repeat(70_000),
+    );
+    let (status, refused) = post_raw(&daemon, Some(INGEST), &huge).await;
+    assert_eq!(status, 413, "{refused}");
 
     let detail = detail(&daemon, &conversation).await;
     let messages = detail["messages"].as_array().unwrap();

@@ -111,6 +111,10 @@ type ApiResult<T> = Result<T, ApiError>;
 
 /// Builds the API router.
 pub fn router(state: AppState, body_limit: usize) -> Router {
+    // Raw mail may be larger than API bodies, up to the email channel's own limit.
+    let email_limit = state.email.as_ref().map_or(body_limit, |email| {
+        email.settings.max_message_bytes.max(body_limit)
+    });
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -121,7 +125,10 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
             "/v1/webhooks/{provider}/{account}",
             get(webhook_handshake).post(webhook),
         )
-        .route("/v1/channels/email/raw", post(email_raw))
+        .route(
+            "/v1/channels/email/raw",
+            post(email_raw).layer(DefaultBodyLimit::max(email_limit)),
+        )
         .route(
             "/v1/channels/email/attachments/{key}",
             get(email_attachment),
@@ -470,6 +477,9 @@ async fn email_raw(
             }
             IntakeError::Unavailable(reason) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", reason)
+            }
+            IntakeError::TooLarge(reason) => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", reason)
             }
         })?;
     let status = match &accepted {

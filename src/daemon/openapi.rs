@@ -170,7 +170,7 @@ pub fn document() -> Value {
         components.response::<views::Cluster>(),
     );
     let mut email_raw = operation(
-        "Ingest one raw email (`message/rfc822`), as forwarded by mail providers: the same path as SMTP intake (threading, attachments, loop protection; a delivery report marks our failed reply instead). 202 once stored; 200 for a duplicate or a bounce; 400 for mail that is not a readable message.",
+        "Ingest one raw email (`message/rfc822`), as forwarded by mail providers: the same path as SMTP intake (threading, attachments, loop protection; a delivery report marks our failed reply instead). 202 once stored; 200 for a duplicate or a bounce; 400 for mail that is not a readable message; 413 over `channels.email.max_message_bytes` (this route's body limit).",
         "ingestToken",
         "202",
         components.response::<crate::channels::email::intake::Accepted>(),

@@ -217,7 +217,7 @@ where
             .await
         {
             Ok(_) => {}
-            Err(IntakeError::Rejected(reason)) => {
+            Err(IntakeError::Rejected(reason) | IntakeError::TooLarge(reason)) => {
                 warn!(uid, %reason, "IMAP message refused; marked processed and passed");
             }
             Err(IntakeError::Unavailable(reason)) => {

@@ -29,6 +29,9 @@ pub enum IntakeError {
     /// switchboard cannot store it now (store down, disk full, shutting down): try again later.
     #[error("{0}")]
     Unavailable(String),
+    /// Over `max_message_bytes` (SMTP 552, HTTP 413).
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 impl From<Refusal> for IntakeError {
@@ -97,7 +100,7 @@ impl EmailIntake {
     ) -> Result<Accepted, IntakeError> {
         self.actions.intake_open()?;
         if raw.len() > self.settings.max_message_bytes {
-            return Err(IntakeError::Rejected(format!(
+            return Err(IntakeError::TooLarge(format!(
                 "message of {} bytes is over the limit of {}",
                 raw.len(),
                 self.settings.max_message_bytes
@@ -222,6 +225,9 @@ impl From<IntakeError> for Refusal {
             }
             IntakeError::Unavailable(reason) => {
                 Refusal::new(RefusalKind::Unavailable, "unavailable", reason)
+            }
+            IntakeError::TooLarge(reason) => {
+                Refusal::new(RefusalKind::Invalid, "too_large", reason)
             }
         }
     }

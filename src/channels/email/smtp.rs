@@ -424,6 +424,9 @@ impl Session {
                         Err(IntakeError::Rejected(reason)) => {
                             reply(&mut out, 554, [5, 6, 0], &reason);
                         }
+                        Err(IntakeError::TooLarge(reason)) => {
+                            reply(&mut out, 552, [5, 3, 4], &reason);
+                        }
                         Err(IntakeError::Unavailable(reason)) => {
                             warn!(peer = %self.peer, %reason, "SMTP message not stored; told to retry");
                             reply(
