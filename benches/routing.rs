@@ -54,6 +54,10 @@
 // Arrivals are boxed untimed, ahead of the chunk that hands them to `Command::Arrive`.
 #![allow(clippy::vec_box)]
 
+// The daemon's allocator (see src/main.rs), so the router is measured as it runs in production.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::VecDeque;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;

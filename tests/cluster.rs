@@ -175,6 +175,40 @@ async fn three_instances_take_intake_and_agents_on_followers_work_as_on_one_node
             "{conversation} never offered"
         );
     }
+
+    // The router's views answer the same on every instance: followers ask the leader.
+    let (_, on_leader) = instances[leader]
+        .as_ref()
+        .unwrap()
+        .get("/v1/admin/agents", ADMIN)
+        .await;
+    for daemon in instances.iter().flatten() {
+        let (status, agents) = daemon.get("/v1/admin/agents", ADMIN).await;
+        assert_eq!(status, 200, "{agents}");
+        assert_eq!(agents, on_leader);
+        let (status, queues) = daemon.get("/v1/admin/queues", ADMIN).await;
+        assert_eq!(status, 200, "{queues}");
+        assert_eq!(queues["queues"].as_array().unwrap().len(), 3, "{queues}");
+        let (status, detail) = daemon
+            .get(&format!("/v1/admin/conversations/{}", expected[0]), ADMIN)
+            .await;
+        assert_eq!(status, 200, "{detail}");
+        assert_eq!(detail["routing"]["state"], "resolved", "{detail}");
+    }
+    let alice_desk = instances[followers[0]].as_ref().unwrap();
+    let (status, alice) = alice_desk
+        .get("/v1/agents/alice", &common::agent_token("alice"))
+        .await;
+    assert_eq!(status, 200, "{alice}");
+    assert_eq!(alice["presence"], "available", "{alice}");
+    let (status, lists) = alice_desk
+        .get(
+            "/v1/agents/alice/conversations",
+            &common::agent_token("alice"),
+        )
+        .await;
+    assert_eq!(status, 200, "{lists}");
+    assert_eq!(lists["offers"], json!([]), "{lists}");
     assert_eq!(
         schema
             .count("SELECT count(*) FROM {schema}.messages WHERE direction = 'outbound'")

@@ -13,10 +13,11 @@ use serde_json::{Value, json};
 use ulid::Ulid;
 
 use super::cluster::{self, Forwarded, Leadership};
-use super::engine::{AgentAction, EngineError, Ingested};
+use super::engine::{AgentAction, EngineError, Ingested, wall_clock};
 use super::metrics::Metrics;
 use super::outbound::Outbound;
 use super::persist::parse_presence;
+use super::views::RouterRead;
 use crate::message::InboundMessage;
 use crate::routing::{
     AgentId, CommandError, ConversationId, ConversationState, QueueName, TransferTarget,
@@ -262,6 +263,35 @@ impl Actions {
             .agent(agent.clone(), AgentAction::Disconnected)
             .await?;
         Ok(())
+    }
+
+    /// Reads the router's live state, typed as the read's answer (`Option<_>` where it may be
+    /// null). A follower asks the leader through the store, so every instance answers the same.
+    pub async fn read_router<T: serde::de::DeserializeOwned>(
+        &self,
+        read: RouterRead,
+    ) -> Result<T, Refusal> {
+        let answer = if self.engine.clustered() && !self.engine.is_leader() {
+            let agent = AgentId::new(read.agent());
+            cluster::forward(
+                self.store.as_ref(),
+                &self.engine,
+                &agent,
+                Forwarded::Read(read),
+            )
+            .await?
+        } else {
+            self.engine
+                .inspect(move |router| read.answer(router, wall_clock()))
+                .await?
+        };
+        serde_json::from_value(answer).map_err(|error| {
+            Refusal::new(
+                RefusalKind::Unavailable,
+                "leader_refused",
+                format!("the router's answer does not read as expected: {error}"),
+            )
+        })
     }
 
     /// Runs an agent command with this instance's router (the leader's, or a single node's).

@@ -36,6 +36,7 @@ use super::engine::{
 use super::metrics::Metrics;
 use super::outbound::Outbound;
 use super::relay::{self, EventBus};
+use super::views::RouterRead;
 use crate::config::ClusterSettings;
 use crate::routing::{AgentId, Router, RoutingConfig};
 use crate::store::{ForwardedCommand, Store, Wakeup};
@@ -170,6 +171,8 @@ pub enum Forwarded {
     Command(AgentCommand),
     /// The agent's last desktop connection (on the follower) closed.
     Disconnected,
+    /// A read of the router's live state (views for agents and supervisors).
+    Read(RouterRead),
 }
 
 /// The leader's answer to a forwarded command (`agent_commands.answer`).
@@ -549,6 +552,10 @@ async fn run_forwarded(
                 .await?;
             Ok(Value::Null)
         }
+        Forwarded::Read(read) => Ok(actions
+            .engine
+            .inspect(move |router| read.answer(router, engine::wall_clock()))
+            .await?),
     }
 }
 

@@ -210,6 +210,9 @@ struct Step {
     reply: Option<oneshot::Sender<Result<(), EngineError>>>,
     /// Arrival time of the inbound message this step routed, for the ingest-to-offer latency.
     received: Option<(ConversationId, Instant)>,
+    /// Conversations this step answered: (queue, seconds waited, within the queue's SLA target).
+    /// Filled by `send_step`, which can read the queues' targets; counted after the commit.
+    answers: Vec<(QueueName, f64, bool)>,
 }
 
 /// Everything the engine and dispatcher share with the rest of the daemon.
@@ -588,6 +591,7 @@ impl Engine {
                     effects,
                     reply: None,
                     received,
+                    answers: Vec::new(),
                 });
             }
             Err(error) => {
@@ -621,10 +625,22 @@ impl Engine {
             effects,
             reply,
             received: None,
+            answers: Vec::new(),
         });
     }
 
-    fn send_step(&self, step: Step) {
+    fn send_step(&self, mut step: Step) {
+        for effect in &step.effects {
+            if let Effect::Assigned { queue, waited, .. } = effect {
+                let within_sla = self
+                    .router
+                    .config()
+                    .queue(queue.as_str())
+                    .is_none_or(|config| *waited <= config.sla_target);
+                step.answers
+                    .push((queue.clone(), waited.0 as f64 / 1000.0, within_sla));
+            }
+        }
         if self.steps.send(step).is_err() {
             error!("dispatcher stopped; a routing step cannot be committed");
         }
@@ -719,8 +735,17 @@ impl Engine {
                 .queue_oldest_wait
                 .with_label_values(&[queue.name.as_str()])
                 .set(oldest);
+            metrics
+                .queue_sla_target
+                .with_label_values(&[queue.name.as_str()])
+                .set(queue.sla_target.0 as f64 / 1000.0);
+            metrics
+                .queue_agents_available
+                .with_label_values(&[queue.name.as_str()])
+                .set(i64::from(queue.agents_available));
         }
         let (mut offered, mut assigned) = (0, 0);
+        let (mut load, mut capacity) = (0, 0);
         let mut presence: HashMap<&'static str, i64> = HashMap::from([
             ("available", 0),
             ("away", 0),
@@ -733,6 +758,10 @@ impl Engine {
             *presence.entry(agent.presence.as_str()).or_default() += 1;
             if agent.wrapping_up {
                 *presence.entry("wrap_up").or_default() += 1;
+            }
+            if agent.presence != Presence::Offline {
+                load += i64::from(agent.load_total);
+                capacity += i64::from(agent.max_total);
             }
         }
         let total = self.router.conversation_count() as i64;
@@ -755,6 +784,8 @@ impl Engine {
         for (state, count) in presence {
             metrics.agents.with_label_values(&[state]).set(count);
         }
+        metrics.agent_load.set(load);
+        metrics.agent_capacity.set(capacity);
     }
 }
 
@@ -1091,6 +1122,16 @@ async fn announce(context: &EngineContext, step: &Step) {
                 .inc(),
             _ => {}
         }
+    }
+    for (queue, waited, within_sla) in &step.answers {
+        metrics
+            .queue_answer_wait_seconds
+            .with_label_values(&[queue.as_str()])
+            .observe(*waited);
+        metrics
+            .queue_answered
+            .with_label_values(&[queue.as_str(), if *within_sla { "true" } else { "false" }])
+            .inc();
     }
     if let Some((conversation, received)) = step.received
         && offered_now.contains(&conversation)

@@ -24,12 +24,12 @@ use super::actions::{self, Actions, AgentCommand, Refusal, RefusalKind, parse_id
 use super::engine::EngineError;
 use super::hub::AgentHub;
 use super::metrics::BusStates;
-use super::views;
+use super::views::{self, RouterRead};
 use crate::channels::email::Envelope;
 use crate::channels::email::intake::{EmailIntake, IntakeError};
 use crate::channels::{Inbound, WebhookAnswer, WebhookError, WebhookRequest, Webhooks};
 use crate::config::AuthSection;
-use crate::routing::{AgentId, ConversationId, ConversationState};
+use crate::routing::AgentId;
 use crate::store::{ConversationFilter, ConversationStatus, StoreError};
 
 /// Shared state of every handler.
@@ -542,19 +542,21 @@ async fn agent_view(
     Path(agent): Path<String>,
 ) -> ApiResult<Json<views::Agent>> {
     let agent = require_agent(&state, &headers, None, &agent)?;
-    let view = state
+    let view: Option<views::Agent> = state
         .actions
-        .engine
-        .inspect(move |router| router.agent(&agent))
+        .read_router(RouterRead::Agent {
+            agent: agent.to_string(),
+        })
         .await?;
-    let view = view.ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_agent",
-            "no such agent in the configuration",
-        )
-    })?;
-    Ok(Json(views::Agent::from(&view)))
+    view.map(Json).ok_or_else(unknown_agent)
+}
+
+fn unknown_agent() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "unknown_agent",
+        "no such agent in the configuration",
+    )
 }
 
 async fn agent_presence(
@@ -575,50 +577,22 @@ async fn agent_conversations(
     Path(agent): Path<String>,
 ) -> ApiResult<Json<views::AgentConversations>> {
     let agent = require_agent(&state, &headers, None, &agent)?;
-    let lists = state
+    let lists: Option<views::AgentConversations> = state
         .actions
-        .engine
-        .inspect(move |router| {
-            let view = router.agent(&agent)?;
-            let list = |ids: &[ConversationId]| {
-                ids.iter()
-                    .filter_map(|id| router.conversation(*id))
-                    .map(|c| views::Routing::from(&c))
-                    .collect()
-            };
-            Some(views::AgentConversations {
-                offers: list(&view.offers),
-                assigned: list(&view.assigned),
-            })
+        .read_router(RouterRead::AgentConversations {
+            agent: agent.to_string(),
         })
         .await?;
-    lists.map(Json).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_agent",
-            "no such agent in the configuration",
-        )
-    })
+    lists.map(Json).ok_or_else(unknown_agent)
 }
 
 /// May this agent see the conversation? Its owner, the agent it is offered to, or its follower.
 async fn agent_may_see(state: &AppState, agent: &AgentId, conversation: Ulid) -> ApiResult<()> {
-    let agent = agent.clone();
-    let allowed = state
+    let allowed: bool = state
         .actions
-        .engine
-        .inspect(move |router| {
-            router
-                .conversation(ConversationId(conversation.0))
-                .is_some_and(|view| {
-                    let holder = match &view.state {
-                        ConversationState::Offered { agent, .. }
-                        | ConversationState::Assigned { agent, .. }
-                        | ConversationState::Resolved { agent, .. } => Some(agent),
-                        ConversationState::Waiting => None,
-                    };
-                    holder == Some(&agent) || view.follower.as_ref() == Some(&agent)
-                })
+        .read_router(RouterRead::AgentMaySee {
+            agent: agent.to_string(),
+            conversation,
         })
         .await?;
     if allowed {
@@ -705,16 +679,14 @@ async fn agent_stream(
 async fn agent_socket(state: AppState, agent: AgentId, socket: WebSocket) {
     let (connection, mut pushes) = state.hub.connect(&agent);
     let (mut sender, mut receiver) = socket.split();
-    let hello = match state
+    let view: Result<Option<views::Agent>, _> = state
         .actions
-        .engine
-        .inspect({
-            let agent = agent.clone();
-            move |router| router.agent(&agent)
+        .read_router(RouterRead::Agent {
+            agent: agent.to_string(),
         })
-        .await
-    {
-        Ok(Some(view)) => json!({ "type": "hello", "agent": views::Agent::from(&view) }),
+        .await;
+    let hello = match view {
+        Ok(Some(view)) => json!({ "type": "hello", "agent": view }),
         _ => json!({ "type": "hello" }),
     };
     if sender
@@ -778,18 +750,7 @@ async fn admin_queues(
     headers: HeaderMap,
 ) -> ApiResult<Json<views::QueueList>> {
     require_admin(&state, &headers)?;
-    let queues = state
-        .actions
-        .engine
-        .inspect(|router| router.queues())
-        .await?;
-    let now = super::engine::wall_clock();
-    Ok(Json(views::QueueList {
-        queues: queues
-            .iter()
-            .map(|queue| views::Queue::new(queue, now))
-            .collect(),
-    }))
+    Ok(Json(state.actions.read_router(RouterRead::Queues).await?))
 }
 
 async fn admin_agents(
@@ -797,17 +758,7 @@ async fn admin_agents(
     headers: HeaderMap,
 ) -> ApiResult<Json<views::AgentList>> {
     require_admin(&state, &headers)?;
-    let agents = state
-        .actions
-        .engine
-        .inspect(|router| {
-            router
-                .agents()
-                .map(|view| views::Agent::from(&view))
-                .collect()
-        })
-        .await?;
-    Ok(Json(views::AgentList { agents }))
+    Ok(Json(state.actions.read_router(RouterRead::Agents).await?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -873,16 +824,13 @@ async fn admin_conversation(
             "no such conversation",
         )
     })?;
-    let live = state
+    let routing: Option<views::Routing> = state
         .actions
-        .engine
-        .inspect(move |router| router.conversation(ConversationId(id.0)))
+        .read_router(RouterRead::Conversation { conversation: id })
         .await?;
     let messages = state.actions.store.messages(id).await?;
     Ok(Json(views::ConversationDetail::new(
-        &record,
-        live.as_ref(),
-        &messages,
+        &record, routing, &messages,
     )))
 }
 
@@ -962,4 +910,282 @@ async fn admin_cluster(
         forwarding_backlog: backlog,
         members,
     }))
+}
+
+/// The handlers driven in-process through the assembled app (`oneshot`), with a real store and
+/// router behind them; `tests/` covers the same API over a socket against the real binary.
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use axum::body::Body;
+    use axum::http::{Method, Request};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::daemon::{Assembled, ConfigSource, assemble};
+
+    const INGEST: &str = "demo-ingest-token";
+    const ADMIN: &str = "demo-admin-token";
+
+    /// The demo centre from the shipped defaults, on a store in a temporary directory.
+    struct Api {
+        daemon: Assembled,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Api {
+        async fn start() -> Api {
+            let dir = tempfile::tempdir().unwrap();
+            let store = dir.path().join("switchboard.sqlite").display().to_string();
+            let environment = vec![("SWITCHBOARD__STORE__PATH".to_owned(), store)];
+            let settings = crate::config::load(None, environment.clone()).unwrap();
+            let source = ConfigSource {
+                file: None,
+                environment,
+            };
+            Api {
+                daemon: assemble(settings, source).await.unwrap(),
+                _dir: dir,
+            }
+        }
+
+        async fn call(
+            &self,
+            method: Method,
+            path: &str,
+            token: Option<&str>,
+            body: impl Into<Body>,
+        ) -> (StatusCode, Value) {
+            let mut request = Request::builder().method(method).uri(path);
+            if let Some(token) = token {
+                request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+            }
+            let request = request
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(body.into())
+                .unwrap();
+            let response = self.daemon.app.clone().oneshot(request).await.unwrap();
+            let status = response.status();
+            let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+                .await
+                .unwrap();
+            let document = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            (status, document)
+        }
+
+        async fn ingest(&self, message: &Value) -> (StatusCode, Value) {
+            self.call(
+                Method::POST,
+                "/v1/messages",
+                Some(INGEST),
+                message.to_string(),
+            )
+            .await
+        }
+    }
+
+    fn message(id: &str, text: &str) -> Value {
+        json!({
+            "channel": "api", "provider": "crm", "provider_message_id": id,
+            "from": { "address": "customer@example.com" }, "text": text,
+        })
+    }
+
+    fn error_code(document: &Value) -> &str {
+        document["error"]["code"].as_str().unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn an_ingested_message_is_stored_once_and_a_redelivery_is_flagged_as_duplicate() {
+        let api = Api::start().await;
+        let (status, first) = api.ingest(&message("m-1", "Where is my parcel?")).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{first}");
+        assert_eq!(first["duplicate"], false);
+        assert_eq!(first["new_conversation"], true);
+
+        let (status, again) = api.ingest(&message("m-1", "Where is my parcel?")).await;
+        assert_eq!(status, StatusCode::OK, "{again}");
+        assert_eq!(again["duplicate"], true);
+        assert_eq!(again["message_id"], first["message_id"]);
+        assert_eq!(again["conversation_id"], first["conversation_id"]);
+
+        let conversation = first["conversation_id"].as_str().unwrap();
+        let (status, detail) = api
+            .call(
+                Method::GET,
+                &format!("/v1/admin/conversations/{conversation}"),
+                Some(ADMIN),
+                Body::empty(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{detail}");
+        let messages = detail["messages"].as_array().unwrap();
+        assert_eq!(messages.len(), 1, "{detail}");
+        assert_eq!(messages[0]["direction"], "inbound");
+        assert_eq!(messages[0]["body"]["text"], "Where is my parcel?");
+    }
+
+    #[tokio::test]
+    async fn ingest_needs_an_ingest_token() {
+        let api = Api::start().await;
+        let body = message("m-1", "hello").to_string();
+        let (status, answer) = api
+            .call(Method::POST, "/v1/messages", None, body.clone())
+            .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(error_code(&answer), "unauthorized");
+        let (status, answer) = api
+            .call(Method::POST, "/v1/messages", Some("nobody"), body.clone())
+            .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(error_code(&answer), "unauthorized");
+        // A real token of another kind is recognised, and refused.
+        let (status, answer) = api
+            .call(Method::POST, "/v1/messages", Some("demo-alice-token"), body)
+            .await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert_eq!(error_code(&answer), "forbidden");
+    }
+
+    #[tokio::test]
+    async fn bad_messages_are_refused_with_a_reason_and_nothing_is_stored() {
+        let api = Api::start().await;
+        let (status, answer) = api
+            .call(Method::POST, "/v1/messages", Some(INGEST), "{not json")
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(error_code(&answer), "invalid_json");
+
+        let (status, answer) = api
+            .ingest(&json!({ "channel": "api", "text": "no sender" }))
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(
+            !answer["error"]["message"].as_str().unwrap().is_empty(),
+            "{answer}"
+        );
+
+        let oversized = message("m-big", &"x".repeat(2 * 1024 * 1024)).to_string();
+        let (status, answer) = api
+            .call(Method::POST, "/v1/messages", Some(INGEST), oversized)
+            .await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(error_code(&answer), "too_large");
+
+        let (status, list) = api
+            .call(
+                Method::GET,
+                "/v1/admin/conversations",
+                Some(ADMIN),
+                Body::empty(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(list["conversations"], json!([]), "{list}");
+    }
+
+    #[tokio::test]
+    async fn a_conversation_id_must_be_a_ulid_and_exist() {
+        let api = Api::start().await;
+        let (status, answer) = api
+            .call(
+                Method::GET,
+                "/v1/admin/conversations/not-an-id",
+                Some(ADMIN),
+                Body::empty(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(error_code(&answer), "bad_id");
+        let unknown = Ulid::new();
+        let (status, answer) = api
+            .call(
+                Method::GET,
+                &format!("/v1/admin/conversations/{unknown}"),
+                Some(ADMIN),
+                Body::empty(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(error_code(&answer), "unknown_conversation");
+    }
+
+    #[tokio::test]
+    async fn an_agent_sets_only_its_own_presence_and_then_gets_the_waiting_conversation() {
+        let api = Api::start().await;
+        let (status, _) = api.ingest(&message("m-1", "Hello, anyone there?")).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+
+        let available = json!({ "presence": "available" }).to_string();
+        let (status, answer) = api
+            .call(
+                Method::PUT,
+                "/v1/agents/bob/presence",
+                Some("demo-alice-token"),
+                available.clone(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
+
+        let (status, answer) = api
+            .call(
+                Method::PUT,
+                "/v1/agents/alice/presence",
+                Some("demo-alice-token"),
+                available,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        let (status, view) = api
+            .call(
+                Method::GET,
+                "/v1/agents/alice",
+                Some("demo-alice-token"),
+                Body::empty(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{view}");
+        assert_eq!(view["presence"], "available");
+        let (status, lists) = api
+            .call(
+                Method::GET,
+                "/v1/agents/alice/conversations",
+                Some("demo-alice-token"),
+                Body::empty(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{lists}");
+        assert_eq!(lists["offers"].as_array().map(Vec::len), Some(1), "{lists}");
+    }
+
+    #[tokio::test]
+    async fn health_readiness_and_metrics_answer_without_a_token() {
+        let api = Api::start().await;
+        let (status, health) = api.call(Method::GET, "/healthz", None, Body::empty()).await;
+        assert_eq!(
+            (status, health),
+            (StatusCode::OK, json!({ "status": "ok" }))
+        );
+        let (status, ready) = api.call(Method::GET, "/readyz", None, Body::empty()).await;
+        assert_eq!(status, StatusCode::OK, "{ready}");
+        let request = Request::get("/metrics").body(Body::empty()).unwrap();
+        let response = api.daemon.app.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let text = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&text);
+        assert!(text.contains("switchboard_ready 1"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn an_unknown_webhook_account_is_404() {
+        let api = Api::start().await;
+        let (status, answer) = api
+            .call(Method::POST, "/v1/webhooks/twilio/nowhere", None, "Body=hi")
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
+        assert_eq!(error_code(&answer), "unknown_webhook");
+    }
 }

@@ -16,17 +16,28 @@ pub struct Metrics {
     pub conversations: IntGaugeVec,
     pub queue_waiting: IntGaugeVec,
     pub queue_oldest_wait: prometheus::GaugeVec,
+    /// Each queue's service-level target (answer within), so rules compare waits against it.
+    pub queue_sla_target: prometheus::GaugeVec,
+    /// Available agents serving each queue.
+    pub queue_agents_available: IntGaugeVec,
+    /// How long answered conversations waited, by the queue they were answered from.
+    pub queue_answer_wait_seconds: HistogramVec,
+    /// Answered conversations by queue and whether within the queue's SLA target (`true`/`false`).
+    pub queue_answered: IntCounterVec,
     pub offers: IntCounterVec,
     pub sla_breaches: IntCounterVec,
     pub escalations: IntCounter,
     pub transfers: IntCounter,
     pub abandoned: IntCounter,
     pub agents: IntGaugeVec,
+    /// Conversations offered to or held by signed-in agents (wrap-ups included): occupied slots.
+    pub agent_load: IntGauge,
+    /// The total capacity (`max_total`) of signed-in agents: the slots they could hold.
+    pub agent_capacity: IntGauge,
     pub routing_decision_seconds: Histogram,
     pub ingest_to_offer_seconds: Histogram,
     pub store_commit_seconds: HistogramVec,
     pub outbox_backlog: IntGauge,
-    pub http_requests: IntCounterVec,
     pub ready: IntGauge,
     /// 1 while connected to a broker, by bus (`nats`, `amqp`).
     pub bus_connected: IntGaugeVec,
@@ -55,6 +66,8 @@ impl BusStates {
     pub fn new(metrics: &Metrics, names: Vec<&'static str>) -> BusStates {
         for name in &names {
             metrics.bus_connected.with_label_values(&[name]).set(0);
+            // Exported at 0 from the start, like the series of `Metrics::initialise_series`.
+            metrics.bus_dead_lettered.with_label_values(&[name]);
         }
         BusStates {
             names,
@@ -136,6 +149,36 @@ impl Metrics {
             &["kind"],
         )?;
         registry.register(Box::new(store_commit_seconds.clone()))?;
+        let queue_sla_target = prometheus::GaugeVec::new(
+            Opts::new(
+                "switchboard_queue_sla_target_seconds",
+                "A queue's service-level target: conversations should be answered within it.",
+            ),
+            &["queue"],
+        )?;
+        registry.register(Box::new(queue_sla_target.clone()))?;
+        // Waits to answer are seconds to minutes, not the sub-second latencies above.
+        let queue_answer_wait_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "switchboard_queue_answer_wait_seconds",
+                "How long answered conversations waited before an agent took them, by queue.",
+            )
+            .buckets(vec![
+                1.0, 5.0, 10.0, 20.0, 30.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0, 1800.0,
+            ]),
+            &["queue"],
+        )?;
+        registry.register(Box::new(queue_answer_wait_seconds.clone()))?;
+        let agent_load = IntGauge::new(
+            "switchboard_agent_load_conversations",
+            "Conversations offered to or held by signed-in agents, wrap-ups included.",
+        )?;
+        registry.register(Box::new(agent_load.clone()))?;
+        let agent_capacity = IntGauge::new(
+            "switchboard_agent_capacity_conversations",
+            "Conversations signed-in agents can hold at once (the sum of their max_total).",
+        )?;
+        registry.register(Box::new(agent_capacity.clone()))?;
         let escalations = IntCounter::new(
             "switchboard_escalations_total",
             "Conversations escalated to the next tier by an agent.",
@@ -219,6 +262,20 @@ impl Metrics {
                 &["queue"],
             )?,
             queue_oldest_wait,
+            queue_sla_target,
+            queue_agents_available: gauge_vec(
+                &registry,
+                "switchboard_queue_agents_available",
+                "Available agents serving a queue.",
+                &["queue"],
+            )?,
+            queue_answer_wait_seconds,
+            queue_answered: counter_vec(
+                &registry,
+                "switchboard_queue_answered_total",
+                "Conversations answered, by queue and whether within its SLA target.",
+                &["queue", "within_sla"],
+            )?,
             offers: counter_vec(
                 &registry,
                 "switchboard_offers_total",
@@ -240,6 +297,8 @@ impl Metrics {
                 "Agents by presence.",
                 &["presence"],
             )?,
+            agent_load,
+            agent_capacity,
             routing_decision_seconds: histogram(
                 &registry,
                 "switchboard_routing_decision_seconds",
@@ -254,12 +313,6 @@ impl Metrics {
             )?,
             store_commit_seconds,
             outbox_backlog,
-            http_requests: counter_vec(
-                &registry,
-                "switchboard_http_requests_total",
-                "HTTP requests by route and status class.",
-                &["route", "status"],
-            )?,
             ready,
             cluster_leader,
             cluster_epoch,
@@ -279,6 +332,41 @@ impl Metrics {
             )?,
             registry,
         })
+    }
+
+    /// Creates every series whose labels are known from the configuration at 0, so each one is
+    /// scraped from the start: `rate()` and `increase()` then see the first event, and alert rules
+    /// and dashboards find their series before anything happened.
+    pub fn initialise_series(&self, queues: &[&str], channels: &[&str]) {
+        for queue in queues {
+            self.queue_waiting.with_label_values(&[queue]);
+            self.queue_oldest_wait.with_label_values(&[queue]);
+            self.queue_sla_target.with_label_values(&[queue]);
+            self.queue_agents_available.with_label_values(&[queue]);
+            self.queue_answer_wait_seconds.with_label_values(&[queue]);
+            self.sla_breaches.with_label_values(&[queue]);
+            for within in ["true", "false"] {
+                self.queue_answered.with_label_values(&[queue, within]);
+            }
+        }
+        for channel in channels {
+            self.messages_received.with_label_values(&[channel]);
+            self.messages_duplicate.with_label_values(&[channel]);
+            self.messages_sent.with_label_values(&[channel]);
+            self.messages_failed.with_label_values(&[channel]);
+        }
+        for state in ["waiting", "offered", "assigned", "resolved"] {
+            self.conversations.with_label_values(&[state]);
+        }
+        for presence in ["available", "away", "offline", "wrap_up"] {
+            self.agents.with_label_values(&[presence]);
+        }
+        for result in ["offered", "accepted", "rejected", "timed_out", "withdrawn"] {
+            self.offers.with_label_values(&[result]);
+        }
+        for kind in ["ingest", "routing"] {
+            self.store_commit_seconds.with_label_values(&[kind]);
+        }
     }
 
     /// The text exposition format.

@@ -139,11 +139,67 @@ async fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, DaemonError> 
 }
 
 /// Starts everything and returns once the daemon is serving and ready.
+pub async fn start(settings: Settings, source: ConfigSource) -> Result<Daemon, DaemonError> {
+    assemble(settings, source).await?.serve().await
+}
+
+/// The daemon assembled and recovered but not yet listening. Its `app` is the whole HTTP API, so
+/// handler tests drive it in-process (`tower::ServiceExt::oneshot`); [`Assembled::serve`] binds the
+/// socket and serves it.
+pub struct Assembled {
+    pub app: axum::Router,
+    settings: Settings,
+    clustered: bool,
+    metrics: metrics::Metrics,
+    store: Arc<dyn Store>,
+    leadership: cluster::Leadership,
+    term_context: cluster::TermContext,
+    single_term: Option<cluster::Term>,
+    buses: Buses,
+    bus: relay::InProcessBus,
+    reload: Reloader,
+    accepting: Arc<AtomicBool>,
+    outbound_task: tokio::task::JoinHandle<()>,
+    /// The email channel's intake, for the SMTP listener and the IMAP reader `serve` starts.
+    email: Option<crate::channels::email::intake::EmailIntake>,
+}
+
+impl std::fmt::Debug for Assembled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Assembled")
+            .field("listen", &self.settings.listen)
+            .field("clustered", &self.clustered)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens the store, recovers the router (a single node) and builds every part and the HTTP app.
 ///
 /// A single node (SQLite) recovers its router before serving. Several instances (PostgreSQL)
 /// serve intake at once, as followers, and one of them leads (see `cluster.rs`).
-pub async fn start(settings: Settings, source: ConfigSource) -> Result<Daemon, DaemonError> {
+pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assembled, DaemonError> {
     let metrics = metrics::Metrics::new()?;
+    {
+        let routing = &settings.routing;
+        let queues: Vec<&str> = routing.queues.iter().map(|q| q.name.as_str()).collect();
+        // The built-in channels, plus any custom channel a queue names.
+        let mut channels: Vec<&str> = vec![
+            "email",
+            "chat",
+            "sms",
+            "whatsapp",
+            "messenger",
+            "instagram",
+            "telegram",
+            "api",
+        ];
+        for channel in routing.queues.iter().flat_map(|q| &q.channels) {
+            if !channels.contains(&channel.as_str()) {
+                channels.push(channel.as_str());
+            }
+        }
+        metrics.initialise_series(&queues, &channels);
+    }
     let store = open_store(&settings).await?;
     let clustered = matches!(settings.store, StoreSettings::Postgres(_));
     let hub = Arc::new(hub::AgentHub::default());
@@ -250,24 +306,6 @@ pub async fn start(settings: Settings, source: ConfigSource) -> Result<Daemon, D
             actions.clone(),
         )
     });
-    let (stop_email, email_stopped) = watch::channel(false);
-    let mut smtp_addr = None;
-    if let Some(intake) = &email_intake
-        && let Some(smtp) = &intake.settings.smtp
-    {
-        let listener = crate::channels::email::smtp::SmtpListener::bind(smtp.clone()).await?;
-        smtp_addr = Some(listener.local_addr()?);
-        tokio::spawn(listener.serve(intake.clone(), email_stopped.clone()));
-    }
-    if let Some(intake) = &email_intake
-        && let Some(imap) = &intake.settings.imap
-    {
-        tokio::spawn(crate::channels::email::imap::run(
-            imap.clone(),
-            intake.clone(),
-            email_stopped,
-        ));
-    }
     let state = http::AppState {
         actions,
         hub,
@@ -275,7 +313,7 @@ pub async fn start(settings: Settings, source: ConfigSource) -> Result<Daemon, D
         reloader: reload.clone(),
         buses: buses.states.clone(),
         webhooks,
-        email: email_intake,
+        email: email_intake.clone(),
     };
     let app = http::router(state, settings.body_limit_bytes).layer(
         tower_http::timeout::TimeoutLayer::with_status_code(
@@ -283,76 +321,134 @@ pub async fn start(settings: Settings, source: ConfigSource) -> Result<Daemon, D
             settings.request_timeout,
         ),
     );
-    let listener = tokio::net::TcpListener::bind(settings.listen)
-        .await
-        .map_err(|source| DaemonError::Listen {
-            address: settings.listen,
-            source,
-        })?;
-    let local_addr = listener.local_addr()?;
-    if let Some(path) = &settings.port_file {
-        std::fs::write(path, local_addr.to_string())?;
-    }
-    let grace = settings.shutdown_grace;
-    let (stop_cluster, cluster_stopped) = watch::channel(false);
-    let member = clustered.then(|| {
-        tokio::spawn(cluster::run(
-            term_context,
-            local_addr.to_string(),
-            grace,
-            cluster_stopped,
-        ))
-    });
+    // Recovered (a single node), or able to take intake as a follower (a cluster). Nothing can ask
+    // /readyz before `serve` binds the socket.
     metrics.ready.set(1);
-    info!(address = %local_addr, store = %settings.store.describe(), node = leadership.node(), "switchboard is ready");
-
-    let stop = Arc::new(Notify::new());
-    let finished = tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            let (drain_tx, drain_rx) = watch::channel(false);
-            let server = tokio::spawn(async move {
-                let mut drain_rx = drain_rx;
-                let _ = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = drain_rx.changed().await;
-                    })
-                    .await;
-            });
-            stop.notified().await;
-            info!("shutting down: intake closed, finishing in-flight requests");
-            accepting.store(false, Ordering::SeqCst);
-            let _ = stop_email.send(true);
-            metrics.ready.set(0);
-            let _ = drain_tx.send(true);
-            let (_, served) = tokio::join!(
-                buses.stop_intake(grace),
-                tokio::time::timeout(grace, server)
-            );
-            if served.is_err() {
-                warn!("in-flight requests did not finish within the grace period");
-            }
-            // The router finishes what was queued and commits it; the relay flushes; a cluster
-            // leader then releases its lease so another instance takes over at once.
-            if let Some(term) = single_term {
-                term.finish(&leadership, grace).await;
-            }
-            if let Some(member) = member {
-                let _ = stop_cluster.send(true);
-                let _ = member.await;
-            }
-            buses.close().await;
-            outbound_task.abort();
-            drop(store);
-            info!("switchboard stopped");
-        }
-    });
-    Ok(Daemon {
-        local_addr,
-        smtp_addr,
+    Ok(Assembled {
+        app,
+        settings,
+        clustered,
+        metrics,
+        store,
+        leadership,
+        term_context,
+        single_term,
+        buses,
         bus,
         reload,
-        stop,
-        finished,
+        accepting,
+        outbound_task,
+        email: email_intake,
     })
+}
+
+impl Assembled {
+    /// Binds the listening socket, joins the cluster (PostgreSQL) and serves until shut down.
+    pub async fn serve(self) -> Result<Daemon, DaemonError> {
+        let Assembled {
+            app,
+            settings,
+            clustered,
+            metrics,
+            store,
+            leadership,
+            term_context,
+            single_term,
+            mut buses,
+            bus,
+            reload,
+            accepting,
+            outbound_task,
+            email,
+        } = self;
+        let listener = tokio::net::TcpListener::bind(settings.listen)
+            .await
+            .map_err(|source| DaemonError::Listen {
+                address: settings.listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr()?;
+        if let Some(path) = &settings.port_file {
+            std::fs::write(path, local_addr.to_string())?;
+        }
+        let grace = settings.shutdown_grace;
+        // The email intakes that hold sockets of their own: the SMTP listener and the IMAP reader.
+        let (stop_email, email_stopped) = watch::channel(false);
+        let mut smtp_addr = None;
+        if let Some(intake) = &email {
+            if let Some(smtp) = &intake.settings.smtp {
+                let listener =
+                    crate::channels::email::smtp::SmtpListener::bind(smtp.clone()).await?;
+                smtp_addr = Some(listener.local_addr()?);
+                tokio::spawn(listener.serve(intake.clone(), email_stopped.clone()));
+            }
+            if let Some(imap) = &intake.settings.imap {
+                tokio::spawn(crate::channels::email::imap::run(
+                    imap.clone(),
+                    intake.clone(),
+                    email_stopped,
+                ));
+            }
+        }
+        let (stop_cluster, cluster_stopped) = watch::channel(false);
+        let member = clustered.then(|| {
+            tokio::spawn(cluster::run(
+                term_context,
+                local_addr.to_string(),
+                grace,
+                cluster_stopped,
+            ))
+        });
+        info!(address = %local_addr, store = %settings.store.describe(), node = leadership.node(), "switchboard is ready");
+
+        let stop = Arc::new(Notify::new());
+        let finished = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                let (drain_tx, drain_rx) = watch::channel(false);
+                let server = tokio::spawn(async move {
+                    let mut drain_rx = drain_rx;
+                    let _ = axum::serve(listener, app)
+                        .with_graceful_shutdown(async move {
+                            let _ = drain_rx.changed().await;
+                        })
+                        .await;
+                });
+                stop.notified().await;
+                info!("shutting down: intake closed, finishing in-flight requests");
+                accepting.store(false, Ordering::SeqCst);
+                let _ = stop_email.send(true);
+                metrics.ready.set(0);
+                let _ = drain_tx.send(true);
+                let (_, served) = tokio::join!(
+                    buses.stop_intake(grace),
+                    tokio::time::timeout(grace, server)
+                );
+                if served.is_err() {
+                    warn!("in-flight requests did not finish within the grace period");
+                }
+                // The router finishes what was queued and commits it; the relay flushes; a cluster
+                // leader then releases its lease so another instance takes over at once.
+                if let Some(term) = single_term {
+                    term.finish(&leadership, grace).await;
+                }
+                if let Some(member) = member {
+                    let _ = stop_cluster.send(true);
+                    let _ = member.await;
+                }
+                buses.close().await;
+                outbound_task.abort();
+                drop(store);
+                info!("switchboard stopped");
+            }
+        });
+        Ok(Daemon {
+            local_addr,
+            smtp_addr,
+            bus,
+            reload,
+            stop,
+            finished,
+        })
+    }
 }

@@ -2,7 +2,7 @@
 //! shapes at the edge). Each derives its JSON Schema, which the OpenAPI document publishes.
 
 use schemars::JsonSchema;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use ulid::Ulid;
 
@@ -10,15 +10,107 @@ use super::actions::IngestReceipt;
 use super::events::millis_to_rfc3339;
 use super::persist::reason_name;
 use crate::routing::inspect::{AgentView, ConversationView, QueueView};
-use crate::routing::{ConversationId, ConversationState, Timestamp};
+use crate::routing::{AgentId, ConversationId, ConversationState, Router, Timestamp};
 use crate::store::{ConversationRecord, Direction, StoredMessage};
+
+/// A read of the router's live state. Only the instance running the router can answer it, so on a
+/// follower it travels to the leader with forwarded commands (`cluster.rs`) and the answer comes back
+/// as the same JSON: an agent or supervisor sees the same on every instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "read", rename_all = "snake_case")]
+pub enum RouterRead {
+    /// [`Agent`], or null for an agent not in the configuration.
+    Agent { agent: String },
+    /// [`AgentConversations`], or null for an unknown agent.
+    AgentConversations { agent: String },
+    /// Whether the agent holds or follows the conversation (a boolean).
+    AgentMaySee { agent: String, conversation: Ulid },
+    /// [`QueueList`].
+    Queues,
+    /// [`AgentList`].
+    Agents,
+    /// [`Routing`], or null once the router forgot the conversation (closed).
+    Conversation { conversation: Ulid },
+}
+
+impl RouterRead {
+    /// The agent the read is about (forwarded commands are filed under an agent).
+    pub fn agent(&self) -> &str {
+        match self {
+            RouterRead::Agent { agent }
+            | RouterRead::AgentConversations { agent }
+            | RouterRead::AgentMaySee { agent, .. } => agent,
+            RouterRead::Queues | RouterRead::Agents | RouterRead::Conversation { .. } => "",
+        }
+    }
+
+    /// Answers the read on the router; `now` (the wall clock) ages the queues' oldest waits.
+    pub fn answer(&self, router: &Router, now: Timestamp) -> Value {
+        match self {
+            RouterRead::Agent { agent } => router
+                .agent(&AgentId::new(agent))
+                .map_or(Value::Null, |view| json(&Agent::from(&view))),
+            RouterRead::AgentConversations { agent } => {
+                let Some(view) = router.agent(&AgentId::new(agent)) else {
+                    return Value::Null;
+                };
+                let list = |ids: &[ConversationId]| {
+                    ids.iter()
+                        .filter_map(|id| router.conversation(*id))
+                        .map(|conversation| Routing::from(&conversation))
+                        .collect()
+                };
+                json(&AgentConversations {
+                    offers: list(&view.offers),
+                    assigned: list(&view.assigned),
+                })
+            }
+            RouterRead::AgentMaySee {
+                agent,
+                conversation,
+            } => {
+                let agent = AgentId::new(agent);
+                let allowed = router
+                    .conversation(ConversationId(conversation.0))
+                    .is_some_and(|view| {
+                        let holder = match &view.state {
+                            ConversationState::Offered { agent, .. }
+                            | ConversationState::Assigned { agent, .. }
+                            | ConversationState::Resolved { agent, .. } => Some(agent),
+                            ConversationState::Waiting => None,
+                        };
+                        holder == Some(&agent) || view.follower.as_ref() == Some(&agent)
+                    });
+                Value::Bool(allowed)
+            }
+            RouterRead::Queues => json(&QueueList {
+                queues: router
+                    .queues()
+                    .iter()
+                    .map(|queue| Queue::new(queue, now))
+                    .collect(),
+            }),
+            RouterRead::Agents => json(&AgentList {
+                agents: router.agents().map(|view| Agent::from(&view)).collect(),
+            }),
+            RouterRead::Conversation { conversation } => router
+                .conversation(ConversationId(conversation.0))
+                .map_or(Value::Null, |view| json(&Routing::from(&view))),
+        }
+    }
+}
+
+/// A view as JSON. These views are plain structs with string keys, which always serialise.
+fn json(view: &impl Serialize) -> Value {
+    serde_json::to_value(view).unwrap_or(Value::Null)
+}
 
 fn ulids(ids: &[ConversationId]) -> Vec<String> {
     ids.iter().map(|id| Ulid(id.0).to_string()).collect()
 }
 
 /// An agent's live state.
-#[derive(Debug, Serialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct Agent {
     pub id: String,
     pub name: String,
@@ -38,7 +130,7 @@ pub struct Agent {
     pub missed_offers: u32,
 }
 
-#[derive(Debug, Serialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct ChannelLoad {
     pub channel: String,
     pub load: u16,
@@ -71,13 +163,13 @@ impl From<&AgentView> for Agent {
 }
 
 /// `GET /v1/admin/agents`.
-#[derive(Debug, Serialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct AgentList {
     pub agents: Vec<Agent>,
 }
 
 /// A conversation's live routing state.
-#[derive(Debug, Serialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct Routing {
     pub id: String,
     pub channel: String,
@@ -99,7 +191,7 @@ pub struct Routing {
     pub follower_id: Option<String>,
 }
 
-#[derive(Debug, Serialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct RoutingDetail {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deadline: Option<String>,
@@ -166,14 +258,14 @@ impl From<&ConversationView> for Routing {
 }
 
 /// `GET /v1/agents/{agent}/conversations`.
-#[derive(Debug, Serialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct AgentConversations {
     pub offers: Vec<Routing>,
     pub assigned: Vec<Routing>,
 }
 
 /// A queue's live state.
-#[derive(Debug, Serialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct Queue {
     pub name: String,
     /// Inside its business hours.
@@ -203,7 +295,7 @@ impl Queue {
 }
 
 /// `GET /v1/admin/queues`.
-#[derive(Debug, Serialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct QueueList {
     pub queues: Vec<Queue>,
 }
@@ -327,12 +419,12 @@ pub struct ConversationDetail {
 impl ConversationDetail {
     pub fn new(
         record: &ConversationRecord,
-        live: Option<&ConversationView>,
+        routing: Option<Routing>,
         stored: &[StoredMessage],
     ) -> ConversationDetail {
         ConversationDetail {
             conversation: record.into(),
-            routing: live.map(Routing::from),
+            routing,
             messages: messages(stored),
         }
     }

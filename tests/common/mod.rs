@@ -570,3 +570,29 @@ impl Daemon {
         })
     }
 }
+
+/// The JetStream stream names [`nats_config`] gives a daemon: (inbound, publish).
+pub fn nats_streams(name: &str) -> (String, String) {
+    (
+        format!("{name}_in").to_uppercase(),
+        format!("{name}_out").to_uppercase(),
+    )
+}
+
+/// `[bus.nats]` for a daemon on the NATS server at `address`, with subjects, streams, consumer and
+/// queue group all named after `name` (from [`unique_name`]), so tests sharing one server never meet.
+pub fn nats_config(address: &str, name: &str) -> String {
+    let (inbound, publish) = nats_streams(name);
+    format!(
+        "[bus.nats]\nenabled = true\nurl = \"nats://{address}\"\nsubject_prefix = \"{name}\"\ninbound_stream = \"{inbound}\"\npublish_stream = \"{publish}\"\nconsumer = \"{name}\"\ncommand_queue_group = \"{name}\"\n"
+    )
+}
+
+/// Deletes the streams a daemon configured by [`nats_config`] created.
+pub async fn delete_nats_streams(address: &str, name: &str) {
+    let client = async_nats::connect(address).await.unwrap();
+    let jetstream = async_nats::jetstream::new(client);
+    let (inbound, publish) = nats_streams(name);
+    let _ = jetstream.delete_stream(&inbound).await;
+    let _ = jetstream.delete_stream(&publish).await;
+}
