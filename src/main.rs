@@ -156,7 +156,10 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         let mut hangup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
         let source = ConfigSource { file: args.config.config.clone(), environment };
         let running = daemon::start(settings, source).await.context("cannot start switchboard")?;
-        // Scripts and tests wait for this line instead of polling.
+        // Scripts and tests wait for this line instead of polling (other listeners come first).
+        if let Some(smtp) = running.smtp_addr {
+            println!("smtp listening on {smtp}");
+        }
         println!("listening on http://{}", running.local_addr);
         loop {
             tokio::select! {

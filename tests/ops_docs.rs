@@ -57,8 +57,11 @@ const FREE_MAPS: &[&str] = &[
 fn key_paths(value: &Value, prefix: &str, paths: &mut BTreeMap<String, Value>) {
     match value {
         Value::Object(map) if !FREE_MAPS.contains(&prefix) => {
-            // Provider accounts are named by the operator: one placeholder for all.
-            let accounts = prefix.starts_with("channels.") && prefix.matches('.').count() == 1;
+            // Provider accounts are named by the operator: one placeholder for all. The email
+            // channel is one table, not accounts.
+            let accounts = prefix.starts_with("channels.")
+                && prefix.matches('.').count() == 1
+                && prefix != "channels.email";
             for (key, child) in map {
                 let key = if accounts { "<account>" } else { key.as_str() };
                 let path = if prefix.is_empty() {
@@ -92,6 +95,14 @@ fn everything_configured() -> ConfigFile {
         api_key = "k"
         [channels.meta.main]
         [channels.telegram.main]
+        [channels.email]
+        mailboxes = ["support@example.com"]
+        [channels.email.smtp]
+        [channels.email.relay]
+        host = "smtp.example.com"
+        [channels.email.imap]
+        host = "imap.example.com"
+        username = "support@example.com"
         "#,
     )
     .unwrap();

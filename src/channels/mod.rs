@@ -7,6 +7,7 @@
 //! (the number, page or bot the customer wrote to). Provider wire types and quirks stay inside each
 //! module; everything after them sees one schema.
 
+pub mod email;
 pub mod meta;
 pub mod telegram;
 pub mod twilio;

@@ -20,6 +20,8 @@ pub struct ChannelsSection {
     pub vonage: BTreeMap<String, VonageSection>,
     pub meta: BTreeMap<String, MetaSection>,
     pub telegram: BTreeMap<String, TelegramSection>,
+    /// The email channel (one set of mailboxes per deployment).
+    pub email: Option<super::email::EmailSection>,
 }
 
 /// Twilio SMS/MMS and WhatsApp (through Twilio) on one Twilio account.
@@ -199,6 +201,7 @@ pub struct ChannelSettings {
     pub vonage: Vec<VonageAccount>,
     pub meta: Vec<MetaAccount>,
     pub telegram: Vec<TelegramAccount>,
+    pub email: Option<super::email::EmailSettings>,
 }
 
 fn required(
@@ -376,5 +379,10 @@ pub fn validate(section: &ChannelsSection) -> Result<ChannelSettings, ConfigLoad
             max_per_second: telegram.max_per_second,
         });
     }
+    settings.email = section
+        .email
+        .as_ref()
+        .map(super::email::validate)
+        .transpose()?;
     Ok(settings)
 }

@@ -6,6 +6,7 @@
 //! `check-config`.
 
 pub mod channels;
+pub mod email;
 pub mod routing_file;
 
 use std::collections::BTreeMap;

@@ -25,6 +25,8 @@ use super::engine::EngineError;
 use super::hub::AgentHub;
 use super::metrics::BusStates;
 use super::views::{self, RouterRead};
+use crate::channels::email::Envelope;
+use crate::channels::email::intake::{EmailIntake, IntakeError};
 use crate::channels::{Inbound, WebhookAnswer, WebhookError, WebhookRequest, Webhooks};
 use crate::config::AuthSection;
 use crate::routing::AgentId;
@@ -43,6 +45,8 @@ pub struct AppState {
     pub buses: BusStates,
     /// The SMS and social providers' webhooks, by (provider, account).
     pub webhooks: Webhooks,
+    /// The email channel's intake, when `[channels.email]` is configured.
+    pub email: Option<EmailIntake>,
 }
 
 /// An API error: status, a stable code, and a message for people.
@@ -107,6 +111,10 @@ type ApiResult<T> = Result<T, ApiError>;
 
 /// Builds the API router.
 pub fn router(state: AppState, body_limit: usize) -> Router {
+    // Raw mail may be larger than API bodies, up to the email channel's own limit.
+    let email_limit = state.email.as_ref().map_or(body_limit, |email| {
+        email.settings.max_message_bytes.max(body_limit)
+    });
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -116,6 +124,14 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .route(
             "/v1/webhooks/{provider}/{account}",
             get(webhook_handshake).post(webhook),
+        )
+        .route(
+            "/v1/channels/email/raw",
+            post(email_raw).layer(DefaultBodyLimit::max(email_limit)),
+        )
+        .route(
+            "/v1/channels/email/attachments/{key}",
+            get(email_attachment),
         )
         .route("/v1/agents/{agent}", get(agent_view))
         .route("/v1/agents/{agent}/presence", put(agent_presence))
@@ -426,6 +442,91 @@ async fn webhook(
             .into_response(),
         WebhookAnswer::Empty => StatusCode::OK.into_response(),
     })
+}
+
+// ----- email ------------------------------------------------------------------------------------
+
+fn email_intake(state: &AppState) -> ApiResult<&EmailIntake> {
+    state.email.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "email_not_configured",
+            "no [channels.email] is configured",
+        )
+    })
+}
+
+/// `POST /v1/channels/email/raw`: one raw RFC 5322 message (`message/rfc822`) from a provider that
+/// forwards inbound mail as MIME. Same path as SMTP intake; 2xx only after the commit.
+async fn email_raw(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let received = Instant::now();
+    require_ingest(&state, &headers)?;
+    let intake = email_intake(&state)?;
+    state.actions.intake_open()?;
+    let bytes = body.map_err(|rejection| body_rejection(&rejection))?;
+    let accepted = intake
+        .accept(&bytes, &Envelope::default(), "mime", received)
+        .await
+        .map_err(|error| match error {
+            IntakeError::Rejected(reason) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "rejected_email", reason)
+            }
+            IntakeError::Unavailable(reason) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", reason)
+            }
+            IntakeError::TooLarge(reason) => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", reason)
+            }
+        })?;
+    let status = match &accepted {
+        crate::channels::email::intake::Accepted::Stored {
+            duplicate: false, ..
+        } => StatusCode::ACCEPTED,
+        _ => StatusCode::OK,
+    };
+    Ok((status, Json(accepted)).into_response())
+}
+
+/// `GET /v1/channels/email/attachments/{key}`: an attachment's bytes, for agents and admins.
+async fn email_attachment(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(key): Path<String>,
+) -> ApiResult<Response> {
+    let token = bearer(&headers).ok_or_else(unauthorized)?;
+    {
+        let auth = state.auth.read().map_err(|_| unauthorized())?;
+        let allowed = auth
+            .admin_tokens
+            .iter()
+            .chain(auth.agent_tokens.values())
+            .any(|known| known.matches(token));
+        if !allowed {
+            return Err(forbidden_or_unknown(&auth, token));
+        }
+    }
+    let intake = email_intake(&state)?;
+    let not_found = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_attachment",
+            "no such attachment",
+        )
+    };
+    let path = intake.attachments.path_of(&key).ok_or_else(not_found)?;
+    let content = tokio::fs::read(path).await.map_err(|_| not_found())?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        content,
+    )
+        .into_response())
 }
 
 // ----- agents -----------------------------------------------------------------------------------

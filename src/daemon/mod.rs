@@ -56,6 +56,10 @@ pub enum DaemonError {
     Bus(#[from] relay::BusError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("email: {0}")]
+    EmailListener(#[from] crate::channels::email::smtp::ListenerError),
+    #[error("email: {0}")]
+    EmailRelay(#[from] crate::channels::email::outbound::RelayError),
 }
 
 /// Where the configuration came from, so a reload reads the same sources again.
@@ -70,6 +74,8 @@ pub struct ConfigSource {
 #[derive(Debug)]
 pub struct Daemon {
     pub local_addr: SocketAddr,
+    /// The built-in SMTP listener's address, when it is enabled.
+    pub smtp_addr: Option<SocketAddr>,
     pub bus: relay::InProcessBus,
     reload: Reloader,
     stop: Arc<Notify>,
@@ -154,6 +160,8 @@ pub struct Assembled {
     reload: Reloader,
     accepting: Arc<AtomicBool>,
     outbound_task: tokio::task::JoinHandle<()>,
+    /// The email channel's intake, for the SMTP listener and the IMAP reader `serve` starts.
+    email: Option<crate::channels::email::intake::EmailIntake>,
 }
 
 impl std::fmt::Debug for Assembled {
@@ -220,6 +228,17 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
     let (webhooks, channel_senders) =
         crate::channels::Channels::build(&settings.channels, &store).split();
     senders.extend(channel_senders);
+    let email = settings.channels.email.clone().map(Arc::new);
+    if let Some(email) = &email
+        && let Some(relay) = &email.relay
+    {
+        let sender = crate::channels::email::outbound::EmailSender::new(
+            email.clone(),
+            relay,
+            store.clone(),
+        )?;
+        senders.insert("email".into(), Arc::new(sender));
+    }
     // A channel handed to the buses is delivered by another system, in place of an adapter.
     senders.extend(buses.channels.iter().cloned());
     let (outbound, outbound_task) = outbound::start(outbound::OutboundContext {
@@ -280,6 +299,13 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
     };
     let _ = term_context.actions.set(actions.clone());
     buses.start_intake(&actions);
+    let email_intake = email.map(|email| {
+        crate::channels::email::intake::EmailIntake::new(
+            email,
+            &settings.public_url,
+            actions.clone(),
+        )
+    });
     let state = http::AppState {
         actions,
         hub,
@@ -287,6 +313,7 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
         reloader: reload.clone(),
         buses: buses.states.clone(),
         webhooks,
+        email: email_intake.clone(),
     };
     let app = http::router(state, settings.body_limit_bytes).layer(
         tower_http::timeout::TimeoutLayer::with_status_code(
@@ -311,6 +338,7 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
         reload,
         accepting,
         outbound_task,
+        email: email_intake,
     })
 }
 
@@ -331,6 +359,7 @@ impl Assembled {
             reload,
             accepting,
             outbound_task,
+            email,
         } = self;
         let listener = tokio::net::TcpListener::bind(settings.listen)
             .await
@@ -343,6 +372,24 @@ impl Assembled {
             std::fs::write(path, local_addr.to_string())?;
         }
         let grace = settings.shutdown_grace;
+        // The email intakes that hold sockets of their own: the SMTP listener and the IMAP reader.
+        let (stop_email, email_stopped) = watch::channel(false);
+        let mut smtp_addr = None;
+        if let Some(intake) = &email {
+            if let Some(smtp) = &intake.settings.smtp {
+                let listener =
+                    crate::channels::email::smtp::SmtpListener::bind(smtp.clone()).await?;
+                smtp_addr = Some(listener.local_addr()?);
+                tokio::spawn(listener.serve(intake.clone(), email_stopped.clone()));
+            }
+            if let Some(imap) = &intake.settings.imap {
+                tokio::spawn(crate::channels::email::imap::run(
+                    imap.clone(),
+                    intake.clone(),
+                    email_stopped,
+                ));
+            }
+        }
         let (stop_cluster, cluster_stopped) = watch::channel(false);
         let member = clustered.then(|| {
             tokio::spawn(cluster::run(
@@ -370,6 +417,7 @@ impl Assembled {
                 stop.notified().await;
                 info!("shutting down: intake closed, finishing in-flight requests");
                 accepting.store(false, Ordering::SeqCst);
+                let _ = stop_email.send(true);
                 metrics.ready.set(0);
                 let _ = drain_tx.send(true);
                 let (_, served) = tokio::join!(
@@ -396,6 +444,7 @@ impl Assembled {
         });
         Ok(Daemon {
             local_addr,
+            smtp_addr,
             bus,
             reload,
             stop,

@@ -169,6 +169,23 @@ pub fn document() -> Value {
         "200",
         components.response::<views::Cluster>(),
     );
+    let mut email_raw = operation(
+        "Ingest one raw email (`message/rfc822`), as forwarded by mail providers: the same path as SMTP intake (threading, attachments, loop protection; a delivery report marks our failed reply instead). 202 once stored; 200 for a duplicate or a bounce; 400 for mail that is not a readable message; 413 over `channels.email.max_message_bytes` (this route's body limit).",
+        "ingestToken",
+        "202",
+        components.response::<crate::channels::email::intake::Accepted>(),
+    );
+    email_raw["requestBody"] = json!({ "required": true, "content": { "message/rfc822": { "schema": { "type": "string", "contentMediaType": "message/rfc822" } } } });
+    email_raw["responses"]["200"] = json!({ "description": "Already stored (duplicate), or a delivery report recorded on our reply", "content": { "application/json": { "schema": components.response::<crate::channels::email::intake::Accepted>() } } });
+    let mut email_attachment = operation(
+        "An email attachment's content (agent or admin token); the URL is the one in the message's `attachments`",
+        "agentToken",
+        "200",
+        json!({}),
+    );
+    email_attachment["security"] = json!([{ "agentToken": [] }, { "adminToken": [] }]);
+    email_attachment["responses"]["200"] = json!({ "description": "the attachment's bytes", "content": { "application/octet-stream": { "schema": { "type": "string", "contentMediaType": "application/octet-stream" } } } });
+    email_attachment["parameters"] = json!([{ "name": "key", "in": "path", "required": true, "schema": { "type": "string", "pattern": "^[0-9a-f]{64}$", "description": "SHA-256 of the content" } }]);
     let error = components.response::<views::ErrorBody>();
     let text = |description: &str| json!({ "200": { "description": description, "content": { "text/plain": { "schema": { "type": "string" } } } } });
     let mut schemas = components.into_schemas();
@@ -187,6 +204,8 @@ pub fn document() -> Value {
                 "get": { "summary": "Meta's subscription handshake: answers hub.challenge when hub.verify_token matches", "responses": { "200": { "description": "the challenge" }, "403": { "$ref": "#/components/responses/Error" }, "404": { "$ref": "#/components/responses/Error" } } },
                 "post": { "summary": "A provider's signed delivery (twilio, vonage, meta, telegram): answered 200 only after every message in it is stored", "responses": { "200": { "description": "stored (Twilio: empty TwiML)" }, "400": { "$ref": "#/components/responses/Error" }, "401": { "$ref": "#/components/responses/Error" }, "403": { "$ref": "#/components/responses/Error" }, "404": { "$ref": "#/components/responses/Error" }, "503": { "$ref": "#/components/responses/Error" } } }
             },
+            "/v1/channels/email/raw": { "post": email_raw },
+            "/v1/channels/email/attachments/{key}": { "get": email_attachment },
             "/v1/agents/{agent}": { "get": agent_get },
             "/v1/agents/{agent}/presence": { "put": presence },
             "/v1/agents/{agent}/conversations": { "get": agent_conversations },

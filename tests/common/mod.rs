@@ -22,6 +22,8 @@ pub fn agent_token(agent: &str) -> String {
 pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub base: String,
+    /// Other listeners' addresses by name (`smtp`), from their `<name> listening on` lines.
+    pub listeners: std::collections::HashMap<String, String>,
     child: Option<Child>,
     pub http: reqwest::Client,
 }
@@ -86,10 +88,11 @@ impl Daemon {
         assert!(status.success(), "kill -{signal}");
     }
 
-    fn start_in(dir: tempfile::TempDir) -> Daemon {
+    pub fn start_in(dir: tempfile::TempDir) -> Daemon {
         let mut daemon = Daemon {
             dir,
             base: String::new(),
+            listeners: Default::default(),
             child: None,
             http: reqwest::Client::new(),
         };
@@ -117,6 +120,10 @@ impl Daemon {
                 .unwrap();
             if let Some(address) = line.strip_prefix("listening on ") {
                 break address.trim().to_owned();
+            }
+            if let Some((name, address)) = line.split_once(" listening on ") {
+                self.listeners
+                    .insert(name.to_owned(), address.trim().to_owned());
             }
         };
         // Keep draining stdout so the child never blocks on a full pipe.

@@ -1,0 +1,203 @@
+//! Agents' replies by email: submitted over SMTP (lettre) to the configured relay, threaded so they
+//! land in the customer's thread.
+//!
+//! The reply answers the customer's latest email in the conversation: `In-Reply-To` is its
+//! `Message-ID`, `References` its chain plus that id (RFC 5322 §3.6.4), the subject is theirs with
+//! `Re:` and our ticket tag. Our `Message-ID` is `<reply id@domain>`, the same on every retry, so a
+//! retried send cannot become two different messages in the customer's client; it is also the
+//! provider id a bounce is matched by. A 5xx from the relay is a permanent failure, anything else is
+//! retried by the delivery worker.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use lettre::message::{Mailbox, MultiPart};
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+
+use super::threading;
+use crate::channels::permanent;
+use crate::config::email::{EmailSettings, RelaySecurity, RelaySettings};
+use crate::daemon::outbound::{ChannelSender, SendError};
+use crate::message::InboundMessage;
+use crate::store::{Direction, Store, StoredMessage};
+
+/// The email channel's way out.
+pub struct EmailSender {
+    settings: Arc<EmailSettings>,
+    transport: AsyncSmtpTransport<Tokio1Executor>,
+    store: Arc<dyn Store>,
+}
+
+impl std::fmt::Debug for EmailSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmailSender")
+            .field(
+                "relay",
+                &self.settings.relay.as_ref().map(|relay| &relay.host),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the relay cannot be used as configured.
+#[derive(Debug, thiserror::Error)]
+#[error("channels.email.relay: {0}")]
+pub struct RelayError(String);
+
+impl EmailSender {
+    pub fn new(
+        settings: Arc<EmailSettings>,
+        relay: &RelaySettings,
+        store: Arc<dyn Store>,
+    ) -> Result<EmailSender, RelayError> {
+        type Transport = AsyncSmtpTransport<Tokio1Executor>;
+        let builder = match relay.security {
+            RelaySecurity::Starttls => Transport::starttls_relay(&relay.host),
+            RelaySecurity::Tls => Transport::relay(&relay.host),
+            RelaySecurity::None => Ok(Transport::builder_dangerous(&relay.host)),
+        }
+        .map_err(|error| RelayError(error.to_string()))?;
+        let mut builder = builder.port(relay.port).timeout(Some(relay.timeout));
+        if let Some((user, password)) = &relay.credentials {
+            builder =
+                builder.credentials(Credentials::new(user.clone(), password.expose().to_owned()));
+        }
+        Ok(EmailSender {
+            transport: builder.build(),
+            settings,
+            store,
+        })
+    }
+
+    /// The customer's latest email in the conversation: what the reply answers.
+    async fn answered(&self, reply: &StoredMessage) -> Result<Option<InboundMessage>, SendError> {
+        let messages = self
+            .store
+            .messages(reply.conversation_id)
+            .await
+            .map_err(|error| SendError {
+                retryable: true,
+                reason: format!("cannot read the conversation: {error}"),
+                retry_after: None,
+            })?;
+        Ok(messages
+            .iter()
+            .rev()
+            .filter(|message| message.direction == Direction::Inbound && message.channel == "email")
+            .find_map(|message| {
+                serde_json::from_value::<InboundMessage>(message.body.clone()).ok()
+            }))
+    }
+
+    /// The reply as an RFC 5322 message, and our `Message-ID` (without brackets).
+    pub fn compose(
+        &self,
+        reply: &StoredMessage,
+        answered: Option<&InboundMessage>,
+    ) -> Result<(Message, String), SendError> {
+        let settings = &self.settings;
+        let text = reply.body["text"].as_str().unwrap_or_default().to_owned();
+        let html = reply.body["html"]
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| text_to_html(&text));
+        let ours = if settings.is_ours(&reply.from_address) {
+            reply.from_address.clone()
+        } else {
+            settings
+                .mailboxes
+                .first()
+                .cloned()
+                .unwrap_or_else(|| reply.from_address.clone())
+        };
+        let from = Mailbox::new(
+            settings.from_name.clone(),
+            ours.parse()
+                .map_err(|error| permanent(format!("our address `{ours}`: {error}")))?,
+        );
+        // The customer may have asked for replies elsewhere (Reply-To).
+        let customer = answered
+            .and_then(|message| message.metadata.get("reply_to"))
+            .and_then(|reply_to| reply_to["address"].as_str())
+            .unwrap_or(&reply.to_address);
+        let to = Mailbox::new(
+            None,
+            customer
+                .parse()
+                .map_err(|error| permanent(format!("customer address `{customer}`: {error}")))?,
+        );
+        let message_id = format!("{}@{}", reply.id, settings.message_id_domain);
+        let mut builder = Message::builder()
+            .from(from.clone())
+            .reply_to(from)
+            .to(to)
+            .subject(threading::reply_subject(
+                &settings.subject_tag_prefix,
+                reply.conversation_id,
+                answered.and_then(|message| message.subject.as_deref()),
+            ))
+            .message_id(Some(format!("<{message_id}>")));
+        if let Some(parent) = answered
+            .and_then(|message| message.metadata.get("message_id"))
+            .and_then(|id| id.as_str())
+        {
+            let mut chain: Vec<String> = answered
+                .and_then(|message| message.metadata.get("references"))
+                .and_then(|references| serde_json::from_value(references.clone()).ok())
+                .unwrap_or_default();
+            chain.push(parent.to_owned());
+            let references: Vec<String> = chain.iter().map(|id| format!("<{id}>")).collect();
+            builder = builder
+                .in_reply_to(format!("<{parent}>"))
+                .references(references.join(" "));
+        }
+        let message = builder
+            .multipart(MultiPart::alternative_plain_html(text, html))
+            .map_err(|error| permanent(format!("cannot build the email: {error}")))?;
+        Ok((message, message_id))
+    }
+}
+
+/// The HTML part of a plain reply: escaped, paragraphs and line breaks kept.
+fn text_to_html(text: &str) -> String {
+    let escaped = text
+        .replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;");
+    let paragraphs: Vec<String> = escaped
+        .split("\n\n")
+        .map(|paragraph| format!("<p>{}</p>", paragraph.replace('\n', "<br>")))
+        .collect();
+    format!("<html><body>{}</body></html>", paragraphs.join(""))
+}
+
+#[async_trait]
+impl ChannelSender for EmailSender {
+    async fn send(&self, reply: &StoredMessage) -> Result<Option<String>, SendError> {
+        let answered = self.answered(reply).await?;
+        let (message, message_id) = self.compose(reply, answered.as_ref())?;
+        match self.transport.send(message).await {
+            Ok(_) => Ok(Some(message_id)),
+            Err(error) => Err(SendError {
+                retryable: !error.is_permanent(),
+                reason: format!("SMTP relay: {error}"),
+                retry_after: None,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_replies_get_an_escaped_html_part() {
+        assert_eq!(
+            text_to_html("Hi <Ann>,\nthanks.\n\nBob & co"),
+            "<html><body><p>Hi &lt;Ann&gt;,<br>thanks.</p><p>Bob &amp; co</p></body></html>"
+        );
+    }
+}
