@@ -18,6 +18,7 @@
 //! agents with each routing write; every instance tails those rows for its own connections. The
 //! store is the truth, notifications only wake readers.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -497,22 +498,41 @@ async fn run_forwarded_commands(
     loop {
         match store.open_commands(256).await {
             Ok(commands) => {
+                // One agent's commands run in the order they were stored; different agents' run
+                // side by side, so a burst from one desk does not hold up every other agent.
+                let mut by_agent: Vec<Vec<ForwardedCommand>> = Vec::new();
+                let mut group_of: HashMap<String, usize> = HashMap::new();
                 for command in commands {
-                    let answer = match actions.get() {
-                        Some(actions) => run_forwarded(actions, &command, &settings).await,
-                        None => Err(Refusal::new(
-                            RefusalKind::Unavailable,
-                            "leader_unavailable",
-                            "the leader is starting",
-                        )),
-                    };
-                    let answer =
-                        serde_json::to_value(ForwardedAnswer::from(answer)).unwrap_or(Value::Null);
-                    if let Err(error) = store.answer_command(command.id, answer).await {
-                        warn!(%error, "cannot store a command's answer; it runs again");
-                        break;
+                    let next = by_agent.len();
+                    let group = *group_of.entry(command.agent_id.clone()).or_insert(next);
+                    if group == next {
+                        by_agent.push(Vec::new());
                     }
+                    by_agent[group].push(command);
                 }
+                let runs = by_agent.into_iter().map(|commands| {
+                    let (store, actions, settings) = (&store, &actions, &settings);
+                    async move {
+                        for command in commands {
+                            let answer = match actions.get() {
+                                Some(actions) => run_forwarded(actions, &command, settings).await,
+                                None => Err(Refusal::new(
+                                    RefusalKind::Unavailable,
+                                    "leader_unavailable",
+                                    "the leader is starting",
+                                )),
+                            };
+                            let answer = serde_json::to_value(ForwardedAnswer::from(answer))
+                                .unwrap_or(Value::Null);
+                            if let Err(error) = store.answer_command(command.id, answer).await {
+                                // The agent's later commands wait for it: their order holds.
+                                warn!(%error, "cannot store a command's answer; it runs again");
+                                break;
+                            }
+                        }
+                    }
+                });
+                futures_util::future::join_all(runs).await;
             }
             Err(error) => warn!(%error, "cannot read forwarded commands; retrying"),
         }
