@@ -1185,6 +1185,28 @@ async fn replies_and_delivery_status(backend: Backend) {
             .collect::<Vec<_>>(),
         vec![1, 2]
     );
+    // Statuses only move forward: a late `sent` (the provider's callback won the race) changes
+    // nothing and writes no event; a failure after delivery is still recorded.
+    let late = store
+        .set_delivery_status(
+            answer.id,
+            "sent",
+            None,
+            vec![event("message.sent", Some(inbound.conversation))],
+        )
+        .await;
+    assert!(matches!(late, Err(StoreError::Superseded(_))), "{late:?}");
+    let outbound = store.message(answer.id).await.unwrap().unwrap();
+    assert_eq!(outbound.delivery_status.as_deref(), Some("delivered"));
+    assert_eq!(store.outbox_pending(10).await.unwrap().len(), 2);
+    store
+        .set_delivery_status(answer.id, "failed", None, Vec::new())
+        .await
+        .unwrap();
+    let again = store
+        .set_delivery_status(answer.id, "failed", None, Vec::new())
+        .await;
+    assert!(matches!(again, Err(StoreError::Superseded(_))), "{again:?}");
 
     let unknown = store
         .set_delivery_status(Ulid::new(), "failed", None, Vec::new())

@@ -270,6 +270,7 @@ const COMMAND_CODES: &[&str] = &[
     "bad_id",
     "empty_reply",
     "not_found",
+    "superseded",
     "store_unavailable",
     "shutting_down",
     "not_leader",

@@ -277,10 +277,15 @@ async fn record(
         })
         .into_iter()
         .collect();
-    context
+    match context
         .store
         .set_delivery_status(reply.id, status, provider_id, events)
-        .await?;
+        .await
+    {
+        // A later status is stored already (callbacks race each other and the sender): keep it.
+        Err(StoreError::Superseded(_)) => return Ok(()),
+        written => written?,
+    }
     context.outbox_written.notify_one();
     let counter = match status {
         "sent" => Some(&context.metrics.messages_sent),

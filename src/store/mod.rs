@@ -30,6 +30,11 @@ pub enum StoreError {
     /// Stored data could not be read back (a bug or a damaged database).
     #[error("corrupt data: {0}")]
     Corrupt(String),
+    /// The write would move stored state backwards; nothing was written. Delivery statuses only
+    /// move forward (pending → sent → delivered, failed last), so e.g. a `sent` recorded after the
+    /// provider's `delivered` callback, or a second `failed`, is superseded.
+    #[error("superseded: {0}")]
+    Superseded(String),
 }
 
 /// Where a conversation stands, as far as matching new messages is concerned.
@@ -384,6 +389,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn store_reply(&self, reply: NewReply, events: Vec<NewEvent>) -> Result<(), StoreError>;
 
     /// Records a delivery status for an outbound message (`sent`, `delivered`, `failed`), with events.
+    /// A status that is not past the stored one changes nothing and is `Superseded`.
     async fn set_delivery_status(
         &self,
         message_id: Ulid,
@@ -553,6 +559,7 @@ pub(crate) fn prefix_error(error: StoreError, context: &str) -> StoreError {
         }
         StoreError::NotFound(message) => StoreError::NotFound(format!("{context}: {message}")),
         StoreError::Corrupt(message) => StoreError::Corrupt(format!("{context}: {message}")),
+        StoreError::Superseded(message) => StoreError::Superseded(format!("{context}: {message}")),
         fenced @ StoreError::Fenced { .. } => fenced,
     }
 }

@@ -1665,17 +1665,33 @@ async fn set_delivery_status_tx(
         .prepare_cached(
             "UPDATE messages SET delivery_status = $2,
                  provider_message_id = COALESCE($3, provider_message_id)
-             WHERE id = $1 AND direction = 'outbound'",
+             WHERE id = $1 AND direction = 'outbound'
+               AND (CASE COALESCE(delivery_status, 'pending') WHEN 'pending' THEN 0
+                    WHEN 'sent' THEN 1 WHEN 'delivered' THEN 2 ELSE 3 END)
+                 < (CASE $2::text WHEN 'pending' THEN 0 WHEN 'sent' THEN 1 WHEN 'delivered' THEN 2
+                    ELSE 3 END)",
         )
         .await?;
+    let id = message_id.to_string();
     let changed = client
-        .execute(
-            &statement,
-            &[&message_id.to_string(), &status, &provider_message_id],
-        )
+        .execute(&statement, &[&id, &status, &provider_message_id])
         .await?;
     if changed == 0 {
-        return Err(StoreError::NotFound(format!("outbound message {message_id}")).into());
+        let exists = client
+            .query_opt(
+                "SELECT 1 FROM messages WHERE id = $1 AND direction = 'outbound'",
+                &[&id],
+            )
+            .await?
+            .is_some();
+        return Err(if exists {
+            StoreError::Superseded(format!(
+                "outbound message {message_id} is already past {status}"
+            ))
+        } else {
+            StoreError::NotFound(format!("outbound message {message_id}"))
+        }
+        .into());
     }
     append_events(client, events).await
 }

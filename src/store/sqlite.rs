@@ -1209,13 +1209,24 @@ fn set_delivery_status_tx(
         .prepare_cached(
             "UPDATE messages SET delivery_status = ?2,
                  provider_message_id = COALESCE(?3, provider_message_id)
-             WHERE id = ?1 AND direction = 'outbound'",
+             WHERE id = ?1 AND direction = 'outbound'
+               AND (CASE COALESCE(delivery_status, 'pending') WHEN 'pending' THEN 0
+                    WHEN 'sent' THEN 1 WHEN 'delivered' THEN 2 ELSE 3 END)
+                 < (CASE ?2 WHEN 'pending' THEN 0 WHEN 'sent' THEN 1 WHEN 'delivered' THEN 2
+                    ELSE 3 END)",
         )?
         .execute(params![message_id.to_string(), status, provider_message_id])?;
     if changed == 0 {
-        return Err(StoreError::NotFound(format!(
-            "outbound message {message_id}"
-        )));
+        let exists = conn
+            .prepare_cached("SELECT 1 FROM messages WHERE id = ?1 AND direction = 'outbound'")?
+            .exists(params![message_id.to_string()])?;
+        return Err(if exists {
+            StoreError::Superseded(format!(
+                "outbound message {message_id} is already past {status}"
+            ))
+        } else {
+            StoreError::NotFound(format!("outbound message {message_id}"))
+        });
     }
     append_events(conn, events)
 }
