@@ -43,6 +43,9 @@ pub struct AppState {
     pub buses: BusStates,
     /// The SMS and social providers' webhooks, by (provider, account).
     pub webhooks: Webhooks,
+    /// Customers' open chat sockets, and the chat's limits.
+    pub chat: Arc<super::chat::ChatHub>,
+    pub chat_settings: Arc<crate::config::ChatSection>,
 }
 
 /// An API error: status, a stable code, and a message for people.
@@ -117,6 +120,7 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
             "/v1/webhooks/{provider}/{account}",
             get(webhook_handshake).post(webhook),
         )
+        .route("/v1/chat/stream", get(super::chat::stream))
         .route("/v1/agents/{agent}", get(agent_view))
         .route("/v1/agents/{agent}/presence", put(agent_presence))
         .route("/v1/agents/{agent}/conversations", get(agent_conversations))
@@ -630,6 +634,29 @@ async fn socket_command(state: &AppState, agent: &AgentId, text: &str) -> Value 
         .as_object_mut()
         .and_then(|object| object.remove("request_id"))
         .unwrap_or(Value::Null);
+    // Typing is news for the customer's chat window, not a routing command.
+    if document["type"] == "typing" {
+        let result = match (
+            document["conversation_id"].as_str().map(parse_id),
+            document["active"].as_bool(),
+        ) {
+            (Some(Ok(conversation)), Some(active)) => {
+                super::chat::agent_typing(state, agent, conversation, active).await
+            }
+            (Some(Err(refusal)), _) => Err(refusal),
+            _ => Err(Refusal::new(
+                RefusalKind::Malformed,
+                "bad_command",
+                "typing needs conversation_id and active",
+            )),
+        };
+        return match result {
+            Ok(()) => json!({ "type": "ack", "request_id": request_id, "result": {} }),
+            Err(refusal) => {
+                json!({ "type": "error", "request_id": request_id, "error": { "code": refusal.code, "message": refusal.message } })
+            }
+        };
+    }
     let result = match AgentCommand::parse(document, None) {
         Ok(command) => state.actions.agent_command(agent, command).await,
         Err(refusal) => Err(refusal),

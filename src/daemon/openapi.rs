@@ -198,6 +198,7 @@ pub fn document() -> Value {
             "/v1/agents/{agent}/conversations/{conversation}/transfer": { "post": transfer },
             "/v1/agents/{agent}/conversations/{conversation}/reply": { "post": reply },
             "/v1/agents/{agent}/stream": { "get": stream },
+            "/v1/chat/stream": { "get": { "summary": "WebSocket of the customer web chat (protocol in docs/CHAT.md): `start` (visitor id, optional signed customer id, resume after a sequence number), `message` (acknowledged after the commit, deduplicated by client_message_id), `typing`, `read`; pushes messages with sequence numbers, queue position and estimated wait, agent joined/left, typing. No token: the page's Origin must be in chat.allowed_origins when that is set.", "responses": { "101": { "description": "Switching to the WebSocket protocol" }, "403": { "$ref": "#/components/responses/Error" } } } },
             "/v1/admin/queues": { "get": queues },
             "/v1/admin/agents": { "get": agents },
             "/v1/admin/conversations": { "get": conversations },
