@@ -25,6 +25,7 @@ use super::engine::EngineError;
 use super::hub::AgentHub;
 use super::metrics::BusStates;
 use super::views::{self, RouterRead};
+use super::web;
 use crate::channels::{Inbound, WebhookAnswer, WebhookError, WebhookRequest, Webhooks};
 use crate::config::AuthSection;
 use crate::routing::AgentId;
@@ -142,6 +143,13 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         )
         .route("/v1/admin/reload", post(admin_reload))
         .route("/v1/admin/cluster", get(admin_cluster))
+        .route("/widget.js", get(web::widget_js))
+        .route("/demo", get(web::demo))
+        .route("/console", get(web::console))
+        .route("/console/console.js", get(web::console_js))
+        .route("/console/console.css", get(web::console_css))
+        .route("/console/supervisor", get(web::supervisor))
+        .route("/console/supervisor.js", get(web::supervisor_js))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }

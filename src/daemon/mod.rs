@@ -21,6 +21,7 @@ pub mod outbound;
 pub mod persist;
 pub mod relay;
 pub mod views;
+pub mod web;
 
 use std::collections::HashMap;
 use std::future::Future;

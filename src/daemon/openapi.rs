@@ -177,7 +177,22 @@ pub fn document() -> Value {
         json!({ "type": "object", "required": ["status"], "properties": { "status": { "type": "string" } } }),
     );
     let status = json!({ "$ref": "#/components/schemas/StatusBody" });
-    json!({
+    // The browser side (embedded pages and scripts), apart: one json! for everything is too deep.
+    let served = |description: &str, media: &str| {
+        let mut content = Map::new();
+        content.insert(media.to_owned(), json!({ "schema": { "type": "string" } }));
+        json!({ "200": { "description": description, "content": content } })
+    };
+    let browser = json!({
+    "/widget.js": { "get": { "summary": "The web chat widget: `<script src=\".../widget.js\" data-title data-name data-customer-id data-customer-signature data-open async>` opens a launcher and a chat window (docs/CHAT.md)", "responses": served("JavaScript", "text/javascript") } },
+    "/demo": { "get": { "summary": "A demo shop page carrying the widget", "responses": served("HTML", "text/html") } },
+    "/console": { "get": { "summary": "The agent console (sign in with an agent token)", "responses": served("HTML", "text/html") } },
+    "/console/console.js": { "get": { "summary": "The agent console's script", "responses": served("JavaScript", "text/javascript") } },
+    "/console/console.css": { "get": { "summary": "The consoles' style sheet", "responses": served("CSS", "text/css") } },
+    "/console/supervisor": { "get": { "summary": "The supervisor view (sign in with an admin token)", "responses": served("HTML", "text/html") } },
+    "/console/supervisor.js": { "get": { "summary": "The supervisor view's script", "responses": served("JavaScript", "text/javascript") } }
+    });
+    let mut document = json!({
         "openapi": "3.1.0",
         "info": { "title": "switchboard", "version": env!("CARGO_PKG_VERSION"), "description": "Omnichannel contact-centre router." },
         "paths": {
@@ -226,5 +241,9 @@ pub fn document() -> Value {
             },
             "schemas": schemas
         }
-    })
+    });
+    if let (Some(paths), Value::Object(browser)) = (document["paths"].as_object_mut(), browser) {
+        paths.extend(browser);
+    }
+    document
 }
