@@ -181,6 +181,8 @@ $("reply-form").addEventListener("submit", async (event) => {
   const text = $("reply").value.trim();
   if (!text || !selected) return;
   const answer = await act({ type: "reply", conversation_id: selected, text });
+  command({ type: "typing", conversation_id: selected, active: false });
+  typingSent = 0;
   if (answer.type === "ack") { $("reply").value = ""; showHistory(); }
 });
 let typingSent = 0;

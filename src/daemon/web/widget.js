@@ -28,7 +28,7 @@
   const seen = new Set();
 
   const css = `
-  .sb-launcher{position:fixed;right:20px;bottom:20px;width:56px;height:56px;border-radius:50%;border:0;background:#2457d6;color:#fff;font:600 24px system-ui;cursor:pointer;box-shadow:0 4px 14px rgba(0,0,0,.25);z-index:2147483000}
+  .sb-launcher{position:fixed;right:20px;bottom:20px;width:56px;height:56px;border-radius:50%;border:0;background:#2457d6;color:#fff;display:flex;align-items:center;justify-content:center;cursor:pointer;box-shadow:0 4px 14px rgba(0,0,0,.25);z-index:2147483000}
   .sb-window{position:fixed;right:20px;bottom:88px;width:340px;max-width:calc(100vw - 40px);height:460px;display:none;flex-direction:column;background:#fff;border-radius:12px;box-shadow:0 8px 30px rgba(0,0,0,.25);font:14px/1.4 system-ui,sans-serif;color:#1c1c1c;overflow:hidden;z-index:2147483000}
   .sb-window.sb-open{display:flex}
   .sb-head{background:#2457d6;color:#fff;padding:12px 14px;font-weight:600;display:flex;justify-content:space-between}
@@ -53,7 +53,17 @@
     if (text !== undefined) node.textContent = text;
     return node;
   };
-  const launcher = element("button", "sb-launcher", "💬");
+  const launcher = element("button", "sb-launcher");
+  // A speech bubble drawn as SVG: an emoji depends on the visitor's fonts.
+  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+  svg.setAttribute("viewBox", "0 0 24 24");
+  svg.setAttribute("width", "26");
+  svg.setAttribute("height", "26");
+  const bubble = document.createElementNS("http://www.w3.org/2000/svg", "path");
+  bubble.setAttribute("d", "M4 4h16a2 2 0 0 1 2 2v10a2 2 0 0 1-2 2H9l-5 4v-4a2 2 0 0 1-2-2V6a2 2 0 0 1 2-2z");
+  bubble.setAttribute("fill", "currentColor");
+  svg.appendChild(bubble);
+  launcher.appendChild(svg);
   launcher.setAttribute("aria-label", "Open chat");
   const panel = element("div", "sb-window");
   panel.setAttribute("role", "dialog");
