@@ -101,9 +101,40 @@ async function main() {
     await customerPage.waitForFunction((count) => document.querySelectorAll(".sb-msg").length >= count, before.length);
     assert.deepEqual(await customerPage.locator(".sb-msg").allTextContents(), before);
 
-    // 4. With no agent available a second customer is told their place and estimated wait, and the
+    // 4. Transfer and escalate from the console: alice transfers to bob, bob escalates to the next
+    //    tier (carol), carol resolves; bob, who follows, is told; the customer sees who is with them.
+    const colleague = async (agent) => {
+      const context = await browser.newContext({ viewport: { width: 1200, height: 720 } });
+      const page = await context.newPage();
+      page.setDefaultTimeout(TIMEOUT);
+      page.on("pageerror", (error) => { throw new Error(`page error: ${error.message}`); });
+      await signInAgent(page, agent);
+      await setPresence(page, "available");
+      return page;
+    };
+    const bob = await colleague("bob");
+    const carol = await colleague("carol");
+    await agentPage.fill("#transfer-target", "bob");
+    await agentPage.click("#transfer");
+    await agentPage.waitForSelector("#detail.hidden", { state: "attached" });
+    await bob.locator("#offers .offer .accept").click();
+    await bob.locator("#log .msg.in .text", { hasText: "Hello, my tent pole snapped" }).waitFor();
+    await customerPage.locator(".sb-note", { hasText: "alice left the chat" }).waitFor();
+    await customerPage.locator(".sb-note", { hasText: "bob joined the chat" }).waitFor();
+    await bob.click("#escalate");
+    await bob.waitForSelector("#detail.hidden", { state: "attached" });
+    await carol.locator("#offers .offer .accept").click();
+    await carol.locator("#log .msg.in .text", { hasText: "Hello, my tent pole snapped" }).waitFor();
+    await customerPage.locator(".sb-note", { hasText: "carol joined the chat" }).waitFor();
+    await carol.click("#resolve");
+    await bob.locator(".notice", { hasText: "was resolved" }).waitFor();
+    await customerPage.locator(".sb-status", { hasText: "resolved" }).waitFor();
+
+    // 5. With no agent available a second customer is told their place and estimated wait, and the
     //    supervisor sees the waiting conversation.
     await setPresence(agentPage, "away");
+    await setPresence(bob, "away");
+    await setPresence(carol, "away");
     const secondContext = await browser.newContext({ viewport: { width: 900, height: 640 } });
     const second = await secondContext.newPage();
     second.setDefaultTimeout(TIMEOUT);
