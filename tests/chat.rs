@@ -283,3 +283,41 @@ async fn limits_size_rate_origin_and_signed_customer_ids_are_enforced() {
     let conversations = daemon.conversations().await;
     assert_eq!(conversations.len(), 1, "{conversations:?}");
 }
+
+#[tokio::test]
+async fn a_customer_who_closes_the_chat_unanswered_and_does_not_return_is_counted_abandoned() {
+    let daemon = Daemon::start("[chat]\nabandon_after_seconds = 1\n");
+    // A customer who comes back within the grace period is not abandoned.
+    let (mut returning, _) =
+        Customer::start(&daemon, json!({ "visitor_id": "returning_0123456789" })).await;
+    let ack = returning.say("c1", "hello?").await;
+    let kept = ack["conversation_id"].as_str().unwrap().to_owned();
+    returning.close().await;
+    let (_returned, session) = Customer::start(
+        &daemon,
+        json!({ "visitor_id": "returning_0123456789", "conversation_id": kept }),
+    )
+    .await;
+    assert_eq!(session["conversation_id"], kept.as_str());
+
+    let (mut leaving, _) = Customer::start(&daemon, json!({ "visitor_id": VISITOR })).await;
+    let ack = leaving.say("c1", "nobody here?").await;
+    let left = ack["conversation_id"].as_str().unwrap().to_owned();
+    leaving.close().await;
+    common::eventually(10, "the abandoned count", || async {
+        (daemon
+            .metric("switchboard_conversations_abandoned_total")
+            .await
+            == Some(1.0))
+        .then_some(())
+    })
+    .await;
+    let (_, left_detail) = daemon
+        .get(&format!("/v1/admin/conversations/{left}"), common::ADMIN)
+        .await;
+    let (_, kept_detail) = daemon
+        .get(&format!("/v1/admin/conversations/{kept}"), common::ADMIN)
+        .await;
+    assert_eq!(kept_detail["routing"]["state"], "waiting", "{kept_detail}");
+    assert_ne!(left_detail["routing"]["state"], "waiting", "{left_detail}");
+}

@@ -210,6 +210,9 @@ pub struct ChatSection {
     pub max_message_chars: usize,
     /// Messages a session may send per minute (a burst of this many, refilled evenly).
     pub messages_per_minute: u32,
+    /// A customer whose chat closed before an agent answered and who does not come back within
+    /// this many seconds is counted abandoned.
+    pub abandon_after_seconds: u64,
 }
 
 impl Default for ChatSection {
@@ -219,6 +222,7 @@ impl Default for ChatSection {
             allowed_origins: Vec::new(),
             max_message_chars: 2000,
             messages_per_minute: 30,
+            abandon_after_seconds: 60,
         }
     }
 }
@@ -535,6 +539,12 @@ pub fn settings_from(file: ConfigFile) -> Result<Settings, ConfigLoadError> {
         return Err(invalid(
             "chat.max_message_chars",
             format!("must be 1–{}", crate::message::MAX_BODY_CHARS),
+        ));
+    }
+    if file.chat.abandon_after_seconds == 0 {
+        return Err(invalid(
+            "chat.abandon_after_seconds",
+            "must be at least 1 (a page reload must not abandon the chat)",
         ));
     }
     if file.chat.messages_per_minute == 0 {

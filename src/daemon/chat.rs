@@ -387,6 +387,46 @@ async fn session(state: AppState, socket: WebSocket) {
     }) = session
     {
         state.chat.detach(conversation, connection);
+        tokio::spawn(abandon_unless_back(state, conversation));
+    }
+}
+
+impl ChatHub {
+    fn is_open(&self, conversation: Ulid) -> bool {
+        self.connections
+            .lock()
+            .map(|connections| connections.contains_key(&conversation))
+            .unwrap_or(false)
+    }
+}
+
+/// A chat closed: if no socket of the conversation is back after the grace period and no agent
+/// has answered it yet (it still waits or is only offered), the customer left: abandoned.
+async fn abandon_unless_back(state: AppState, conversation: Ulid) {
+    tokio::time::sleep(Duration::from_secs(
+        state.chat_settings.abandon_after_seconds,
+    ))
+    .await;
+    if state.chat.is_open(conversation) {
+        return;
+    }
+    let routing: Result<Option<views::Routing>, _> = state
+        .actions
+        .read_router(RouterRead::Conversation { conversation })
+        .await;
+    let Ok(Some(routing)) = routing else {
+        return;
+    };
+    if !matches!(routing.state.as_str(), "waiting" | "offered") {
+        return;
+    }
+    if let Err(error) = state
+        .actions
+        .engine
+        .customer_left(crate::routing::ConversationId(conversation.0))
+        .await
+    {
+        debug!(%error, %conversation, "could not count an abandoned chat");
     }
 }
 
