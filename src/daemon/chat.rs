@@ -121,7 +121,8 @@ impl ChannelSender for ChatSender {
             self.hub
                 .push(reply.conversation_id, &message_frame(seq, message));
         }
-        Ok(Some(reply.id.to_string()))
+        // No provider in between: there is no provider message id to remember.
+        Ok(None)
     }
 }
 
