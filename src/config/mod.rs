@@ -74,6 +74,8 @@ pub struct ConfigFile {
     #[serde(default)]
     pub outbound: OutboundSection,
     #[serde(default)]
+    pub chat: ChatSection,
+    #[serde(default)]
     pub log: LogSection,
     #[serde(default)]
     pub bus: BusSection,
@@ -192,6 +194,36 @@ impl Default for OutboundSection {
             max_attempts: 6,
             initial_backoff_ms: 500,
             max_backoff_ms: 60_000,
+        }
+    }
+}
+
+/// The customer web chat (`/v1/chat/stream`, `/widget.js`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChatSection {
+    /// Signs verified customer ids: the host site sends `hex(HMAC-SHA256(secret, customer_id))`.
+    /// Without it a customer id from the browser is refused.
+    pub customer_secret: Option<Secret>,
+    /// Origins (`https://shop.example`) whose pages may open a chat; empty accepts every origin.
+    pub allowed_origins: Vec<String>,
+    /// Longest customer message, in characters.
+    pub max_message_chars: usize,
+    /// Messages a session may send per minute (a burst of this many, refilled evenly).
+    pub messages_per_minute: u32,
+    /// A customer whose chat closed before an agent answered and who does not come back within
+    /// this many seconds is counted abandoned.
+    pub abandon_after_seconds: u64,
+}
+
+impl Default for ChatSection {
+    fn default() -> Self {
+        ChatSection {
+            customer_secret: None,
+            allowed_origins: Vec::new(),
+            max_message_chars: 2000,
+            messages_per_minute: 30,
+            abandon_after_seconds: 60,
         }
     }
 }
@@ -417,6 +449,7 @@ pub struct Settings {
     pub store: StoreSettings,
     pub auth: AuthSection,
     pub outbound: OutboundSection,
+    pub chat: ChatSection,
     pub log: LogSection,
     pub bus: BusSection,
     /// Provider accounts of the SMS and social channels.
@@ -475,6 +508,7 @@ pub fn load(
             .with_list_parse_key("auth.ingest_tokens")
             .with_list_parse_key("auth.admin_tokens")
             .with_list_parse_key("routing.default_queues")
+            .with_list_parse_key("chat.allowed_origins")
             .try_parsing(true)
             .source(Some(overrides)),
     );
@@ -498,6 +532,33 @@ pub fn settings_from(file: ConfigFile) -> Result<Settings, ConfigLoadError> {
         return Err(invalid(
             "outbound.api_webhook_secret",
             "required when api_webhook_url is set (replies are signed)",
+        ));
+    }
+    if file.chat.max_message_chars == 0
+        || file.chat.max_message_chars > crate::message::MAX_BODY_CHARS
+    {
+        return Err(invalid(
+            "chat.max_message_chars",
+            format!("must be 1–{}", crate::message::MAX_BODY_CHARS),
+        ));
+    }
+    if file.chat.abandon_after_seconds == 0 {
+        return Err(invalid(
+            "chat.abandon_after_seconds",
+            "must be at least 1 (a page reload must not abandon the chat)",
+        ));
+    }
+    if file.chat.messages_per_minute == 0 {
+        return Err(invalid("chat.messages_per_minute", "must be at least 1"));
+    }
+    if let Some(origin) = file.chat.allowed_origins.iter().find(|origin| {
+        !(origin.starts_with("http://") || origin.starts_with("https://")) || origin.ends_with('/')
+    }) {
+        return Err(invalid(
+            "chat.allowed_origins",
+            format!(
+                "`{origin}` is not an origin like https://shop.example (scheme and host, no path)"
+            ),
         ));
     }
     if !matches!(file.log.format.as_str(), "text" | "json") {
@@ -551,6 +612,7 @@ pub fn settings_from(file: ConfigFile) -> Result<Settings, ConfigLoadError> {
         store,
         auth,
         outbound: file.outbound.clone(),
+        chat: file.chat.clone(),
         log: file.log.clone(),
         bus: file.bus.clone(),
         channels,

@@ -142,6 +142,17 @@ impl Leadership {
             .await
     }
 
+    /// The customer left before being answered; only the leader routes.
+    pub async fn customer_left(
+        &self,
+        conversation: crate::routing::ConversationId,
+    ) -> Result<(), EngineError> {
+        self.engine()
+            .ok_or(EngineError::NotLeader)?
+            .customer_left(conversation)
+            .await
+    }
+
     /// Reads the router's state; only the leader has it.
     pub async fn inspect<T: Send + 'static>(
         &self,

@@ -101,6 +101,11 @@ enum Request {
         routing: Box<RoutingConfig>,
         reply: oneshot::Sender<Result<(), EngineError>>,
     },
+    /// The customer left before being answered (a chat closed and not resumed in time).
+    CustomerLeft {
+        conversation: ConversationId,
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
     Inspect(Inspection),
     /// Stored messages not yet routed (several instances: another instance took them in), read
     /// from the store at `read_started`.
@@ -123,6 +128,7 @@ impl std::fmt::Debug for Request {
             Request::Ingested(_) => "Ingested",
             Request::Agent { .. } => "Agent",
             Request::Reload { .. } => "Reload",
+            Request::CustomerLeft { .. } => "CustomerLeft",
             Request::Inspect(_) => "Inspect",
             Request::PickUp { .. } => "PickUp",
             Request::Stop => "Stop",
@@ -146,6 +152,19 @@ impl EngineHandle {
             .send(Request::Agent {
                 agent,
                 action,
+                reply,
+            })
+            .await
+            .map_err(|_| EngineError::Stopped)?;
+        answer.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// The customer left before being answered: counted abandoned; resolves after the commit.
+    pub async fn customer_left(&self, conversation: ConversationId) -> Result<(), EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send(Request::CustomerLeft {
+                conversation,
                 reply,
             })
             .await
@@ -485,6 +504,20 @@ impl Engine {
                             ..Changed::default()
                         };
                         self.record(now, effects, extra, touched, Some(reply));
+                    }
+                    Err(error) => {
+                        let _ = reply.send(Err(error.into()));
+                    }
+                }
+            }
+            Request::CustomerLeft {
+                conversation,
+                reply,
+            } => {
+                let now = wall_clock();
+                match self.run_command(now, Command::CustomerLeft { conversation }) {
+                    Ok(effects) => {
+                        self.record(now, effects, Vec::new(), Changed::default(), Some(reply));
                     }
                     Err(error) => {
                         let _ = reply.send(Err(error.into()));

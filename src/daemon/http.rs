@@ -25,6 +25,7 @@ use super::engine::EngineError;
 use super::hub::AgentHub;
 use super::metrics::BusStates;
 use super::views::{self, RouterRead};
+use super::web;
 use crate::channels::email::Envelope;
 use crate::channels::email::intake::{EmailIntake, IntakeError};
 use crate::channels::{Inbound, WebhookAnswer, WebhookError, WebhookRequest, Webhooks};
@@ -47,6 +48,9 @@ pub struct AppState {
     pub webhooks: Webhooks,
     /// The email channel's intake, when `[channels.email]` is configured.
     pub email: Option<EmailIntake>,
+    /// Customers' open chat sockets, and the chat's limits.
+    pub chat: Arc<super::chat::ChatHub>,
+    pub chat_settings: Arc<crate::config::ChatSection>,
 }
 
 /// An API error: status, a stable code, and a message for people.
@@ -133,6 +137,7 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
             "/v1/channels/email/attachments/{key}",
             get(email_attachment),
         )
+        .route("/v1/chat/stream", get(super::chat::stream))
         .route("/v1/agents/{agent}", get(agent_view))
         .route("/v1/agents/{agent}/presence", put(agent_presence))
         .route("/v1/agents/{agent}/conversations", get(agent_conversations))
@@ -154,6 +159,13 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         )
         .route("/v1/admin/reload", post(admin_reload))
         .route("/v1/admin/cluster", get(admin_cluster))
+        .route("/widget.js", get(web::widget_js))
+        .route("/demo", get(web::demo))
+        .route("/console", get(web::console))
+        .route("/console/console.js", get(web::console_js))
+        .route("/console/console.css", get(web::console_css))
+        .route("/console/supervisor", get(web::supervisor))
+        .route("/console/supervisor.js", get(web::supervisor_js))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
@@ -731,6 +743,29 @@ async fn socket_command(state: &AppState, agent: &AgentId, text: &str) -> Value 
         .as_object_mut()
         .and_then(|object| object.remove("request_id"))
         .unwrap_or(Value::Null);
+    // Typing is news for the customer's chat window, not a routing command.
+    if document["type"] == "typing" {
+        let result = match (
+            document["conversation_id"].as_str().map(parse_id),
+            document["active"].as_bool(),
+        ) {
+            (Some(Ok(conversation)), Some(active)) => {
+                super::chat::agent_typing(state, agent, conversation, active).await
+            }
+            (Some(Err(refusal)), _) => Err(refusal),
+            _ => Err(Refusal::new(
+                RefusalKind::Malformed,
+                "bad_command",
+                "typing needs conversation_id and active",
+            )),
+        };
+        return match result {
+            Ok(()) => json!({ "type": "ack", "request_id": request_id, "result": {} }),
+            Err(refusal) => {
+                json!({ "type": "error", "request_id": request_id, "error": { "code": refusal.code, "message": refusal.message } })
+            }
+        };
+    }
     let result = match AgentCommand::parse(document, None) {
         Ok(command) => state.actions.agent_command(agent, command).await,
         Err(refusal) => Err(refusal),

@@ -9,6 +9,7 @@
 //! publishes what it can, the store drains its writer.
 
 pub mod actions;
+pub mod chat;
 pub mod cluster;
 pub mod engine;
 pub mod events;
@@ -20,6 +21,7 @@ pub mod outbound;
 pub mod persist;
 pub mod relay;
 pub mod views;
+pub mod web;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -220,7 +222,15 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
     };
 
     let mut buses = Buses::connect(&settings.bus, &metrics).await?;
+    let chat = Arc::new(chat::ChatHub::default());
     let mut senders: HashMap<String, Arc<dyn outbound::ChannelSender>> = HashMap::new();
+    senders.insert(
+        chat::CHANNEL.into(),
+        Arc::new(chat::ChatSender {
+            hub: chat.clone(),
+            store: store.clone(),
+        }),
+    );
     senders.insert(
         "api".into(),
         Arc::new(outbound::ApiChannel::new(&settings.outbound)),
@@ -251,6 +261,7 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
     });
 
     let bus = relay::InProcessBus::new();
+    tokio::spawn(chat::relay_events(chat.clone(), bus.subscribe()));
     let mut event_buses: Vec<Arc<dyn relay::EventBus>> = vec![Arc::new(bus.clone())];
     event_buses.extend(buses.event_buses.iter().cloned());
     let term_context = cluster::TermContext {
@@ -314,6 +325,8 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
         buses: buses.states.clone(),
         webhooks,
         email: email_intake.clone(),
+        chat,
+        chat_settings: Arc::new(settings.chat.clone()),
     };
     let app = http::router(state, settings.body_limit_bytes).layer(
         tower_http::timeout::TimeoutLayer::with_status_code(

@@ -194,7 +194,22 @@ pub fn document() -> Value {
         json!({ "type": "object", "required": ["status"], "properties": { "status": { "type": "string" } } }),
     );
     let status = json!({ "$ref": "#/components/schemas/StatusBody" });
-    json!({
+    // The browser side (embedded pages and scripts), apart: one json! for everything is too deep.
+    let served = |description: &str, media: &str| {
+        let mut content = Map::new();
+        content.insert(media.to_owned(), json!({ "schema": { "type": "string" } }));
+        json!({ "200": { "description": description, "content": content } })
+    };
+    let browser = json!({
+    "/widget.js": { "get": { "summary": "The web chat widget: `<script src=\".../widget.js\" data-title data-name data-customer-id data-customer-signature data-open async>` opens a launcher and a chat window (docs/CHAT.md)", "responses": served("JavaScript", "text/javascript") } },
+    "/demo": { "get": { "summary": "A demo shop page carrying the widget", "responses": served("HTML", "text/html") } },
+    "/console": { "get": { "summary": "The agent console (sign in with an agent token)", "responses": served("HTML", "text/html") } },
+    "/console/console.js": { "get": { "summary": "The agent console's script", "responses": served("JavaScript", "text/javascript") } },
+    "/console/console.css": { "get": { "summary": "The consoles' style sheet", "responses": served("CSS", "text/css") } },
+    "/console/supervisor": { "get": { "summary": "The supervisor view (sign in with an admin token)", "responses": served("HTML", "text/html") } },
+    "/console/supervisor.js": { "get": { "summary": "The supervisor view's script", "responses": served("JavaScript", "text/javascript") } }
+    });
+    let mut document = json!({
         "openapi": "3.1.0",
         "info": { "title": "switchboard", "version": env!("CARGO_PKG_VERSION"), "description": "Omnichannel contact-centre router." },
         "paths": {
@@ -217,6 +232,7 @@ pub fn document() -> Value {
             "/v1/agents/{agent}/conversations/{conversation}/transfer": { "post": transfer },
             "/v1/agents/{agent}/conversations/{conversation}/reply": { "post": reply },
             "/v1/agents/{agent}/stream": { "get": stream },
+            "/v1/chat/stream": { "get": { "summary": "WebSocket of the customer web chat (protocol in docs/CHAT.md): `start` (visitor id, optional signed customer id, resume after a sequence number), `message` (acknowledged after the commit, deduplicated by client_message_id), `typing`, `read`; pushes messages with sequence numbers, queue position and estimated wait, agent joined/left, typing. No token: the page's Origin must be in chat.allowed_origins when that is set.", "responses": { "101": { "description": "Switching to the WebSocket protocol" }, "403": { "$ref": "#/components/responses/Error" } } } },
             "/v1/admin/queues": { "get": queues },
             "/v1/admin/agents": { "get": agents },
             "/v1/admin/conversations": { "get": conversations },
@@ -244,5 +260,9 @@ pub fn document() -> Value {
             },
             "schemas": schemas
         }
-    })
+    });
+    if let (Some(paths), Value::Object(browser)) = (document["paths"].as_object_mut(), browser) {
+        paths.extend(browser);
+    }
+    document
 }

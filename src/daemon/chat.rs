@@ -1,0 +1,793 @@
+//! The customer web chat: the `chat` channel's WebSocket (`/v1/chat/stream`) and its `ChannelSender`.
+//!
+//! A browser session is an anonymous visitor id (random, kept by the browser, and the bearer of
+//! the session: whoever holds it may read its conversation), optionally with a customer id the
+//! host site signed (`hex(HMAC-SHA256(chat.customer_secret, customer_id))`), which links the chat to
+//! that customer's other channels. Every customer message goes through `Actions::ingest` and is
+//! acknowledged only after the commit; its dedupe key is `<visitor>:<client_message_id>`, so a
+//! client that resends what was not acknowledged after a reconnect never creates a duplicate.
+//! Every message of a conversation has a sequence number (its place in the stored history), so a
+//! client that resumes with the last number it saw gets exactly what it missed.
+//! Agent replies reach the socket through [`ChatSender`]; routing news (queue position and
+//! estimated wait, agent joined or left, resolved) comes from the committed events on the
+//! in-process bus, so a customer never hears of a decision before its commit.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use axum::extract::State;
+use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::Response;
+use futures_util::{SinkExt, StreamExt};
+use hmac::{Hmac, Mac};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sha2::Sha256;
+use tokio::sync::{broadcast, mpsc};
+use tracing::debug;
+use ulid::Ulid;
+
+use super::actions::Refusal;
+use super::events::TYPE_PREFIX;
+use super::http::{ApiError, AppState};
+use super::outbound::{ChannelSender, SendError};
+use super::views::{self, RouterRead};
+use crate::config::{ChatSection, Secret};
+use crate::message::{Address, CustomerHints, InboundMessage, MESSAGE_SCHEMA};
+use crate::routing::AgentId;
+use crate::store::{Direction, Store, StoredMessage};
+
+/// The channel name and provider of web chat messages.
+pub const CHANNEL: &str = "chat";
+pub const PROVIDER: &str = "webchat";
+
+/// Customers send short JSON frames; a frame larger than this is refused by the socket.
+const MAX_FRAME_BYTES: usize = 64 * 1024;
+
+/// One open customer socket: its id and where its pushes go.
+type Connection = (u64, mpsc::UnboundedSender<Value>);
+
+/// Open customer sockets by conversation: where replies and routing news for a conversation go.
+#[derive(Debug, Default)]
+pub struct ChatHub {
+    connections: Mutex<HashMap<Ulid, Vec<Connection>>>,
+    next_id: AtomicU64,
+}
+
+impl ChatHub {
+    fn new_connection(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn attach(&self, conversation: Ulid, id: u64, sender: mpsc::UnboundedSender<Value>) {
+        if let Ok(mut connections) = self.connections.lock() {
+            let list = connections.entry(conversation).or_default();
+            if !list.iter().any(|(known, _)| *known == id) {
+                list.push((id, sender));
+            }
+        }
+    }
+
+    fn detach(&self, conversation: Ulid, id: u64) {
+        if let Ok(mut connections) = self.connections.lock()
+            && let Some(list) = connections.get_mut(&conversation)
+        {
+            list.retain(|(known, _)| *known != id);
+            if list.is_empty() {
+                connections.remove(&conversation);
+            }
+        }
+    }
+
+    /// Pushes to every socket of the conversation; returns how many took it.
+    pub fn push(&self, conversation: Ulid, message: &Value) -> usize {
+        let Ok(mut connections) = self.connections.lock() else {
+            return 0;
+        };
+        let Some(list) = connections.get_mut(&conversation) else {
+            return 0;
+        };
+        list.retain(|(_, sender)| sender.send(message.clone()).is_ok());
+        list.len()
+    }
+}
+
+/// The `chat` channel's way out: an agent's reply is pushed to the customer's open sockets with
+/// its sequence number. The reply is stored before it gets here, so a customer who is not connected
+/// now receives it when the session resumes; the send therefore succeeds either way.
+#[derive(Debug)]
+pub struct ChatSender {
+    pub hub: std::sync::Arc<ChatHub>,
+    pub store: std::sync::Arc<dyn Store>,
+}
+
+#[async_trait]
+impl ChannelSender for ChatSender {
+    async fn send(&self, reply: &StoredMessage) -> Result<Option<String>, SendError> {
+        let history = self
+            .store
+            .messages(reply.conversation_id)
+            .await
+            .map_err(|error| SendError {
+                retryable: true,
+                reason: format!("cannot read the conversation: {error}"),
+                retry_after: None,
+            })?;
+        if let Some((seq, message)) = numbered(&history).find(|(_, m)| m.id == reply.id) {
+            self.hub
+                .push(reply.conversation_id, &message_frame(seq, message));
+        }
+        // No provider in between: there is no provider message id to remember.
+        Ok(None)
+    }
+}
+
+/// The conversation's messages with their sequence numbers (1-based, in stored order).
+fn numbered(history: &[StoredMessage]) -> impl Iterator<Item = (u64, &StoredMessage)> {
+    (1_u64..).zip(history.iter())
+}
+
+/// A message as the customer sees it: who wrote it and its text (never HTML).
+fn message_frame(seq: u64, message: &StoredMessage) -> Value {
+    let from = match message.direction {
+        Direction::Inbound => "customer",
+        Direction::Outbound => "agent",
+    };
+    let text = message
+        .body
+        .get("text")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let mut frame = json!({
+        "type": "message",
+        "seq": seq,
+        "message_id": message.id.to_string(),
+        "conversation_id": message.conversation_id.to_string(),
+        "from": from,
+        "channel": message.channel,
+        "text": text,
+        "at": message.created_at.to_rfc3339(),
+    });
+    if message.direction == Direction::Inbound
+        && message.channel == CHANNEL
+        && let Some(id) = message
+            .provider_message_id
+            .as_deref()
+            .and_then(|id| id.split_once(':'))
+            .map(|(_, client)| client)
+    {
+        frame["client_message_id"] = Value::String(id.to_owned());
+    }
+    frame
+}
+
+/// Translates committed events into what the customer is told: place in the queue and estimated
+/// wait, an agent joining or leaving, the conversation resolved.
+pub async fn relay_events(hub: std::sync::Arc<ChatHub>, mut events: broadcast::Receiver<Value>) {
+    loop {
+        let event = match events.recv().await {
+            Ok(event) => event,
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                debug!(missed, "chat fell behind the event stream");
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let Some(kind) = event
+            .get("type")
+            .and_then(Value::as_str)
+            .and_then(|kind| kind.strip_prefix(TYPE_PREFIX))
+        else {
+            continue;
+        };
+        let Some(conversation) = event
+            .get("subject")
+            .and_then(Value::as_str)
+            .and_then(|id| Ulid::from_string(id).ok())
+        else {
+            continue;
+        };
+        let data = &event["data"];
+        let frames = match kind {
+            "conversation.queued" => vec![json!({
+                "type": "queued",
+                "position": data["position"],
+                "estimated_wait_seconds": data["estimated_wait_seconds"],
+            })],
+            "conversation.assigned" => {
+                vec![json!({ "type": "agent_joined", "agent_id": data["agent_id"] })]
+            }
+            "conversation.transferred" | "conversation.escalated" => {
+                vec![json!({ "type": "agent_left", "agent_id": data["from_agent_id"] })]
+            }
+            "conversation.resolved" => vec![
+                json!({ "type": "agent_left", "agent_id": data["agent_id"] }),
+                json!({ "type": "resolved" }),
+            ],
+            _ => continue,
+        };
+        for frame in frames {
+            hub.push(conversation, &frame);
+        }
+    }
+}
+
+/// Pushes an agent's typing indicator to the customer of a conversation the agent may see.
+pub async fn agent_typing(
+    state: &AppState,
+    agent: &AgentId,
+    conversation: Ulid,
+    active: bool,
+) -> Result<(), Refusal> {
+    let may_see: bool = state
+        .actions
+        .read_router(RouterRead::AgentMaySee {
+            agent: agent.to_string(),
+            conversation,
+        })
+        .await?;
+    if may_see {
+        state.chat.push(
+            conversation,
+            &json!({ "type": "typing", "from": "agent", "active": active }),
+        );
+    }
+    Ok(())
+}
+
+/// `GET /v1/chat/stream`: the customer's WebSocket. The page's `Origin` must be allowed.
+pub async fn stream(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let origin = headers
+        .get(header::ORIGIN)
+        .and_then(|value| value.to_str().ok());
+    if !origin_allowed(&state.chat_settings, origin) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+            "this page's origin may not open a chat (chat.allowed_origins)",
+        ));
+    }
+    Ok(upgrade
+        .max_message_size(MAX_FRAME_BYTES)
+        .on_upgrade(move |socket| session(state, socket)))
+}
+
+fn origin_allowed(settings: &ChatSection, origin: Option<&str>) -> bool {
+    settings.allowed_origins.is_empty()
+        || origin.is_some_and(|origin| settings.allowed_origins.iter().any(|a| a == origin))
+}
+
+/// What a customer's browser sends.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+enum ClientFrame {
+    /// Opens or resumes the session; must come first.
+    Start {
+        visitor_id: String,
+        /// The conversation to resume (from an earlier ack).
+        #[serde(default)]
+        conversation_id: Option<String>,
+        /// The last sequence number the client has; everything after it is sent again.
+        #[serde(default)]
+        after_seq: u64,
+        #[serde(default)]
+        customer: Option<SignedCustomer>,
+        #[serde(default)]
+        name: Option<String>,
+    },
+    Message {
+        client_message_id: String,
+        text: String,
+    },
+    Typing {
+        active: bool,
+    },
+    /// The customer has seen everything up to `seq`.
+    Read {
+        seq: u64,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignedCustomer {
+    id: String,
+    signature: String,
+}
+
+/// A session after `start`.
+struct Session {
+    visitor: String,
+    customer_id: Option<String>,
+    name: Option<String>,
+    conversation: Option<Ulid>,
+    connection: u64,
+    pushes: mpsc::UnboundedSender<Value>,
+    bucket: RateBucket,
+}
+
+/// Messages per minute as a token bucket: a burst of `capacity`, refilled evenly.
+struct RateBucket {
+    capacity: f64,
+    tokens: f64,
+    per_second: f64,
+    last: Instant,
+}
+
+impl RateBucket {
+    fn new(per_minute: u32) -> RateBucket {
+        let capacity = f64::from(per_minute);
+        RateBucket {
+            capacity,
+            tokens: capacity,
+            per_second: capacity / 60.0,
+            last: Instant::now(),
+        }
+    }
+
+    fn take(&mut self, now: Instant) -> Result<(), Duration> {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.capacity);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64(
+                (1.0 - self.tokens) / self.per_second,
+            ))
+        }
+    }
+}
+
+fn error_frame(code: &str, message: impl Into<String>) -> Value {
+    json!({ "type": "error", "error": { "code": code, "message": message.into() } })
+}
+
+async fn session(state: AppState, socket: WebSocket) {
+    let (mut sender, mut receiver) = socket.split();
+    let (pushes, mut pushed) = mpsc::unbounded_channel::<Value>();
+    let mut session: Option<Session> = None;
+    loop {
+        tokio::select! {
+            push = pushed.recv() => match push {
+                Some(push) => if sender.send(WsMessage::Text(push.to_string().into())).await.is_err() { break },
+                None => break,
+            },
+            incoming = receiver.next() => match incoming {
+                Some(Ok(WsMessage::Text(text))) => {
+                    let answers = match serde_json::from_str::<ClientFrame>(&text) {
+                        Ok(frame) => handle(&state, &mut session, &pushes, frame).await,
+                        Err(error) => vec![error_frame("bad_frame", error.to_string())],
+                    };
+                    for answer in answers {
+                        if sender.send(WsMessage::Text(answer.to_string().into())).await.is_err() { break }
+                    }
+                }
+                Some(Ok(WsMessage::Binary(_))) => {
+                    let refusal = error_frame("text_only", "frames are JSON text");
+                    if sender.send(WsMessage::Text(refusal.to_string().into())).await.is_err() { break }
+                }
+                Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+    if let Some(Session {
+        conversation: Some(conversation),
+        connection,
+        ..
+    }) = session
+    {
+        state.chat.detach(conversation, connection);
+        tokio::spawn(abandon_unless_back(state, conversation));
+    }
+}
+
+impl ChatHub {
+    fn is_open(&self, conversation: Ulid) -> bool {
+        self.connections
+            .lock()
+            .map(|connections| connections.contains_key(&conversation))
+            .unwrap_or(false)
+    }
+}
+
+/// A chat closed: if no socket of the conversation is back after the grace period and no agent
+/// has answered it yet (it still waits or is only offered), the customer left: abandoned.
+async fn abandon_unless_back(state: AppState, conversation: Ulid) {
+    tokio::time::sleep(Duration::from_secs(
+        state.chat_settings.abandon_after_seconds,
+    ))
+    .await;
+    if state.chat.is_open(conversation) {
+        return;
+    }
+    let routing: Result<Option<views::Routing>, _> = state
+        .actions
+        .read_router(RouterRead::Conversation { conversation })
+        .await;
+    let Ok(Some(routing)) = routing else {
+        return;
+    };
+    if !matches!(routing.state.as_str(), "waiting" | "offered") {
+        return;
+    }
+    if let Err(error) = state
+        .actions
+        .engine
+        .customer_left(crate::routing::ConversationId(conversation.0))
+        .await
+    {
+        debug!(%error, %conversation, "could not count an abandoned chat");
+    }
+}
+
+fn valid_visitor(visitor: &str) -> bool {
+    (16..=64).contains(&visitor.len())
+        && visitor
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Checks the host site's signature of a customer id (constant-time).
+fn verify_customer(secret: &Secret, customer: &SignedCustomer) -> bool {
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.expose().as_bytes()) else {
+        return false;
+    };
+    mac.update(customer.id.as_bytes());
+    let Ok(signature) = hex::decode(customer.signature.trim()) else {
+        return false;
+    };
+    mac.verify_slice(&signature).is_ok()
+}
+
+/// Answers one frame; pushes of the session go through `pushes` once it knows its conversation.
+async fn handle(
+    state: &AppState,
+    session: &mut Option<Session>,
+    pushes: &mpsc::UnboundedSender<Value>,
+    frame: ClientFrame,
+) -> Vec<Value> {
+    match frame {
+        ClientFrame::Start {
+            visitor_id,
+            conversation_id,
+            after_seq,
+            customer,
+            name,
+        } => {
+            if session.is_some() {
+                return vec![error_frame("already_started", "the session has started")];
+            }
+            start(
+                state,
+                session,
+                pushes,
+                visitor_id,
+                conversation_id,
+                after_seq,
+                customer,
+                name,
+            )
+            .await
+        }
+        frame => {
+            let Some(current) = session.as_mut() else {
+                return vec![error_frame("not_started", "send `start` first")];
+            };
+            match frame {
+                ClientFrame::Message {
+                    client_message_id,
+                    text,
+                } => send_message(state, current, client_message_id, text).await,
+                ClientFrame::Typing { active } => {
+                    notify_agent(
+                        state,
+                        current,
+                        json!({ "type": "customer_typing", "active": active }),
+                    )
+                    .await;
+                    Vec::new()
+                }
+                ClientFrame::Read { seq } => {
+                    notify_agent(
+                        state,
+                        current,
+                        json!({ "type": "customer_read", "seq": seq }),
+                    )
+                    .await;
+                    Vec::new()
+                }
+                ClientFrame::Start { .. } => Vec::new(),
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn start(
+    state: &AppState,
+    session: &mut Option<Session>,
+    pushes: &mpsc::UnboundedSender<Value>,
+    visitor: String,
+    conversation: Option<String>,
+    after_seq: u64,
+    customer: Option<SignedCustomer>,
+    name: Option<String>,
+) -> Vec<Value> {
+    if !valid_visitor(&visitor) {
+        return vec![error_frame(
+            "bad_visitor_id",
+            "visitor_id must be 16–64 characters of A-Z, a-z, 0-9, - and _",
+        )];
+    }
+    let customer_id = match customer {
+        None => None,
+        Some(customer) => match &state.chat_settings.customer_secret {
+            Some(secret) if verify_customer(secret, &customer) => Some(customer.id),
+            Some(_) => {
+                return vec![error_frame(
+                    "bad_signature",
+                    "the customer id's signature does not verify",
+                )];
+            }
+            None => {
+                return vec![error_frame(
+                    "unverifiable_customer",
+                    "this server has no chat.customer_secret to verify customer ids with",
+                )];
+            }
+        },
+    };
+    let mut answers = Vec::new();
+    let mut resumed = None;
+    if let Some(text) = conversation {
+        let Ok(id) = Ulid::from_string(&text) else {
+            return vec![error_frame(
+                "unknown_conversation",
+                "conversation_id is not a ULID",
+            )];
+        };
+        let history = match state.actions.store.messages(id).await {
+            Ok(history) => history,
+            Err(error) => return vec![error_frame("unavailable", error.to_string())],
+        };
+        // The visitor id is the session's bearer: only its own conversation can be resumed.
+        let owned = history.iter().any(|message| {
+            message.direction == Direction::Inbound
+                && message.channel == CHANNEL
+                && message.from_address == visitor
+        });
+        if !owned {
+            return vec![error_frame(
+                "unknown_conversation",
+                "no conversation of this visitor has that id",
+            )];
+        }
+        answers.extend(
+            numbered(&history)
+                .filter(|(seq, _)| *seq > after_seq)
+                .map(|(seq, message)| message_frame(seq, message)),
+        );
+        resumed = Some(id);
+    }
+    let connection = state.chat.new_connection();
+    if let Some(id) = resumed {
+        state.chat.attach(id, connection, pushes.clone());
+        if let Ok(Some(routing)) = state
+            .actions
+            .read_router::<Option<views::Routing>>(RouterRead::Conversation { conversation: id })
+            .await
+            && routing.state == "assigned"
+            && let Some(agent) = routing.agent_id
+        {
+            answers.push(json!({ "type": "agent_joined", "agent_id": agent }));
+        }
+    }
+    answers.insert(
+        0,
+        json!({
+            "type": "session",
+            "visitor_id": visitor,
+            "conversation_id": resumed.map(|id| id.to_string()),
+            "customer_id": customer_id,
+            "max_message_chars": state.chat_settings.max_message_chars,
+        }),
+    );
+    *session = Some(Session {
+        visitor,
+        customer_id,
+        name: name.filter(|name| !name.trim().is_empty() && name.len() <= 200),
+        conversation: resumed,
+        connection,
+        pushes: pushes.clone(),
+        bucket: RateBucket::new(state.chat_settings.messages_per_minute),
+    });
+    answers
+}
+
+async fn send_message(
+    state: &AppState,
+    session: &mut Session,
+    client_message_id: String,
+    text: String,
+) -> Vec<Value> {
+    let refuse = |code: &str, message: String| {
+        let mut frame = error_frame(code, message);
+        frame["client_message_id"] = Value::String(client_message_id.clone());
+        vec![frame]
+    };
+    if client_message_id.is_empty()
+        || client_message_id.len() > 64
+        || client_message_id.contains(':')
+    {
+        return refuse(
+            "bad_client_message_id",
+            "client_message_id must be 1–64 characters without `:`".into(),
+        );
+    }
+    let limit = state.chat_settings.max_message_chars;
+    if text.chars().count() > limit {
+        return refuse(
+            "message_too_long",
+            format!("a message has at most {limit} characters"),
+        );
+    }
+    if text.trim().is_empty() {
+        return refuse("empty_message", "a message needs text".into());
+    }
+    if let Err(wait) = session.bucket.take(Instant::now()) {
+        return refuse(
+            "rate_limited",
+            format!("too many messages; try again in {} s", wait.as_secs() + 1),
+        );
+    }
+    let message = InboundMessage {
+        schema: MESSAGE_SCHEMA.into(),
+        id: None,
+        channel: CHANNEL.into(),
+        provider: PROVIDER.into(),
+        provider_message_id: format!("{}:{client_message_id}", session.visitor),
+        thread_key: Some(format!("webchat:{}", session.visitor)),
+        from: Address {
+            address: session.visitor.clone(),
+            name: session.name.clone(),
+        },
+        to: None,
+        customer: CustomerHints {
+            id: session.customer_id.clone(),
+            name: session.name.clone(),
+            ..CustomerHints::default()
+        },
+        subject: None,
+        text,
+        html: None,
+        attachments: Vec::new(),
+        received_at: None,
+        metadata: Default::default(),
+    };
+    let receipt = match state.actions.ingest(message, Instant::now()).await {
+        Ok(receipt) => receipt,
+        Err(refusal) => return refuse(refusal.code, refusal.message),
+    };
+    if session.conversation != Some(receipt.conversation_id) {
+        if let Some(previous) = session.conversation {
+            state.chat.detach(previous, session.connection);
+        }
+        session.conversation = Some(receipt.conversation_id);
+        state.chat.attach(
+            receipt.conversation_id,
+            session.connection,
+            session.pushes.clone(),
+        );
+    }
+    let seq = match state.actions.store.messages(receipt.conversation_id).await {
+        Ok(history) => numbered(&history)
+            .find(|(_, message)| message.id == receipt.message_id)
+            .map(|(seq, _)| seq),
+        Err(_) => None,
+    };
+    vec![json!({
+        "type": "ack",
+        "client_message_id": client_message_id,
+        "message_id": receipt.message_id.to_string(),
+        "conversation_id": receipt.conversation_id.to_string(),
+        "seq": seq,
+        "duplicate": receipt.duplicate,
+    })]
+}
+
+/// Tells the agent who holds the session's conversation (typing, read receipts).
+async fn notify_agent(state: &AppState, session: &Session, mut push: Value) {
+    let Some(conversation) = session.conversation else {
+        return;
+    };
+    let Ok(Some(routing)) = state
+        .actions
+        .read_router::<Option<views::Routing>>(RouterRead::Conversation { conversation })
+        .await
+    else {
+        return;
+    };
+    if routing.state != "assigned" {
+        return;
+    }
+    if let Some(agent) = routing.agent_id {
+        push["conversation_id"] = Value::String(conversation.to_string());
+        state.hub.push(&AgentId::new(&agent), &push);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_customer_id_verifies_only_with_its_own_signature() {
+        let secret = Secret::new("s3cret");
+        let signature = "00".repeat(32);
+        let mut mac = Hmac::<Sha256>::new_from_slice(b"s3cret").unwrap();
+        mac.update(b"cust-42");
+        let good = hex::encode(mac.finalize().into_bytes());
+        assert!(verify_customer(
+            &secret,
+            &SignedCustomer {
+                id: "cust-42".into(),
+                signature: good.clone()
+            }
+        ));
+        assert!(!verify_customer(
+            &secret,
+            &SignedCustomer {
+                id: "cust-43".into(),
+                signature: good
+            }
+        ));
+        assert!(!verify_customer(
+            &secret,
+            &SignedCustomer {
+                id: "cust-42".into(),
+                signature
+            }
+        ));
+    }
+
+    #[test]
+    fn the_rate_bucket_allows_a_burst_then_refills_evenly() {
+        let mut bucket = RateBucket::new(60);
+        let start = bucket.last;
+        for _ in 0..60 {
+            assert!(bucket.take(start).is_ok());
+        }
+        assert!(bucket.take(start).is_err());
+        assert!(bucket.take(start + Duration::from_millis(1100)).is_ok());
+        assert!(bucket.take(start + Duration::from_millis(1100)).is_err());
+    }
+
+    #[test]
+    fn origins_are_checked_only_when_a_list_is_configured() {
+        let mut settings = ChatSection::default();
+        assert!(origin_allowed(&settings, None));
+        settings.allowed_origins = vec!["https://shop.example".into()];
+        assert!(origin_allowed(&settings, Some("https://shop.example")));
+        assert!(!origin_allowed(&settings, Some("https://evil.example")));
+        assert!(!origin_allowed(&settings, None));
+    }
+
+    #[test]
+    fn visitor_ids_are_long_random_tokens() {
+        assert!(valid_visitor("v_0123456789abcdef"));
+        assert!(!valid_visitor("short"));
+        assert!(!valid_visitor("has space 0123456789"));
+    }
+}
