@@ -176,7 +176,22 @@ async fn three_instances_take_intake_and_agents_on_followers_work_as_on_one_node
         );
     }
 
-    // The router's views answer the same on every instance: followers ask the leader.
+    // The router's views answer the same on every instance: followers ask the leader. (Loads and
+    // wrap-ups move as wrap-up timers fire, so the comparison takes what stays put.)
+    let stable = |agents: &Value| -> Vec<(Value, Value, Value)> {
+        agents["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|agent| {
+                (
+                    agent["id"].clone(),
+                    agent["presence"].clone(),
+                    agent["max_total"].clone(),
+                )
+            })
+            .collect()
+    };
     let (_, on_leader) = instances[leader]
         .as_ref()
         .unwrap()
@@ -185,7 +200,7 @@ async fn three_instances_take_intake_and_agents_on_followers_work_as_on_one_node
     for daemon in instances.iter().flatten() {
         let (status, agents) = daemon.get("/v1/admin/agents", ADMIN).await;
         assert_eq!(status, 200, "{agents}");
-        assert_eq!(agents, on_leader);
+        assert_eq!(stable(&agents), stable(&on_leader), "{agents}");
         let (status, queues) = daemon.get("/v1/admin/queues", ADMIN).await;
         assert_eq!(status, 200, "{queues}");
         assert_eq!(queues["queues"].as_array().unwrap().len(), 3, "{queues}");

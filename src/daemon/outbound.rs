@@ -277,24 +277,32 @@ async fn record(
         })
         .into_iter()
         .collect();
-    match context
+    // A later status may be stored already (callbacks race each other and the sender): it stays,
+    // and nothing is announced for this one.
+    let superseded = match context
         .store
         .set_delivery_status(reply.id, status, provider_id, events)
         .await
     {
-        // A later status is stored already (callbacks race each other and the sender): keep it.
-        Err(StoreError::Superseded(_)) => return Ok(()),
-        written => written?,
-    }
-    context.outbox_written.notify_one();
+        Err(StoreError::Superseded(_)) => true,
+        written => {
+            written?;
+            false
+        }
+    };
+    // The provider took the message even when its `delivered` came in first: it still counts as sent.
     let counter = match status {
         "sent" => Some(&context.metrics.messages_sent),
-        "failed" => Some(&context.metrics.messages_failed),
+        "failed" if !superseded => Some(&context.metrics.messages_failed),
         _ => None,
     };
     if let Some(counter) = counter {
         counter.with_label_values(&[&reply.channel]).inc();
     }
+    if superseded {
+        return Ok(());
+    }
+    context.outbox_written.notify_one();
     if let Some(agent) = &reply.agent_id {
         context.hub.push(
             &AgentId::new(agent),
