@@ -404,15 +404,7 @@ async fn metrics_health_and_openapi() {
     let daemon = Daemon::start("");
     daemon.ingest(api_message("m-1", "c", "hello")).await;
     daemon.ingest(api_message("m-1", "c", "hello")).await;
-    let text = daemon
-        .http
-        .get(daemon.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = daemon.metrics_text().await;
     for expected in [
         "switchboard_messages_received_total{channel=\"api\"} 1",
         "switchboard_messages_duplicate_total{channel=\"api\"} 1",

@@ -240,15 +240,7 @@ async fn metrics_catalogue_is_what_the_daemon_exports() {
     let name = unique_name("ops_doc");
     let daemon = Daemon::start(&nats_config("127.0.0.1:4222", &name));
     daemon.ingest(api_message("doc-1", "c", "hello")).await;
-    let exposition = daemon
-        .http
-        .get(daemon.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let exposition = daemon.metrics_text().await;
     // name -> (type, labels) as exported.
     let mut exported: BTreeMap<String, (String, BTreeSet<String>)> = BTreeMap::new();
     for line in exposition.lines() {

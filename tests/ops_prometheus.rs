@@ -193,18 +193,6 @@ async fn known_traffic(daemon: &Daemon) -> AgentSocket {
     alice
 }
 
-async fn scrape(daemon: &Daemon) -> String {
-    daemon
-        .http
-        .get(daemon.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 /// Sample names in an exposition (`name` of `name{labels} value`).
 fn sample_names(exposition: &str) -> BTreeSet<String> {
     exposition
@@ -220,7 +208,7 @@ async fn daemon_metrics_pass_promtool_check_metrics() {
     let name = unique_name("ops_lint");
     let daemon = Daemon::start(&nats_config(NATS, &name));
     let _alice = known_traffic(&daemon).await;
-    let exposition = scrape(&daemon).await;
+    let exposition = daemon.metrics_text().await;
     let mut child = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
@@ -460,7 +448,7 @@ async fn prometheus_scrapes_the_daemon_and_every_shipped_query_works() {
     );
 
     // Every expression shipped: valid PromQL for this Prometheus, reading only exported metrics.
-    let exported = sample_names(&scrape(&daemon).await);
+    let exported = sample_names(&daemon.metrics_text().await);
     let mut expressions = dashboard_expressions();
     assert!(expressions.len() >= 15, "{expressions:?}");
     for rule in rules_of(&alert_rules()) {

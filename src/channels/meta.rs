@@ -21,7 +21,7 @@ use super::{
     WebhookRequest, call, e164, http_client, permanent,
 };
 use crate::config::channels::MetaAccount;
-use crate::daemon::outbound::{ChannelSender, SendError};
+use crate::daemon::outbound::{ChannelSender, SendError, conversation_history};
 use crate::message::{Address, Attachment, InboundMessage};
 use crate::store::{Direction, Store, StoredMessage};
 
@@ -448,15 +448,7 @@ impl Meta {
         &self,
         reply: &StoredMessage,
     ) -> Result<Option<DateTime<Utc>>, SendError> {
-        let messages = self
-            .store
-            .messages(reply.conversation_id)
-            .await
-            .map_err(|error| SendError {
-                retryable: true,
-                reason: format!("cannot read the conversation: {error}"),
-                retry_after: None,
-            })?;
+        let messages = conversation_history(self.store.as_ref(), reply).await?;
         Ok(messages
             .iter()
             .filter(|message| {

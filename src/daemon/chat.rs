@@ -34,7 +34,7 @@ use ulid::Ulid;
 use super::actions::Refusal;
 use super::events::TYPE_PREFIX;
 use super::http::{ApiError, AppState};
-use super::outbound::{ChannelSender, SendError};
+use super::outbound::{ChannelSender, SendError, conversation_history};
 use super::views::{self, RouterRead};
 use crate::config::{ChatSection, Secret};
 use crate::message::{Address, CustomerHints, InboundMessage, MESSAGE_SCHEMA};
@@ -108,15 +108,7 @@ pub struct ChatSender {
 #[async_trait]
 impl ChannelSender for ChatSender {
     async fn send(&self, reply: &StoredMessage) -> Result<Option<String>, SendError> {
-        let history = self
-            .store
-            .messages(reply.conversation_id)
-            .await
-            .map_err(|error| SendError {
-                retryable: true,
-                reason: format!("cannot read the conversation: {error}"),
-                retry_after: None,
-            })?;
+        let history = conversation_history(self.store.as_ref(), reply).await?;
         if let Some((seq, message)) = numbered(&history).find(|(_, m)| m.id == reply.id) {
             self.hub
                 .push(reply.conversation_id, &message_frame(seq, message));

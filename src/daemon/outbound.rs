@@ -34,6 +34,23 @@ pub struct SendError {
     pub retry_after: Option<Duration>,
 }
 
+/// The reply's conversation, every message in order, for senders that answer from its history
+/// (threading headers, the customer-service window, the chat's sequence numbers). A store that
+/// cannot be read now is a retryable failure.
+pub async fn conversation_history(
+    store: &dyn Store,
+    reply: &StoredMessage,
+) -> Result<Vec<StoredMessage>, SendError> {
+    store
+        .messages(reply.conversation_id)
+        .await
+        .map_err(|error| SendError {
+            retryable: true,
+            reason: format!("cannot read the conversation: {error}"),
+            retry_after: None,
+        })
+}
+
 /// One channel's way out. Every adapter has this shape; provider quirks stay inside it.
 #[async_trait]
 pub trait ChannelSender: Send + Sync + std::fmt::Debug {

@@ -554,6 +554,18 @@ where
 impl Daemon {
     /// The value of a metric sample (the whole line's name and labels, e.g.
     /// `switchboard_bus_connected{bus="nats"}`), if exported.
+    /// The whole `/metrics` exposition.
+    pub async fn metrics_text(&self) -> String {
+        self.http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn metric(&self, sample: &str) -> Option<f64> {
         let text = self
             .http

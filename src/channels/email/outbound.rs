@@ -18,7 +18,7 @@ use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use super::threading;
 use crate::channels::permanent;
 use crate::config::email::{EmailSettings, RelaySecurity, RelaySettings};
-use crate::daemon::outbound::{ChannelSender, SendError};
+use crate::daemon::outbound::{ChannelSender, SendError, conversation_history};
 use crate::message::InboundMessage;
 use crate::store::{Direction, Store, StoredMessage};
 
@@ -72,15 +72,7 @@ impl EmailSender {
 
     /// The customer's latest email in the conversation: what the reply answers.
     async fn answered(&self, reply: &StoredMessage) -> Result<Option<InboundMessage>, SendError> {
-        let messages = self
-            .store
-            .messages(reply.conversation_id)
-            .await
-            .map_err(|error| SendError {
-                retryable: true,
-                reason: format!("cannot read the conversation: {error}"),
-                retry_after: None,
-            })?;
+        let messages = conversation_history(self.store.as_ref(), reply).await?;
         Ok(messages
             .iter()
             .rev()
