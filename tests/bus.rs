@@ -15,7 +15,7 @@ use common::{ADMIN, Daemon, Proxy, api_message, eventually, unique_name};
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions,
-    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
@@ -323,9 +323,9 @@ impl TestBus for AmqpBus {
     const NAME: &'static str = "amqp";
 
     fn daemon_config(&self, address: &str) -> String {
-        let p = &self.prefix;
         format!(
-            "[bus]\nreconnect_initial_ms = 50\nreconnect_max_ms = 500\n\n[bus.amqp]\nenabled = true\nurl = \"amqp://guest:guest@{address}/%2f\"\ninbound_exchange = \"{p}.inbound\"\ninbound_queue = \"{p}.inbound\"\nevents_exchange = \"{p}.events\"\ndead_letter_exchange = \"{p}.dead\"\ndead_letter_queue = \"{p}.dead\"\ncommand_exchange = \"{p}.commands\"\ncommand_queue = \"{p}.commands\"\noutbound_exchange = \"{p}.outbound\"\n"
+            "[bus]\nreconnect_initial_ms = 50\nreconnect_max_ms = 500\n\n{}",
+            common::amqp_config(address, &self.prefix)
         )
     }
 
@@ -422,23 +422,7 @@ impl TestBus for AmqpBus {
     }
 
     async fn cleanup(self) {
-        let channel = self.connection.create_channel().await.unwrap();
-        for queue in ["inbound", "dead", "commands"] {
-            let _ = channel
-                .queue_delete(
-                    self.name(queue).as_str().into(),
-                    QueueDeleteOptions::default(),
-                )
-                .await;
-        }
-        for exchange in ["inbound", "dead", "events", "commands", "outbound"] {
-            let _ = channel
-                .exchange_delete(
-                    self.name(exchange).as_str().into(),
-                    ExchangeDeleteOptions::default(),
-                )
-                .await;
-        }
+        common::delete_amqp_topology(&self.connection, &self.prefix).await;
         let _ = self.connection.close(200, "done".into()).await;
     }
 }
@@ -661,9 +645,21 @@ async fn redelivery_after_a_crash_creates_nothing_twice<B: TestBus>(bus: B) {
     bus.cleanup().await;
 }
 
-/// The broker goes away: HTTP intake goes on, events wait in the outbox, `/readyz` says degraded
-/// (still 200). It comes back: every event arrives, each conversation's in order.
+/// How long the outage tests cut the broker: a few seconds, or 60 s with `SWITCHBOARD_LONG_TESTS=1`.
+fn outage_length() -> Duration {
+    if std::env::var("SWITCHBOARD_LONG_TESTS").is_ok_and(|flag| flag == "1") {
+        Duration::from_secs(60)
+    } else {
+        Duration::from_secs(3)
+    }
+}
+
+/// The broker goes away for [`outage_length`] while messages keep arriving over HTTP: intake goes
+/// on, events wait in the outbox, `/readyz` says degraded (still 200). It comes back and the daemon
+/// reconnects by itself: every event arrives, each conversation's in order.
 async fn an_outage_delays_events_and_loses_none<B: TestBus>(mut bus: B) {
+    let outage = outage_length();
+    let started = std::time::Instant::now();
     let proxy = Proxy::start(B::BROKER).await;
     let daemon = start_connected::<B>(&bus.daemon_config(&proxy.address.to_string())).await;
     let connected = format!("switchboard_bus_connected{{bus=\"{}\"}}", B::NAME);
@@ -686,6 +682,39 @@ async fn an_outage_delays_events_and_loses_none<B: TestBus>(mut bus: B) {
     assert_eq!(ready["status"], "degraded");
     assert_eq!(ready["buses"][B::NAME], "disconnected");
 
+    let cut_at = tokio::time::Instant::now();
+    // Load through the whole outage: one message every 20 ms, each from its own customer.
+    let load = {
+        let (http, url) = (daemon.http.clone(), daemon.url("/v1/messages"));
+        tokio::spawn(async move {
+            let mut pace = tokio::time::interval(Duration::from_millis(20));
+            let mut taken = Vec::new();
+            let mut number = 0;
+            while cut_at.elapsed() < outage {
+                pace.tick().await;
+                let response = http
+                    .post(&url)
+                    .bearer_auth(common::INGEST)
+                    .json(&api_message(
+                        &format!("load-{number}"),
+                        &format!("customer-load-{number}"),
+                        "during the outage",
+                    ))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    response.status(),
+                    202,
+                    "HTTP intake works during the outage"
+                );
+                let receipt: Value = response.json().await.unwrap();
+                taken.push(receipt["conversation_id"].as_str().unwrap().to_owned());
+                number += 1;
+            }
+            taken
+        })
+    };
     let mut conversations = vec![first];
     for index in 1..=3 {
         let (status, answer) = daemon
@@ -710,7 +739,14 @@ async fn an_outage_delays_events_and_loses_none<B: TestBus>(mut bus: B) {
     })
     .await;
 
+    let under_load = load.await.unwrap();
+    assert!(
+        daemon.metric(&connected).await == Some(0.0),
+        "still cut off after {outage:?}"
+    );
+    conversations.extend(under_load.iter().cloned());
     proxy.restore();
+    let restored_at = std::time::Instant::now();
     eventually(30, "the bus to reconnect", || async {
         (daemon.metric(&connected).await == Some(1.0)).then_some(())
     })
@@ -744,6 +780,14 @@ async fn an_outage_delays_events_and_loses_none<B: TestBus>(mut bus: B) {
         (daemon.metric("switchboard_outbox_backlog").await == Some(0.0)).then_some(())
     })
     .await;
+    println!(
+        "{} cut for {outage:?}: {} messages taken over HTTP meanwhile, every event published {:?} after \
+         the broker returned; {:?} in all",
+        B::NAME,
+        under_load.len(),
+        restored_at.elapsed(),
+        started.elapsed()
+    );
     alice.close().await;
     drop(daemon);
     bus.cleanup().await;

@@ -3,8 +3,8 @@
 //! what the leader decided to the agents connected to them, and a killed or paused leader is
 //! replaced without losing or double-routing anything.
 //!
-//! `SWITCHBOARD_CLUSTER_KILLS` sets how many leaders the failover test kills (default 2, 10 in the
-//! long run).
+//! `SWITCHBOARD_CLUSTER_KILLS` sets how many leaders the failover test kills (default 2; 10 with
+//! `SWITCHBOARD_LONG_TESTS=1`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -12,7 +12,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{ADMIN, Daemon, api_message, eventually};
+use common::{ADMIN, AgentDesk, Daemon, api_message, eventually};
 use serde_json::{Value, json};
 use ulid::Ulid;
 
@@ -262,7 +262,13 @@ async fn a_killed_leader_is_replaced_and_every_acknowledged_message_is_routed_on
     let kills: usize = std::env::var("SWITCHBOARD_CLUSTER_KILLS")
         .ok()
         .and_then(|kills| kills.parse().ok())
-        .unwrap_or(2);
+        .unwrap_or(
+            if std::env::var("SWITCHBOARD_LONG_TESTS").is_ok_and(|flag| flag == "1") {
+                10
+            } else {
+                2
+            },
+        );
     let schema = Schema::new().await;
     let names: Vec<String> = (0..3).map(|index| format!("node-{index}")).collect();
     let mut instances: Vec<Option<Daemon>> = names
@@ -270,6 +276,20 @@ async fn a_killed_leader_is_replaced_and_every_acknowledged_message_is_routed_on
         .map(|name| Some(schema.instance(name)))
         .collect();
     let (mut leader, mut epoch) = leader_among(&instances, 0).await;
+    // Agents accepting and resolving throughout, connected to whichever instances are up.
+    let live = |instances: &[Option<Daemon>]| -> Vec<String> {
+        instances
+            .iter()
+            .flatten()
+            .map(|daemon| daemon.base.clone())
+            .collect()
+    };
+    let (bases_tx, bases) = tokio::sync::watch::channel(live(&instances));
+    let agents = ["alice", "bob"];
+    let desks: Vec<AgentDesk> = agents
+        .iter()
+        .map(|agent| AgentDesk::start(agent, bases.clone()))
+        .collect();
     let mut acknowledged = Vec::new();
     let mut failovers = Vec::new();
     let mut number = 0;
@@ -288,6 +308,7 @@ async fn a_killed_leader_is_replaced_and_every_acknowledged_message_is_routed_on
         instances[leader].as_mut().unwrap().kill();
         let killed_at = Instant::now();
         instances[leader] = None;
+        bases_tx.send_replace(live(&instances));
         // Intake goes on at the survivors while nobody leads yet.
         let survivor = (0..3).find(|index| instances[*index].is_some()).unwrap();
         let id = format!("during-{kill}");
@@ -313,6 +334,7 @@ async fn a_killed_leader_is_replaced_and_every_acknowledged_message_is_routed_on
         (leader, epoch) = (next, next_epoch);
         // The killed instance comes back (as a follower) under its name.
         instances[killed] = Some(schema.instance(&names[killed]));
+        bases_tx.send_replace(live(&instances));
     }
     let mut sorted = failovers.clone();
     sorted.sort();
@@ -352,6 +374,76 @@ async fn a_killed_leader_is_replaced_and_every_acknowledged_message_is_routed_on
             .count("SELECT count(*) FROM {schema}.outbox WHERE kind = 'message.received'")
             .await,
         acknowledged.len() as i64
+    );
+
+    // Owners and capacity, as the agents were told and as the store keeps them.
+    let capacities = common::capacities(instances[leader].as_ref().unwrap()).await;
+    let mut logs = Vec::new();
+    for (agent, desk) in agents.into_iter().zip(desks) {
+        logs.push((agent, desk.stop().await));
+    }
+    let accepted_by = common::accepted_by(&logs);
+    assert!(!accepted_by.is_empty(), "the agents accepted nothing");
+    let conversations: Vec<(String, String, String)> = schema
+        .client
+        .query(
+            &format!(
+                "SELECT id, channel, routing_state::text FROM {}.conversations WHERE routing_state IS NOT NULL",
+                schema.name
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    let agent_documents: Vec<(String, String)> = schema
+        .client
+        .query(
+            &format!(
+                "SELECT agent_id, state::text FROM {}.agent_state",
+                schema.name
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let holders = common::check_routing_documents(&conversations, &agent_documents, &capacities);
+    for (conversation, agent) in &accepted_by {
+        let (holder, state) = &holders[conversation];
+        assert_eq!(holder, agent, "{conversation} is {state} with {holder}");
+    }
+    // No duplicate assignment once events are deduped by id: each conversation's assigned events
+    // (one id each) are one, to the agent that accepted.
+    let assigned = schema
+        .client
+        .query(
+            &format!(
+                "SELECT conversation_id, count(DISTINCT event_id), min(data::json->>'agent_id') \
+                 FROM {}.outbox WHERE kind = 'conversation.assigned' GROUP BY conversation_id",
+                schema.name
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    for row in &assigned {
+        let (conversation, events, agent): (String, i64, String) =
+            (row.get(0), row.get(1), row.get(2));
+        assert_eq!(events, 1, "{conversation} assigned {events} times");
+        // (An accept whose answer was lost with a killed instance is not in the desks' logs.)
+        if let Some(acceptor) = accepted_by.get(&conversation) {
+            assert_eq!(acceptor, &agent, "{conversation}");
+        }
+    }
+    println!(
+        "{} conversations accepted and resolved across {kills} leader kills, {} assignment events",
+        accepted_by.len(),
+        assigned.len()
     );
     drop(instances);
     schema.drop_schema().await;

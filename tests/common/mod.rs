@@ -608,3 +608,285 @@ pub async fn delete_nats_streams(address: &str, name: &str) {
     let _ = jetstream.delete_stream(&inbound).await;
     let _ = jetstream.delete_stream(&publish).await;
 }
+
+/// `[bus.amqp]` for a daemon on the RabbitMQ server at `address` (host:port), with exchanges and
+/// queues all named after `prefix` (from [`unique_name`]).
+pub fn amqp_config(address: &str, prefix: &str) -> String {
+    let p = prefix;
+    format!(
+        "[bus.amqp]\nenabled = true\nurl = \"amqp://guest:guest@{address}/%2f\"\ninbound_exchange = \"{p}.inbound\"\ninbound_queue = \"{p}.inbound\"\nevents_exchange = \"{p}.events\"\ndead_letter_exchange = \"{p}.dead\"\ndead_letter_queue = \"{p}.dead\"\ncommand_exchange = \"{p}.commands\"\ncommand_queue = \"{p}.commands\"\noutbound_exchange = \"{p}.outbound\"\n"
+    )
+}
+
+/// Deletes the queues and exchanges a daemon configured by [`amqp_config`] declared.
+pub async fn delete_amqp_topology(connection: &lapin::Connection, prefix: &str) {
+    let channel = connection.create_channel().await.unwrap();
+    for queue in ["inbound", "dead", "commands"] {
+        let _ = channel
+            .queue_delete(
+                format!("{prefix}.{queue}").as_str().into(),
+                Default::default(),
+            )
+            .await;
+    }
+    for exchange in ["inbound", "dead", "events", "commands", "outbound"] {
+        let _ = channel
+            .exchange_delete(
+                format!("{prefix}.{exchange}").as_str().into(),
+                Default::default(),
+            )
+            .await;
+    }
+}
+
+/// What an [`AgentDesk`] was told, for the checks after a run.
+#[derive(Debug, Default, Clone)]
+pub struct DeskLog {
+    /// Conversations whose `accept` was acknowledged to this agent.
+    pub accepted: Vec<String>,
+    /// Conversations whose `resolve` was acknowledged.
+    pub resolved: Vec<String>,
+    /// How many times the desk (re)connected.
+    pub connections: u64,
+}
+
+/// An agent's desktop that outlives daemon restarts and failovers: it connects to one of the bases
+/// `bases` holds (the daemons that are up, any of which serves agents), says it is available,
+/// accepts every offer, resolves every assignment, and when the connection drops connects again.
+/// What the daemon acknowledged is kept in the log.
+pub struct AgentDesk {
+    pub log: std::sync::Arc<std::sync::Mutex<DeskLog>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AgentDesk {
+    pub fn start(agent: &str, bases: tokio::sync::watch::Receiver<Vec<String>>) -> AgentDesk {
+        let log = std::sync::Arc::new(std::sync::Mutex::new(DeskLog::default()));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(AgentDesk::run(
+            agent.to_owned(),
+            bases,
+            stopped,
+            log.clone(),
+        ));
+        AgentDesk { log, stop, task }
+    }
+
+    /// Stops the desk and returns its log.
+    pub async fn stop(self) -> DeskLog {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+        self.log.lock().unwrap().clone()
+    }
+
+    async fn run(
+        agent: String,
+        mut bases: tokio::sync::watch::Receiver<Vec<String>>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+        log: std::sync::Arc<std::sync::Mutex<DeskLog>>,
+    ) {
+        let mut attempt = 0_usize;
+        while !*stop.borrow() {
+            let candidates = bases.borrow_and_update().clone();
+            attempt += 1;
+            let connected = match candidates.get(attempt % candidates.len().max(1)) {
+                Some(base) => {
+                    let url = format!(
+                        "{}/v1/agents/{agent}/stream?access_token={}",
+                        base.replace("http://", "ws://"),
+                        agent_token(&agent)
+                    );
+                    tokio::time::timeout(
+                        Duration::from_secs(5),
+                        tokio_tungstenite::connect_async(url),
+                    )
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                }
+                None => None,
+            };
+            let Some((socket, _)) = connected else {
+                // Nobody to connect to yet: try again when the bases change, or shortly (a daemon
+                // may be up before the test has published its address).
+                tokio::select! {
+                    _ = bases.changed() => {}
+                    _ = stop.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+                continue;
+            };
+            log.lock().unwrap().connections += 1;
+            AgentDesk::serve(socket, &mut stop, &log).await;
+        }
+    }
+
+    /// Works one connection until it drops or the desk is stopped.
+    async fn serve(
+        socket: tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+        log: &std::sync::Arc<std::sync::Mutex<DeskLog>>,
+    ) {
+        let (mut sink, mut stream) = socket.split();
+        let command = |kind: &str, conversation: &str| {
+            let request_id = format!("{kind}:{conversation}");
+            Message::Text(
+                json!({ "type": kind, "conversation_id": conversation, "request_id": request_id })
+                    .to_string()
+                    .into(),
+            )
+        };
+        let presence =
+            json!({ "type": "presence", "presence": "available", "request_id": "presence" });
+        if sink
+            .send(Message::Text(presence.to_string().into()))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        loop {
+            let frame = tokio::select! {
+                frame = stream.next() => frame,
+                _ = stop.changed() => {
+                    let _ = sink.close().await;
+                    return;
+                }
+            };
+            let Some(Ok(frame)) = frame else { return };
+            let Message::Text(text) = frame else { continue };
+            let Ok(push) = serde_json::from_str::<Value>(&text) else {
+                continue;
+            };
+            let mut next = Vec::new();
+            match push["type"].as_str().unwrap_or_default() {
+                // What the daemon says this agent holds when it (re)connects: offers made before
+                // a restart are still open, assignments still to be resolved.
+                "hello" => {
+                    for offer in push["agent"]["offers"].as_array().into_iter().flatten() {
+                        next.push(command("accept", offer.as_str().unwrap_or_default()));
+                    }
+                    for held in push["agent"]["assigned"].as_array().into_iter().flatten() {
+                        next.push(command("resolve", held.as_str().unwrap_or_default()));
+                    }
+                }
+                "offer" => next.push(command(
+                    "accept",
+                    push["conversation_id"].as_str().unwrap_or_default(),
+                )),
+                "ack" => {
+                    let request = push["request_id"].as_str().unwrap_or_default();
+                    if let Some(conversation) = request.strip_prefix("accept:") {
+                        log.lock().unwrap().accepted.push(conversation.to_owned());
+                        next.push(command("resolve", conversation));
+                    } else if let Some(conversation) = request.strip_prefix("resolve:") {
+                        log.lock().unwrap().resolved.push(conversation.to_owned());
+                    }
+                }
+                _ => {}
+            }
+            for message in next {
+                if sink.send(message).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Capacities from the configuration: (agent, channel) → capacity, and agent → max total.
+pub type Capacities = (
+    std::collections::HashMap<(String, String), u64>,
+    std::collections::HashMap<String, u64>,
+);
+
+/// What `/v1/admin/agents` says each agent may hold.
+pub async fn capacities(daemon: &Daemon) -> Capacities {
+    let (status, agents) = daemon.get("/v1/admin/agents", ADMIN).await;
+    assert_eq!(status, 200, "{agents}");
+    let mut per_channel = std::collections::HashMap::new();
+    let mut total = std::collections::HashMap::new();
+    for agent in agents["agents"].as_array().unwrap() {
+        let id = agent["id"].as_str().unwrap().to_owned();
+        for load in agent["load"].as_array().unwrap() {
+            per_channel.insert(
+                (id.clone(), load["channel"].as_str().unwrap().to_owned()),
+                load["capacity"].as_u64().unwrap(),
+            );
+        }
+        total.insert(id, agent["max_total"].as_u64().unwrap());
+    }
+    (per_channel, total)
+}
+
+/// Checks the router's stored documents — `conversations` as (id, channel, routing document),
+/// `agents` as (id, agent document) — as a restart would load them: no agent holds more than its
+/// capacity (offers, assignments and wrap-ups count, per channel and in total), and each
+/// conversation names one agent at most (waiting, offered to one, assigned to one, resolved by
+/// one). Returns each held conversation's agent and state.
+pub fn check_routing_documents(
+    conversations: &[(String, String, String)],
+    agents: &[(String, String)],
+    (per_channel, total): &Capacities,
+) -> std::collections::BTreeMap<String, (String, String)> {
+    use std::collections::HashMap;
+    let mut holders = std::collections::BTreeMap::new();
+    let mut load: HashMap<(String, String), u64> = HashMap::new();
+    for (id, channel, document) in conversations {
+        let document: Value = serde_json::from_str(document).unwrap();
+        let kind = document["state"]["kind"].as_str().unwrap().to_owned();
+        if let Some(agent) = document["state"]["agent"].as_str() {
+            if kind == "offered" || kind == "assigned" {
+                *load.entry((agent.to_owned(), channel.clone())).or_default() += 1;
+            }
+            holders.insert(id.clone(), (agent.to_owned(), kind));
+        }
+    }
+    for (agent, document) in agents {
+        let document: Value = serde_json::from_str(document).unwrap();
+        for wrap_up in document["wrap_ups"].as_array().into_iter().flatten() {
+            let channel = wrap_up[1].as_str().unwrap().to_owned();
+            *load.entry((agent.clone(), channel)).or_default() += 1;
+        }
+    }
+    let mut totals: HashMap<String, u64> = HashMap::new();
+    for ((agent, channel), count) in &load {
+        let capacity = per_channel
+            .get(&(agent.clone(), channel.clone()))
+            .copied()
+            .unwrap_or(0);
+        assert!(
+            *count <= capacity,
+            "{agent} holds {count} on {channel}, capacity {capacity}"
+        );
+        *totals.entry(agent.clone()).or_default() += count;
+    }
+    for (agent, count) in totals {
+        assert!(
+            count <= total[&agent],
+            "{agent} holds {count} in total, max {}",
+            total[&agent]
+        );
+    }
+    holders
+}
+
+/// Which agent each conversation was accepted by, from the desks' logs; fails if two agents were
+/// both told they had accepted the same conversation (two owners).
+pub fn accepted_by(logs: &[(&str, DeskLog)]) -> std::collections::HashMap<String, String> {
+    let mut accepted = std::collections::HashMap::new();
+    for (agent, log) in logs {
+        for conversation in &log.accepted {
+            if let Some(other) = accepted.insert(conversation.clone(), (*agent).to_owned()) {
+                assert_eq!(
+                    &other, agent,
+                    "{conversation} accepted by {other} and {agent}"
+                );
+            }
+        }
+    }
+    accepted
+}
