@@ -965,10 +965,43 @@ fn keep_last<T, K: std::hash::Hash + Eq>(
 }
 
 /// Commits steps in order (merging whatever queued meanwhile) and only then tells anyone about them.
+///
+/// Telling (pushes to desktops, which may read a message from the store, and the callers'
+/// answers) runs beside the commits, in commit order: the next batch's commit does not wait for
+/// the last batch's pushes. Both run in this one task, so aborting the dispatcher stops both.
 async fn dispatch(
-    mut steps: mpsc::UnboundedReceiver<Step>,
+    steps: mpsc::UnboundedReceiver<Step>,
     context: EngineContext,
     handed: Option<Handed>,
+) {
+    let (committed, to_announce) = mpsc::unbounded_channel();
+    tokio::join!(
+        commit_steps(steps, &context, handed, committed),
+        announce_steps(to_announce, &context),
+    );
+}
+
+/// Announces committed batches in order, then answers their callers.
+async fn announce_steps(
+    mut committed: mpsc::UnboundedReceiver<Vec<Step>>,
+    context: &EngineContext,
+) {
+    while let Some(batch) = committed.recv().await {
+        for step in batch {
+            announce(context, &step).await;
+            if let Some(reply) = step.reply {
+                let _ = reply.send(Ok(()));
+            }
+        }
+    }
+}
+
+/// The commit half of [`dispatch`]: hands each committed batch to `committed`.
+async fn commit_steps(
+    mut steps: mpsc::UnboundedReceiver<Step>,
+    context: &EngineContext,
+    handed: Option<Handed>,
+    committed: mpsc::UnboundedSender<Vec<Step>>,
 ) {
     const MAX_MERGED: usize = 1024;
     let mut backoff = Duration::from_millis(50);
@@ -1041,11 +1074,8 @@ async fn dispatch(
         if has_events {
             context.outbox_written.notify_one();
         }
-        for step in batch {
-            announce(&context, &step).await;
-            if let Some(reply) = step.reply {
-                let _ = reply.send(Ok(()));
-            }
+        if committed.send(batch).is_err() {
+            error!("the announcer stopped; committed routing steps are not pushed");
         }
     }
 }

@@ -425,7 +425,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// The oldest unpublished events, in outbox order.
     async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxEvent>, StoreError>;
 
-    /// Marks events published (after the broker confirmed them).
+    /// Marks events published (after the broker confirmed them). `positions` are the first events
+    /// [`Store::outbox_pending`] returned, in order: a store whose positions commit in order (SQLite)
+    /// may keep a cursor instead of a mark per event.
     async fn outbox_mark_sent(&self, positions: &[i64]) -> Result<(), StoreError>;
 
     /// How many events wait to be published.

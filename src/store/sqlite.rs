@@ -20,6 +20,11 @@
 //! Reads use a small pool of read-only connections on the blocking thread pool; WAL mode lets
 //! them run alongside the writer and they see every acknowledged write.
 //!
+//! Checkpoints (copying the WAL back into the database file) run on their own thread and
+//! connection, not inside commits: the writer wakes the checkpointer after each commit, and a
+//! passive checkpoint does not block the writer. Only a WAL that outgrew its bound (a long write
+//! burst) is checkpointed by the writer itself, so that the WAL can start over.
+//!
 //! # Fencing
 //!
 //! In a scale-out deployment exactly one router leads, identified by a leadership epoch that
@@ -64,6 +69,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (
         3,
         include_str!("../../migrations/sqlite/0003_queue_state.sql"),
+    ),
+    (
+        4,
+        include_str!("../../migrations/sqlite/0004_outbox_cursor.sql"),
     ),
 ];
 
@@ -216,6 +225,28 @@ impl SqliteStore {
         writer.set_prepared_statement_cache_capacity(64);
         migrate(&mut writer)
             .map_err(|error| prefix_error(error, &format!("migrating {}", path.display())))?;
+        // The checkpoint thread keeps the WAL copied back. Under a steady write load its WAL is
+        // never completely copied at the moment a transaction starts, so the WAL could only grow;
+        // past this size (32 MiB of 4 KiB pages) the writer checkpoints itself after a commit,
+        // which lets the next transaction start the WAL over.
+        writer
+            .pragma_update(None, "wal_autocheckpoint", 8192)
+            .map_err(context)?;
+        let checkpointer = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(context)?;
+        checkpointer
+            .busy_timeout(options.busy_timeout)
+            .map_err(context)?;
+        let (checkpoint_due, checkpoint_wakeups) = mpsc::sync_channel::<()>(1);
+        std::thread::Builder::new()
+            .name("sqlite-checkpoint".into())
+            .spawn(move || run_checkpointer(&checkpointer, &checkpoint_wakeups))
+            .map_err(|error| {
+                StoreError::Unavailable(format!("cannot start the checkpoint thread: {error}"))
+            })?;
 
         let readers = (0..options.readers.max(1))
             .map(|_| open_reader(path, &options).map_err(context))
@@ -227,7 +258,15 @@ impl SqliteStore {
         let thread_counters = Arc::clone(&counters);
         let handle = std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || run_writer(&writer, &receiver, max_batch, &thread_counters))
+            .spawn(move || {
+                run_writer(
+                    &writer,
+                    &receiver,
+                    max_batch,
+                    &thread_counters,
+                    &checkpoint_due,
+                );
+            })
             .map_err(|error| {
                 StoreError::Unavailable(format!("cannot start the store writer thread: {error}"))
             })?;
@@ -412,6 +451,7 @@ fn run_writer(
     receiver: &mpsc::Receiver<Box<dyn Job>>,
     max_batch: usize,
     counters: &Counters,
+    checkpoint_due: &mpsc::SyncSender<()>,
 ) {
     // Blocks for the first request; returns when every sender is gone and the queue is empty, so
     // everything queued before close/drop is committed.
@@ -425,6 +465,23 @@ fn run_writer(
             }
         }
         run_batch(conn, batch, counters);
+        // Full means a wake-up is already pending: one checkpoint covers both.
+        let _ = checkpoint_due.try_send(());
+    }
+}
+
+/// The shortest time between two checkpoints: under load, one pass copies many commits' pages.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Copies committed WAL frames into the database file after commits, at most every
+/// [`CHECKPOINT_INTERVAL`]; ends when the writer does (its sender is dropped).
+fn run_checkpointer(conn: &Connection, due: &mpsc::Receiver<()>) {
+    while due.recv().is_ok() {
+        // PASSIVE copies what no reader still needs and never waits for the writer or readers.
+        if let Err(error) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(%error, "WAL checkpoint failed; retrying after the next commit");
+        }
+        std::thread::sleep(CHECKPOINT_INTERVAL);
     }
 }
 
@@ -1409,7 +1466,8 @@ fn outbox_pending_read(conn: &Connection, limit: i64) -> Result<Vec<OutboxEvent>
     let rows: Vec<Raw> = conn
         .prepare_cached(
             "SELECT position, event_id, kind, conversation_id, seq, data, time FROM outbox
-             WHERE sent_at IS NULL ORDER BY position LIMIT ?1",
+             WHERE position > (SELECT published_up_to FROM outbox_relay WHERE id = 1)
+             ORDER BY position LIMIT ?1",
         )?
         .query_map(params![limit], |row| {
             Ok((
@@ -1596,12 +1654,27 @@ impl Store for SqliteStore {
     async fn outbox_mark_sent(&self, positions: &[i64]) -> Result<(), StoreError> {
         let positions = positions.to_vec();
         self.write(move |conn| {
-            let now = ts(&Utc::now());
-            let mut stmt = conn.prepare_cached(
-                "UPDATE outbox SET sent_at = ?2 WHERE position = ?1 AND sent_at IS NULL",
-            )?;
-            for position in positions {
-                stmt.execute(params![position, now])?;
+            // The relay marks a prefix of the pending events (see the migration that made this a
+            // cursor): the cursor moves over the pending events given, up to the first one that
+            // was not (so an unknown or out-of-order position marks nothing it did not name).
+            let mut given = positions;
+            given.sort_unstable();
+            let cursor: i64 = conn
+                .prepare_cached("SELECT published_up_to FROM outbox_relay WHERE id = 1")?
+                .query_row([], |row| row.get(0))?;
+            let pending: Vec<i64> = conn
+                .prepare_cached(
+                    "SELECT position FROM outbox WHERE position > ?1 ORDER BY position LIMIT ?2",
+                )?
+                .query_map(params![cursor, given.len() as i64], |row| row.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            let published_up_to = pending
+                .into_iter()
+                .take_while(|position| given.binary_search(position).is_ok())
+                .last();
+            if let Some(published_up_to) = published_up_to {
+                conn.prepare_cached("UPDATE outbox_relay SET published_up_to = ?1 WHERE id = 1")?
+                    .execute(params![published_up_to])?;
             }
             Ok(())
         })
@@ -1611,7 +1684,10 @@ impl Store for SqliteStore {
     async fn outbox_backlog(&self) -> Result<u64, StoreError> {
         self.read(|conn| {
             let count: i64 = conn
-                .prepare_cached("SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL")?
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM outbox
+                     WHERE position > (SELECT published_up_to FROM outbox_relay WHERE id = 1)",
+                )?
                 .query_row([], |row| row.get(0))?;
             to_u64(count, "backlog")
         })
@@ -1669,6 +1745,52 @@ mod tests {
             assert!(!sql.trim().is_empty());
         }
         assert_eq!(SCHEMA_VERSION, MIGRATIONS.len() as i64);
+    }
+
+    /// A database at schema 3 with `sent` of its `total` events flagged sent, migrated to the
+    /// newest schema: the relay cursor. Returns the positions still pending.
+    fn pending_after_cursor_migration(total: usize, sent: usize) -> Vec<i64> {
+        let Ok(mut conn) = Connection::open_in_memory() else {
+            panic!("in-memory database");
+        };
+        let Ok(tx) = conn.transaction() else {
+            panic!("transaction");
+        };
+        let old_schema = tx.execute_batch(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)",
+        );
+        assert!(old_schema.is_ok());
+        for (version, sql) in &MIGRATIONS[..3] {
+            assert!(tx.execute_batch(sql).is_ok());
+            let recorded = tx.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, 'then')",
+                params![version],
+            );
+            assert!(recorded.is_ok());
+        }
+        for index in 0..total {
+            let sent_at = (index < sent).then_some("2026-01-01T00:00:00.000000Z");
+            let inserted = tx.execute(
+                "INSERT INTO outbox (event_id, kind, seq, data, time, sent_at)
+                 VALUES (?1, 'agent.presence', 0, '{}', '2026-01-01T00:00:00.000000Z', ?2)",
+                params![Ulid::new().to_string(), sent_at],
+            );
+            assert!(inserted.is_ok());
+        }
+        assert!(tx.commit().is_ok());
+        assert!(migrate(&mut conn).is_ok());
+        let Ok(pending) = outbox_pending_read(&conn, 100) else {
+            panic!("pending events unreadable after the migration");
+        };
+        pending.iter().map(|event| event.position).collect()
+    }
+
+    #[test]
+    fn the_relay_cursor_starts_after_the_events_already_sent() {
+        assert_eq!(pending_after_cursor_migration(3, 2), vec![3]);
+        assert_eq!(pending_after_cursor_migration(3, 0), vec![1, 2, 3]);
+        assert_eq!(pending_after_cursor_migration(3, 3), Vec::<i64>::new());
+        assert_eq!(pending_after_cursor_migration(0, 0), Vec::<i64>::new());
     }
 
     #[test]
