@@ -6,6 +6,8 @@
 //!   posts N distinct messages and prints one JSON line: messages/s and latency percentiles of the
 //!   HTTP answer; with `--agents` (their WebSockets opened with `demo-<id>-token`) also the latency
 //!   from sending a message to its offer or assignment reaching an agent (ingest → offer).
+//!   `--url` may list several instances (`URL1,URL2,...`): message i goes to URL i mod n
+//!   (round-robin), agents connect to the first.
 //!   `--kind twilio --secret S --public-url U` posts signed Twilio SMS webhooks to
 //!   `/v1/webhooks/twilio/bench` instead, `--kind whatsapp --secret S` signed WhatsApp Cloud API
 //!   deliveries to `/v1/webhooks/meta/bench`: the same message, through each adapter.
@@ -71,7 +73,14 @@ fn summary(mut samples: Vec<f64>) -> Value {
 }
 
 async fn drive(args: &[String]) {
-    let url = arg(args, "--url").expect("--url");
+    let urls: Arc<Vec<String>> = Arc::new(
+        arg(args, "--url")
+            .expect("--url")
+            .split(',')
+            .map(str::to_owned)
+            .collect(),
+    );
+    let url = urls[0].clone();
     let token = arg(args, "--token").unwrap_or_default();
     let messages: usize = arg(args, "--messages").map_or(10_000, |n| n.parse().unwrap());
     let concurrency: usize = arg(args, "--concurrency").map_or(32, |n| n.parse().unwrap());
@@ -161,7 +170,7 @@ async fn drive(args: &[String]) {
     for _ in 0..workers {
         let (
             client,
-            url,
+            urls,
             token,
             run,
             next,
@@ -173,7 +182,7 @@ async fn drive(args: &[String]) {
             kind,
         ) = (
             client.clone(),
-            url.clone(),
+            urls.clone(),
             token.clone(),
             run.clone(),
             next.clone(),
@@ -195,7 +204,8 @@ async fn drive(args: &[String]) {
                     let due = started + Duration::from_secs_f64(index as f64 / rate);
                     tokio::time::sleep_until(due.into()).await;
                 }
-                let request = kind.request(&client, &url, &token, &run, area, index);
+                let url = &urls[index % urls.len()];
+                let request = kind.request(&client, url, &token, &run, area, index);
                 let begun = Instant::now();
                 let response = request.send().await;
                 match response {

@@ -2,9 +2,13 @@
 //! with `--postgres URL` also the PostgreSQL store and a raw loop writing the same rows into the
 //! same tables with the same durability, batched like the group commit, all in the same run.
 //!
-//! `cargo run --release --example store_throughput -- [MESSAGES] [TASKS] [DIR] [--postgres URL]`
-//! (defaults: 10000 messages from 50 concurrent tasks, in a temporary directory; PostgreSQL runs
-//! use a scratch schema each, dropped at the end).
+//! `cargo run --release --example store_throughput -- [MESSAGES] [TASKS] [DIR] [--postgres URL]
+//! [--postgres-only] [--customers N]` (defaults: 10000 messages from 50 concurrent tasks, 2000
+//! customers, in a temporary directory; PostgreSQL runs use a scratch schema each, dropped at the
+//! end). `--postgres-only` skips SQLite; `--customers N` sets how many distinct customers write (as
+//! many as messages: every message opens its own conversation, as the HTTP load does). With
+//! `--postgres` the last line is one JSON line with both PostgreSQL rates (`scripts/bench-cluster`
+//! reads it).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -17,14 +21,16 @@ use switchboard::store::postgres::{PostgresOptions, PostgresStore};
 use switchboard::store::sqlite::{SqliteOptions, SqliteStore, WriterStats};
 use ulid::Ulid;
 
-/// Distinct customers in the workload: each writes several times, so matching finds their
-/// conversation.
+/// Distinct customers in the workload by default: each writes several times, so matching finds
+/// their conversation.
 const CUSTOMERS: usize = 2000;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut positional = Vec::new();
     let mut postgres_url = None;
+    let mut postgres_only = false;
+    let mut customers = CUSTOMERS;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         if arg == "--postgres" {
@@ -32,6 +38,14 @@ async fn main() -> anyhow::Result<()> {
                 args.next()
                     .ok_or_else(|| anyhow::anyhow!("--postgres URL"))?,
             );
+        } else if arg == "--postgres-only" {
+            postgres_only = true;
+        } else if arg == "--customers" {
+            customers = args
+                .next()
+                .ok_or_else(|| anyhow::anyhow!("--customers N"))?
+                .parse::<usize>()?
+                .max(1);
         } else {
             positional.push(arg);
         }
@@ -53,9 +67,26 @@ async fn main() -> anyhow::Result<()> {
         None => tempfile::tempdir()?,
     };
 
-    let path = dir.path().join("throughput.sqlite");
+    let workload = Workload { customers };
+
+    if !postgres_only {
+        sqlite_run(&workload, dir.path(), messages, tasks).await?;
+    }
+    if let Some(url) = postgres_url {
+        postgres_run(&workload, &url, messages, tasks).await?;
+    }
+    Ok(())
+}
+
+async fn sqlite_run(
+    workload: &Workload,
+    dir: &std::path::Path,
+    messages: usize,
+    tasks: usize,
+) -> anyhow::Result<()> {
+    let path = dir.join("throughput.sqlite");
     let sqlite = SqliteStore::open(&path, SqliteOptions::default())?;
-    let run = ingest_through(Arc::new(sqlite.clone()), messages, tasks).await?;
+    let run = ingest_through(Arc::new(sqlite.clone()), workload, messages, tasks).await?;
     let writer_cpu = writer_cpu_seconds();
     sqlite.close().await?;
     report("sqlite store", &run, sqlite.stats());
@@ -68,11 +99,20 @@ async fn main() -> anyhow::Result<()> {
             messages as f64 / cpu
         );
     }
+    Ok(())
+}
 
-    if let Some(url) = postgres_url {
+/// The PostgreSQL store, then the raw loop batched like the store's group commit was.
+async fn postgres_run(
+    workload: &Workload,
+    url: &str,
+    messages: usize,
+    tasks: usize,
+) -> anyhow::Result<()> {
+    {
         let store_schema = scratch_schema("store");
         let store = PostgresStore::open(PostgresOptions::new(url.parse()?, &store_schema)).await?;
-        let run = ingest_through(Arc::new(store.clone()), messages, tasks).await?;
+        let run = ingest_through(Arc::new(store.clone()), workload, messages, tasks).await?;
         store.close().await?;
         let stats = store.stats();
         report("postgres store", &run, stats);
@@ -85,7 +125,7 @@ async fn main() -> anyhow::Result<()> {
             .close()
             .await?;
         let batch = stats.average_batch().round().max(1.0) as usize;
-        let raw = raw_inserts(&url, &raw_schema, messages, batch).await?;
+        let raw = raw_inserts(workload, url, &raw_schema, messages, batch).await?;
         println!(
             "postgres raw loop: {messages} messages in {:.2}s: {:.0} msgs/s; batches of {batch}",
             raw.as_secs_f64(),
@@ -95,7 +135,18 @@ async fn main() -> anyhow::Result<()> {
             "postgres store / raw loop: {:.2}x",
             raw.as_secs_f64() / run.elapsed.as_secs_f64()
         );
-        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+        println!(
+            "{}",
+            serde_json::json!({
+                "messages": messages,
+                "tasks": tasks,
+                "customers": workload.customers,
+                "postgres_store_messages_per_second": messages as f64 / run.elapsed.as_secs_f64(),
+                "raw_loop_messages_per_second": messages as f64 / raw.as_secs_f64(),
+                "raw_loop_batch": batch,
+            })
+        );
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
         tokio::spawn(connection);
         client
             .batch_execute(&format!(
@@ -110,24 +161,31 @@ fn scratch_schema(what: &str) -> String {
     format!("bench_{what}_{}", Ulid::new().to_string().to_lowercase())
 }
 
-/// Message `i` of the workload.
-fn workload_message(i: usize) -> InboundMessage {
-    let mut message = InboundMessage::new(
-        "sms",
-        "twilio",
-        &format!("SM{i:08}"),
-        &customer(i),
-        "Hello, my parcel has not arrived yet, can you help?",
-    );
-    message.to = Some(Address {
-        address: "+15555550100".into(),
-        name: None,
-    });
-    message
+/// Who writes: message `i` comes from customer `i % customers`.
+struct Workload {
+    customers: usize,
 }
 
-fn customer(i: usize) -> String {
-    format!("+1555{:07}", i % CUSTOMERS)
+impl Workload {
+    /// Message `i` of the workload.
+    fn message(&self, i: usize) -> InboundMessage {
+        let mut message = InboundMessage::new(
+            "sms",
+            "twilio",
+            &format!("SM{i:08}"),
+            &self.customer(i),
+            "Hello, my parcel has not arrived yet, can you help?",
+        );
+        message.to = Some(Address {
+            address: "+15555550100".into(),
+            name: None,
+        });
+        message
+    }
+
+    fn customer(&self, i: usize) -> String {
+        format!("+1555{:07}", i % self.customers)
+    }
 }
 
 struct Run {
@@ -138,6 +196,7 @@ struct Run {
 /// Ingests the workload from `tasks` concurrent callers.
 async fn ingest_through(
     store: Arc<dyn Store>,
+    workload: &Workload,
     messages: usize,
     tasks: usize,
 ) -> anyhow::Result<Run> {
@@ -145,12 +204,15 @@ async fn ingest_through(
     let mut handles = Vec::new();
     for task in 0..tasks {
         let store = Arc::clone(&store);
+        let workload = Workload {
+            customers: workload.customers,
+        };
         handles.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut i = task;
             while i < messages {
                 let sent = Instant::now();
-                store.ingest(workload_message(i), Utc::now()).await?;
+                store.ingest(workload.message(i), Utc::now()).await?;
                 latencies.push(sent.elapsed());
                 i += tasks;
             }
@@ -194,6 +256,7 @@ fn report(name: &str, run: &Run, stats: WriterStats) {
 /// inserted and its conversation's reply route updated. `synchronous_commit=on`, one commit per
 /// `batch` messages, one connection.
 async fn raw_inserts(
+    workload: &Workload,
     url: &str,
     schema: &str,
     messages: usize,
@@ -242,18 +305,18 @@ async fn raw_inserts(
              VALUES ($1, $2, 'inbound', 'sms', 'twilio', $3, $4, $5, '+15555550100', $6::text::json, $7)",
         )
         .await?;
-    let mut conversations: Vec<Option<String>> = vec![None; CUSTOMERS];
+    let mut conversations: Vec<Option<String>> = vec![None; workload.customers];
     let mut seen: HashSet<usize> = HashSet::new();
     let started = Instant::now();
     for chunk in (0..messages).collect::<Vec<_>>().chunks(batch) {
         client.batch_execute("BEGIN").await?;
         for &i in chunk {
-            let message = workload_message(i);
+            let message = workload.message(i);
             let body = serde_json::to_string(&message)?;
             let now = Utc::now().timestamp_nanos_opt().unwrap_or_default();
-            let from = customer(i);
+            let from = workload.customer(i);
             let thread = message.effective_thread_key();
-            let slot = i % CUSTOMERS;
+            let slot = i % workload.customers;
             let conversation = match (seen.insert(slot), &conversations[slot]) {
                 (false, Some(id)) => {
                     client

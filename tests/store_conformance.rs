@@ -1715,6 +1715,7 @@ async fn lease_acquire_renew_expire_and_takeover(backend: Backend) {
     let lease = store.lease().await.unwrap();
     assert_eq!(lease.holder, None);
     assert!(!lease.live);
+    assert_eq!(lease.remaining, None);
 
     let first = store
         .try_acquire_lease("node-a", LONG)
@@ -1729,6 +1730,9 @@ async fn lease_acquire_renew_expire_and_takeover(backend: Backend) {
     assert_eq!(lease.epoch, first);
     assert!(lease.live);
     assert!(lease.expires_at.unwrap() > Utc::now());
+    // What is left, by the store's clock: at most the lifetime just granted.
+    let left = lease.remaining.unwrap();
+    assert!(left <= LONG && left > LONG / 2, "{left:?}");
 
     // node-a stops renewing: once its lease runs out (the store's clock), node-b takes over with
     // a newer epoch and node-a can no longer renew.
@@ -1762,6 +1766,7 @@ async fn lease_acquire_renew_expire_and_takeover(backend: Backend) {
     assert!(store.release_lease("node-b", third).await.unwrap());
     let lease = store.lease().await.unwrap();
     assert!(!lease.live);
+    assert_eq!(lease.remaining, None);
     assert_eq!(lease.holder, None);
     let fourth = store
         .try_acquire_lease("node-a", LONG)

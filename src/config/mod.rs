@@ -365,7 +365,8 @@ pub struct ClusterSection {
     pub node_id: Option<String>,
     /// How long the router's lease lasts unless renewed; a dead leader is replaced after this.
     pub lease_ttl_ms: u64,
-    /// How often the leader renews its lease (and every instance sends its heartbeat).
+    /// How often the leader renews its lease (and every instance sends its heartbeat); a follower
+    /// asks for the lease this often, or just after the holder's lease ends if that is sooner.
     pub renew_every_ms: u64,
     /// How often unrouted messages, forwarded commands and pushes are read even without a
     /// notification (a missed notification delays by at most this).

@@ -40,7 +40,7 @@ use super::relay::{self, EventBus};
 use super::views::RouterRead;
 use crate::config::ClusterSettings;
 use crate::routing::{AgentId, Router, RoutingConfig};
-use crate::store::{ForwardedCommand, Store, Wakeup};
+use crate::store::{ForwardedCommand, Lease, Store, Wakeup};
 
 /// Where the router runs: this instance's engine while it leads, nothing while it follows.
 #[derive(Debug, Clone)]
@@ -264,6 +264,10 @@ fn kind_from(name: &str) -> RefusalKind {
 }
 
 /// The codes an agent command can be refused with (a refusal's code is a fixed word).
+/// How long past a live lease's reported end a follower asks again: the expiry is judged by the
+/// store's clock when the next attempt arrives, so arriving a moment late is enough.
+const LEASE_EXPIRY_SLACK: Duration = Duration::from_millis(20);
+
 const COMMAND_CODES: &[&str] = &[
     "unknown_agent",
     "unknown_conversation",
@@ -704,8 +708,18 @@ pub async fn run(
             Ok(None) => {}
             Err(error) => warn!(%error, "cannot read the router's lease"),
         }
+        // Retry as soon as the holder's lease runs out (a dead leader's ends at its expiry), at
+        // the latest after renew_every: waiting a whole interval past the expiry would add up to
+        // renew_every to every failover.
+        let retry_in = match store.lease().await {
+            Ok(Lease {
+                remaining: Some(left),
+                ..
+            }) => (left + LEASE_EXPIRY_SLACK).min(settings.renew_every),
+            Ok(_) | Err(_) => settings.renew_every,
+        };
         tokio::select! {
-            _ = tokio::time::sleep(settings.renew_every) => {}
+            _ = tokio::time::sleep(retry_in) => {}
             _ = stop.changed() => {}
         }
     }

@@ -300,6 +300,9 @@ pub struct Lease {
     pub expires_at: Option<DateTime<Utc>>,
     /// Whether the holder's lease is still running now (by the store's clock, so every node agrees).
     pub live: bool,
+    /// How long a live lease has left, by the store's clock (`None` when it is not live): a
+    /// follower retries once it has run out rather than a whole retry interval later.
+    pub remaining: Option<std::time::Duration>,
 }
 
 /// An inbound message with everything that does not need the database worked out on the caller's

@@ -2304,16 +2304,23 @@ impl Store for PostgresStore {
                 let statement = client
                     .prepare_cached(
                         "SELECT holder, epoch, expires_at,
-                                holder IS NOT NULL AND expires_at IS NOT NULL AND expires_at > now()
+                                holder IS NOT NULL AND expires_at IS NOT NULL AND expires_at > now(),
+                                (EXTRACT(EPOCH FROM expires_at - now()) * 1000000)::bigint
                          FROM leadership WHERE id = 1",
                     )
                     .await?;
                 let row = client.query_one(&statement, &[]).await?;
+                let live: bool = column(&row, 3)?;
+                let remaining: Option<i64> = column(&row, 4)?;
                 Ok(Lease {
                     holder: column(&row, 0)?,
                     epoch: to_u64(column(&row, 1)?, "epoch")?,
                     expires_at: column(&row, 2)?,
-                    live: column(&row, 3)?,
+                    live,
+                    remaining: remaining
+                        .filter(|_| live)
+                        .and_then(|micros| u64::try_from(micros).ok())
+                        .map(Duration::from_micros),
                 })
             })
         })

@@ -1555,8 +1555,13 @@ fn lease_read(conn: &Connection) -> Result<Lease, StoreError> {
         .prepare_cached("SELECT holder, epoch, expires_at FROM leadership WHERE id = 1")?
         .query_row([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
     let expires_at = expires_at.as_deref().map(parse_ts).transpose()?;
+    let now = Utc::now();
+    let live = holder.is_some() && expires_at.is_some_and(|at| at > now);
     Ok(Lease {
-        live: holder.is_some() && expires_at.is_some_and(|at| at > Utc::now()),
+        live,
+        remaining: expires_at
+            .filter(|_| live)
+            .and_then(|at| (at - now).to_std().ok()),
         holder,
         epoch: to_u64(epoch, "epoch")?,
         expires_at,
