@@ -852,9 +852,10 @@ impl Router {
                         self.config.priority.repeat_message,
                     ));
                 }
-                for (reason, boost) in
-                    rules::text_boosts(&self.config, conversation.language.as_deref(), text)
-                        .reasons()
+                for (reason, boost) in self
+                    .rules
+                    .text_boosts(&self.config, conversation.language.as_deref(), text)
+                    .reasons()
                 {
                     let already = match reason {
                         PriorityReason::Keyword => conversation.keyword_boosted,
