@@ -456,6 +456,58 @@ impl SlotIndex {
     }
 }
 
+/// How many conversation slots one chunk of [`ConversationSlots`] holds (a power of two).
+const SLOT_CHUNK: usize = 4096;
+
+/// The conversations by slot, in chunks of [`SLOT_CHUNK`] that never move once allocated.
+///
+/// A single `Vec` doubled as the backlog grew: each doubling copied every conversation and freed
+/// the old buffer, which mimalloc (the daemon's allocator) keeps resident until its delayed purge
+/// runs, so right after growing to 10⁵ conversations the freed 2¹⁶-slot buffer (13 MiB) can
+/// still be resident beside the new one (docs/BENCHMARKS.md). Chunks grow in bounded steps, copy
+/// nothing and free nothing, and leave at most one chunk reserved ahead.
+#[derive(Debug, Default)]
+pub(super) struct ConversationSlots {
+    chunks: Vec<Vec<Option<Conversation>>>,
+    len: usize,
+}
+
+impl ConversationSlots {
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Appends a slot; its index is the old `len()`.
+    pub(super) fn push(&mut self, conversation: Option<Conversation>) {
+        if self.len.is_multiple_of(SLOT_CHUNK) {
+            self.chunks.push(Vec::with_capacity(SLOT_CHUNK));
+        }
+        if let Some(chunk) = self.chunks.last_mut() {
+            chunk.push(conversation);
+        }
+        self.len += 1;
+    }
+
+    /// Every slot in order, empty ones included.
+    pub(super) fn iter(&self) -> impl Iterator<Item = &Option<Conversation>> {
+        self.chunks.iter().flatten()
+    }
+}
+
+impl std::ops::Index<usize> for ConversationSlots {
+    type Output = Option<Conversation>;
+
+    fn index(&self, slot: usize) -> &Option<Conversation> {
+        &self.chunks[slot / SLOT_CHUNK][slot % SLOT_CHUNK]
+    }
+}
+
+impl std::ops::IndexMut<usize> for ConversationSlots {
+    fn index_mut(&mut self, slot: usize) -> &mut Option<Conversation> {
+        &mut self.chunks[slot / SLOT_CHUNK][slot % SLOT_CHUNK]
+    }
+}
+
 /// For keys the configuration decides (agent ids, queue names, channels, requirement classes, lanes):
 /// there are few, they do not grow with traffic, and they are looked up on every command, so a fast
 /// unkeyed hash (FxHash's word-at-a-time mix) serves them better than SipHash.
@@ -528,7 +580,7 @@ pub struct Router {
     pub(super) lane_index: KeyMap<(u32, u32), u32>,
     pub(super) agents: Vec<AgentState>,
     pub(super) agent_index: KeyMap<AgentId, u32>,
-    pub(super) conversations: Vec<Option<Conversation>>,
+    pub(super) conversations: ConversationSlots,
     pub(super) free_slots: Vec<u32>,
     pub(super) slot_of: SlotIndex,
     pub(super) next_seq: u64,
@@ -574,7 +626,7 @@ impl Router {
             lane_index: KeyMap::default(),
             agents: Vec::new(),
             agent_index: KeyMap::default(),
-            conversations: Vec::new(),
+            conversations: ConversationSlots::default(),
             free_slots: Vec::new(),
             slot_of: SlotIndex::default(),
             next_seq: 0,
@@ -852,9 +904,10 @@ impl Router {
                         self.config.priority.repeat_message,
                     ));
                 }
-                for (reason, boost) in
-                    rules::text_boosts(&self.config, conversation.language.as_deref(), text)
-                        .reasons()
+                for (reason, boost) in self
+                    .rules
+                    .text_boosts(&self.config, conversation.language.as_deref(), text)
+                    .reasons()
                 {
                     let already = match reason {
                         PriorityReason::Keyword => conversation.keyword_boosted,
@@ -2311,16 +2364,30 @@ mod tests {
     }
 
     #[test]
-    fn detours_are_boxed_only_while_something_is_in_them() {
-        let mut detours = Detours::default().boxed();
-        assert!(detours.is_none());
-        detours = Detours {
-            follower: Some(4),
-            ..Detours::default()
+    fn conversation_slots_span_chunks_without_moving() {
+        let mut slots = ConversationSlots::default();
+        for _ in 0..SLOT_CHUNK + 2 {
+            slots.push(None);
         }
-        .boxed();
-        assert!(detours.is_some());
-        let mut conversation = Conversation {
+        assert_eq!(slots.len(), SLOT_CHUNK + 2);
+        assert_eq!(slots.chunks.len(), 2);
+        let first_chunk = slots.chunks[0].as_ptr();
+        slots[SLOT_CHUNK + 1] = Some(test_conversation());
+        assert!(slots[SLOT_CHUNK + 1].is_some() && slots[SLOT_CHUNK].is_none());
+        for _ in 0..SLOT_CHUNK {
+            slots.push(None);
+        }
+        assert_eq!(
+            slots.chunks[0].as_ptr(),
+            first_chunk,
+            "a full chunk never moves"
+        );
+        assert_eq!(slots.iter().count(), slots.len());
+        assert_eq!(slots.iter().flatten().count(), 1);
+    }
+
+    fn test_conversation() -> Conversation {
+        Conversation {
             id: ConversationId(1),
             seq: 0,
             channel: 0,
@@ -2343,7 +2410,20 @@ mod tests {
             indexed: false,
             reasons: Vec::new(),
             tags: Arc::from([]),
-        };
+        }
+    }
+
+    #[test]
+    fn detours_are_boxed_only_while_something_is_in_them() {
+        let mut detours = Detours::default().boxed();
+        assert!(detours.is_none());
+        detours = Detours {
+            follower: Some(4),
+            ..Detours::default()
+        }
+        .boxed();
+        assert!(detours.is_some());
+        let mut conversation = test_conversation();
         conversation.set_reserved_for(None);
         assert!(conversation.detours.is_none());
         conversation.exclude(2, Timestamp(100));

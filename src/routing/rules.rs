@@ -5,6 +5,11 @@
 //! in one Aho-Corasick automaton, searched ASCII-case-insensitively straight over the text (only a
 //! text with non-ASCII characters is lowercased first), and rules that name destination addresses
 //! are found by a hash lookup of the address instead of being tried one by one.
+//!
+//! Keyword priority boosts are regexes in the configuration. The usual one is a plain word between
+//! word boundaries (`(?i)\burgent\b`): such a boost is searched as a literal in the same automaton,
+//! with the regex's own word-boundary rule, so an arrival reads its text once for rules and boosts.
+//! That is exact for ASCII text; a text with other characters runs the boost's regex as written.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -78,14 +83,57 @@ struct CompiledRule {
     outcome: RuleOutcome,
 }
 
+/// How one keyword boost of the configuration is matched.
+#[derive(Debug, Clone)]
+enum BoostMatcher {
+    /// A plain word (or words) between `\b`s: this id in the automaton (see [`literal_boost`]).
+    Literal(u32),
+    /// Anything else: the boost's regex.
+    Regex,
+}
+
+/// A boost pattern that is a literal between word boundaries: its text and whether `(?i)` made it
+/// case-insensitive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LiteralBoost {
+    literal: String,
+    case_insensitive: bool,
+}
+
+/// The literal of a boost regex written `\bWORDS\b` or `(?i)\bWORDS\b`, where WORDS are ASCII letters
+/// and digits separated by single spaces. Over ASCII text such a regex matches exactly where the
+/// literal occurs (ASCII case aside under `(?i)`) with no ASCII word character (`[0-9A-Za-z_]`)
+/// directly around it; every other pattern is left to the regex engine.
+fn literal_boost(pattern: &str) -> Option<LiteralBoost> {
+    let (case_insensitive, rest) = match pattern.strip_prefix("(?i)") {
+        Some(rest) => (true, rest),
+        None => (false, pattern),
+    };
+    let literal = rest.strip_prefix("\\b")?.strip_suffix("\\b")?;
+    let plain = !literal.is_empty()
+        && literal
+            .split(' ')
+            .all(|word| !word.is_empty() && word.bytes().all(|byte| byte.is_ascii_alphanumeric()));
+    plain.then(|| LiteralBoost {
+        literal: literal.to_owned(),
+        case_insensitive,
+    })
+}
+
 /// Rules prepared once per configuration. See the module docs.
 #[derive(Debug, Clone)]
 pub(crate) struct CompiledRules {
     rules: Vec<CompiledRule>,
     default: RuleOutcome,
-    /// Every rule's keywords, lowercased, in one automaton; `None` when no rule has keywords.
+    /// Every rule's keywords, lowercased, then the literal boosts, in one automaton; `None` when
+    /// there are neither.
     keywords: Option<AhoCorasick>,
+    /// How many of the automaton's patterns are rule keywords (the literal boosts follow them).
     keyword_count: usize,
+    /// Per pattern of the automaton after the rule keywords: the literal boost it is.
+    literal_boosts: Vec<LiteralBoost>,
+    /// Per keyword boost of the configuration, in order.
+    boosts: Vec<BoostMatcher>,
     /// Destination address → the rules naming it, in rule order. The addresses come from the
     /// configuration and are few, so the router's fast unkeyed hash serves.
     by_address: KeyMap<String, Vec<u32>>,
@@ -144,6 +192,19 @@ impl CompiledRules {
                 rule: rule.clone(),
             });
         }
+        let keyword_count = patterns.len();
+        let mut literal_boosts = Vec::new();
+        let mut boosts = Vec::with_capacity(config.priority.keywords.len());
+        for keyword in &config.priority.keywords {
+            match literal_boost(keyword.pattern.as_str()) {
+                Some(literal) => {
+                    boosts.push(BoostMatcher::Literal(patterns.len() as u32));
+                    patterns.push(literal.literal.to_ascii_lowercase());
+                    literal_boosts.push(literal);
+                }
+                None => boosts.push(BoostMatcher::Regex),
+            }
+        }
         let keywords = if patterns.is_empty() {
             None
         } else {
@@ -164,7 +225,9 @@ impl CompiledRules {
                 priority: 0,
             },
             keywords,
-            keyword_count: patterns.len(),
+            keyword_count,
+            literal_boosts,
+            boosts,
             by_address,
             any_address,
         })
@@ -198,6 +261,10 @@ impl CompiledRules {
         conversation: &NewConversation,
     ) -> (OutcomeId, Boosts) {
         let searchable = searchable_text(conversation.subject.as_deref(), &conversation.text);
+        let texts = [
+            conversation.subject.as_deref(),
+            Some(conversation.text.as_str()),
+        ];
         let mut hits = KeywordHits::NotSearched;
         let addressed = self
             .by_address
@@ -206,7 +273,7 @@ impl CompiledRules {
         let matched = merge_ordered(&self.any_address, addressed).find(|&index| {
             let rule = &self.rules[index as usize];
             matches(&rule.rule, conversation)
-                && (rule.keywords.is_empty() || hits.get(self, conversation).any_of(&rule.keywords))
+                && (rule.keywords.is_empty() || hits.get(self, texts).found.any_of(&rule.keywords))
                 && rule
                     .rule
                     .when
@@ -215,7 +282,13 @@ impl CompiledRules {
                     .is_none_or(|pattern| pattern.is_match(&searchable))
         });
         let outcome = matched.map_or(self.default_outcome(), OutcomeId);
-        let mut boosts = text_boosts(config, conversation.language.as_deref(), &searchable);
+        let mut boosts = self.boosts_with(
+            config,
+            conversation.language.as_deref(),
+            &searchable,
+            &mut hits,
+            texts,
+        );
         if let Some(tier) = &conversation.customer_tier {
             boosts.tier = config
                 .priority
@@ -227,41 +300,114 @@ impl CompiledRules {
         (outcome, boosts)
     }
 
-    /// Which of the automaton's keywords occur as whole words in subject or text.
-    fn search(&self, conversation: &NewConversation) -> Bitset {
-        let mut found = Bitset::new(self.keyword_count);
-        let Some(automaton) = &self.keywords else {
-            return found;
+    /// Boosts that any customer message can earn: configured keywords and negative wording.
+    pub(crate) fn text_boosts(
+        &self,
+        config: &RoutingConfig,
+        language: Option<&str>,
+        text: &str,
+    ) -> Boosts {
+        let mut hits = KeywordHits::NotSearched;
+        self.boosts_with(config, language, text, &mut hits, [None, Some(text)])
+    }
+
+    /// [`CompiledRules::text_boosts`] for `searchable` (the subject and text joined), reusing a
+    /// keyword search of `texts` (subject, text) already made.
+    fn boosts_with(
+        &self,
+        config: &RoutingConfig,
+        language: Option<&str>,
+        searchable: &str,
+        hits: &mut KeywordHits,
+        texts: [Option<&str>; 2],
+    ) -> Boosts {
+        let keyword_boost: Priority = config
+            .priority
+            .keywords
+            .iter()
+            .zip(&self.boosts)
+            .filter(|(keyword, matcher)| match matcher {
+                BoostMatcher::Literal(id) => {
+                    let search = hits.get(self, texts);
+                    if search.ascii {
+                        search.found.contains(*id as usize)
+                    } else {
+                        keyword.pattern.is_match(searchable)
+                    }
+                }
+                BoostMatcher::Regex => keyword.pattern.is_match(searchable),
+            })
+            .map(|(keyword, _)| keyword.boost)
+            .sum();
+        let negative = config.priority.negative_wording != 0
+            && config
+                .wording
+                .as_ref()
+                .is_some_and(|wording| wording.assess(language, searchable).is_negative);
+        Boosts {
+            tier: None,
+            keyword: (keyword_boost != 0).then_some(keyword_boost),
+            wording: negative.then_some(config.priority.negative_wording),
+        }
+    }
+
+    /// Which of the automaton's patterns occur in subject or text: rule keywords as whole words,
+    /// literal boosts as their regex would match them (recorded only when every text is ASCII).
+    fn search(&self, texts: [Option<&str>; 2]) -> Search {
+        let mut search = Search {
+            found: Bitset::new(self.keyword_count + self.literal_boosts.len()),
+            ascii: true,
         };
-        let texts = [conversation.subject.as_deref(), Some(&conversation.text)];
+        let Some(automaton) = &self.keywords else {
+            return search;
+        };
         for text in texts.into_iter().flatten() {
             // ASCII text is searched as it is (the automaton ignores ASCII case); any other is
             // lowercased first, as Unicode lowercasing may change its length.
             let haystack: Cow<str> = if text.is_ascii() {
                 Cow::Borrowed(text)
             } else {
+                search.ascii = false;
                 Cow::Owned(text.to_lowercase())
             };
             for found_match in automaton.find_overlapping_iter(haystack.as_ref()) {
-                if is_whole_word(&haystack, found_match.start(), found_match.end()) {
-                    found.insert(found_match.pattern().as_usize());
+                let (start, end) = (found_match.start(), found_match.end());
+                let id = found_match.pattern().as_usize();
+                let hit = match id.checked_sub(self.keyword_count) {
+                    None => is_whole_word(&haystack, start, end),
+                    Some(boost) => {
+                        let literal = &self.literal_boosts[boost];
+                        (literal.case_insensitive
+                            || haystack.as_bytes()[start..end] == *literal.literal.as_bytes())
+                            && is_ascii_word_bounded(haystack.as_bytes(), start, end)
+                    }
+                };
+                if hit {
+                    search.found.insert(id);
                 }
             }
         }
-        found
+        search
     }
 }
 
-/// The keyword search, run the first time a rule with keywords is tried.
+/// What a keyword search found.
+struct Search {
+    found: Bitset,
+    /// Every text searched was ASCII, so the literal boosts' hits are exact.
+    ascii: bool,
+}
+
+/// The keyword search, run the first time a rule with keywords or a literal boost is tried.
 enum KeywordHits {
     NotSearched,
-    Searched(Bitset),
+    Searched(Search),
 }
 
 impl KeywordHits {
-    fn get(&mut self, rules: &CompiledRules, conversation: &NewConversation) -> &Bitset {
+    fn get(&mut self, rules: &CompiledRules, texts: [Option<&str>; 2]) -> &Search {
         if let KeywordHits::NotSearched = self {
-            *self = KeywordHits::Searched(rules.search(conversation));
+            *self = KeywordHits::Searched(rules.search(texts));
         }
         match self {
             KeywordHits::Searched(found) => found,
@@ -323,27 +469,6 @@ fn searchable_text<'a>(subject: Option<&str>, text: &'a str) -> Cow<'a, str> {
     }
 }
 
-/// Boosts that any customer message can earn: configured keywords and negative wording.
-pub(crate) fn text_boosts(config: &RoutingConfig, language: Option<&str>, text: &str) -> Boosts {
-    let keyword_boost: Priority = config
-        .priority
-        .keywords
-        .iter()
-        .filter(|keyword| keyword.pattern.is_match(text))
-        .map(|keyword| keyword.boost)
-        .sum();
-    let negative = config.priority.negative_wording != 0
-        && config
-            .wording
-            .as_ref()
-            .is_some_and(|wording| wording.assess(language, text).is_negative);
-    Boosts {
-        tier: None,
-        keyword: (keyword_boost != 0).then_some(keyword_boost),
-        wording: negative.then_some(config.priority.negative_wording),
-    }
-}
-
 /// The criteria other than keywords and pattern (those are checked after, as they cost more).
 /// Destination addresses need no check: the rules tried are those naming the address or none.
 fn matches(rule: &RoutingRule, conversation: &NewConversation) -> bool {
@@ -387,6 +512,17 @@ pub(crate) fn primary_subtag(tag: &str) -> &str {
     tag.split(['-', '_']).next().unwrap_or(tag)
 }
 
+/// No ASCII word character (`[0-9A-Za-z_]`, what `\b` looks for in ASCII text) directly around
+/// `haystack[start..end]`, whose own ends are word characters.
+fn is_ascii_word_bounded(haystack: &[u8], start: usize, end: usize) -> bool {
+    let word = |byte: &u8| byte.is_ascii_alphanumeric() || *byte == b'_';
+    !start
+        .checked_sub(1)
+        .and_then(|before| haystack.get(before))
+        .is_some_and(word)
+        && !haystack.get(end).is_some_and(word)
+}
+
 /// The match `haystack[start..end]` has no letter or digit directly around it.
 fn is_whole_word(haystack: &str, start: usize, end: usize) -> bool {
     let before = haystack[..start].chars().next_back();
@@ -398,8 +534,9 @@ fn is_whole_word(haystack: &str, start: usize, end: usize) -> bool {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::routing::config::{QueueConfig, RuleAction, RuleMatch};
+    use crate::routing::config::{KeywordBoost, QueueConfig, RuleAction, RuleMatch};
     use crate::routing::model::{Channel, ConversationId, MessageId, QueueName};
+    use regex::Regex;
 
     #[test]
     fn language_tags() {
@@ -520,6 +657,111 @@ mod tests {
         );
         assert_eq!(route("hello", "+15550002"), 2);
         assert_eq!(route("hello", "+15550003"), 0);
+    }
+
+    #[test]
+    fn only_plain_words_between_word_boundaries_are_literal_boosts() {
+        let literal = |literal: &str, case_insensitive| {
+            Some(LiteralBoost {
+                literal: literal.into(),
+                case_insensitive,
+            })
+        };
+        assert_eq!(literal_boost(r"(?i)\burgent\b"), literal("urgent", true));
+        assert_eq!(literal_boost(r"\bASAP\b"), literal("ASAP", false));
+        assert_eq!(
+            literal_boost(r"(?i)\bright now\b"),
+            literal("right now", true)
+        );
+        for regex in [
+            r"urgent",
+            r"(?i)\burgent",
+            r"(?i)\burgent\b|asap",
+            r"(?i)\burg.nt\b",
+            r"(?i)\bright  now\b",
+            r"(?i)\b\b",
+            r"(?i)\bsnake_case\b",
+            r"(?i)\bdringend\b!",
+            r"(?i)\bdébil\b",
+        ] {
+            assert_eq!(literal_boost(regex), None, "{regex}");
+        }
+    }
+
+    #[test]
+    fn literal_boosts_match_exactly_where_their_regex_does() {
+        let patterns = [
+            r"(?i)\burgent\b",
+            r"\bASAP\b",
+            r"(?i)\bright now\b",
+            r"(?i)\bkey\b",
+            r"(?i)\burg\b",
+            // Not literal: runs as a regex beside the literal ones.
+            r"(?i)\bcall me\b!",
+        ];
+        let mut config = keyword_config();
+        config
+            .rules
+            .push(keyword_rule("same word", &["urgent"], "sales"));
+        config.priority.keywords = patterns
+            .iter()
+            .enumerate()
+            .map(|(index, pattern)| KeywordBoost {
+                pattern: Regex::new(pattern).unwrap(),
+                boost: 1 << index,
+            })
+            .collect();
+        let rules = CompiledRules::new(&config).unwrap();
+        assert_eq!(rules.literal_boosts.len(), 5);
+        let texts = [
+            "This is URGENT.",
+            "urgent_matter",
+            "nonurgent",
+            "urgently",
+            "urgent",
+            "Urgent!urgent",
+            "asap please",
+            "ASAP please",
+            "please, ASAP",
+            "do it right now",
+            "right  now",
+            "RIGHT NOW, urg",
+            "the KEY to it",
+            "monkey keys",
+            "call me! urgent",
+            "URGENT \u{212A}EY",
+            "ÜRGENT urgent",
+            "café urgent",
+            "urgent\u{301}",
+            "",
+        ];
+        for subject in [None, Some("Re: urgent"), Some("hello"), Some("")] {
+            for text in texts {
+                let searchable = searchable_text(subject, text);
+                let expected: Priority = config
+                    .priority
+                    .keywords
+                    .iter()
+                    .filter(|keyword| keyword.pattern.is_match(&searchable))
+                    .map(|keyword| keyword.boost)
+                    .sum();
+                let new = arrival(subject, text, "x");
+                let (_, boosts) = rules.decide(&config, &new);
+                assert_eq!(
+                    boosts.keyword.unwrap_or(0),
+                    expected,
+                    "{subject:?} / {text:?}"
+                );
+                if subject.is_none() {
+                    let later = rules.text_boosts(&config, None, text);
+                    assert_eq!(later.keyword.unwrap_or(0), expected, "{text:?}");
+                }
+            }
+        }
+        // A boost word that is also a rule keyword is found for both.
+        let (outcome, boosts) = rules.decide(&config, &arrival(None, "urgent", "x"));
+        assert_eq!(rules.outcome(outcome).queues[0], 3);
+        assert_eq!(boosts.keyword, Some(1));
     }
 
     #[test]
