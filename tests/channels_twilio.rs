@@ -319,3 +319,54 @@ async fn reload_puts_new_accounts_in_force_and_refuses_an_invalid_file() {
     let (status, _) = post_signed_with(&daemon, "rotated-token", &inbound("SM306", "no")).await;
     assert_eq!(status, 403);
 }
+
+#[tokio::test]
+async fn a_status_callback_before_the_send_returns_is_applied_when_it_does() {
+    let twilio = MockServer::start().await;
+    // Twilio answers the send slowly; its status callback for the message comes in meanwhile.
+    Mock::given(method("POST"))
+        .and(path(MESSAGES_PATH))
+        .respond_with(
+            ResponseTemplate::new(201)
+                .set_body_json(json!({ "sid": "SMearly", "status": "queued" }))
+                .set_delay(std::time::Duration::from_secs(2)),
+        )
+        .mount(&twilio)
+        .await;
+    let daemon = Daemon::start(&twilio_config(&twilio.uri()));
+    let mut alice = daemon.agent_socket("alice").await;
+    alice
+        .command(json!({ "type": "presence", "presence": "available" }))
+        .await;
+    post_signed(&daemon, &inbound("SM400", "hello")).await;
+    let conversation = alice.accept_next_offer().await;
+    let (status, reply) = daemon.reply_as("alice", &conversation, "Hi!").await;
+    assert_eq!(status, 202, "{reply}");
+    common::eventually(10, "the send to reach Twilio", || async {
+        (!twilio.received_requests().await.unwrap().is_empty()).then_some(())
+    })
+    .await;
+    let (status, _) = post_signed(
+        &daemon,
+        &[
+            ("MessageSid", "SMearly"),
+            ("MessageStatus", "undelivered"),
+            ("ErrorCode", "30005"),
+            ("AccountSid", SID),
+            ("From", "+14155550100"),
+            ("To", "+14155550123"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200, "the early callback is taken, not lost");
+    let sent = alice.next_of("reply_status").await;
+    assert_eq!(sent["status"], "sent", "{sent}");
+    let failed = alice.next_of("reply_status").await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(
+        failed["reason"].as_str().unwrap().contains("30005"),
+        "{failed}"
+    );
+    let history = daemon.history("alice", &conversation).await;
+    assert_eq!(history[1]["delivery_status"], "failed");
+}
