@@ -17,6 +17,11 @@ const SID: &str = "ACaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 const MESSAGES_PATH: &str = "/2010-04-01/Accounts/ACaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa/Messages.json";
 
 pub fn twilio_config(api: &str) -> String {
+    account_config(TOKEN, "+14155550100", api)
+}
+
+/// The `main` account with its auth token, number and API base.
+fn account_config(token: &str, number: &str, api: &str) -> String {
     format!(
         r#"
 [outbound]
@@ -25,9 +30,9 @@ max_backoff_ms = 100
 
 [channels.twilio.main]
 account_sid = "{SID}"
-auth_token = "{TOKEN}"
+auth_token = "{token}"
 public_url = "{PUBLIC_URL}"
-numbers = ["+14155550100"]
+numbers = ["{number}"]
 api_url = "{api}"
 "#
     )
@@ -41,9 +46,14 @@ fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
 
 /// Posts a form signed as Twilio signs it.
 async fn post_signed(daemon: &Daemon, form: &[(&str, &str)]) -> (u16, String) {
+    post_signed_with(daemon, TOKEN, form).await
+}
+
+/// Posts a form signed with `token`.
+async fn post_signed_with(daemon: &Daemon, token: &str, form: &[(&str, &str)]) -> (u16, String) {
     let form = pairs(form);
     let body = serde_urlencoded::to_string(&form).unwrap();
-    let signed = signature(TOKEN, PUBLIC_URL, &form);
+    let signed = signature(token, PUBLIC_URL, &form);
     daemon
         .webhook(
             WEBHOOK,
@@ -219,4 +229,144 @@ async fn sends_retry_on_5xx_and_not_on_4xx() {
     };
     assert_eq!(count("first"), 2, "one 503, then the retry");
     assert_eq!(count("second"), 1, "a 4xx is never retried");
+}
+
+/// Rewrites the daemon's config file with the `main` account given.
+fn rewrite_account(daemon: &Daemon, token: &str, number: &str, api: &str) {
+    common::write_config(daemon.dir.path(), "", &account_config(token, number, api));
+}
+
+#[tokio::test]
+async fn reload_puts_new_accounts_in_force_and_refuses_an_invalid_file() {
+    let (old_api, new_api) = (MockServer::start().await, MockServer::start().await);
+    for (api, token, sid) in [
+        (&old_api, TOKEN, "SMold"),
+        (&new_api, "rotated-token", "SMnew"),
+    ] {
+        let basic = base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            format!("{SID}:{token}"),
+        );
+        Mock::given(method("POST"))
+            .and(path(MESSAGES_PATH))
+            .and(header("authorization", format!("Basic {basic}")))
+            .respond_with(ResponseTemplate::new(201).set_body_json(json!({ "sid": sid })))
+            .mount(api)
+            .await;
+    }
+    let daemon = Daemon::start(&twilio_config(&old_api.uri()));
+    let mut alice = daemon.agent_socket("alice").await;
+    alice
+        .command(json!({ "type": "presence", "presence": "available" }))
+        .await;
+    let (status, _) = post_signed(&daemon, &inbound("SM300", "before the rotation")).await;
+    assert_eq!(status, 200);
+    let conversation = alice.accept_next_offer().await;
+
+    // The auth token is rotated, the number moves and the API base changes: SIGHUP reloads them.
+    rewrite_account(&daemon, "rotated-token", "+14155550199", &new_api.uri());
+    daemon.signal("HUP");
+    let mut to_new = inbound("SM301", "after the rotation");
+    to_new[4] = ("To", "+14155550199");
+    common::eventually(10, "the rotated token to be accepted", || async {
+        let (status, _) = post_signed_with(&daemon, "rotated-token", &to_new).await;
+        (status == 200).then_some(())
+    })
+    .await;
+    let (status, reason) = post_signed(&daemon, &inbound("SM302", "old token")).await;
+    assert_eq!(
+        status, 403,
+        "the old token is refused after the reload: {reason}"
+    );
+
+    // A reply now goes out through the new account: its number, its token, its API.
+    let (status, reply) = daemon.reply_as("alice", &conversation, "Noted.").await;
+    assert_eq!(status, 202, "{reply}");
+    let sent = alice.next_of("reply_status").await;
+    assert_eq!(sent["status"], "sent", "{sent}");
+    assert!(old_api.received_requests().await.unwrap().is_empty());
+    let requests = new_api.received_requests().await.unwrap();
+    assert_eq!(requests.len(), 1);
+    let form: Vec<(String, String)> = serde_urlencoded::from_bytes(&requests[0].body).unwrap();
+    assert!(
+        form.contains(&("From".into(), "+14155550199".into())),
+        "{form:?}"
+    );
+
+    // An invalid file is refused with the reason (422) and the accounts in force stay.
+    rewrite_account(&daemon, "third-token", "not-a-number", &new_api.uri());
+    let (status, body) = daemon
+        .post("/v1/admin/reload", common::ADMIN, json!({}))
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body.to_string().contains("numbers"), "{body}");
+    let (status, _) = post_signed_with(&daemon, "rotated-token", &inbound("SM303", "kept")).await;
+    assert_eq!(
+        status, 200,
+        "the accounts in force stay after a refused reload"
+    );
+    let (status, _) = post_signed_with(&daemon, "third-token", &inbound("SM304", "no")).await;
+    assert_eq!(status, 403);
+
+    // The admin endpoint's reload is in force when it answers.
+    rewrite_account(&daemon, "third-token", "+14155550199", &new_api.uri());
+    let (status, body) = daemon
+        .post("/v1/admin/reload", common::ADMIN, json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = post_signed_with(&daemon, "third-token", &inbound("SM305", "yes")).await;
+    assert_eq!(status, 200);
+    let (status, _) = post_signed_with(&daemon, "rotated-token", &inbound("SM306", "no")).await;
+    assert_eq!(status, 403);
+}
+
+#[tokio::test]
+async fn a_status_callback_before_the_send_returns_is_applied_when_it_does() {
+    let twilio = MockServer::start().await;
+    // Twilio answers the send slowly; its status callback for the message comes in meanwhile.
+    Mock::given(method("POST"))
+        .and(path(MESSAGES_PATH))
+        .respond_with(
+            ResponseTemplate::new(201)
+                .set_body_json(json!({ "sid": "SMearly", "status": "queued" }))
+                .set_delay(std::time::Duration::from_secs(2)),
+        )
+        .mount(&twilio)
+        .await;
+    let daemon = Daemon::start(&twilio_config(&twilio.uri()));
+    let mut alice = daemon.agent_socket("alice").await;
+    alice
+        .command(json!({ "type": "presence", "presence": "available" }))
+        .await;
+    post_signed(&daemon, &inbound("SM400", "hello")).await;
+    let conversation = alice.accept_next_offer().await;
+    let (status, reply) = daemon.reply_as("alice", &conversation, "Hi!").await;
+    assert_eq!(status, 202, "{reply}");
+    common::eventually(10, "the send to reach Twilio", || async {
+        (!twilio.received_requests().await.unwrap().is_empty()).then_some(())
+    })
+    .await;
+    let (status, _) = post_signed(
+        &daemon,
+        &[
+            ("MessageSid", "SMearly"),
+            ("MessageStatus", "undelivered"),
+            ("ErrorCode", "30005"),
+            ("AccountSid", SID),
+            ("From", "+14155550100"),
+            ("To", "+14155550123"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200, "the early callback is taken, not lost");
+    let sent = alice.next_of("reply_status").await;
+    assert_eq!(sent["status"], "sent", "{sent}");
+    let failed = alice.next_of("reply_status").await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(
+        failed["reason"].as_str().unwrap().contains("30005"),
+        "{failed}"
+    );
+    let history = daemon.history("alice", &conversation).await;
+    assert_eq!(history[1]["delivery_status"], "failed");
 }

@@ -101,3 +101,54 @@ fn doubtful_but_valid_staffing_passes_with_warnings() {
         "{stderr}"
     );
 }
+
+#[test]
+fn account_lists_come_from_the_environment_and_secrets_keep_their_commas() {
+    let config = "[channels.twilio.main]\naccount_sid = \"AC123\"\n\
+                  public_url = \"https://hooks.example/v1/webhooks/twilio/main\"\n";
+    let (ok, stdout, stderr) = check(
+        config,
+        &[
+            (
+                "SWITCHBOARD__CHANNELS__TWILIO__MAIN__NUMBERS",
+                "+15550001111,+15550002222",
+            ),
+            (
+                "SWITCHBOARD__CHANNELS__TWILIO__MAIN__AUTH_TOKEN",
+                "comma,in,the,token",
+            ),
+        ],
+    );
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains(r#""+15550001111""#) && stdout.contains(r#""+15550002222""#),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("comma,in"), "a secret leaked: {stdout}");
+
+    // A list of one keeps its `+`; a wrong number is named with its key.
+    let (ok, stdout, stderr) = check(
+        config,
+        &[
+            (
+                "SWITCHBOARD__CHANNELS__TWILIO__MAIN__NUMBERS",
+                "+15550001111",
+            ),
+            ("SWITCHBOARD__CHANNELS__TWILIO__MAIN__AUTH_TOKEN", "token"),
+        ],
+    );
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains(r#""+15550001111""#), "{stdout}");
+    let (ok, _, stderr) = check(
+        config,
+        &[
+            (
+                "SWITCHBOARD__CHANNELS__TWILIO__MAIN__NUMBERS",
+                "+15550001111,5550",
+            ),
+            ("SWITCHBOARD__CHANNELS__TWILIO__MAIN__AUTH_TOKEN", "token"),
+        ],
+    );
+    assert!(!ok);
+    assert!(stderr.contains("channels.twilio.main.numbers"), "{stderr}");
+}

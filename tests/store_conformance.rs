@@ -17,8 +17,8 @@ use switchboard::message::{Address, IdentityLink, InboundMessage};
 use switchboard::store::postgres::{PostgresOptions, PostgresStore};
 use switchboard::store::sqlite::{SCHEMA_VERSION, SqliteOptions, SqliteStore};
 use switchboard::store::{
-    AgentPush, ConversationFilter, ConversationStatus, Direction, IngestOutcome, NewEvent,
-    NewReply, RoutingWrite, Store, StoreError,
+    AgentPush, ConversationFilter, ConversationStatus, DeliveryOutcome, DeliveryUpdate, Direction,
+    IngestOutcome, NewEvent, NewReply, ParkedStatus, RoutingWrite, Store, StoreError,
 };
 use tempfile::TempDir;
 use ulid::Ulid;
@@ -257,6 +257,7 @@ for_each_backend!(
     failed_request_leaves_nothing,
     recovery_returns_unrouted_and_states,
     replies_and_delivery_status,
+    status_before_the_provider_id_is_applied_when_it_is_stored,
     conversation_filters,
     concurrent_ingest_is_stored_exactly_once,
     data_survives_reopen,
@@ -331,6 +332,21 @@ fn event(kind: &str, conversation: Option<Ulid>) -> NewEvent {
         conversation_id: conversation,
         data: json!({ "kind": kind }),
         time: Utc::now(),
+    }
+}
+
+fn delivery(
+    message_id: Ulid,
+    status: &str,
+    provider_message_id: Option<&str>,
+    events: Vec<NewEvent>,
+) -> DeliveryUpdate {
+    DeliveryUpdate {
+        message_id,
+        status: status.to_owned(),
+        provider_message_id: provider_message_id.map(str::to_owned),
+        events,
+        parked_failure_event: None,
     }
 }
 
@@ -1158,17 +1174,19 @@ async fn replies_and_delivery_status(backend: Backend) {
     // A pending reply is re-queued after a restart; once sent it is not.
     assert_eq!(store.pending_replies().await.unwrap(), vec![answer.id]);
 
-    store
-        .set_delivery_status(
+    let sent = store
+        .set_delivery_status(delivery(
             answer.id,
             "sent",
-            Some("SM-out-1".into()),
+            Some("SM-out-1"),
             vec![event("message.sent", Some(inbound.conversation))],
-        )
+        ))
         .await
         .unwrap();
+    assert_eq!(sent.outcome, DeliveryOutcome::Applied);
+    assert_eq!(sent.parked, None);
     store
-        .set_delivery_status(answer.id, "delivered", None, Vec::new())
+        .set_delivery_status(delivery(answer.id, "delivered", None, Vec::new()))
         .await
         .unwrap();
     let outbound = store.message(answer.id).await.unwrap().unwrap();
@@ -1188,28 +1206,30 @@ async fn replies_and_delivery_status(backend: Backend) {
     // Statuses only move forward: a late `sent` (the provider's callback won the race) changes
     // nothing and writes no event; a failure after delivery is still recorded.
     let late = store
-        .set_delivery_status(
+        .set_delivery_status(delivery(
             answer.id,
             "sent",
             None,
             vec![event("message.sent", Some(inbound.conversation))],
-        )
-        .await;
-    assert!(matches!(late, Err(StoreError::Superseded(_))), "{late:?}");
+        ))
+        .await
+        .unwrap();
+    assert_eq!(late.outcome, DeliveryOutcome::Superseded);
     let outbound = store.message(answer.id).await.unwrap().unwrap();
     assert_eq!(outbound.delivery_status.as_deref(), Some("delivered"));
     assert_eq!(store.outbox_pending(10).await.unwrap().len(), 2);
     store
-        .set_delivery_status(answer.id, "failed", None, Vec::new())
+        .set_delivery_status(delivery(answer.id, "failed", None, Vec::new()))
         .await
         .unwrap();
     let again = store
-        .set_delivery_status(answer.id, "failed", None, Vec::new())
-        .await;
-    assert!(matches!(again, Err(StoreError::Superseded(_))), "{again:?}");
+        .set_delivery_status(delivery(answer.id, "failed", None, Vec::new()))
+        .await
+        .unwrap();
+    assert_eq!(again.outcome, DeliveryOutcome::Superseded);
 
     let unknown = store
-        .set_delivery_status(Ulid::new(), "failed", None, Vec::new())
+        .set_delivery_status(delivery(Ulid::new(), "failed", None, Vec::new()))
         .await;
     assert!(
         matches!(unknown, Err(StoreError::NotFound(_))),
@@ -1217,7 +1237,7 @@ async fn replies_and_delivery_status(backend: Backend) {
     );
     // An inbound message has no delivery status.
     let inbound_status = store
-        .set_delivery_status(inbound.message, "sent", None, Vec::new())
+        .set_delivery_status(delivery(inbound.message, "sent", None, Vec::new()))
         .await;
     assert!(
         matches!(inbound_status, Err(StoreError::NotFound(_))),
@@ -2130,4 +2150,139 @@ mod postgres_only {
         assert!(message.contains("127.0.0.1:1"), "{message}");
         assert!(!format!("{options:?}").contains("s3cret"));
     }
+}
+
+/// A provider's callback can beat the sender's write of the provider's id: the status is parked and
+/// applied (with its event) in the write that stores the id; a superseded `sent` still stores its
+/// id; a parked status never moves a reply backwards.
+async fn status_before_the_provider_id_is_applied_when_it_is_stored(backend: Backend) {
+    let store = backend.store();
+    let inbound = stored(
+        store
+            .ingest(sms("SM-in-9", PHONE, "hello"), Utc::now())
+            .await
+            .unwrap(),
+    );
+    let parked = |id: &str, status: &str, error: Option<&str>| ParkedStatus {
+        channel: "sms".into(),
+        provider_message_id: id.to_owned(),
+        status: status.to_owned(),
+        error: error.map(str::to_owned),
+    };
+
+    // `delivered`, then `failed` 30003, arrive for SM-early before the sender stored that id.
+    let early = reply(inbound.conversation, "on its way", Utc::now());
+    store.store_reply(early.clone(), Vec::new()).await.unwrap();
+    assert!(
+        store
+            .park_delivery_status(parked("SM-early", "delivered", None), Utc::now())
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .park_delivery_status(parked("SM-early", "failed", Some("30003")), Utc::now())
+            .await
+            .unwrap()
+    );
+    // A later `delivered` does not undo the parked failure.
+    store
+        .park_delivery_status(parked("SM-early", "delivered", None), Utc::now())
+        .await
+        .unwrap();
+    let backlog = store.outbox_backlog().await.unwrap();
+    let mut sent = delivery(
+        early.id,
+        "sent",
+        Some("SM-early"),
+        vec![event("message.sent", Some(inbound.conversation))],
+    );
+    sent.parked_failure_event = Some(event("message.delivery_failed", Some(inbound.conversation)));
+    let recorded = store.set_delivery_status(sent).await.unwrap();
+    assert_eq!(recorded.outcome, DeliveryOutcome::Applied);
+    assert_eq!(
+        recorded.parked,
+        Some(parked("SM-early", "failed", Some("30003")))
+    );
+    let early_stored = store.message(early.id).await.unwrap().unwrap();
+    assert_eq!(early_stored.delivery_status.as_deref(), Some("failed"));
+    assert_eq!(
+        early_stored.provider_message_id.as_deref(),
+        Some("SM-early")
+    );
+    // Both events are committed with it, the failure carrying the provider's error.
+    let events = store.outbox_pending(100).await.unwrap();
+    assert_eq!(store.outbox_backlog().await.unwrap(), backlog + 2);
+    let failed = events
+        .iter()
+        .find(|e| e.kind == "message.delivery_failed")
+        .unwrap();
+    assert_eq!(failed.data["reason"], "30003");
+    // Parked once, applied once: the id is ours now, so its statuses are no longer parked.
+    assert!(
+        !store
+            .park_delivery_status(parked("SM-early", "delivered", None), Utc::now())
+            .await
+            .unwrap()
+    );
+
+    // A superseded `sent` (an email bounce, matched by our own id, came first) still stores the
+    // provider's id, so later callbacks find the reply; a parked `delivered` cannot undo `failed`.
+    let bounced = reply(inbound.conversation, "try this", Utc::now());
+    store
+        .store_reply(bounced.clone(), Vec::new())
+        .await
+        .unwrap();
+    store
+        .set_delivery_status(delivery(bounced.id, "failed", None, Vec::new()))
+        .await
+        .unwrap();
+    store
+        .park_delivery_status(parked("SM-late", "delivered", None), Utc::now())
+        .await
+        .unwrap();
+    let recorded = store
+        .set_delivery_status(delivery(bounced.id, "sent", Some("SM-late"), Vec::new()))
+        .await
+        .unwrap();
+    assert_eq!(recorded.outcome, DeliveryOutcome::Superseded);
+    assert_eq!(recorded.parked, None);
+    let found = store
+        .outbound_by_provider_id("sms", "SM-late")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.id, bounced.id);
+    assert_eq!(found.delivery_status.as_deref(), Some("failed"));
+
+    // A status parked over a day ago for an id that never became ours is dropped.
+    store
+        .park_delivery_status(
+            parked("SM-stranger", "failed", None),
+            Utc::now() - chrono::Duration::days(2),
+        )
+        .await
+        .unwrap();
+    store
+        .park_delivery_status(parked("SM-other", "delivered", None), Utc::now())
+        .await
+        .unwrap();
+    let stranger = reply(inbound.conversation, "hello?", Utc::now());
+    store
+        .store_reply(stranger.clone(), Vec::new())
+        .await
+        .unwrap();
+    let recorded = store
+        .set_delivery_status(delivery(
+            stranger.id,
+            "sent",
+            Some("SM-stranger"),
+            Vec::new(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        recorded.parked, None,
+        "a status older than a day is dropped"
+    );
 }

@@ -14,7 +14,7 @@ pub mod twilio;
 pub mod vonage;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -194,31 +194,89 @@ impl Channels {
             .get(&(provider.to_owned(), account.to_owned()))
             .cloned()
     }
+}
 
-    /// One sender per channel that has an account, for the delivery worker.
-    pub fn senders(self) -> impl Iterator<Item = (String, Arc<dyn ChannelSender>)> {
-        self.dispatch
-            .into_iter()
-            .map(|(channel, dispatch)| (channel, Arc::new(dispatch) as Arc<dyn ChannelSender>))
+/// The channels a provider account can send on.
+pub const SOCIAL_CHANNELS: [&str; 5] = ["sms", "whatsapp", "messenger", "instagram", "telegram"];
+
+/// The accounts in force, replaced whole by a configuration reload; cheap to clone. A webhook or a
+/// send takes the current set once and finishes with it, so a reload drops no in-flight send and
+/// the next request after it uses the new accounts.
+#[derive(Debug, Clone)]
+pub struct LiveChannels {
+    current: Arc<RwLock<Arc<Channels>>>,
+    store: Arc<dyn Store>,
+}
+
+impl LiveChannels {
+    pub fn new(settings: &ChannelSettings, store: Arc<dyn Store>) -> LiveChannels {
+        LiveChannels {
+            current: Arc::new(RwLock::new(Arc::new(Channels::build(settings, &store)))),
+            store,
+        }
     }
 
-    /// Webhooks only (the HTTP side keeps these; senders go to the delivery worker).
-    pub fn split(self) -> (Webhooks, Senders) {
-        let webhooks = Webhooks(Arc::new(self.webhooks.clone()));
-        (webhooks, self.senders().collect())
+    /// Puts the accounts of a reloaded (already validated) configuration in force.
+    pub fn replace(&self, settings: &ChannelSettings) {
+        let fresh = Arc::new(Channels::build(settings, &self.store));
+        // A poisoned lock only means a panic elsewhere while swapping an Arc: the value is whole.
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+    }
+
+    fn current(&self) -> Arc<Channels> {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn webhook(&self, provider: &str, account: &str) -> Option<Arc<dyn Webhook>> {
+        self.current().webhook(provider, account)
+    }
+
+    /// One sender per social channel for the delivery worker, each sending through the accounts in
+    /// force when the send starts.
+    pub fn senders(&self) -> Senders {
+        SOCIAL_CHANNELS
+            .iter()
+            .map(|channel| {
+                let sender = LiveDispatch {
+                    channel: (*channel).to_owned(),
+                    channels: self.clone(),
+                };
+                (
+                    (*channel).to_owned(),
+                    Arc::new(sender) as Arc<dyn ChannelSender>,
+                )
+            })
+            .collect()
     }
 }
 
 /// Each channel's sender, for the delivery worker.
 pub type Senders = Vec<(String, Arc<dyn ChannelSender>)>;
 
-/// The webhooks of every account, by (provider, account name); cheap to clone.
-#[derive(Debug, Clone, Default)]
-pub struct Webhooks(Arc<HashMap<(String, String), Arc<dyn Webhook>>>);
+/// A social channel's sender: the current accounts' [`ChannelDispatch`] for it.
+#[derive(Debug)]
+struct LiveDispatch {
+    channel: String,
+    channels: LiveChannels,
+}
 
-impl Webhooks {
-    pub fn get(&self, provider: &str, account: &str) -> Option<&Arc<dyn Webhook>> {
-        self.0.get(&(provider.to_owned(), account.to_owned()))
+#[async_trait]
+impl ChannelSender for LiveDispatch {
+    async fn send(&self, reply: &StoredMessage) -> Result<Option<String>, SendError> {
+        let accounts = self.channels.current();
+        match accounts.dispatch.get(&self.channel) {
+            Some(dispatch) => dispatch.send(reply).await,
+            None => Err(permanent(format!(
+                "no adapter is configured for channel `{}`",
+                self.channel
+            ))),
+        }
     }
 }
 

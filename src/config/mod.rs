@@ -497,24 +497,80 @@ pub fn load(
         }
         builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
     }
-    let overrides: config::Map<String, String> = environment
+    let mut overrides: config::Map<String, String> = environment
         .into_iter()
-        .filter(|(key, _)| key.starts_with("SWITCHBOARD__"))
+        .filter(|(key, _)| key.starts_with(ENV_PREFIX))
         .collect();
-    builder = builder.add_source(
-        config::Environment::with_prefix("SWITCHBOARD")
-            .prefix_separator("__")
-            .separator("__")
-            .list_separator(",")
-            .with_list_parse_key("auth.ingest_tokens")
-            .with_list_parse_key("auth.admin_tokens")
-            .with_list_parse_key("routing.default_queues")
-            .with_list_parse_key("chat.allowed_origins")
-            .try_parsing(true)
-            .source(Some(overrides)),
-    );
+    // List keys are split on `,` by the config crate; only these, so other values (a secret, a URL)
+    // keep their commas. A list of one is set here instead: the crate tries numbers before lists
+    // and would read a lone `+15550001111` or page id as an integer.
+    let list_keys: Vec<String> = overrides
+        .keys()
+        .filter_map(|variable| env_key(variable))
+        .filter(|key| is_list_key(key))
+        .collect();
+    let mut environment_source = config::Environment::with_prefix("SWITCHBOARD")
+        .prefix_separator("__")
+        .separator("__")
+        .list_separator(LIST_SEPARATOR)
+        // Naming keys at all is what stops the crate from splitting every value; the fixed ones
+        // are named even when unset.
+        .with_list_parse_key("auth.ingest_tokens")
+        .with_list_parse_key("auth.admin_tokens")
+        .with_list_parse_key("routing.default_queues")
+        .with_list_parse_key("chat.allowed_origins")
+        .try_parsing(true);
+    for key in &list_keys {
+        environment_source = environment_source.with_list_parse_key(key);
+    }
+    let mut singles = Vec::new();
+    overrides.retain(|variable, value| {
+        match env_key(variable).filter(|key| list_keys.contains(key)) {
+            Some(key) if !value.contains(LIST_SEPARATOR) => {
+                singles.push((key, value.clone()));
+                false
+            }
+            _ => true,
+        }
+    });
+    builder = builder.add_source(environment_source.source(Some(overrides)));
+    for (key, value) in singles {
+        builder = builder.set_override(key, vec![value])?;
+    }
     let file: ConfigFile = builder.build()?.try_deserialize()?;
     settings_from(file)
+}
+
+const ENV_PREFIX: &str = "SWITCHBOARD__";
+const LIST_SEPARATOR: &str = ",";
+
+/// `SWITCHBOARD__CHANNELS__TWILIO__MAIN__NUMBERS` → `channels.twilio.main.numbers`, the key the
+/// config crate makes of it.
+fn env_key(variable: &str) -> Option<String> {
+    variable
+        .strip_prefix(ENV_PREFIX)
+        .map(|rest| rest.to_lowercase().replace("__", "."))
+}
+
+/// Keys that hold lists and are named per account (`channels.<provider>.<account>.<list>`), or
+/// per section; the fixed ones are named to the environment source directly.
+fn is_list_key(key: &str) -> bool {
+    let parts: Vec<&str> = key.split('.').collect();
+    matches!(
+        parts.as_slice(),
+        ["channels", "twilio" | "vonage", _, "numbers"]
+            | [
+                "channels",
+                "meta",
+                _,
+                "whatsapp_phone_number_ids" | "messenger_page_ids" | "instagram_account_ids",
+            ]
+            | ["channels", "email", "mailboxes" | "domains"]
+            | ["bus", "outbound_channels"]
+            | ["auth", "ingest_tokens" | "admin_tokens"]
+            | ["routing", "default_queues"]
+            | ["chat", "allowed_origins"]
+    )
 }
 
 /// Validates a parsed file into [`Settings`].
@@ -824,6 +880,62 @@ mod tests {
             "the demo config has agents"
         );
         assert!(settings.routing.wording.is_some());
+    }
+
+    #[test]
+    fn environment_sets_account_lists_and_leaves_commas_in_other_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("channels.toml");
+        std::fs::write(
+            &path,
+            "[channels.twilio.main]\naccount_sid = \"AC123\"\npublic_url = \"https://hooks.example/t\"\n\
+             [channels.meta.app]\nmessenger_page_ids = [\"1\"]\n",
+        )
+        .unwrap();
+        let settings = load(
+            Some(&path),
+            env(&[
+                (
+                    "SWITCHBOARD__CHANNELS__TWILIO__MAIN__NUMBERS",
+                    "+15550001111,+15550002222",
+                ),
+                // Commas inside a secret are the secret's own.
+                ("SWITCHBOARD__CHANNELS__TWILIO__MAIN__AUTH_TOKEN", "tok,en"),
+                // A list of one that looks like a number stays a list of one string.
+                (
+                    "SWITCHBOARD__CHANNELS__META__APP__WHATSAPP_PHONE_NUMBER_IDS",
+                    "106540352242922",
+                ),
+                ("SWITCHBOARD__CHANNELS__META__APP__APP_SECRET", "a,b,c"),
+                ("SWITCHBOARD__CHANNELS__META__APP__VERIFY_TOKEN", "verify"),
+                ("SWITCHBOARD__CHANNELS__META__APP__ACCESS_TOKEN", "EAAB,x"),
+            ]),
+        )
+        .unwrap();
+        let twilio = &settings.channels.twilio[0];
+        assert_eq!(twilio.numbers, ["+15550001111", "+15550002222"]);
+        assert!(twilio.auth_token.matches("tok,en"));
+        let meta = &settings.channels.meta[0];
+        assert_eq!(meta.whatsapp_phone_number_ids, ["106540352242922"]);
+        assert_eq!(meta.messenger_page_ids, ["1"]);
+        assert!(meta.app_secret.matches("a,b,c"));
+        assert!(meta.access_token.matches("EAAB,x"));
+        // One number alone is a list of one, with its `+`.
+        let single = load(
+            Some(&path),
+            env(&[
+                (
+                    "SWITCHBOARD__CHANNELS__TWILIO__MAIN__NUMBERS",
+                    "+15550001111",
+                ),
+                ("SWITCHBOARD__CHANNELS__TWILIO__MAIN__AUTH_TOKEN", "token"),
+                ("SWITCHBOARD__CHANNELS__META__APP__APP_SECRET", "s"),
+                ("SWITCHBOARD__CHANNELS__META__APP__VERIFY_TOKEN", "v"),
+                ("SWITCHBOARD__CHANNELS__META__APP__ACCESS_TOKEN", "a"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(single.channels.twilio[0].numbers, ["+15550001111"]);
     }
 
     #[test]

@@ -68,7 +68,6 @@ impl From<StoreError> for Refusal {
     fn from(error: StoreError) -> Self {
         match error {
             StoreError::NotFound(what) => Refusal::new(RefusalKind::NotFound, "not_found", what),
-            StoreError::Superseded(what) => Refusal::new(RefusalKind::Conflict, "superseded", what),
             other => Refusal::new(
                 RefusalKind::Unavailable,
                 "store_unavailable",

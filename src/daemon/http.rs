@@ -28,7 +28,7 @@ use super::views::{self, RouterRead};
 use super::web;
 use crate::channels::email::Envelope;
 use crate::channels::email::intake::{EmailIntake, IntakeError};
-use crate::channels::{Inbound, WebhookAnswer, WebhookError, WebhookRequest, Webhooks};
+use crate::channels::{Inbound, LiveChannels, WebhookAnswer, WebhookError, WebhookRequest};
 use crate::config::AuthSection;
 use crate::routing::AgentId;
 use crate::store::{ConversationFilter, ConversationStatus, StoreError};
@@ -44,8 +44,8 @@ pub struct AppState {
     pub reloader: super::Reloader,
     /// Each configured broker's connection state, for `/readyz`.
     pub buses: BusStates,
-    /// The SMS and social providers' webhooks, by (provider, account).
-    pub webhooks: Webhooks,
+    /// The SMS and social provider accounts in force (their webhooks, by provider and account).
+    pub channels: LiveChannels,
     /// The email channel's intake, when `[channels.email]` is configured.
     pub email: Option<EmailIntake>,
     /// Customers' open chat sockets, and the chat's limits.
@@ -392,8 +392,8 @@ async fn webhook_handshake(
     uri: axum::http::Uri,
 ) -> ApiResult<Response> {
     let hook = state
-        .webhooks
-        .get(&provider, &account)
+        .channels
+        .webhook(&provider, &account)
         .ok_or_else(|| no_such_webhook(&provider, &account))?;
     let challenge = hook
         .handshake(uri.query())
@@ -413,8 +413,8 @@ async fn webhook(
 ) -> ApiResult<Response> {
     let received = Instant::now();
     let hook = state
-        .webhooks
-        .get(&provider, &account)
+        .channels
+        .webhook(&provider, &account)
         .ok_or_else(|| no_such_webhook(&provider, &account))?;
     state.actions.intake_open()?;
     let bytes = body.map_err(|rejection| body_rejection(&rejection))?;

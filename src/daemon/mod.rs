@@ -235,9 +235,8 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
         "api".into(),
         Arc::new(outbound::ApiChannel::new(&settings.outbound)),
     );
-    let (webhooks, channel_senders) =
-        crate::channels::Channels::build(&settings.channels, &store).split();
-    senders.extend(channel_senders);
+    let channels = crate::channels::LiveChannels::new(&settings.channels, store.clone());
+    senders.extend(channels.senders());
     let email = settings.channels.email.clone().map(Arc::new);
     if let Some(email) = &email
         && let Some(relay) = &email.relay
@@ -282,9 +281,14 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
 
     let auth = Arc::new(RwLock::new(settings.auth.clone()));
     let reload = {
-        let (leadership, auth) = (leadership.clone(), auth.clone());
+        let (leadership, auth, channels) = (leadership.clone(), auth.clone(), channels.clone());
         Reloader(Arc::new(move || -> ReloadFuture {
-            let (leadership, auth, source) = (leadership.clone(), auth.clone(), source.clone());
+            let (leadership, auth, channels, source) = (
+                leadership.clone(),
+                auth.clone(),
+                channels.clone(),
+                source.clone(),
+            );
             Box::pin(async move {
                 let fresh = config::load(source.file.as_deref(), source.environment.clone())
                     .map_err(|error| error.to_string())?;
@@ -292,6 +296,8 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
                     .reload(fresh.routing)
                     .await
                     .map_err(|error| error.to_string())?;
+                // Validated with the rest: from here nothing can refuse the new configuration.
+                channels.replace(&fresh.channels);
                 if let Ok(mut current) = auth.write() {
                     *current = fresh.auth;
                 }
@@ -323,7 +329,7 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
         auth,
         reloader: reload.clone(),
         buses: buses.states.clone(),
-        webhooks,
+        channels,
         email: email_intake.clone(),
         chat,
         chat_settings: Arc::new(settings.chat.clone()),

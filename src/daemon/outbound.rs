@@ -23,7 +23,9 @@ use super::metrics::Metrics;
 use crate::channels::{DeliveryState, StatusUpdate};
 use crate::config::{OutboundSection, Secret};
 use crate::routing::AgentId;
-use crate::store::{Direction, Store, StoreError, StoredMessage};
+use crate::store::{
+    DeliveryOutcome, DeliveryUpdate, Direction, ParkedStatus, Store, StoreError, StoredMessage,
+};
 
 /// Why a send failed, and whether trying again may help.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,36 +170,46 @@ impl Outbound {
 
     /// A provider's status callback for one of our replies: `delivered` is recorded (no event: the
     /// brief has no `message.delivered`), a failure becomes `message.delivery_failed` with the
-    /// provider's error. Statuses only move forward; an id that is not one of our replies is ignored.
+    /// provider's error. Statuses only move forward. A callback can beat the sender's write of the
+    /// provider's id: its status is then parked and applied when the id is stored (ids that never
+    /// become one of our replies are dropped after a day).
     pub async fn provider_status(&self, update: &StatusUpdate) -> Result<(), StoreError> {
-        let Some(reply) = self
-            .context
-            .store
-            .outbound_by_provider_id(&update.channel, &update.provider_message_id)
-            .await?
-        else {
-            debug!(id = %update.provider_message_id, "status of a message that is not one of our replies");
-            return Ok(());
+        let status = match update.state {
+            DeliveryState::Delivered => "delivered",
+            DeliveryState::Failed => "failed",
+            // The sender records `sent` itself, when the provider's API accepts the message.
+            DeliveryState::Sent => return Ok(()),
         };
-        let current = reply.delivery_status.as_deref().unwrap_or("pending");
-        let (status, kind) = match update.state {
-            DeliveryState::Delivered if matches!(current, "pending" | "sent") => {
-                ("delivered", None)
+        let store = &self.context.store;
+        // Twice at most: parking is refused only when the reply got its id in between.
+        for _ in 0..2 {
+            if let Some(reply) = store
+                .outbound_by_provider_id(&update.channel, &update.provider_message_id)
+                .await?
+            {
+                let kind = (status == "failed").then_some("message.delivery_failed");
+                return record(
+                    &self.context,
+                    &reply,
+                    status,
+                    None,
+                    kind,
+                    update.error.as_deref(),
+                )
+                .await;
             }
-            DeliveryState::Failed if current != "failed" => {
-                ("failed", Some("message.delivery_failed"))
+            let parked = ParkedStatus {
+                channel: update.channel.clone(),
+                provider_message_id: update.provider_message_id.clone(),
+                status: status.to_owned(),
+                error: update.error.clone(),
+            };
+            if store.park_delivery_status(parked, Utc::now()).await? {
+                debug!(id = %update.provider_message_id, "status of a reply whose provider id is not stored yet: parked");
+                return Ok(());
             }
-            _ => return Ok(()),
-        };
-        record(
-            &self.context,
-            &reply,
-            status,
-            None,
-            kind,
-            update.error.as_deref(),
-        )
-        .await
+        }
+        Ok(())
     }
 }
 
@@ -294,31 +306,58 @@ async fn record(
         })
         .into_iter()
         .collect();
-    // A later status may be stored already (callbacks race each other and the sender): it stays,
-    // and nothing is announced for this one.
-    let superseded = match context
+    // A failure the provider reported before we stored its id is applied by this write; its event
+    // is written with it.
+    let parked_failure_event = provider_id.is_some().then(|| {
+        events::message_delivery(
+            "message.delivery_failed",
+            reply.conversation_id,
+            reply.id,
+            &reply.channel,
+            None,
+            Utc::now(),
+        )
+    });
+    let recorded = context
         .store
-        .set_delivery_status(reply.id, status, provider_id, events)
-        .await
-    {
-        Err(StoreError::Superseded(_)) => true,
-        written => {
-            written?;
-            false
-        }
-    };
-    // The provider took the message even when its `delivered` came in first: it still counts as sent.
+        .set_delivery_status(DeliveryUpdate {
+            message_id: reply.id,
+            status: status.to_owned(),
+            provider_message_id: provider_id,
+            events,
+            parked_failure_event,
+        })
+        .await?;
+    // A later status may be stored already (callbacks race each other and the sender): it stays,
+    // and nothing is announced for this one. The provider took the message even when its
+    // `delivered` came in first: it still counts as sent.
+    let applied = recorded.outcome == DeliveryOutcome::Applied;
     let counter = match status {
         "sent" => Some(&context.metrics.messages_sent),
-        "failed" if !superseded => Some(&context.metrics.messages_failed),
+        "failed" if applied => Some(&context.metrics.messages_failed),
         _ => None,
     };
     if let Some(counter) = counter {
         counter.with_label_values(&[&reply.channel]).inc();
     }
-    if superseded {
-        return Ok(());
+    if applied {
+        announce(context, reply, status, detail);
     }
+    if let Some(parked) = &recorded.parked {
+        if parked.status == "failed" {
+            context
+                .metrics
+                .messages_failed
+                .with_label_values(&[&reply.channel])
+                .inc();
+        }
+        announce(context, reply, &parked.status, parked.error.as_deref());
+    }
+    Ok(())
+}
+
+/// Tells the relay there are events and the agent who wrote the reply what became of it.
+fn announce(context: &OutboundContext, reply: &StoredMessage, status: &str, detail: Option<&str>) {
     context.outbox_written.notify_one();
     if let Some(agent) = &reply.agent_id {
         context.hub.push(
@@ -326,7 +365,6 @@ async fn record(
             &json!({ "type": "reply_status", "conversation_id": reply.conversation_id.to_string(), "message_id": reply.id.to_string(), "status": status, "reason": detail }),
         );
     }
-    Ok(())
 }
 
 async fn send_with_retries(

@@ -30,11 +30,6 @@ pub enum StoreError {
     /// Stored data could not be read back (a bug or a damaged database).
     #[error("corrupt data: {0}")]
     Corrupt(String),
-    /// The write would move stored state backwards; nothing was written. Delivery statuses only
-    /// move forward (pending → sent → delivered, failed last), so e.g. a `sent` recorded after the
-    /// provider's `delivered` callback, or a second `failed`, is superseded.
-    #[error("superseded: {0}")]
-    Superseded(String),
 }
 
 /// Where a conversation stands, as far as matching new messages is concerned.
@@ -163,6 +158,68 @@ pub struct NewEvent {
     pub conversation_id: Option<Ulid>,
     pub data: serde_json::Value,
     pub time: DateTime<Utc>,
+}
+
+/// A delivery status to record for an outbound message.
+#[derive(Debug, Clone)]
+pub struct DeliveryUpdate {
+    pub message_id: Ulid,
+    /// `sent`, `delivered` or `failed`.
+    pub status: String,
+    /// The provider's id of the message (what its send API returned).
+    pub provider_message_id: Option<String>,
+    pub events: Vec<NewEvent>,
+    /// Appended when storing the provider id applies a parked `failed`; its `data.reason` is set to
+    /// the provider's error.
+    pub parked_failure_event: Option<NewEvent>,
+}
+
+/// How a [`Store::set_delivery_status`] went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryRecorded {
+    pub outcome: DeliveryOutcome,
+    /// A status the provider had reported before its id was stored, applied by this write.
+    pub parked: Option<ParkedStatus>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryOutcome {
+    /// Stored, with its events.
+    Applied,
+    /// A later status was stored already (callbacks race each other and the sender): it stays, and
+    /// this one's events are not written.
+    Superseded,
+}
+
+/// A provider's status for the message it knows by `provider_message_id` on `channel`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParkedStatus {
+    pub channel: String,
+    pub provider_message_id: String,
+    /// `delivered` or `failed`.
+    pub status: String,
+    /// For failures: the provider's error code and description.
+    pub error: Option<String>,
+}
+
+/// The order delivery statuses move in (pending → sent → delivered; failed last), as SQL over the
+/// expression given, shared by both backends.
+pub(crate) fn status_rank_sql(expression: &str) -> String {
+    format!(
+        "(CASE {expression} WHEN 'pending' THEN 0 WHEN 'sent' THEN 1 WHEN 'delivered' THEN 2 \
+         ELSE 3 END)"
+    )
+}
+
+/// How long (nanoseconds) a parked status waits for its id before it is dropped as not ours.
+pub(crate) const PARKED_STATUS_TTL_NANOS: i64 = 24 * 3600 * 1_000_000_000;
+
+/// Sets `data.reason` of a parked failure's event to the provider's error.
+pub(crate) fn parked_failure_event(mut event: NewEvent, error: Option<&str>) -> NewEvent {
+    if let Some(data) = event.data.as_object_mut() {
+        data.insert("reason".into(), serde_json::json!(error));
+    }
+    event
 }
 
 /// An event waiting in (or read from) the outbox.
@@ -391,15 +448,25 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Stores an agent's reply as an outbound message (`pending`) together with its events.
     async fn store_reply(&self, reply: NewReply, events: Vec<NewEvent>) -> Result<(), StoreError>;
 
-    /// Records a delivery status for an outbound message (`sent`, `delivered`, `failed`), with events.
-    /// A status that is not past the stored one changes nothing and is `Superseded`.
+    /// Records a delivery status for an outbound message (`sent`, `delivered`, `failed`), with its
+    /// events. A status that is not past the stored one is [`DeliveryOutcome::Superseded`]: it and
+    /// its events are not written, but a provider id it brings is. Storing a provider id applies,
+    /// in the same transaction, a status the provider reported for it before (see
+    /// [`Store::park_delivery_status`]).
     async fn set_delivery_status(
         &self,
-        message_id: Ulid,
-        status: &str,
-        provider_message_id: Option<String>,
-        events: Vec<NewEvent>,
-    ) -> Result<(), StoreError>;
+        update: DeliveryUpdate,
+    ) -> Result<DeliveryRecorded, StoreError>;
+
+    /// A provider's status (`delivered` or `failed`) for an id no reply has yet: its callback beat
+    /// the sender's write of that id. Kept (the furthest-forward per id) until the id is stored,
+    /// then applied with it. Returns false, keeping nothing, when a reply has the id by now (the
+    /// caller applies the status to it as usual). Statuses kept longer than a day are dropped.
+    async fn park_delivery_status(
+        &self,
+        status: ParkedStatus,
+        received_at: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
 
     async fn recovery(&self) -> Result<Recovery, StoreError>;
 
@@ -564,7 +631,6 @@ pub(crate) fn prefix_error(error: StoreError, context: &str) -> StoreError {
         }
         StoreError::NotFound(message) => StoreError::NotFound(format!("{context}: {message}")),
         StoreError::Corrupt(message) => StoreError::Corrupt(format!("{context}: {message}")),
-        StoreError::Superseded(message) => StoreError::Superseded(format!("{context}: {message}")),
         fenced @ StoreError::Fenced { .. } => fenced,
     }
 }

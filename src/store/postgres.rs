@@ -48,10 +48,11 @@ use ulid::Ulid;
 use super::IngestRequest;
 use super::sqlite::WriterStats;
 use super::{
-    ConversationFilter, ConversationRecord, ConversationStatus, Direction, ForwardedCommand,
-    IngestOutcome, Lease, Member, NewEvent, NewReply, OutboxEvent, Recovery, ReplyRoute,
-    RoutingWrite, Store, StoreError, StoredMessage, StoredPush, UnroutedMessage, Wakeup, json_text,
-    lease_duration, parse_status, parse_ulid, prefix_error, to_i64, to_u64,
+    ConversationFilter, ConversationRecord, ConversationStatus, DeliveryOutcome, DeliveryRecorded,
+    DeliveryUpdate, Direction, ForwardedCommand, IngestOutcome, Lease, Member, NewEvent, NewReply,
+    OutboxEvent, PARKED_STATUS_TTL_NANOS, ParkedStatus, Recovery, ReplyRoute, RoutingWrite, Store,
+    StoreError, StoredMessage, StoredPush, UnroutedMessage, Wakeup, json_text, lease_duration,
+    parked_failure_event, parse_status, parse_ulid, prefix_error, status_rank_sql, to_i64, to_u64,
 };
 use crate::message::InboundMessage;
 
@@ -65,6 +66,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (
         3,
         include_str!("../../migrations/postgres/0003_cluster.sql"),
+    ),
+    (
+        4,
+        include_str!("../../migrations/postgres/0004_parked_delivery_status.sql"),
     ),
 ];
 
@@ -647,12 +652,8 @@ enum Write {
     Ingest(Box<EncodedIngest>),
     Routing(Arc<RoutingWrite>),
     Reply(Box<NewReply>, Vec<NewEvent>),
-    Delivery {
-        message_id: Ulid,
-        status: String,
-        provider_message_id: Option<String>,
-        events: Vec<NewEvent>,
-    },
+    Delivery(Box<DeliveryUpdate>),
+    Park(Box<ParkedStatus>, i64),
     MarkSent(Vec<i64>),
     Probe,
     Command(Box<ForwardedCommand>),
@@ -663,6 +664,9 @@ enum Write {
 enum Written {
     Ingest(IngestOutcome),
     Done,
+    Delivery(DeliveryRecorded),
+    /// Whether a provider status was parked (false: a reply has its id by now).
+    Parked(bool),
     /// Whether a forwarded command's answer was stored (false: it had one already).
     Answered(bool),
 }
@@ -859,20 +863,12 @@ async fn run_write(client: &Client, write: &Write) -> Result<Written, Failure> {
         Write::Reply(reply, events) => store_reply_tx(client, reply, events)
             .await
             .map(|()| Written::Done),
-        Write::Delivery {
-            message_id,
-            status,
-            provider_message_id,
-            events,
-        } => set_delivery_status_tx(
-            client,
-            *message_id,
-            status,
-            provider_message_id.as_deref(),
-            events,
-        )
-        .await
-        .map(|()| Written::Done),
+        Write::Delivery(update) => set_delivery_status_tx(client, update)
+            .await
+            .map(Written::Delivery),
+        Write::Park(status, received_at) => park_delivery_status_tx(client, status, *received_at)
+            .await
+            .map(Written::Parked),
         Write::MarkSent(positions) => {
             let statement = client
                 .prepare_cached(
@@ -1656,44 +1652,138 @@ async fn store_reply_tx(
 
 async fn set_delivery_status_tx(
     client: &Client,
-    message_id: Ulid,
-    status: &str,
-    provider_message_id: Option<&str>,
-    events: &[NewEvent],
-) -> Result<(), Failure> {
-    let statement = client
-        .prepare_cached(
-            "UPDATE messages SET delivery_status = $2,
-                 provider_message_id = COALESCE($3, provider_message_id)
-             WHERE id = $1 AND direction = 'outbound'
-               AND (CASE COALESCE(delivery_status, 'pending') WHEN 'pending' THEN 0
-                    WHEN 'sent' THEN 1 WHEN 'delivered' THEN 2 ELSE 3 END)
-                 < (CASE $2::text WHEN 'pending' THEN 0 WHEN 'sent' THEN 1 WHEN 'delivered' THEN 2
-                    ELSE 3 END)",
+    update: &DeliveryUpdate,
+) -> Result<DeliveryRecorded, Failure> {
+    let id = update.message_id.to_string();
+    // A superseded status still brings the provider's id: later callbacks are found by it.
+    let row = client
+        .query_opt(
+            "UPDATE messages SET provider_message_id = COALESCE(provider_message_id, $2)
+             WHERE id = $1 AND direction = 'outbound' RETURNING channel",
+            &[&id, &update.provider_message_id],
         )
         .await?;
-    let id = message_id.to_string();
-    let changed = client
-        .execute(&statement, &[&id, &status, &provider_message_id])
-        .await?;
-    if changed == 0 {
-        let exists = client
+    let Some(row) = row else {
+        return Err(StoreError::NotFound(format!("outbound message {}", update.message_id)).into());
+    };
+    let channel: String = column(&row, 0)?;
+    let outcome = if advance_status(client, &id, &update.status).await? {
+        append_events(client, &update.events).await?;
+        DeliveryOutcome::Applied
+    } else {
+        DeliveryOutcome::Superseded
+    };
+    let mut parked = None;
+    if let Some(provider_id) = &update.provider_message_id {
+        lock_provider_id(client, &channel, provider_id).await?;
+        let waiting = client
             .query_opt(
-                "SELECT 1 FROM messages WHERE id = $1 AND direction = 'outbound'",
-                &[&id],
+                "DELETE FROM parked_delivery_statuses
+                 WHERE channel = $1 AND provider_message_id = $2 RETURNING status, error",
+                &[&channel, provider_id],
             )
-            .await?
-            .is_some();
-        return Err(if exists {
-            StoreError::Superseded(format!(
-                "outbound message {message_id} is already past {status}"
-            ))
-        } else {
-            StoreError::NotFound(format!("outbound message {message_id}"))
+            .await?;
+        if let Some(waiting) = waiting {
+            let (status, error): (String, Option<String>) =
+                (column(&waiting, 0)?, column(&waiting, 1)?);
+            if advance_status(client, &id, &status).await? {
+                if status == "failed"
+                    && let Some(event) = &update.parked_failure_event
+                {
+                    append_events(
+                        client,
+                        &[parked_failure_event(event.clone(), error.as_deref())],
+                    )
+                    .await?;
+                }
+                parked = Some(ParkedStatus {
+                    channel,
+                    provider_message_id: provider_id.clone(),
+                    status,
+                    error,
+                });
+            }
         }
-        .into());
     }
-    append_events(client, events).await
+    Ok(DeliveryRecorded { outcome, parked })
+}
+
+/// Moves an outbound message's status to `status` if that is forward; true if it did.
+async fn advance_status(client: &Client, id: &str, status: &str) -> Result<bool, Failure> {
+    let statement = client
+        .prepare_cached(&format!(
+            "UPDATE messages SET delivery_status = $2
+             WHERE id = $1 AND direction = 'outbound' AND {} < {}",
+            status_rank_sql("COALESCE(delivery_status, 'pending')"),
+            status_rank_sql("$2::text"),
+        ))
+        .await?;
+    Ok(client.execute(&statement, &[&id, &status]).await? > 0)
+}
+
+/// Serialises, until commit, the writes that store a provider id and those that park a status
+/// for it, across instances: under READ COMMITTED each would otherwise miss the other's
+/// uncommitted row and the status would be lost.
+async fn lock_provider_id(
+    client: &Client,
+    channel: &str,
+    provider_id: &str,
+) -> Result<(), Failure> {
+    client
+        .execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1 || E'\\n' || $2, 0))",
+            &[&channel, &provider_id],
+        )
+        .await?;
+    Ok(())
+}
+
+async fn park_delivery_status_tx(
+    client: &Client,
+    status: &ParkedStatus,
+    received_at: i64,
+) -> Result<bool, Failure> {
+    lock_provider_id(client, &status.channel, &status.provider_message_id).await?;
+    let known = client
+        .query_opt(
+            "SELECT 1 FROM messages
+             WHERE channel = $1 AND provider_message_id = $2 AND direction = 'outbound'",
+            &[&status.channel, &status.provider_message_id],
+        )
+        .await?
+        .is_some();
+    if known {
+        return Ok(false);
+    }
+    client
+        .execute(
+            "DELETE FROM parked_delivery_statuses WHERE received_at < $1",
+            &[&received_at.saturating_sub(PARKED_STATUS_TTL_NANOS)],
+        )
+        .await?;
+    client
+        .execute(
+            &format!(
+                "INSERT INTO parked_delivery_statuses
+                     (channel, provider_message_id, status, error, received_at)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (channel, provider_message_id) DO UPDATE
+                     SET status = excluded.status, error = excluded.error,
+                         received_at = excluded.received_at
+                     WHERE {} > {}",
+                status_rank_sql("excluded.status"),
+                status_rank_sql("parked_delivery_statuses.status"),
+            ),
+            &[
+                &status.channel,
+                &status.provider_message_id,
+                &status.status,
+                &status.error,
+                &received_at,
+            ],
+        )
+        .await?;
+    Ok(true)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1825,18 +1915,27 @@ impl Store for PostgresStore {
 
     async fn set_delivery_status(
         &self,
-        message_id: Ulid,
-        status: &str,
-        provider_message_id: Option<String>,
-        events: Vec<NewEvent>,
-    ) -> Result<(), StoreError> {
-        self.write_done(Write::Delivery {
-            message_id,
-            status: status.to_owned(),
-            provider_message_id,
-            events,
-        })
-        .await
+        update: DeliveryUpdate,
+    ) -> Result<DeliveryRecorded, StoreError> {
+        match self.write(Write::Delivery(Box::new(update))).await? {
+            Written::Delivery(recorded) => Ok(recorded),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn park_delivery_status(
+        &self,
+        status: ParkedStatus,
+        received_at: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let received_at = nanos(&received_at)?;
+        match self
+            .write(Write::Park(Box::new(status), received_at))
+            .await?
+        {
+            Written::Parked(parked) => Ok(parked),
+            other => Err(unexpected(&other)),
+        }
     }
 
     async fn recovery(&self) -> Result<Recovery, StoreError> {

@@ -55,10 +55,11 @@ use ulid::Ulid;
 
 use super::IngestRequest;
 use super::{
-    ConversationFilter, ConversationRecord, ConversationStatus, Direction, IngestOutcome, Lease,
-    NewEvent, NewReply, OutboxEvent, Recovery, ReplyRoute, RoutingWrite, Store, StoreError,
-    StoredMessage, UnroutedMessage, json_text, lease_duration, parse_status, parse_ulid,
-    prefix_error, to_i64, to_u64,
+    ConversationFilter, ConversationRecord, ConversationStatus, DeliveryOutcome, DeliveryRecorded,
+    DeliveryUpdate, Direction, IngestOutcome, Lease, NewEvent, NewReply, OutboxEvent,
+    PARKED_STATUS_TTL_NANOS, ParkedStatus, Recovery, ReplyRoute, RoutingWrite, Store, StoreError,
+    StoredMessage, UnroutedMessage, json_text, lease_duration, parked_failure_event, parse_status,
+    parse_ulid, prefix_error, status_rank_sql, to_i64, to_u64,
 };
 use crate::message::{IdentityLink, InboundMessage};
 
@@ -72,7 +73,11 @@ const MIGRATIONS: &[(i64, &str)] = &[
     ),
     (
         4,
-        include_str!("../../migrations/sqlite/0004_outbox_cursor.sql"),
+        include_str!("../../migrations/sqlite/0004_parked_delivery_status.sql"),
+    ),
+    (
+        5,
+        include_str!("../../migrations/sqlite/0005_outbox_cursor.sql"),
     ),
 ];
 
@@ -1257,35 +1262,114 @@ fn store_reply_tx(
 
 fn set_delivery_status_tx(
     conn: &Connection,
-    message_id: Ulid,
-    status: &str,
-    provider_message_id: Option<&str>,
-    events: &[NewEvent],
-) -> Result<(), StoreError> {
-    let changed = conn
-        .prepare_cached(
-            "UPDATE messages SET delivery_status = ?2,
-                 provider_message_id = COALESCE(?3, provider_message_id)
-             WHERE id = ?1 AND direction = 'outbound'
-               AND (CASE COALESCE(delivery_status, 'pending') WHEN 'pending' THEN 0
-                    WHEN 'sent' THEN 1 WHEN 'delivered' THEN 2 ELSE 3 END)
-                 < (CASE ?2 WHEN 'pending' THEN 0 WHEN 'sent' THEN 1 WHEN 'delivered' THEN 2
-                    ELSE 3 END)",
+    update: &DeliveryUpdate,
+) -> Result<DeliveryRecorded, StoreError> {
+    let id = update.message_id.to_string();
+    let Some(channel) = conn
+        .prepare_cached("SELECT channel FROM messages WHERE id = ?1 AND direction = 'outbound'")?
+        .query_row(params![id], |row| row.get::<_, String>(0))
+        .optional()?
+    else {
+        return Err(StoreError::NotFound(format!(
+            "outbound message {}",
+            update.message_id
+        )));
+    };
+    // A superseded status still brings the provider's id: later callbacks are found by it.
+    if let Some(provider_id) = &update.provider_message_id {
+        conn.prepare_cached(
+            "UPDATE messages SET provider_message_id = ?2
+             WHERE id = ?1 AND provider_message_id IS NULL",
         )?
-        .execute(params![message_id.to_string(), status, provider_message_id])?;
-    if changed == 0 {
-        let exists = conn
-            .prepare_cached("SELECT 1 FROM messages WHERE id = ?1 AND direction = 'outbound'")?
-            .exists(params![message_id.to_string()])?;
-        return Err(if exists {
-            StoreError::Superseded(format!(
-                "outbound message {message_id} is already past {status}"
-            ))
-        } else {
-            StoreError::NotFound(format!("outbound message {message_id}"))
-        });
+        .execute(params![id, provider_id])?;
     }
-    append_events(conn, events)
+    let outcome = if advance_status(conn, &id, &update.status)? {
+        append_events(conn, &update.events)?;
+        DeliveryOutcome::Applied
+    } else {
+        DeliveryOutcome::Superseded
+    };
+    let mut parked = None;
+    if let Some(provider_id) = &update.provider_message_id {
+        let waiting = conn
+            .prepare_cached(
+                "DELETE FROM parked_delivery_statuses
+                 WHERE channel = ?1 AND provider_message_id = ?2 RETURNING status, error",
+            )?
+            .query_row(params![channel, provider_id], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, Option<String>>(1)?))
+            })
+            .optional()?;
+        if let Some((status, error)) = waiting
+            && advance_status(conn, &id, &status)?
+        {
+            if status == "failed"
+                && let Some(event) = &update.parked_failure_event
+            {
+                append_events(
+                    conn,
+                    &[parked_failure_event(event.clone(), error.as_deref())],
+                )?;
+            }
+            parked = Some(ParkedStatus {
+                channel,
+                provider_message_id: provider_id.clone(),
+                status,
+                error,
+            });
+        }
+    }
+    Ok(DeliveryRecorded { outcome, parked })
+}
+
+/// Moves an outbound message's status to `status` if that is forward; true if it did.
+fn advance_status(conn: &Connection, id: &str, status: &str) -> Result<bool, StoreError> {
+    let changed = conn
+        .prepare_cached(&format!(
+            "UPDATE messages SET delivery_status = ?2
+             WHERE id = ?1 AND direction = 'outbound' AND {} < {}",
+            status_rank_sql("COALESCE(delivery_status, 'pending')"),
+            status_rank_sql("?2"),
+        ))?
+        .execute(params![id, status])?;
+    Ok(changed > 0)
+}
+
+fn park_delivery_status_tx(
+    conn: &Connection,
+    status: &ParkedStatus,
+    received_at: i64,
+) -> Result<bool, StoreError> {
+    let known = conn
+        .prepare_cached(
+            "SELECT 1 FROM messages
+             WHERE channel = ?1 AND provider_message_id = ?2 AND direction = 'outbound'",
+        )?
+        .exists(params![status.channel, status.provider_message_id])?;
+    if known {
+        return Ok(false);
+    }
+    conn.prepare_cached("DELETE FROM parked_delivery_statuses WHERE received_at < ?1")?
+        .execute(params![received_at.saturating_sub(PARKED_STATUS_TTL_NANOS)])?;
+    conn.prepare_cached(&format!(
+        "INSERT INTO parked_delivery_statuses
+             (channel, provider_message_id, status, error, received_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (channel, provider_message_id) DO UPDATE
+             SET status = excluded.status, error = excluded.error,
+                 received_at = excluded.received_at
+             WHERE {} > {}",
+        status_rank_sql("excluded.status"),
+        status_rank_sql("parked_delivery_statuses.status"),
+    ))?
+    .execute(params![
+        status.channel,
+        status.provider_message_id,
+        status.status,
+        status.error,
+        received_at
+    ])?;
+    Ok(true)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1593,22 +1677,20 @@ impl Store for SqliteStore {
 
     async fn set_delivery_status(
         &self,
-        message_id: Ulid,
-        status: &str,
-        provider_message_id: Option<String>,
-        events: Vec<NewEvent>,
-    ) -> Result<(), StoreError> {
-        let status = status.to_owned();
-        self.write(move |conn| {
-            set_delivery_status_tx(
-                conn,
-                message_id,
-                &status,
-                provider_message_id.as_deref(),
-                &events,
-            )
-        })
-        .await
+        update: DeliveryUpdate,
+    ) -> Result<DeliveryRecorded, StoreError> {
+        self.write(move |conn| set_delivery_status_tx(conn, &update))
+            .await
+    }
+
+    async fn park_delivery_status(
+        &self,
+        status: ParkedStatus,
+        received_at: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let received_at = received_at.timestamp_nanos_opt().unwrap_or(i64::MAX);
+        self.write(move |conn| park_delivery_status_tx(conn, &status, received_at))
+            .await
     }
 
     async fn recovery(&self) -> Result<Recovery, StoreError> {
@@ -1752,7 +1834,7 @@ mod tests {
         assert_eq!(SCHEMA_VERSION, MIGRATIONS.len() as i64);
     }
 
-    /// A database at schema 3 with `sent` of its `total` events flagged sent, migrated to the
+    /// A database at schema 4 with `sent` of its `total` events flagged sent, migrated to the
     /// newest schema: the relay cursor. Returns the positions still pending.
     fn pending_after_cursor_migration(total: usize, sent: usize) -> Vec<i64> {
         let Ok(mut conn) = Connection::open_in_memory() else {
@@ -1765,7 +1847,7 @@ mod tests {
             "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)",
         );
         assert!(old_schema.is_ok());
-        for (version, sql) in &MIGRATIONS[..3] {
+        for (version, sql) in &MIGRATIONS[..4] {
             assert!(tx.execute_batch(sql).is_ok());
             let recorded = tx.execute(
                 "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, 'then')",

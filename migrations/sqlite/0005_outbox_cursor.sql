@@ -1,4 +1,4 @@
--- switchboard SQLite schema, version 4: the relay's progress is one cursor row instead of a
+-- switchboard SQLite schema, version 5: the relay's progress is one cursor row instead of a
 -- `sent_at` update per event. SQLite has one writer, so outbox positions commit in order and the
 -- relay always publishes a prefix of what is pending: "everything up to this position is
 -- published" says the same as a flag per row, for one small write per relay round instead of one
