@@ -126,7 +126,7 @@ async fn a_thousand_idle_customer_sockets_do_not_stop_service_and_are_closed_whe
     // Agents and intake are served while they sit there.
     let mut alice = daemon.agent_socket("alice").await;
     let presence = alice
-        .command(serde_json::json!({ "type": "presence", "status": "available" }))
+        .command(serde_json::json!({ "type": "presence", "presence": "available" }))
         .await;
     assert_eq!(presence["type"], "ack", "{presence}");
     let (status, answer) = daemon

@@ -253,7 +253,7 @@ async fn every_documented_route_has_a_row_and_refuses_the_wrong_caller() {
     // A conversation offered to alice.
     let mut alice = daemon.agent_socket("alice").await;
     let ack = alice
-        .command(json!({ "type": "presence", "status": "available" }))
+        .command(json!({ "type": "presence", "presence": "available" }))
         .await;
     assert_eq!(ack["type"], "ack", "{ack}");
     let (status, stored) = daemon
