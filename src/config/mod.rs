@@ -38,16 +38,12 @@ impl Secret {
         &self.0
     }
 
-    /// Constant-time comparison, so a token cannot be guessed byte by byte from response times.
+    /// Constant-time comparison (`subtle`, whose barriers keep the optimiser from adding an early
+    /// exit), so a token cannot be guessed byte by byte from response times. Only the length may
+    /// show, and tokens are long random strings.
     pub fn matches(&self, candidate: &str) -> bool {
-        let (a, b) = (self.0.as_bytes(), candidate.as_bytes());
-        let mut difference = a.len() ^ b.len();
-        for index in 0..a.len().max(b.len()) {
-            difference |= usize::from(
-                a.get(index).copied().unwrap_or(0) ^ b.get(index).copied().unwrap_or(0),
-            );
-        }
-        difference == 0
+        use subtle::ConstantTimeEq;
+        self.0.as_bytes().ct_eq(candidate.as_bytes()).into()
     }
 }
 
@@ -101,6 +97,8 @@ pub struct ServerSection {
     pub public_url: Option<String>,
     pub body_limit_bytes: usize,
     pub request_timeout_seconds: u64,
+    /// A client must send a request's whole header block within this (slowloris defence).
+    pub header_read_timeout_seconds: u64,
     pub shutdown_grace_seconds: u64,
     /// If set, the bound address is written here once listening (for scripts and tests using port 0).
     #[serde(default)]
@@ -116,6 +114,9 @@ pub struct StoreSection {
     pub path: PathBuf,
     /// Writes grouped into one commit at most.
     pub max_batch: usize,
+    /// SQLite: how long a write waits for a lock another process holds (a backup, a stray
+    /// `sqlite3` shell) before the request fails as unavailable (HTTP 503, SMTP 451, bus retry).
+    pub busy_timeout_ms: u64,
     /// PostgreSQL: `postgres://user@host:port/database` (a password in it works, but prefer
     /// `password` from the environment or `password_file`).
     #[serde(default)]
@@ -146,7 +147,11 @@ fn default_schema() -> String {
 /// The store to open, validated.
 #[derive(Debug, Clone)]
 pub enum StoreSettings {
-    Sqlite { path: PathBuf, max_batch: usize },
+    Sqlite {
+        path: PathBuf,
+        max_batch: usize,
+        busy_timeout: Duration,
+    },
     Postgres(Box<PostgresOptions>),
 }
 
@@ -214,6 +219,9 @@ pub struct ChatSection {
     /// A customer whose chat closed before an agent answered and who does not come back within
     /// this many seconds is counted abandoned.
     pub abandon_after_seconds: u64,
+    /// A customer socket that sends nothing (no frame of any kind) for this long is closed; the
+    /// widget reconnects and resumes, so only abandoned tabs and idle hostile clients lose it.
+    pub idle_timeout_seconds: u64,
 }
 
 impl Default for ChatSection {
@@ -224,6 +232,7 @@ impl Default for ChatSection {
             max_message_chars: 2000,
             messages_per_minute: 30,
             abandon_after_seconds: 60,
+            idle_timeout_seconds: 600,
         }
     }
 }
@@ -445,6 +454,8 @@ pub struct Settings {
     pub public_url: String,
     pub body_limit_bytes: usize,
     pub request_timeout: Duration,
+    /// How long a connection may take to send a request's headers before it is closed.
+    pub header_read_timeout: Duration,
     pub shutdown_grace: Duration,
     pub port_file: Option<PathBuf>,
     pub store: StoreSettings,
@@ -664,6 +675,7 @@ pub fn settings_from(file: ConfigFile) -> Result<Settings, ConfigLoadError> {
             .unwrap_or_else(|| format!("http://{listen}")),
         body_limit_bytes: file.server.body_limit_bytes,
         request_timeout: Duration::from_secs(file.server.request_timeout_seconds.max(1)),
+        header_read_timeout: Duration::from_secs(file.server.header_read_timeout_seconds.max(1)),
         shutdown_grace: Duration::from_secs(file.server.shutdown_grace_seconds),
         port_file: file.server.port_file.clone(),
         store,
@@ -687,6 +699,7 @@ fn store_settings(section: &StoreSection) -> Result<StoreSettings, ConfigLoadErr
         "sqlite" => Ok(StoreSettings::Sqlite {
             path: section.path.clone(),
             max_batch: section.max_batch,
+            busy_timeout: Duration::from_millis(section.busy_timeout_ms.max(1)),
         }),
         "postgres" => {
             let url = section.url.as_ref().ok_or_else(|| {

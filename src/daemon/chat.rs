@@ -348,14 +348,27 @@ async fn session(state: AppState, socket: WebSocket) {
     let (mut sender, mut receiver) = socket.split();
     let (pushes, mut pushed) = mpsc::unbounded_channel::<Value>();
     let mut session: Option<Session> = None;
+    // Only frames from the customer count as activity: pushes to an abandoned tab do not keep it.
+    let idle_timeout = Duration::from_secs(state.chat_settings.idle_timeout_seconds.max(1));
+    let idle = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle);
     loop {
         tokio::select! {
+            () = idle.as_mut() => {
+                let close = axum::extract::ws::CloseFrame {
+                    code: axum::extract::ws::close_code::AWAY,
+                    reason: "idle".into(),
+                };
+                let _ = sender.send(WsMessage::Close(Some(close))).await;
+                break;
+            }
             push = pushed.recv() => match push {
                 Some(push) => if sender.send(WsMessage::Text(push.to_string().into())).await.is_err() { break },
                 None => break,
             },
             incoming = receiver.next() => match incoming {
                 Some(Ok(WsMessage::Text(text))) => {
+                    idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
                     let answers = match serde_json::from_str::<ClientFrame>(&text) {
                         Ok(frame) => handle(&state, &mut session, &pushes, frame).await,
                         Err(error) => vec![error_frame("bad_frame", error.to_string())],
@@ -369,7 +382,7 @@ async fn session(state: AppState, socket: WebSocket) {
                     if sender.send(WsMessage::Text(refusal.to_string().into())).await.is_err() { break }
                 }
                 Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => break,
-                Some(Ok(_)) => {}
+                Some(Ok(_)) => idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout),
             },
         }
     }

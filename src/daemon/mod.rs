@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod engine;
 pub mod events;
 pub mod http;
+pub mod http_server;
 pub mod hub;
 pub mod metrics;
 pub mod openapi;
@@ -119,7 +120,11 @@ impl Daemon {
 /// Opens the configured backend (running its migrations).
 async fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, DaemonError> {
     match &settings.store {
-        StoreSettings::Sqlite { path, max_batch } => {
+        StoreSettings::Sqlite {
+            path,
+            max_batch,
+            busy_timeout,
+        } => {
             if let Some(parent) = path.parent()
                 && !parent.as_os_str().is_empty()
             {
@@ -129,6 +134,7 @@ async fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, DaemonError> 
                 path,
                 SqliteOptions {
                     max_batch: *max_batch,
+                    busy_timeout: *busy_timeout,
                     ..SqliteOptions::default()
                 },
             )?;
@@ -425,14 +431,12 @@ impl Assembled {
             let stop = stop.clone();
             async move {
                 let (drain_tx, drain_rx) = watch::channel(false);
-                let server = tokio::spawn(async move {
-                    let mut drain_rx = drain_rx;
-                    let _ = axum::serve(listener, app)
-                        .with_graceful_shutdown(async move {
-                            let _ = drain_rx.changed().await;
-                        })
-                        .await;
-                });
+                let server = tokio::spawn(http_server::serve(
+                    listener,
+                    app,
+                    settings.header_read_timeout,
+                    drain_rx,
+                ));
                 stop.notified().await;
                 info!("shutting down: intake closed, finishing in-flight requests");
                 accepting.store(false, Ordering::SeqCst);

@@ -26,6 +26,11 @@ pub struct Daemon {
     pub listeners: std::collections::HashMap<String, String>,
     child: Option<Child>,
     pub http: reqwest::Client,
+    /// Extra environment for the process (e.g. secrets given as `SWITCHBOARD__…`).
+    pub env: Vec<(String, String)>,
+    /// Everything the process wrote (stdout and stderr lines), when started by
+    /// [`Daemon::start_capturing`]; otherwise stderr goes to the test's own.
+    pub output: Option<std::sync::Arc<std::sync::Mutex<Vec<String>>>>,
 }
 
 pub fn binary() -> PathBuf {
@@ -95,9 +100,38 @@ impl Daemon {
             listeners: Default::default(),
             child: None,
             http: reqwest::Client::new(),
+            env: Vec::new(),
+            output: None,
         };
         daemon.spawn();
         daemon
+    }
+
+    /// Starts in `dir` with `env` added, keeping every line the process writes (for checks that
+    /// something never appears in its logs).
+    pub fn start_capturing(dir: tempfile::TempDir, env: &[(&str, &str)]) -> Daemon {
+        let mut daemon = Daemon {
+            dir,
+            base: String::new(),
+            listeners: Default::default(),
+            child: None,
+            http: reqwest::Client::new(),
+            env: env
+                .iter()
+                .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+                .collect(),
+            output: Some(Default::default()),
+        };
+        daemon.spawn();
+        daemon
+    }
+
+    /// What the process wrote so far (empty unless started by [`Daemon::start_capturing`]).
+    pub fn captured(&self) -> String {
+        self.output
+            .as_ref()
+            .map(|output| output.lock().unwrap().join("\n"))
+            .unwrap_or_default()
     }
 
     /// Starts the binary and waits for its `listening on` line (no polling, no sleeps).
@@ -107,10 +141,22 @@ impl Daemon {
             .arg("--config")
             .arg(self.dir.path().join("switchboard.toml"))
             .env("RUST_LOG", "warn")
+            .envs(self.env.iter().map(|(name, value)| (name, value)))
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(if self.output.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
             .spawn()
             .expect("start switchboard");
+        if let (Some(stderr), Some(output)) = (child.stderr.take(), self.output.clone()) {
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    output.lock().unwrap().push(line);
+                }
+            });
+        }
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
         let address = loop {
@@ -118,6 +164,9 @@ impl Daemon {
                 .next()
                 .expect("switchboard exited before listening")
                 .unwrap();
+            if let Some(output) = &self.output {
+                output.lock().unwrap().push(line.clone());
+            }
             if let Some(address) = line.strip_prefix("listening on ") {
                 break address.trim().to_owned();
             }
@@ -127,7 +176,14 @@ impl Daemon {
             }
         };
         // Keep draining stdout so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+        let output = self.output.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if let Some(output) = &output {
+                    output.lock().unwrap().push(line);
+                }
+            }
+        });
         self.base = address;
         self.child = Some(child);
     }

@@ -6,7 +6,7 @@
 //! never an open relay); a message over the size limit is `552` (at MAIL by its SIZE parameter, or
 //! after DATA) and nothing of it is stored; `250` answers DATA only after the message is committed
 //! (`EmailIntake::accept`), and a storage failure answers `451` so the sender retries; an idle
-//! client is cut after the command timeout, a slow DATA after the data timeout; at most
+//! client, or one trickling a command byte by byte, is cut after the command timeout, a slow DATA after the data timeout; at most
 //! `max_connections` sessions run at once (the next gets `421`). After STARTTLS everything the
 //! client pipelined before the handshake is discarded (RFC 3207 §4.2) and it must EHLO again.
 
@@ -242,6 +242,9 @@ impl Session {
         let mut errors = 0;
         let mut out = Vec::new();
         let mut chunk = vec![0u8; 8192];
+        // The command timeout bounds a whole command, not each read: a client trickling one byte
+        // at a time (slowloris) is cut as surely as a silent one.
+        let mut command_deadline: Option<tokio::time::Instant> = None;
         loop {
             // Take every complete command already received, answering each in order; the
             // answers to a pipelined group go out together (RFC 2920).
@@ -252,6 +255,9 @@ impl Session {
                 pending = rest;
                 parsed
             };
+            if !matches!(parsed, Err(SmtpError::NeedsMoreData { .. })) {
+                command_deadline = None;
+            }
             let request = match parsed {
                 Ok(request) => request,
                 Err(SmtpError::NeedsMoreData { .. }) => {
@@ -259,11 +265,10 @@ impl Session {
                         stream.write_all(&out).await?;
                         out.clear();
                     }
-                    let read = tokio::time::timeout(
-                        self.settings.command_timeout,
-                        stream.read(&mut chunk),
-                    )
-                    .await;
+                    let deadline = *command_deadline.get_or_insert_with(|| {
+                        tokio::time::Instant::now() + self.settings.command_timeout
+                    });
+                    let read = tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await;
                     match read {
                         Ok(Ok(0)) => return Ok(Ended::Closed),
                         Ok(Ok(n)) => {
