@@ -117,7 +117,10 @@ async fn reply(reader: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> u16 {
         let read = reader.read_line(&mut line).await.unwrap();
         assert!(read > 0, "connection closed");
         if line.as_bytes().get(3) != Some(&b'-') {
-            return line.get(..3).and_then(|code| code.parse().ok()).unwrap_or(0);
+            return line
+                .get(..3)
+                .and_then(|code| code.parse().ok())
+                .unwrap_or(0);
         }
     }
 }

@@ -750,7 +750,11 @@ async fn sink_session(
                     if line == b".\r\n" {
                         break;
                     }
-                    let unstuffed = if line.starts_with(b"..") { &line[1..] } else { &line[..] };
+                    let unstuffed = if line.starts_with(b"..") {
+                        &line[1..]
+                    } else {
+                        &line[..]
+                    };
                     message.extend_from_slice(unstuffed);
                 }
                 let _ = sender.send(message);
@@ -852,16 +856,24 @@ async fn acknowledgements_skip_loop_signals_and_are_capped_per_sender_per_hour()
     let ack = sink.next(20).await;
     assert_eq!(header(&ack, "To").unwrap(), "ann@customer.example");
     let from = header(&ack, "From").unwrap();
-    assert!(from.contains("Example Support") && from.contains(OURS), "{from}");
+    assert!(
+        from.contains("Example Support") && from.contains(OURS),
+        "{from}"
+    );
     assert_eq!(header(&ack, "Auto-Submitted").unwrap(), "auto-replied");
-    assert_eq!(header(&ack, "In-Reply-To").unwrap(), "<ask@customer.example>");
+    assert_eq!(
+        header(&ack, "In-Reply-To").unwrap(),
+        "<ask@customer.example>"
+    );
     assert_eq!(
         header(&ack, "Subject").unwrap(),
         format!("Re: Where is my order? [#SB-{conversation}]")
     );
     // Nine conversations wait in the queue (the eight robots' and Ann's): she is the ninth.
     assert!(
-        ack.contains(&format!("We have your mail: [#SB-{conversation}], number 9, about")),
+        ack.contains(&format!(
+            "We have your mail: [#SB-{conversation}], number 9, about"
+        )),
         "{ack}"
     );
     let suppressed_loop = "switchboard_email_auto_replies_total{result=\"suppressed_loop\"}";
@@ -889,7 +901,11 @@ async fn acknowledgements_skip_loop_signals_and_are_capped_per_sender_per_hour()
     }
     assert_eq!(
         recipients,
-        ["desk@desk.example", "desk@desk.example", "bob@other.example"]
+        [
+            "desk@desk.example",
+            "desk@desk.example",
+            "bob@other.example"
+        ]
     );
     let sent = "switchboard_email_auto_replies_total{result=\"sent\"}";
     let capped = "switchboard_email_auto_replies_total{result=\"suppressed_cap\"}";
@@ -979,20 +995,39 @@ async fn outbound_mail_is_dkim_signed_with_rsa_and_ed25519_and_verifies() {
         "",
         &dkim,
     );
-    let raw = mail("ann@customer.example", "rsa@customer.example", "Héllo", "", "Hi there.");
+    let raw = mail(
+        "ann@customer.example",
+        "rsa@customer.example",
+        "Héllo",
+        "",
+        "Hi there.",
+    );
     assert_eq!(post_raw(&daemon, Some(INGEST), &raw).await.0, 202);
     let signed = sink.next(20).await;
     let signature = header(&signed, "DKIM-Signature").expect("signed");
-    assert!(signature.contains("a=rsa-sha256; d=example.com; s=sb1"), "{signature}");
+    assert!(
+        signature.contains("a=rsa-sha256; d=example.com; s=sb1"),
+        "{signature}"
+    );
     assert_eq!(
-        dkim_verifies(&signed, "sb1._domainkey.example.com.", &rsa_record, keys.path()),
+        dkim_verifies(
+            &signed,
+            "sb1._domainkey.example.com.",
+            &rsa_record,
+            keys.path()
+        ),
         "True",
         "{signed}"
     );
     // Changing a signed header breaks it: the verifier is really checking.
     let forged = signed.replacen("Subject: ", "Subject: Fwd: ", 1);
     assert_eq!(
-        dkim_verifies(&forged, "sb1._domainkey.example.com.", &rsa_record, keys.path()),
+        dkim_verifies(
+            &forged,
+            "sb1._domainkey.example.com.",
+            &rsa_record,
+            keys.path()
+        ),
         "False"
     );
 
@@ -1001,9 +1036,17 @@ async fn outbound_mail_is_dkim_signed_with_rsa_and_ed25519_and_verifies() {
     assert_eq!(post_raw(&daemon, Some(INGEST), raw).await.0, 202);
     let signed = sink.next(20).await;
     let signature = header(&signed, "DKIM-Signature").expect("signed");
-    assert!(signature.contains("a=ed25519-sha256; d=example.org; s=sb2"), "{signature}");
+    assert!(
+        signature.contains("a=ed25519-sha256; d=example.org; s=sb2"),
+        "{signature}"
+    );
     assert_eq!(
-        dkim_verifies(&signed, "sb2._domainkey.example.org.", &ed_record, keys.path()),
+        dkim_verifies(
+            &signed,
+            "sb2._domainkey.example.org.",
+            &ed_record,
+            keys.path()
+        ),
         "True",
         "{signed}"
     );

@@ -376,7 +376,8 @@ impl Metrics {
             self.store_commit_seconds.with_label_values(&[kind]);
         }
         for outcome in crate::channels::email::autoreply::Outcome::ALL {
-            self.email_auto_replies.with_label_values(&[outcome.label()]);
+            self.email_auto_replies
+                .with_label_values(&[outcome.label()]);
         }
     }
 

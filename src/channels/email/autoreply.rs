@@ -80,7 +80,8 @@ impl SenderCap {
         let recent = |at: &Instant| now.saturating_duration_since(*at) < window;
         if self.sent.len() > 10_000 {
             // Senders quiet for a window need no entry.
-            self.sent.retain(|_, times| times.back().is_some_and(recent));
+            self.sent
+                .retain(|_, times| times.back().is_some_and(recent));
         }
         let times = self.sent.entry(sender.to_lowercase()).or_default();
         while times.front().is_some_and(|at| !recent(at)) {
@@ -184,7 +185,10 @@ impl Acknowledgements {
             let event = match events.recv().await {
                 Ok(event) => event,
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    warn!(missed, "email acknowledgements fell behind the event stream");
+                    warn!(
+                        missed,
+                        "email acknowledgements fell behind the event stream"
+                    );
                     continue;
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
@@ -214,7 +218,8 @@ impl Acknowledgements {
             .rev()
             .filter(|message| message.direction == Direction::Inbound && message.channel == "email")
             .find_map(|message| {
-                let inbound = serde_json::from_value::<InboundMessage>(message.body.clone()).ok()?;
+                let inbound =
+                    serde_json::from_value::<InboundMessage>(message.body.clone()).ok()?;
                 Some((message, inbound))
             })
     }
@@ -333,10 +338,19 @@ mod tests {
         let at = |seconds: u64| start + Duration::from_secs(seconds);
         assert!(cap.take("ann@example.com", at(0)));
         assert!(cap.take("ANN@example.com", at(10)));
-        assert!(!cap.take("ann@example.com", at(20)), "third within the hour");
-        assert!(cap.take("bob@example.com", at(20)), "senders are counted apart");
+        assert!(
+            !cap.take("ann@example.com", at(20)),
+            "third within the hour"
+        );
+        assert!(
+            cap.take("bob@example.com", at(20)),
+            "senders are counted apart"
+        );
         assert!(!cap.take("ann@example.com", at(3599)));
-        assert!(cap.take("ann@example.com", at(3600)), "the first left the window");
+        assert!(
+            cap.take("ann@example.com", at(3600)),
+            "the first left the window"
+        );
         assert!(!cap.take("ann@example.com", at(3605)));
     }
 

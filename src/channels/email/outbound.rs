@@ -26,7 +26,9 @@ use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
 use super::threading;
 use crate::channels::permanent;
-use crate::config::email::{DkimAlgorithm, DkimSettings, EmailSettings, RelaySecurity, RelaySettings};
+use crate::config::email::{
+    DkimAlgorithm, DkimSettings, EmailSettings, RelaySecurity, RelaySettings,
+};
 use crate::daemon::outbound::{ChannelSender, SendError, conversation_history};
 use crate::message::InboundMessage;
 use crate::store::{Direction, Store, StoredMessage};
@@ -93,7 +95,10 @@ fn dkim_config(key: &DkimSettings) -> Result<DkimConfig, RelayError> {
 }
 
 /// `In-Reply-To` and `References` answering `answered` (RFC 5322 §3.6.4): its id after its chain.
-pub fn thread_headers(builder: MessageBuilder, answered: Option<&InboundMessage>) -> MessageBuilder {
+pub fn thread_headers(
+    builder: MessageBuilder,
+    answered: Option<&InboundMessage>,
+) -> MessageBuilder {
     let Some(parent) = answered
         .and_then(|message| message.metadata.get("message_id"))
         .and_then(|id| id.as_str())
@@ -227,9 +232,7 @@ impl EmailSender {
                 .map_err(|error| permanent(format!("our address `{ours}`: {error}")))?,
         );
         // The customer may have asked for replies elsewhere (Reply-To).
-        let customer = answered
-            .map(customer_address)
-            .unwrap_or(&reply.to_address);
+        let customer = answered.map(customer_address).unwrap_or(&reply.to_address);
         let to = Mailbox::new(
             None,
             customer
