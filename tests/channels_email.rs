@@ -685,3 +685,369 @@ async fn an_idle_client_is_disconnected_after_the_command_timeout() {
     let mut rest = String::new();
     assert_eq!(reader.read_line(&mut rest).await.unwrap(), 0, "closed");
 }
+
+/// A local SMTP sink started by the test: takes every message and hands over its raw bytes (dot
+/// unstuffed), so what switchboard sent can be checked byte for byte (headers, DKIM signature).
+struct Sink {
+    port: u16,
+    received: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+}
+
+impl Sink {
+    async fn start() -> Sink {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (sender, received) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let sender = sender.clone();
+                tokio::spawn(async move {
+                    let _ = sink_session(stream, sender).await;
+                });
+            }
+        });
+        Sink { port, received }
+    }
+
+    /// The next message, waiting at most `seconds`.
+    async fn next(&mut self, seconds: u64) -> String {
+        let raw = tokio::time::timeout(Duration::from_secs(seconds), self.received.recv())
+            .await
+            .expect("a message at the sink in time")
+            .unwrap();
+        String::from_utf8(raw).unwrap()
+    }
+}
+
+async fn sink_session(
+    stream: TcpStream,
+    sender: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+) -> std::io::Result<()> {
+    let (reader, mut writer) = stream.into_split();
+    let mut reader = BufReader::new(reader);
+    writer.write_all(b"220 sink ESMTP\r\n").await?;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line).await? == 0 {
+            return Ok(());
+        }
+        let verb = String::from_utf8_lossy(&line[..line.len().min(4)]).to_ascii_uppercase();
+        let answer: &[u8] = match verb.as_str() {
+            "EHLO" => b"250-sink\r\n250 8BITMIME\r\n",
+            "QUIT" => {
+                writer.write_all(b"221 bye\r\n").await?;
+                return Ok(());
+            }
+            "DATA" => {
+                writer.write_all(b"354 go on\r\n").await?;
+                let mut message = Vec::new();
+                loop {
+                    line.clear();
+                    if reader.read_until(b'\n', &mut line).await? == 0 {
+                        return Ok(());
+                    }
+                    if line == b".\r\n" {
+                        break;
+                    }
+                    let unstuffed = if line.starts_with(b"..") {
+                        &line[1..]
+                    } else {
+                        &line[..]
+                    };
+                    message.extend_from_slice(unstuffed);
+                }
+                let _ = sender.send(message);
+                b"250 kept\r\n"
+            }
+            _ => b"250 ok\r\n",
+        };
+        writer.write_all(answer).await?;
+    }
+}
+
+/// A header's value (unfolded) in a raw message's header section.
+fn header(raw: &str, name: &str) -> Option<String> {
+    let head = raw.split("\r\n\r\n").next().unwrap();
+    let mut value: Option<String> = None;
+    for line in head.split("\r\n") {
+        if line.starts_with([' ', '\t']) {
+            if let Some(value) = value.as_mut() {
+                value.push(' ');
+                value.push_str(line.trim());
+            }
+            continue;
+        }
+        if value.is_some() {
+            break;
+        }
+        if let Some((key, rest)) = line.split_once(':')
+            && key.eq_ignore_ascii_case(name)
+        {
+            value = Some(rest.trim().to_owned());
+        }
+    }
+    value
+}
+
+/// A daemon taking mail for `mailboxes` by the raw webhook, relaying to the sink, with the
+/// acknowledgement on and `extra` email settings.
+fn start_acknowledging(mailboxes: &str, sink: &Sink, extra: &str, dkim: &str) -> Daemon {
+    let dir = tempfile::tempdir().unwrap();
+    let attachments = dir.path().join("attachments");
+    let config = format!(
+        "[channels.email]\nmailboxes = [{mailboxes}]\nfrom_name = \"Example Support\"\n\
+         attachments_dir = \"{}\"\n{extra}\n\
+         [channels.email.acknowledgement]\nenabled = true\n\
+         text = \"We have your mail: {{ticket}}, number {{position}}, about {{wait_minutes}} min.\"\n\n\
+         [channels.email.relay]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\n{dkim}",
+        attachments.display(),
+        sink.port
+    );
+    common::write_config(dir.path(), "", &config);
+    Daemon::start_in(dir)
+}
+
+#[tokio::test]
+async fn acknowledgements_skip_loop_signals_and_are_capped_per_sender_per_hour() {
+    let mut sink = Sink::start().await;
+    let daemon = start_acknowledging(
+        &format!("\"{OURS}\""),
+        &sink,
+        "auto_reply_max_per_sender_per_hour = 2\n",
+        "",
+    );
+    // Every loop signal: stored, never answered.
+    let loops = [
+        "Auto-Submitted: auto-replied\r\n",
+        "Auto-Submitted: auto-generated\r\n",
+        "Precedence: bulk\r\n",
+        "Precedence: list\r\n",
+        "Precedence: junk\r\n",
+        "List-Id: News <news.shop.example>\r\n",
+        "Return-Path: <>\r\n",
+    ];
+    for (index, header) in loops.iter().enumerate() {
+        let raw = mail(
+            &format!("robot{index}@lists.example"),
+            &format!("loop{index}@lists.example"),
+            "Automatic",
+            header,
+            "I am a robot.",
+        );
+        let (status, stored) = post_raw(&daemon, Some(INGEST), &raw).await;
+        assert_eq!(status, 202, "{header}: {stored}");
+    }
+    let raw = mail(OURS, "self@example.com", "Echo", "", "our own mail");
+    assert_eq!(post_raw(&daemon, Some(INGEST), &raw).await.0, 202);
+
+    // A customer's mail is answered, threaded and marked automatic. Events are handled in order,
+    // so every loop mail above was looked at before this answer left.
+    let raw = mail(
+        "Ann <ann@customer.example>",
+        "ask@customer.example",
+        "Where is my order?",
+        "",
+        "Order 1234?",
+    );
+    let (status, stored) = post_raw(&daemon, Some(INGEST), &raw).await;
+    assert_eq!(status, 202, "{stored}");
+    let conversation = stored["conversation_id"].as_str().unwrap().to_owned();
+    let ack = sink.next(20).await;
+    assert_eq!(header(&ack, "To").unwrap(), "ann@customer.example");
+    let from = header(&ack, "From").unwrap();
+    assert!(
+        from.contains("Example Support") && from.contains(OURS),
+        "{from}"
+    );
+    assert_eq!(header(&ack, "Auto-Submitted").unwrap(), "auto-replied");
+    assert_eq!(
+        header(&ack, "In-Reply-To").unwrap(),
+        "<ask@customer.example>"
+    );
+    assert_eq!(
+        header(&ack, "Subject").unwrap(),
+        format!("Re: Where is my order? [#SB-{conversation}]")
+    );
+    // Nine conversations wait in the queue (the eight robots' and Ann's): she is the ninth.
+    assert!(
+        ack.contains(&format!(
+            "We have your mail: [#SB-{conversation}], number 9, about"
+        )),
+        "{ack}"
+    );
+    let suppressed_loop = "switchboard_email_auto_replies_total{result=\"suppressed_loop\"}";
+    assert_eq!(
+        daemon.metric(suppressed_loop).await,
+        Some((loops.len() + 1) as f64)
+    );
+
+    // Three people of one desk asking for answers at one address: two answers in the hour.
+    for index in 0..3 {
+        let raw = mail(
+            &format!("clerk{index}@desk.example"),
+            &format!("desk{index}@desk.example"),
+            "Invoice",
+            "Reply-To: Desk <desk@desk.example>\r\n",
+            "Please resend the invoice.",
+        );
+        assert_eq!(post_raw(&daemon, Some(INGEST), &raw).await.0, 202);
+    }
+    let raw = mail("bob@other.example", "bob@other.example", "Hi", "", "Hello");
+    assert_eq!(post_raw(&daemon, Some(INGEST), &raw).await.0, 202);
+    let mut recipients = Vec::new();
+    for _ in 0..3 {
+        recipients.push(header(&sink.next(20).await, "To").unwrap());
+    }
+    assert_eq!(
+        recipients,
+        [
+            "desk@desk.example",
+            "desk@desk.example",
+            "bob@other.example"
+        ]
+    );
+    let sent = "switchboard_email_auto_replies_total{result=\"sent\"}";
+    let capped = "switchboard_email_auto_replies_total{result=\"suppressed_cap\"}";
+    eventually(10, "four sent", || async {
+        (daemon.metric(sent).await == Some(4.0)).then_some(())
+    })
+    .await;
+    assert_eq!(daemon.metric(capped).await, Some(1.0));
+    assert_eq!(daemon.conversations().await.len(), 13);
+}
+
+/// Verifies a captured message's DKIM signature with dkimpy, the public key served by a stub in
+/// place of DNS (`<selector>._domainkey.<domain>` → `record`).
+fn dkim_verifies(raw: &str, name: &str, record: &str, dir: &std::path::Path) -> String {
+    let path = dir.join("signed.eml");
+    std::fs::write(&path, raw).unwrap();
+    let script = format!(
+        "import dkim, sys\n\
+         message = open({path:?}, 'rb').read()\n\
+         def dns(name, timeout=5):\n    return {record:?}.encode() if name == b{name:?} else None\n\
+         print(dkim.verify(message, dnsfunc=dns))\n",
+        path = path.display().to_string(),
+    );
+    let output = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "dkimpy (pip install dkimpy pynacl): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
+#[tokio::test]
+async fn outbound_mail_is_dkim_signed_with_rsa_and_ed25519_and_verifies() {
+    let keys = tempfile::tempdir().unwrap();
+    let rsa = keys.path().join("rsa.pem");
+    let made = std::process::Command::new("openssl")
+        .args(["genrsa", "-traditional", "-out"])
+        .arg(&rsa)
+        .arg("2048")
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let public = std::process::Command::new("openssl")
+        .args(["rsa", "-pubout", "-outform", "DER", "-in"])
+        .arg(&rsa)
+        .output()
+        .unwrap();
+    assert!(public.status.success());
+    use base64::Engine;
+    let rsa_record = format!(
+        "v=DKIM1; k=rsa; p={}",
+        base64::engine::general_purpose::STANDARD.encode(&public.stdout)
+    );
+    // An Ed25519 key (RFC 8463): the seed for switchboard, the raw public key for the record.
+    let ed = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import nacl.signing, base64\nk = nacl.signing.SigningKey.generate()\n\
+             print(base64.b64encode(bytes(k)).decode())\n\
+             print(base64.b64encode(bytes(k.verify_key)).decode())",
+        )
+        .output()
+        .unwrap();
+    assert!(ed.status.success(), "pynacl: {ed:?}");
+    let ed = String::from_utf8(ed.stdout).unwrap();
+    let (seed, ed_public) = ed.trim().split_once('\n').unwrap();
+    let ed_key = keys.path().join("ed25519.key");
+    std::fs::write(&ed_key, seed).unwrap();
+    let ed_record = format!("v=DKIM1; k=ed25519; p={ed_public}");
+
+    let mut sink = Sink::start().await;
+    let dkim = format!(
+        "\n[[channels.email.dkim]]\ndomain = \"example.com\"\nselector = \"sb1\"\nkey_file = \"{}\"\n\n\
+         [[channels.email.dkim]]\ndomain = \"example.org\"\nselector = \"sb2\"\n\
+         algorithm = \"ed25519-sha256\"\nkey_file = \"{}\"\n",
+        rsa.display(),
+        ed_key.display()
+    );
+    let daemon = start_acknowledging(
+        &format!("\"{OURS}\", \"help@example.org\""),
+        &sink,
+        "",
+        &dkim,
+    );
+    let raw = mail(
+        "ann@customer.example",
+        "rsa@customer.example",
+        "Héllo",
+        "",
+        "Hi there.",
+    );
+    assert_eq!(post_raw(&daemon, Some(INGEST), &raw).await.0, 202);
+    let signed = sink.next(20).await;
+    let signature = header(&signed, "DKIM-Signature").expect("signed");
+    assert!(
+        signature.contains("a=rsa-sha256; d=example.com; s=sb1"),
+        "{signature}"
+    );
+    assert_eq!(
+        dkim_verifies(
+            &signed,
+            "sb1._domainkey.example.com.",
+            &rsa_record,
+            keys.path()
+        ),
+        "True",
+        "{signed}"
+    );
+    // Changing a signed header breaks it: the verifier is really checking.
+    let forged = signed.replacen("Subject: ", "Subject: Fwd: ", 1);
+    assert_eq!(
+        dkim_verifies(
+            &forged,
+            "sb1._domainkey.example.com.",
+            &rsa_record,
+            keys.path()
+        ),
+        "False"
+    );
+
+    let raw = "From: bob@customer.example\r\nTo: help@example.org\r\nSubject: Ed\r\n\
+               Message-ID: <ed@customer.example>\r\n\r\nHello.\r\n";
+    assert_eq!(post_raw(&daemon, Some(INGEST), raw).await.0, 202);
+    let signed = sink.next(20).await;
+    let signature = header(&signed, "DKIM-Signature").expect("signed");
+    assert!(
+        signature.contains("a=ed25519-sha256; d=example.org; s=sb2"),
+        "{signature}"
+    );
+    assert_eq!(
+        dkim_verifies(
+            &signed,
+            "sb2._domainkey.example.org.",
+            &ed_record,
+            keys.path()
+        ),
+        "True",
+        "{signed}"
+    );
+}

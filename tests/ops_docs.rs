@@ -103,6 +103,10 @@ fn everything_configured() -> ConfigFile {
         [channels.email.imap]
         host = "imap.example.com"
         username = "support@example.com"
+        [[channels.email.dkim]]
+        domain = "example.com"
+        selector = "sb1"
+        key_file = "/etc/switchboard/dkim.pem"
         "#,
     )
     .unwrap();

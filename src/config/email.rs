@@ -47,6 +47,69 @@ pub struct EmailSection {
     pub relay: Option<RelaySection>,
     #[serde(default)]
     pub imap: Option<ImapSection>,
+    /// Automatic answers (the acknowledgement) to one sender are capped to this many per hour
+    /// (RFC 3834 §2: a responder must not answer the same sender too often).
+    #[serde(default = "default_auto_reply_cap")]
+    pub auto_reply_max_per_sender_per_hour: u32,
+    /// The acknowledgement a new email conversation gets (place in the queue, estimated wait).
+    #[serde(default)]
+    pub acknowledgement: AcknowledgementSection,
+    /// DKIM keys, one per signing domain: replies from a mailbox in that domain are signed.
+    #[serde(default)]
+    pub dkim: Vec<DkimSection>,
+}
+
+/// The automatic acknowledgement of a new email conversation.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AcknowledgementSection {
+    pub enabled: bool,
+    /// Only mail to these of our mailboxes is acknowledged; empty: all of them.
+    pub mailboxes: Vec<String>,
+    /// The text; `{ticket}`, `{position}` and `{wait_minutes}` are filled in.
+    pub text: String,
+}
+
+impl Default for AcknowledgementSection {
+    fn default() -> Self {
+        AcknowledgementSection {
+            enabled: false,
+            mailboxes: Vec::new(),
+            text: "Thank you for your email: it is ticket {ticket}. You are number {position} in line \
+                   and we expect to answer within about {wait_minutes} minutes; reply to this email \
+                   to add to your request."
+                .into(),
+        }
+    }
+}
+
+/// A DKIM signing key (RFC 6376): the public key is published at `<selector>._domainkey.<domain>`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DkimSection {
+    /// The signing domain (`d=`): mail from our addresses in this domain is signed with this key.
+    pub domain: String,
+    /// The selector (`s=`).
+    pub selector: String,
+    #[serde(default = "default_dkim_algorithm")]
+    pub algorithm: DkimAlgorithm,
+    /// `rsa-sha256`: a PKCS#1 PEM RSA private key; `ed25519-sha256`: the base64 32-byte seed.
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum DkimAlgorithm {
+    #[serde(rename = "rsa-sha256")]
+    RsaSha256,
+    #[serde(rename = "ed25519-sha256")]
+    Ed25519Sha256,
+}
+
+fn default_dkim_algorithm() -> DkimAlgorithm {
+    DkimAlgorithm::RsaSha256
+}
+fn default_auto_reply_cap() -> u32 {
+    3
 }
 
 /// An IMAP mailbox read for new mail (an existing Microsoft 365, Google Workspace or Dovecot box).
@@ -56,9 +119,13 @@ pub struct ImapSection {
     pub host: String,
     #[serde(default = "default_imap_port")]
     pub port: u16,
-    /// `tls` (implicit, port 993) or `none` (a server on the same host only).
+    /// `tls` (implicit, port 993), `starttls` (port 143, upgraded before login) or `none` (a
+    /// server on the same host only).
     #[serde(default = "default_imap_security")]
     pub security: ImapSecurity,
+    /// PEM certificates trusted for the server, instead of the public web roots (a private CA).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     pub username: String,
     /// From the environment: `SWITCHBOARD__CHANNELS__EMAIL__IMAP__PASSWORD`.
     #[serde(default)]
@@ -80,6 +147,7 @@ pub struct ImapSection {
 #[serde(rename_all = "snake_case")]
 pub enum ImapSecurity {
     Tls,
+    Starttls,
     None,
 }
 
@@ -105,6 +173,8 @@ pub struct ImapSettings {
     pub host: String,
     pub port: u16,
     pub security: ImapSecurity,
+    /// Trusted roots: this file's certificates, else the public web roots.
+    pub ca_file: Option<PathBuf>,
     pub username: String,
     pub password: Secret,
     pub mailbox: String,
@@ -216,6 +286,35 @@ pub struct EmailSettings {
     pub smtp: Option<SmtpListenerSettings>,
     pub relay: Option<RelaySettings>,
     pub imap: Option<ImapSettings>,
+    pub auto_reply_max_per_sender_per_hour: u32,
+    /// `None` when off.
+    pub acknowledgement: Option<AcknowledgementSettings>,
+    pub dkim: Vec<DkimSettings>,
+}
+
+/// The acknowledgement, on.
+#[derive(Debug, Clone)]
+pub struct AcknowledgementSettings {
+    /// Lower-cased; empty: every mailbox.
+    pub mailboxes: Vec<String>,
+    pub text: String,
+}
+
+impl AcknowledgementSettings {
+    /// Is mail to `address` (one of ours) acknowledged?
+    pub fn covers(&self, address: &str) -> bool {
+        self.mailboxes.is_empty() || self.mailboxes.iter().any(|mailbox| mailbox == address)
+    }
+}
+
+/// A DKIM key as configured; the key file is read (and checked) when the sender is built.
+#[derive(Debug, Clone)]
+pub struct DkimSettings {
+    /// Lower-cased.
+    pub domain: String,
+    pub selector: String,
+    pub algorithm: DkimAlgorithm,
+    pub key_file: PathBuf,
 }
 
 impl EmailSettings {
@@ -407,6 +506,7 @@ pub fn validate(section: &EmailSection) -> Result<EmailSettings, ConfigLoadError
                 host: imap.host.trim().to_owned(),
                 port: imap.port,
                 security: imap.security,
+                ca_file: imap.ca_file.clone(),
                 username: imap.username.clone(),
                 password,
                 mailbox: imap.mailbox.clone(),
@@ -416,9 +516,61 @@ pub fn validate(section: &EmailSection) -> Result<EmailSettings, ConfigLoadError
             })
         }
     };
+    if section.auto_reply_max_per_sender_per_hour == 0 {
+        return Err(invalid(
+            &format!("{place}.auto_reply_max_per_sender_per_hour"),
+            "must be at least 1 (turn the acknowledgement off with acknowledgement.enabled = false)",
+        ));
+    }
+    let acknowledgement = if section.acknowledgement.enabled {
+        let ack = &section.acknowledgement;
+        let ack_mailboxes = ack
+            .mailboxes
+            .iter()
+            .map(|mailbox| check_address(&format!("{place}.acknowledgement.mailboxes"), mailbox))
+            .collect::<Result<Vec<_>, _>>()?;
+        if ack.text.trim().is_empty() {
+            return Err(invalid(
+                &format!("{place}.acknowledgement.text"),
+                "must not be empty",
+            ));
+        }
+        Some(AcknowledgementSettings {
+            mailboxes: ack_mailboxes,
+            text: ack.text.clone(),
+        })
+    } else {
+        None
+    };
+    let mut dkim: Vec<DkimSettings> = Vec::new();
+    for key in &section.dkim {
+        let domain = key.domain.trim().to_lowercase();
+        let selector = key.selector.trim().to_owned();
+        if domain.is_empty() || selector.is_empty() {
+            return Err(invalid(
+                &format!("{place}.dkim"),
+                "every key needs a domain and a selector",
+            ));
+        }
+        if dkim.iter().any(|other| other.domain == domain) {
+            return Err(invalid(
+                &format!("{place}.dkim"),
+                format!("two keys for `{domain}`"),
+            ));
+        }
+        dkim.push(DkimSettings {
+            domain,
+            selector,
+            algorithm: key.algorithm,
+            key_file: key.key_file.clone(),
+        });
+    }
     Ok(EmailSettings {
         mailboxes,
         imap,
+        auto_reply_max_per_sender_per_hour: section.auto_reply_max_per_sender_per_hour,
+        acknowledgement,
+        dkim,
         domains,
         from_name: section.from_name.clone(),
         subject_tag_prefix: section.subject_tag_prefix.clone(),

@@ -43,6 +43,8 @@ pub struct Metrics {
     pub bus_connected: IntGaugeVec,
     /// Inbound bus messages refused as invalid and dead-lettered, by bus.
     pub bus_dead_lettered: IntCounterVec,
+    /// Automatic email answers by result: sent, failed, or suppressed (loop signal, sender cap).
+    pub email_auto_replies: IntCounterVec,
     /// 1 while this instance holds the router's lease (a single node: always).
     pub cluster_leader: IntGauge,
     /// The fencing epoch this instance last led under.
@@ -330,6 +332,12 @@ impl Metrics {
                 "Invalid inbound bus messages dead-lettered, by bus.",
                 &["bus"],
             )?,
+            email_auto_replies: counter_vec(
+                &registry,
+                "switchboard_email_auto_replies_total",
+                "Automatic email answers (acknowledgements) by result: sent, failed, suppressed_loop, suppressed_cap.",
+                &["result"],
+            )?,
             registry,
         })
     }
@@ -366,6 +374,10 @@ impl Metrics {
         }
         for kind in ["ingest", "routing"] {
             self.store_commit_seconds.with_label_values(&[kind]);
+        }
+        for outcome in crate::channels::email::autoreply::Outcome::ALL {
+            self.email_auto_replies
+                .with_label_values(&[outcome.label()]);
         }
     }
 

@@ -244,15 +244,17 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
     let channels = crate::channels::LiveChannels::new(&settings.channels, store.clone());
     senders.extend(channels.senders());
     let email = settings.channels.email.clone().map(Arc::new);
+    let mut email_sender = None;
     if let Some(email) = &email
         && let Some(relay) = &email.relay
     {
-        let sender = crate::channels::email::outbound::EmailSender::new(
+        let sender = Arc::new(crate::channels::email::outbound::EmailSender::new(
             email.clone(),
             relay,
             store.clone(),
-        )?;
-        senders.insert("email".into(), Arc::new(sender));
+        )?);
+        senders.insert("email".into(), sender.clone());
+        email_sender = Some(sender);
     }
     // A channel handed to the buses is delivered by another system, in place of an adapter.
     senders.extend(buses.channels.iter().cloned());
@@ -267,6 +269,17 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
 
     let bus = relay::InProcessBus::new();
     tokio::spawn(chat::relay_events(chat.clone(), bus.subscribe()));
+    if let Some(sender) = &email_sender
+        && let Some(acknowledgement) = &sender.settings().acknowledgement
+    {
+        let acknowledgements = crate::channels::email::autoreply::Acknowledgements::new(
+            sender.clone(),
+            store.clone(),
+            acknowledgement.clone(),
+            metrics.clone(),
+        );
+        tokio::spawn(acknowledgements.run(bus.subscribe()));
+    }
     let mut event_buses: Vec<Arc<dyn relay::EventBus>> = vec![Arc::new(bus.clone())];
     event_buses.extend(buses.event_buses.iter().cloned());
     let term_context = cluster::TermContext {

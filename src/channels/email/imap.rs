@@ -1,5 +1,8 @@
 //! IMAP intake: reads new mail from an existing mailbox (async-imap), IDLE when the server has it,
-//! else polling.
+//! else polling. The connection is TLS from the first byte (`tls`, port 993), upgraded with
+//! STARTTLS before login (`starttls`, RFC 3501 §6.2.1; a server that refuses ends the round: we
+//! never log in in clear text when TLS was asked for), or plain (`none`, same host only). The
+//! server's certificate is checked against the public web roots, or the configured `ca_file`.
 //!
 //! **Invariants:** a message is marked processed (moved to `processed_mailbox`, or flagged
 //! `\Seen`) and its UID recorded only after `EmailIntake::accept` committed it; the recorded
@@ -33,6 +36,8 @@ pub enum ImapError {
     Protocol(#[from] async_imap::error::Error),
     #[error("IMAP connection: {0}")]
     Io(#[from] std::io::Error),
+    #[error("IMAP TLS: {0}")]
+    Tls(String),
     #[error("IMAP state file: {0}")]
     State(String),
     #[error("stopping")]
@@ -98,35 +103,91 @@ pub async fn run(settings: ImapSettings, intake: EmailIntake, mut stop: watch::R
     info!("IMAP intake stopped");
 }
 
+/// The TLS client: the configured CA file's certificates as roots, else the public web roots.
+fn tls_connector(settings: &ImapSettings) -> Result<tokio_rustls::TlsConnector, ImapError> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    match &settings.ca_file {
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        Some(path) => {
+            let failed = |error: String| ImapError::Tls(format!("{}: {error}", path.display()));
+            for certificate in
+                CertificateDer::pem_file_iter(path).map_err(|error| failed(error.to_string()))?
+            {
+                let certificate = certificate.map_err(|error| failed(error.to_string()))?;
+                roots
+                    .add(certificate)
+                    .map_err(|error| failed(error.to_string()))?;
+            }
+            if roots.is_empty() {
+                return Err(failed("no certificate in the file".into()));
+            }
+        }
+    }
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|error| ImapError::Tls(error.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
 async fn connect_and_read(
     settings: &Arc<ImapSettings>,
     intake: &EmailIntake,
     stop: watch::Receiver<bool>,
 ) -> Result<(), ImapError> {
     let tcp = TcpStream::connect((settings.host.as_str(), settings.port)).await?;
+    let server_name = || {
+        rustls_pki_types::ServerName::try_from(settings.host.clone())
+            .map_err(|error| ImapError::Tls(format!("`{}`: {error}", settings.host)))
+    };
     match settings.security {
-        ImapSecurity::None => session(tcp, settings, intake, stop).await,
+        ImapSecurity::None => {
+            let mut client = async_imap::Client::new(tcp);
+            greeting(&mut client).await?;
+            session(client, settings, intake, stop).await
+        }
         ImapSecurity::Tls => {
-            let mut roots = tokio_rustls::rustls::RootCertStore::empty();
-            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-            let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-            let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .map_err(|error| std::io::Error::other(error.to_string()))?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            let name = rustls_pki_types::ServerName::try_from(settings.host.clone())
-                .map_err(|error| std::io::Error::other(error.to_string()))?;
-            let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-                .connect(name, tcp)
+            let tls = tls_connector(settings)?
+                .connect(server_name()?, tcp)
                 .await?;
-            session(tls, settings, intake, stop).await
+            let mut client = async_imap::Client::new(tls);
+            greeting(&mut client).await?;
+            session(client, settings, intake, stop).await
+        }
+        ImapSecurity::Starttls => {
+            let mut plain = async_imap::Client::new(tcp);
+            greeting(&mut plain).await?;
+            plain.run_command_and_check_ok("STARTTLS", None).await?;
+            // Nothing the server sent before the handshake may be trusted (RFC 3501 §6.2.1):
+            // the session starts again on the TLS stream, capabilities included.
+            let tls = tls_connector(settings)?
+                .connect(server_name()?, plain.into_inner())
+                .await?;
+            session(async_imap::Client::new(tls), settings, intake, stop).await
         }
     }
 }
 
+/// Reads the server's greeting, which comes before anything is said.
+async fn greeting<T>(client: &mut async_imap::Client<T>) -> Result<(), ImapError>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug,
+{
+    match client.read_response().await? {
+        Some(_) => Ok(()),
+        None => Err(ImapError::Io(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "closed before its greeting",
+        ))),
+    }
+}
+
 async fn session<T>(
-    stream: T,
+    client: async_imap::Client<T>,
     settings: &Arc<ImapSettings>,
     intake: &EmailIntake,
     mut stop: watch::Receiver<bool>,
@@ -134,9 +195,6 @@ async fn session<T>(
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug,
 {
-    let mut client = async_imap::Client::new(stream);
-    // The server's greeting comes first.
-    client.read_response().await?;
     let mut session = client
         .login(&settings.username, settings.password.expose())
         .await

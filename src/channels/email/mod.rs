@@ -8,12 +8,16 @@
 //!   `Actions::ingest` (or, for a bounce, the failed reply's status).
 //! - `smtp.rs` — the ESMTP listener (smtp-proto grammar, STARTTLS with rustls).
 //! - `imap.rs` — an existing mailbox read over IMAP (IDLE or polling, UIDVALIDITY + UID kept).
-//! - `outbound.rs` — agents' replies over SMTP to the configured relay (lettre).
+//! - `outbound.rs` — agents' replies over SMTP to the configured relay (lettre), DKIM-signed when
+//!   a key is configured.
+//! - `autoreply.rs` — the acknowledgement of a new email conversation (queue place, estimated
+//!   wait), behind the RFC 3834 loop checks and the per-sender hourly cap.
 //!
 //! Every intake uses provider `smtp`, `imap` or `mime` (the webhook); the dedupe key is the
 //! `Message-ID`, so one message reaching switchboard by two paths is stored once.
 
 pub mod attachments;
+pub mod autoreply;
 pub mod imap;
 pub mod intake;
 pub mod mime;

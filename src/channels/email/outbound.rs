@@ -7,17 +7,28 @@
 //! retried send cannot become two different messages in the customer's client; it is also the
 //! provider id a bounce is matched by. A 5xx from the relay is a permanent failure, anything else is
 //! retried by the delivery worker.
+//!
+//! With a DKIM key for the sending address's domain (`[[channels.email.dkim]]`), every message
+//! that leaves (replies and automatic acknowledgements) is signed by lettre (RFC 6376,
+//! relaxed/relaxed, `rsa-sha256` or `ed25519-sha256`) just before submission.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use lettre::message::{Mailbox, MultiPart};
+use lettre::message::dkim::{
+    DkimCanonicalization, DkimCanonicalizationType, DkimConfig, DkimSigningAlgorithm,
+    DkimSigningKey,
+};
+use lettre::message::header::HeaderName;
+use lettre::message::{Mailbox, MessageBuilder, MultiPart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
 use super::threading;
 use crate::channels::permanent;
-use crate::config::email::{EmailSettings, RelaySecurity, RelaySettings};
+use crate::config::email::{
+    DkimAlgorithm, DkimSettings, EmailSettings, RelaySecurity, RelaySettings,
+};
 use crate::daemon::outbound::{ChannelSender, SendError, conversation_history};
 use crate::message::InboundMessage;
 use crate::store::{Direction, Store, StoredMessage};
@@ -27,6 +38,91 @@ pub struct EmailSender {
     settings: Arc<EmailSettings>,
     transport: AsyncSmtpTransport<Tokio1Executor>,
     store: Arc<dyn Store>,
+    /// (signing domain, its key), read once at start.
+    dkim: Vec<(String, DkimConfig)>,
+}
+
+/// The headers a signature covers (RFC 6376 §5.4.1: those that carry meaning to the reader, and
+/// the threading ones). One absent from a message is signed as absent, so it cannot be added later.
+const DKIM_SIGNED_HEADERS: &[&str] = &[
+    "From",
+    "Reply-To",
+    "To",
+    "Subject",
+    "Date",
+    "Message-ID",
+    "In-Reply-To",
+    "References",
+    "MIME-Version",
+    "Content-Type",
+    "Auto-Submitted",
+];
+
+/// Reads a configured DKIM key and makes its lettre signing configuration.
+fn dkim_config(key: &DkimSettings) -> Result<DkimConfig, RelayError> {
+    let text = std::fs::read_to_string(&key.key_file).map_err(|error| {
+        RelayError(format!(
+            "dkim key for {}: {}: {error}",
+            key.domain,
+            key.key_file.display()
+        ))
+    })?;
+    let algorithm = match key.algorithm {
+        DkimAlgorithm::RsaSha256 => DkimSigningAlgorithm::Rsa,
+        DkimAlgorithm::Ed25519Sha256 => DkimSigningAlgorithm::Ed25519,
+    };
+    let signing_key = DkimSigningKey::new(text.trim(), algorithm).map_err(|error| {
+        RelayError(format!(
+            "dkim key for {} ({}): {error} (rsa-sha256 wants a PKCS#1 PEM key, \
+             `-----BEGIN RSA PRIVATE KEY-----`; ed25519-sha256 the base64 32-byte seed)",
+            key.domain,
+            key.key_file.display()
+        ))
+    })?;
+    Ok(DkimConfig::new(
+        key.selector.clone(),
+        key.domain.clone(),
+        signing_key,
+        DKIM_SIGNED_HEADERS
+            .iter()
+            .map(|name| HeaderName::new_from_ascii_str(name))
+            .collect(),
+        DkimCanonicalization {
+            header: DkimCanonicalizationType::Relaxed,
+            body: DkimCanonicalizationType::Relaxed,
+        },
+    ))
+}
+
+/// `In-Reply-To` and `References` answering `answered` (RFC 5322 §3.6.4): its id after its chain.
+pub fn thread_headers(
+    builder: MessageBuilder,
+    answered: Option<&InboundMessage>,
+) -> MessageBuilder {
+    let Some(parent) = answered
+        .and_then(|message| message.metadata.get("message_id"))
+        .and_then(|id| id.as_str())
+    else {
+        return builder;
+    };
+    let mut chain: Vec<String> = answered
+        .and_then(|message| message.metadata.get("references"))
+        .and_then(|references| serde_json::from_value(references.clone()).ok())
+        .unwrap_or_default();
+    chain.push(parent.to_owned());
+    let references: Vec<String> = chain.iter().map(|id| format!("<{id}>")).collect();
+    builder
+        .in_reply_to(format!("<{parent}>"))
+        .references(references.join(" "))
+}
+
+/// Where an answer to `answered` goes: its `Reply-To` when it asked for one, else its sender.
+pub fn customer_address(answered: &InboundMessage) -> &str {
+    answered
+        .metadata
+        .get("reply_to")
+        .and_then(|reply_to| reply_to["address"].as_str())
+        .unwrap_or(&answered.from.address)
 }
 
 impl std::fmt::Debug for EmailSender {
@@ -63,11 +159,37 @@ impl EmailSender {
             builder =
                 builder.credentials(Credentials::new(user.clone(), password.expose().to_owned()));
         }
+        let dkim = settings
+            .dkim
+            .iter()
+            .map(|key| Ok((key.domain.clone(), dkim_config(key)?)))
+            .collect::<Result<Vec<_>, RelayError>>()?;
         Ok(EmailSender {
             transport: builder.build(),
             settings,
             store,
+            dkim,
         })
+    }
+
+    pub fn settings(&self) -> &EmailSettings {
+        &self.settings
+    }
+
+    /// Signs `message` when a DKIM key covers `from`'s domain, then submits it to the relay.
+    pub async fn submit(
+        &self,
+        mut message: Message,
+        from: &str,
+    ) -> Result<(), lettre::transport::smtp::Error> {
+        let domain = from
+            .rsplit_once('@')
+            .map(|(_, domain)| domain.to_lowercase())
+            .unwrap_or_default();
+        if let Some((_, config)) = self.dkim.iter().find(|(ours, _)| *ours == domain) {
+            message.sign(config);
+        }
+        self.transport.send(message).await.map(|_| ())
     }
 
     /// The customer's latest email in the conversation: what the reply answers.
@@ -82,12 +204,13 @@ impl EmailSender {
             }))
     }
 
-    /// The reply as an RFC 5322 message, and our `Message-ID` (without brackets).
+    /// The reply as an RFC 5322 message, our `Message-ID` (without brackets) and the address it
+    /// leaves from.
     pub fn compose(
         &self,
         reply: &StoredMessage,
         answered: Option<&InboundMessage>,
-    ) -> Result<(Message, String), SendError> {
+    ) -> Result<(Message, String, String), SendError> {
         let settings = &self.settings;
         let text = reply.body["text"].as_str().unwrap_or_default().to_owned();
         let html = reply.body["html"]
@@ -109,10 +232,7 @@ impl EmailSender {
                 .map_err(|error| permanent(format!("our address `{ours}`: {error}")))?,
         );
         // The customer may have asked for replies elsewhere (Reply-To).
-        let customer = answered
-            .and_then(|message| message.metadata.get("reply_to"))
-            .and_then(|reply_to| reply_to["address"].as_str())
-            .unwrap_or(&reply.to_address);
+        let customer = answered.map(customer_address).unwrap_or(&reply.to_address);
         let to = Mailbox::new(
             None,
             customer
@@ -120,7 +240,7 @@ impl EmailSender {
                 .map_err(|error| permanent(format!("customer address `{customer}`: {error}")))?,
         );
         let message_id = format!("{}@{}", reply.id, settings.message_id_domain);
-        let mut builder = Message::builder()
+        let builder = Message::builder()
             .from(from.clone())
             .reply_to(from)
             .to(to)
@@ -130,24 +250,10 @@ impl EmailSender {
                 answered.and_then(|message| message.subject.as_deref()),
             ))
             .message_id(Some(format!("<{message_id}>")));
-        if let Some(parent) = answered
-            .and_then(|message| message.metadata.get("message_id"))
-            .and_then(|id| id.as_str())
-        {
-            let mut chain: Vec<String> = answered
-                .and_then(|message| message.metadata.get("references"))
-                .and_then(|references| serde_json::from_value(references.clone()).ok())
-                .unwrap_or_default();
-            chain.push(parent.to_owned());
-            let references: Vec<String> = chain.iter().map(|id| format!("<{id}>")).collect();
-            builder = builder
-                .in_reply_to(format!("<{parent}>"))
-                .references(references.join(" "));
-        }
-        let message = builder
+        let message = thread_headers(builder, answered)
             .multipart(MultiPart::alternative_plain_html(text, html))
             .map_err(|error| permanent(format!("cannot build the email: {error}")))?;
-        Ok((message, message_id))
+        Ok((message, message_id, ours))
     }
 }
 
@@ -169,8 +275,8 @@ fn text_to_html(text: &str) -> String {
 impl ChannelSender for EmailSender {
     async fn send(&self, reply: &StoredMessage) -> Result<Option<String>, SendError> {
         let answered = self.answered(reply).await?;
-        let (message, message_id) = self.compose(reply, answered.as_ref())?;
-        match self.transport.send(message).await {
+        let (message, message_id, from) = self.compose(reply, answered.as_ref())?;
+        match self.submit(message, &from).await {
             Ok(_) => Ok(Some(message_id)),
             Err(error) => Err(SendError {
                 retryable: !error.is_permanent(),
