@@ -20,6 +20,7 @@ pub mod openapi;
 pub mod outbound;
 pub mod persist;
 pub mod relay;
+pub mod supervisor;
 pub mod views;
 pub mod web;
 
@@ -239,6 +240,7 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
         crate::channels::Channels::build(&settings.channels, &store).split();
     senders.extend(channel_senders);
     let email = settings.channels.email.clone().map(Arc::new);
+    let email_replies = email.as_ref().is_some_and(|email| email.relay.is_some());
     if let Some(email) = &email
         && let Some(relay) = &email.relay
     {
@@ -262,6 +264,8 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
 
     let bus = relay::InProcessBus::new();
     tokio::spawn(chat::relay_events(chat.clone(), bus.subscribe()));
+    let supervisor_feed = supervisor::SupervisorFeed::new();
+    let supervisor_events = bus.subscribe();
     let mut event_buses: Vec<Arc<dyn relay::EventBus>> = vec![Arc::new(bus.clone())];
     event_buses.extend(buses.event_buses.iter().cloned());
     let term_context = cluster::TermContext {
@@ -327,7 +331,18 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
         email: email_intake.clone(),
         chat,
         chat_settings: Arc::new(settings.chat.clone()),
+        email_replies,
+        supervisor: supervisor_feed.clone(),
     };
+    tokio::spawn(chat::push_positions(
+        state.chat.clone(),
+        state.actions.clone(),
+    ));
+    tokio::spawn(supervisor::run(
+        supervisor_feed,
+        state.actions.clone(),
+        supervisor_events,
+    ));
     let app = http::router(state, settings.body_limit_bytes).layer(
         tower_http::timeout::TimeoutLayer::with_status_code(
             axum::http::StatusCode::REQUEST_TIMEOUT,

@@ -49,9 +49,9 @@ use super::IngestRequest;
 use super::sqlite::WriterStats;
 use super::{
     ConversationFilter, ConversationRecord, ConversationStatus, Direction, ForwardedCommand,
-    IngestOutcome, Lease, Member, NewEvent, NewReply, OutboxEvent, Recovery, ReplyRoute,
-    RoutingWrite, Store, StoreError, StoredMessage, StoredPush, UnroutedMessage, Wakeup, json_text,
-    lease_duration, parse_status, parse_ulid, prefix_error, to_i64, to_u64,
+    IngestOutcome, Lease, Member, NewEvent, NewReply, OutboxEvent, Rating, RatingSummary, Recovery,
+    ReplyRoute, RoutingWrite, Store, StoreError, StoredMessage, StoredPush, UnroutedMessage,
+    Wakeup, json_text, lease_duration, parse_status, parse_ulid, prefix_error, to_i64, to_u64,
 };
 use crate::message::InboundMessage;
 
@@ -65,6 +65,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (
         3,
         include_str!("../../migrations/postgres/0003_cluster.sql"),
+    ),
+    (
+        4,
+        include_str!("../../migrations/postgres/0004_ratings.sql"),
     ),
 ];
 
@@ -647,6 +651,7 @@ enum Write {
     Ingest(Box<EncodedIngest>),
     Routing(Arc<RoutingWrite>),
     Reply(Box<NewReply>, Vec<NewEvent>),
+    Rate(Box<Rating>, Vec<NewEvent>),
     Delivery {
         message_id: Ulid,
         status: String,
@@ -665,6 +670,8 @@ enum Written {
     Done,
     /// Whether a forwarded command's answer was stored (false: it had one already).
     Answered(bool),
+    /// Whether a rating was stored (false: the conversation had one already).
+    Rated(bool),
 }
 
 struct Job {
@@ -859,6 +866,7 @@ async fn run_write(client: &Client, write: &Write) -> Result<Written, Failure> {
         Write::Reply(reply, events) => store_reply_tx(client, reply, events)
             .await
             .map(|()| Written::Done),
+        Write::Rate(rating, events) => rate_tx(client, rating, events).await.map(Written::Rated),
         Write::Delivery {
             message_id,
             status,
@@ -1596,6 +1604,32 @@ async fn apply_routing_tx(client: &Client, write: &RoutingWrite) -> Result<(), F
     append_events(client, &write.events).await
 }
 
+async fn rate_tx(client: &Client, rating: &Rating, events: &[NewEvent]) -> Result<bool, Failure> {
+    let statement = client
+        .prepare_cached(
+            "INSERT INTO ratings (conversation_id, score, comment, agent_id, rated_at)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (conversation_id) DO NOTHING",
+        )
+        .await?;
+    let inserted = client
+        .execute(
+            &statement,
+            &[
+                &rating.conversation_id.to_string(),
+                &i16::from(rating.score),
+                &rating.comment,
+                &rating.agent_id,
+                &nanos(&rating.rated_at)?,
+            ],
+        )
+        .await?;
+    if inserted == 0 {
+        return Ok(false);
+    }
+    append_events(client, events).await?;
+    Ok(true)
+}
+
 async fn store_reply_tx(
     client: &Client,
     reply: &NewReply,
@@ -1987,6 +2021,52 @@ impl Store for PostgresStore {
                         })
                     })
                     .collect::<Result<_, StoreError>>()?)
+            })
+        })
+        .await
+    }
+
+    async fn rate(&self, rating: Rating, events: Vec<NewEvent>) -> Result<bool, StoreError> {
+        match self.write(Write::Rate(Box::new(rating), events)).await? {
+            Written::Rated(stored) => Ok(stored),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn ratings(&self, recent: usize) -> Result<RatingSummary, StoreError> {
+        let limit = i64::try_from(recent).unwrap_or(i64::MAX);
+        self.read(|client| {
+            Box::pin(async move {
+                let totals = client
+                    .prepare_cached("SELECT count(*), avg(score)::float8 FROM ratings")
+                    .await?;
+                let totals = client.query_one(&totals, &[]).await?;
+                let statement = client
+                    .prepare_cached(
+                        "SELECT conversation_id, score, comment, agent_id, rated_at FROM ratings
+                         ORDER BY rated_at DESC LIMIT $1",
+                    )
+                    .await?;
+                let rows = client.query(&statement, &[&limit]).await?;
+                let recent = rows
+                    .iter()
+                    .map(|row| {
+                        Ok(Rating {
+                            conversation_id: parse_ulid(column(row, 0)?)?,
+                            score: u8::try_from(column::<i16>(row, 1)?).map_err(|_| {
+                                StoreError::Corrupt("a rating's score is out of range".into())
+                            })?,
+                            comment: column(row, 2)?,
+                            agent_id: column(row, 3)?,
+                            rated_at: from_nanos(column(row, 4)?),
+                        })
+                    })
+                    .collect::<Result<_, StoreError>>()?;
+                Ok(RatingSummary {
+                    recent,
+                    count: to_u64(column(&totals, 0)?, "rating count")?,
+                    average: column(&totals, 1)?,
+                })
             })
         })
         .await
