@@ -31,10 +31,6 @@ pub enum RouterRead {
     Agents,
     /// [`Routing`], or null once the router forgot the conversation (closed).
     Conversation { conversation: Ulid },
-    /// [`QueuePosition`] of each of these conversations that waits (the others are left out), by ULID.
-    QueuePositions { conversations: Vec<Ulid> },
-    /// [`Routing`] of every unanswered conversation (waiting or offered), first served first.
-    Unanswered,
 }
 
 impl RouterRead {
@@ -44,11 +40,7 @@ impl RouterRead {
             RouterRead::Agent { agent }
             | RouterRead::AgentConversations { agent }
             | RouterRead::AgentMaySee { agent, .. } => agent,
-            RouterRead::Queues
-            | RouterRead::Agents
-            | RouterRead::Conversation { .. }
-            | RouterRead::QueuePositions { .. }
-            | RouterRead::Unanswered => "",
+            RouterRead::Queues | RouterRead::Agents | RouterRead::Conversation { .. } => "",
         }
     }
 
@@ -104,41 +96,6 @@ impl RouterRead {
             RouterRead::Conversation { conversation } => router
                 .conversation(ConversationId(conversation.0))
                 .map_or(Value::Null, |view| json(&Routing::from(&view))),
-            RouterRead::QueuePositions { conversations } => {
-                let positions: std::collections::BTreeMap<String, QueuePosition> = conversations
-                    .iter()
-                    .filter_map(|id| {
-                        let (position, wait) = router.queue_position(ConversationId(id.0))?;
-                        Some((
-                            id.to_string(),
-                            QueuePosition {
-                                position,
-                                estimated_wait_seconds: wait.as_secs_f64(),
-                            },
-                        ))
-                    })
-                    .collect();
-                json(&positions)
-            }
-            RouterRead::Unanswered => {
-                let mut unanswered: Vec<_> = router
-                    .conversation_ids()
-                    .filter_map(|id| {
-                        let view = router.conversation(id)?;
-                        let open = matches!(
-                            view.state,
-                            ConversationState::Waiting | ConversationState::Offered { .. }
-                        );
-                        open.then(|| (router.wait_rank(id), view))
-                    })
-                    .collect();
-                unanswered.sort_by(|(a, _), (b, _)| a.cmp(b));
-                let list: Vec<Routing> = unanswered
-                    .iter()
-                    .map(|(_, view)| Routing::from(view))
-                    .collect();
-                json(&list)
-            }
         }
     }
 }
@@ -150,13 +107,6 @@ fn json(view: &impl Serialize) -> Value {
 
 fn ulids(ids: &[ConversationId]) -> Vec<String> {
     ids.iter().map(|id| Ulid(id.0).to_string()).collect()
-}
-
-/// A waiting conversation's place in its queue (1 = next) and its estimated wait.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
-pub struct QueuePosition {
-    pub position: u32,
-    pub estimated_wait_seconds: f64,
 }
 
 /// An agent's live state.
