@@ -61,6 +61,13 @@ impl Dovecot {
                     "/CN=127.0.0.1",
                     "-addext",
                     "subjectAltName=IP:127.0.0.1",
+                    // A server certificate, not a CA: rustls refuses a CA as the end entity.
+                    "-addext",
+                    "basicConstraints=critical,CA:FALSE",
+                    "-addext",
+                    "keyUsage=digitalSignature,keyEncipherment",
+                    "-addext",
+                    "extendedKeyUsage=serverAuth",
                 ])
                 .arg("-keyout")
                 .arg(root.join("key.pem"))

@@ -44,6 +44,8 @@ pub struct EmailSender {
 
 /// The headers a signature covers (RFC 6376 §5.4.1: those that carry meaning to the reader, and
 /// the threading ones). One absent from a message is signed as absent, so it cannot be added later.
+/// Not `Content-Type`: lettre writes it with the body part, after the headers it signs, so it
+/// would be hashed as absent while the verifier sees it (and the signature would never verify).
 const DKIM_SIGNED_HEADERS: &[&str] = &[
     "From",
     "Reply-To",
@@ -54,7 +56,6 @@ const DKIM_SIGNED_HEADERS: &[&str] = &[
     "In-Reply-To",
     "References",
     "MIME-Version",
-    "Content-Type",
     "Auto-Submitted",
 ];
 
