@@ -94,33 +94,32 @@ impl Daemon {
     }
 
     pub fn start_in(dir: tempfile::TempDir) -> Daemon {
-        let mut daemon = Daemon {
-            dir,
-            base: String::new(),
-            listeners: Default::default(),
-            child: None,
-            http: reqwest::Client::new(),
-            env: Vec::new(),
-            output: None,
-        };
-        daemon.spawn();
-        daemon
+        Daemon::start_with_env(dir, Vec::new(), None)
     }
 
     /// Starts in `dir` with `env` added, keeping every line the process writes (for checks that
     /// something never appears in its logs).
     pub fn start_capturing(dir: tempfile::TempDir, env: &[(&str, &str)]) -> Daemon {
+        let env = env
+            .iter()
+            .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+            .collect();
+        Daemon::start_with_env(dir, env, Some(Default::default()))
+    }
+
+    fn start_with_env(
+        dir: tempfile::TempDir,
+        env: Vec<(String, String)>,
+        output: Option<std::sync::Arc<std::sync::Mutex<Vec<String>>>>,
+    ) -> Daemon {
         let mut daemon = Daemon {
             dir,
             base: String::new(),
             listeners: Default::default(),
             child: None,
             http: reqwest::Client::new(),
-            env: env
-                .iter()
-                .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
-                .collect(),
-            output: Some(Default::default()),
+            env,
+            output,
         };
         daemon.spawn();
         daemon

@@ -17,14 +17,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lettre::Message;
+use lettre::message::SinglePart;
 use lettre::message::header::{Header, HeaderName, HeaderValue};
-use lettre::message::{Mailbox, SinglePart};
 use serde_json::Value;
 use tokio::sync::broadcast;
 use tracing::{debug, info, warn};
 use ulid::Ulid;
 
-use super::outbound::{EmailSender, customer_address, thread_headers};
+use super::outbound::{EmailSender, customer_address, reply_envelope, thread_headers};
 use super::threading;
 use crate::config::email::AcknowledgementSettings;
 use crate::daemon::events::TYPE_PREFIX;
@@ -296,31 +296,16 @@ impl Acknowledgements {
             .replace("{ticket}", &ticket)
             .replace("{position}", &queued.position.to_string())
             .replace("{wait_minutes}", &wait_minutes.to_string());
-        let from = Mailbox::new(
-            settings.from_name.clone(),
-            ours.parse()
-                .map_err(|error| format!("our address `{ours}`: {error}"))?,
-        );
-        let to = Mailbox::new(
-            None,
-            customer
-                .parse()
-                .map_err(|error| format!("customer address `{customer}`: {error}"))?,
-        );
-        let builder = Message::builder()
-            .from(from.clone())
-            .reply_to(from)
-            .to(to)
-            .subject(threading::reply_subject(
-                &settings.subject_tag_prefix,
-                queued.conversation,
-                email.subject.as_deref(),
-            ))
-            .message_id(Some(format!(
-                "<ack-{}@{}>",
-                stored.id, settings.message_id_domain
-            )))
-            .header(AutoSubmitted);
+        let message_id = format!("ack-{}@{}", stored.id, settings.message_id_domain);
+        let builder = reply_envelope(
+            settings,
+            ours,
+            customer,
+            queued.conversation,
+            email.subject.as_deref(),
+            &message_id,
+        )?
+        .header(AutoSubmitted);
         thread_headers(builder, Some(email))
             .singlepart(SinglePart::plain(text))
             .map_err(|error| format!("cannot build the email: {error}"))

@@ -32,6 +32,7 @@ use crate::config::email::{
 use crate::daemon::outbound::{ChannelSender, SendError, conversation_history};
 use crate::message::InboundMessage;
 use crate::store::{Direction, Store, StoredMessage};
+use ulid::Ulid;
 
 /// The email channel's way out.
 pub struct EmailSender {
@@ -93,6 +94,40 @@ fn dkim_config(key: &DkimSettings) -> Result<DkimConfig, RelayError> {
             body: DkimCanonicalizationType::Relaxed,
         },
     ))
+}
+
+/// The envelope of every mail we send in a conversation (agent replies and acknowledgements):
+/// from our mailbox `ours` (also `Reply-To`), to `customer`, the subject answering the customer's
+/// with the conversation's tag, and our `Message-ID` (without brackets).
+pub fn reply_envelope(
+    settings: &EmailSettings,
+    ours: &str,
+    customer: &str,
+    conversation: Ulid,
+    customer_subject: Option<&str>,
+    message_id: &str,
+) -> Result<MessageBuilder, String> {
+    let from = Mailbox::new(
+        settings.from_name.clone(),
+        ours.parse()
+            .map_err(|error| format!("our address `{ours}`: {error}"))?,
+    );
+    let to = Mailbox::new(
+        None,
+        customer
+            .parse()
+            .map_err(|error| format!("customer address `{customer}`: {error}"))?,
+    );
+    Ok(Message::builder()
+        .from(from.clone())
+        .reply_to(from)
+        .to(to)
+        .subject(threading::reply_subject(
+            &settings.subject_tag_prefix,
+            conversation,
+            customer_subject,
+        ))
+        .message_id(Some(format!("<{message_id}>"))))
 }
 
 /// `In-Reply-To` and `References` answering `answered` (RFC 5322 §3.6.4): its id after its chain.
@@ -227,30 +262,18 @@ impl EmailSender {
                 .cloned()
                 .unwrap_or_else(|| reply.from_address.clone())
         };
-        let from = Mailbox::new(
-            settings.from_name.clone(),
-            ours.parse()
-                .map_err(|error| permanent(format!("our address `{ours}`: {error}")))?,
-        );
         // The customer may have asked for replies elsewhere (Reply-To).
         let customer = answered.map(customer_address).unwrap_or(&reply.to_address);
-        let to = Mailbox::new(
-            None,
-            customer
-                .parse()
-                .map_err(|error| permanent(format!("customer address `{customer}`: {error}")))?,
-        );
         let message_id = format!("{}@{}", reply.id, settings.message_id_domain);
-        let builder = Message::builder()
-            .from(from.clone())
-            .reply_to(from)
-            .to(to)
-            .subject(threading::reply_subject(
-                &settings.subject_tag_prefix,
-                reply.conversation_id,
-                answered.and_then(|message| message.subject.as_deref()),
-            ))
-            .message_id(Some(format!("<{message_id}>")));
+        let builder = reply_envelope(
+            settings,
+            &ours,
+            customer,
+            reply.conversation_id,
+            answered.and_then(|message| message.subject.as_deref()),
+            &message_id,
+        )
+        .map_err(permanent)?;
         let message = thread_headers(builder, answered)
             .multipart(MultiPart::alternative_plain_html(text, html))
             .map_err(|error| permanent(format!("cannot build the email: {error}")))?;
