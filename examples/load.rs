@@ -6,6 +6,8 @@
 //!   posts N distinct messages and prints one JSON line: messages/s and latency percentiles of the
 //!   HTTP answer; with `--agents` (their WebSockets opened with `demo-<id>-token`) also the latency
 //!   from sending a message to its offer or assignment reaching an agent (ingest → offer).
+//!   `--resolve` makes the agents resolve each conversation as soon as it is assigned to them, so a
+//!   long run (the soak in `scripts/bench`) keeps a steady number of open conversations.
 //!   `--url` may list several instances (`URL1,URL2,...`): message i goes to URL i mod n
 //!   (round-robin), agents connect to the first.
 //!   `--kind twilio --secret S --public-url U` posts signed Twilio SMS webhooks to
@@ -37,7 +39,7 @@ async fn main() {
         Some("bare") => bare(arg(&args, "--listen").unwrap_or_else(|| "127.0.0.1:0".into())).await,
         Some("drive") => drive(&args).await,
         _ => eprintln!(
-            "usage: load bare [--listen ADDR] | load drive --url URL --token T --messages N [--concurrency C] [--rate R] [--agents a,b]"
+            "usage: load bare [--listen ADDR] | load drive --url URL --token T --messages N [--concurrency C] [--rate R] [--agents a,b] [--resolve]"
         ),
     }
 }
@@ -87,6 +89,7 @@ async fn drive(args: &[String]) {
     let rate: Option<f64> = arg(args, "--rate").map(|r| r.parse().unwrap());
     let run = arg(args, "--run").unwrap_or_else(|| ulid::Ulid::new().to_string());
     let kind = Arc::new(Kind::from_args(args));
+    let resolve = args.iter().any(|a| a == "--resolve");
     // Phone numbers must be new in every run (a known number joins its open conversation).
     let area = 200 + rand::random_range(0..700u32);
     // The offer push can arrive before the HTTP answer naming its conversation: whichever of the two
@@ -138,6 +141,17 @@ async fn drive(args: &[String]) {
                             .unwrap_or_default()
                             .to_owned();
                         let now = Instant::now();
+                        if resolve && push["type"] == "assigned" {
+                            let command =
+                                json!({ "type": "resolve", "conversation_id": conversation });
+                            if socket
+                                .send(Message::Text(command.to_string().into()))
+                                .await
+                                .is_err()
+                            {
+                                break;
+                            }
+                        }
                         let started = sent_at.lock().unwrap().remove(&conversation);
                         match started {
                             Some(started) => latencies

@@ -53,7 +53,13 @@ fn a_customer_chats_from_the_demo_page_and_an_agent_answers_in_the_console() {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-    for name in ["widget", "console", "console-offer", "supervisor"] {
+    for name in [
+        "widget",
+        "widget-offline",
+        "console",
+        "console-offer",
+        "supervisor",
+    ] {
         let shot = std::fs::read(screenshots.join(format!("{name}.png"))).unwrap();
         assert!(shot.starts_with(b"\x89PNG"), "{name}.png is not a PNG");
     }

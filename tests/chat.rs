@@ -321,3 +321,238 @@ async fn a_customer_who_closes_the_chat_unanswered_and_does_not_return_is_counte
     assert_eq!(kept_detail["routing"]["state"], "waiting", "{kept_detail}");
     assert_ne!(left_detail["routing"]["state"], "waiting", "{left_detail}");
 }
+
+/// The supervisor's live feed: the first snapshot that satisfies `check`.
+async fn supervisor_snapshot(daemon: &Daemon, check: impl Fn(&Value) -> bool) -> Value {
+    let url = format!(
+        "{}/v1/admin/stream?access_token={}",
+        daemon.base.replace("http://", "ws://"),
+        common::ADMIN
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), socket.next())
+            .await
+            .expect("a snapshot within 10 s")
+            .expect("socket open")
+            .expect("socket ok");
+        if let Message::Text(text) = message {
+            let snapshot: Value = serde_json::from_str(&text).unwrap();
+            if check(&snapshot) {
+                return snapshot;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_resolved_conversation_is_rated_once_and_the_supervisor_sees_it() {
+    let daemon = Daemon::start("");
+    let mut alice = daemon.agent_socket("alice").await;
+    alice
+        .command(json!({ "type": "presence", "presence": "available" }))
+        .await;
+    let (mut customer, _) = Customer::start(&daemon, json!({ "visitor_id": VISITOR })).await;
+    let ack = customer.say("c1", "my order is wrong").await;
+    let conversation = ack["conversation_id"].as_str().unwrap().to_owned();
+
+    // Not before it is resolved.
+    customer.send(json!({ "type": "rate", "score": 5 })).await;
+    assert_eq!(
+        customer.next_of("error").await["error"]["code"],
+        "not_resolved"
+    );
+
+    alice.accept_next_offer().await;
+    let resolved = alice
+        .command(json!({ "type": "resolve", "conversation_id": conversation }))
+        .await;
+    assert_eq!(resolved["type"], "ack", "{resolved}");
+    let offer = customer.next_of("resolved").await;
+    assert_eq!(offer["rating"], true, "{offer}");
+
+    for (frame, code) in [
+        (json!({ "type": "rate", "score": 0 }), "bad_score"),
+        (json!({ "type": "rate", "score": 6 }), "bad_score"),
+        (
+            json!({ "type": "rate", "score": 4, "comment": "x".repeat(1001) }),
+            "comment_too_long",
+        ),
+    ] {
+        customer.send(frame).await;
+        assert_eq!(customer.next_of("error").await["error"]["code"], code);
+    }
+    customer
+        .send(json!({ "type": "rate", "score": 4, "comment": " Quick and kind " }))
+        .await;
+    let rated = customer.next_of("rated").await;
+    assert_eq!(rated["score"], 4);
+    assert_eq!(rated["conversation_id"], conversation.as_str());
+    customer
+        .send(json!({ "type": "rate", "score": 1, "comment": "changed my mind" }))
+        .await;
+    assert_eq!(
+        customer.next_of("error").await["error"]["code"],
+        "already_rated"
+    );
+
+    let snapshot = supervisor_snapshot(&daemon, |s| s["csat"]["count"] == 1).await;
+    assert_eq!(snapshot["csat"]["average"], 4.0, "{snapshot}");
+    let rating = &snapshot["csat"]["recent"][0];
+    assert_eq!(rating["score"], 4);
+    assert_eq!(rating["comment"], "Quick and kind");
+    assert_eq!(rating["agent_id"], "alice");
+    assert_eq!(rating["conversation_id"], conversation.as_str());
+    // The supervisor view's agents carry their time in state.
+    assert!(
+        snapshot["agents"][0]["in_state_seconds"].is_number(),
+        "{snapshot}"
+    );
+}
+
+#[tokio::test]
+async fn with_no_agent_online_the_offline_form_becomes_a_waiting_conversation() {
+    let daemon = Daemon::start("");
+    let (mut customer, session) = Customer::start(&daemon, json!({ "visitor_id": VISITOR })).await;
+    assert_eq!(session["online"], false, "{session}");
+    // No email relay here: the answer comes in the chat.
+    assert_eq!(session["offline_reply_by_email"], false, "{session}");
+
+    customer
+        .send(json!({ "type": "offline", "client_message_id": "o1", "email": "not an address", "text": "hi" }))
+        .await;
+    assert_eq!(
+        customer.next_of("error").await["error"]["code"],
+        "bad_email"
+    );
+    customer
+        .send(json!({ "type": "offline", "client_message_id": "o1", "name": "Ann", "email": "ann@example.com", "text": "Please call me back about my order" }))
+        .await;
+    let received = customer.next_of("offline_received").await;
+    assert_eq!(received["reply_by"], "chat", "{received}");
+    let conversation = received["conversation_id"].as_str().unwrap().to_owned();
+
+    // It waits for the next agent, who sees the message.
+    let mut alice = daemon.agent_socket("alice").await;
+    alice
+        .command(json!({ "type": "presence", "presence": "available" }))
+        .await;
+    assert_eq!(alice.accept_next_offer().await, conversation);
+    let history = daemon.history("alice", &conversation).await;
+    assert_eq!(history.len(), 1);
+    // The email the customer left is linked to their contact: a mail from it joins this conversation.
+    let (status, ingested) = daemon
+        .ingest(json!({
+            "channel": "email", "provider": "smtp", "provider_message_id": "<m1@example.com>",
+            "from": { "address": "Ann@Example.com" }, "text": "Also, my order number is 42"
+        }))
+        .await;
+    assert_eq!(status, 202, "{ingested}");
+    assert_eq!(
+        ingested["conversation_id"],
+        conversation.as_str(),
+        "{ingested}"
+    );
+
+    // With an agent online the widget is told so.
+    let (_, session) =
+        Customer::start(&daemon, json!({ "visitor_id": "second_visitor_0123456" })).await;
+    assert_eq!(session["online"], true, "{session}");
+}
+
+#[tokio::test]
+async fn waiting_customers_are_told_their_new_place_as_the_queue_moves() {
+    // One agent with room for one chat, so the second customer keeps waiting while the first is
+    // offered.
+    let daemon = Daemon::start(
+        "[[agents]]\nid = \"alice\"\nqueues = [\"support\"]\ncapacity = { chat = 1 }\nmax_total = 1\n",
+    );
+    let (mut first, _) =
+        Customer::start(&daemon, json!({ "visitor_id": "first_visitor_0123456" })).await;
+    let first_conversation = first.say("c1", "first in line").await["conversation_id"].clone();
+    assert_eq!(first.next_of("queued").await["position"], 1);
+    let (mut second, _) =
+        Customer::start(&daemon, json!({ "visitor_id": "second_visitor_0123456" })).await;
+    second.say("c1", "second in line").await;
+    assert_eq!(second.next_of("queued").await["position"], 2);
+
+    // The agent comes online and is offered the first: the second customer moves up without
+    // writing anything.
+    let mut alice = daemon.agent_socket("alice").await;
+    alice
+        .command(json!({ "type": "presence", "presence": "available" }))
+        .await;
+    let offer = alice.next_of("offer").await;
+    assert_eq!(offer["conversation_id"], first_conversation, "{offer}");
+    let moved = second.next_of("queued").await;
+    assert_eq!(moved["position"], 1, "{moved}");
+    assert!(
+        moved["estimated_wait_seconds"].as_f64().is_some(),
+        "{moved}"
+    );
+
+    // A customer who resumes while waiting is told the current place at once.
+    let conversation = {
+        let ack = second.say("c2", "still there?").await;
+        ack["conversation_id"].as_str().unwrap().to_owned()
+    };
+    second.close().await;
+    let (mut back, _) = Customer::start(
+        &daemon,
+        json!({ "visitor_id": "second_visitor_0123456", "conversation_id": conversation, "after_seq": 2 }),
+    )
+    .await;
+    assert_eq!(back.next_of("queued").await["position"], 1);
+}
+
+#[tokio::test]
+async fn an_offline_message_with_an_email_address_is_answered_by_mail() {
+    let mut sink = common::Sink::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[channels.email]\nmailboxes = [\"support@example.com\"]\nfrom_name = \"Example Support\"\n\
+         attachments_dir = \"{}\"\n\n\
+         [channels.email.relay]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\n",
+        dir.path().join("attachments").display(),
+        sink.port
+    );
+    common::write_config(dir.path(), "", &config);
+    let daemon = Daemon::start_in(dir);
+    let (mut customer, session) = Customer::start(&daemon, json!({ "visitor_id": VISITOR })).await;
+    assert_eq!(session["online"], false, "{session}");
+    assert_eq!(session["offline_reply_by_email"], true, "{session}");
+
+    customer
+        .send(json!({ "type": "offline", "client_message_id": "o1", "name": "Ann", "email": "ann@customer.example", "text": "Where is my parcel?" }))
+        .await;
+    let received = customer.next_of("offline_received").await;
+    assert_eq!(received["reply_by"], "email", "{received}");
+    let conversation = received["conversation_id"].as_str().unwrap().to_owned();
+    // The same form sent again (a reconnect re-sends it) is the same message.
+    customer
+        .send(json!({ "type": "offline", "client_message_id": "o1", "name": "Ann", "email": "ann@customer.example", "text": "Where is my parcel?" }))
+        .await;
+    let again = customer.next_of("offline_received").await;
+    assert_eq!(again["duplicate"], true, "{again}");
+    assert_eq!(again["message_id"], received["message_id"], "{again}");
+
+    let mut alice = daemon.agent_socket("alice").await;
+    alice
+        .command(json!({ "type": "presence", "presence": "available" }))
+        .await;
+    assert_eq!(alice.accept_next_offer().await, conversation);
+    let history = daemon.history("alice", &conversation).await;
+    assert_eq!(history.len(), 1, "{history:?}");
+    assert_eq!(history[0]["channel"], "email", "{history:?}");
+    let (status, reply) = daemon
+        .reply_as("alice", &conversation, "It arrives tomorrow.")
+        .await;
+    assert_eq!(status, 202, "{reply}");
+    let mail = sink.next(20).await;
+    assert_eq!(
+        common::header(&mail, "To").unwrap(),
+        "ann@customer.example",
+        "{mail}"
+    );
+    assert!(mail.contains("It arrives tomorrow."), "{mail}");
+}

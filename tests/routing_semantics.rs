@@ -731,6 +731,21 @@ fn queued_effect_gives_position_and_estimated_wait() {
         h.router.queue_position(ConversationId(3)),
         Some((2, Millis::from_secs(240)))
     );
+    // Many at once, in the order asked: the assigned one and an unknown one have no place.
+    assert_eq!(
+        h.router.queue_positions(&[
+            ConversationId(3),
+            ConversationId(1),
+            ConversationId(2),
+            ConversationId(99),
+        ]),
+        vec![
+            Some((2, Millis::from_secs(240))),
+            None,
+            Some((1, Millis::from_secs(120))),
+            None,
+        ]
+    );
 }
 
 #[test]

@@ -105,6 +105,7 @@ const MATRIX: &[(&str, &str, Access)] = &[
     ),
     ("post", "/v1/admin/reload", Access::Admin),
     ("get", "/v1/admin/cluster", Access::Admin),
+    ("get", "/v1/admin/stream", Access::Admin),
 ];
 
 const TELEGRAM_SECRET: &str = "tg-secret-5f0c2a";

@@ -18,7 +18,7 @@ use switchboard::store::postgres::{PostgresOptions, PostgresStore};
 use switchboard::store::sqlite::{SCHEMA_VERSION, SqliteOptions, SqliteStore};
 use switchboard::store::{
     AgentPush, ConversationFilter, ConversationStatus, DeliveryOutcome, DeliveryUpdate, Direction,
-    IngestOutcome, NewEvent, NewReply, ParkedStatus, RoutingWrite, Store, StoreError,
+    IngestOutcome, NewEvent, NewReply, ParkedStatus, Rating, RoutingWrite, Store, StoreError,
 };
 use tempfile::TempDir;
 use ulid::Ulid;
@@ -253,6 +253,7 @@ for_each_backend!(
     resolved_conversation_is_joined,
     routing_events_are_numbered_per_conversation,
     outbox_pending_mark_sent_and_backlog,
+    a_conversation_is_rated_once_with_its_event,
     stale_epoch_is_fenced,
     failed_request_leaves_nothing,
     recovery_returns_unrouted_and_states,
@@ -839,6 +840,54 @@ async fn outbox_pending_mark_sent_and_backlog(backend: Backend) {
     store.outbox_mark_sent(&all).await.unwrap();
     assert_eq!(store.outbox_backlog().await.unwrap(), 0);
     assert!(store.outbox_pending(10).await.unwrap().is_empty());
+}
+
+async fn a_conversation_is_rated_once_with_its_event(backend: Backend) {
+    let store = backend.store();
+    let first = ingest(store, sms("r1", PHONE, "hello")).await;
+    let second = ingest(store, sms("r2", "+15555550999", "hi")).await;
+    let empty = store.ratings(10).await.unwrap();
+    assert_eq!((empty.count, empty.average), (0, None));
+    assert!(empty.recent.is_empty());
+    let backlog = store.outbox_backlog().await.unwrap();
+
+    let rating = |conversation: Ulid, score: u8, comment: &str, seconds: i64| Rating {
+        conversation_id: conversation,
+        score,
+        comment: comment.to_owned(),
+        agent_id: Some("alice".into()),
+        rated_at: DateTime::from_timestamp(1_767_225_600 + seconds, 0).unwrap(),
+    };
+    let four = rating(first.conversation, 4, "Quick and kind", 0);
+    let rated = event("conversation.rated", Some(first.conversation));
+    assert!(store.rate(four.clone(), vec![rated.clone()]).await.unwrap());
+    assert_eq!(store.outbox_backlog().await.unwrap(), backlog + 1);
+    // A second rating of the same conversation writes nothing, its event neither.
+    let again = rating(first.conversation, 1, "changed my mind", 5);
+    let ignored = event("conversation.rated", Some(first.conversation));
+    assert!(!store.rate(again, vec![ignored]).await.unwrap());
+    assert_eq!(store.outbox_backlog().await.unwrap(), backlog + 1);
+    let pending = store.outbox_pending(1000).await.unwrap();
+    assert_eq!(
+        pending
+            .iter()
+            .filter(|event| event.kind == "conversation.rated")
+            .map(|event| event.event_id)
+            .collect::<Vec<_>>(),
+        vec![rated.event_id]
+    );
+
+    let five = Rating {
+        agent_id: None,
+        comment: String::new(),
+        ..rating(second.conversation, 5, "", 10)
+    };
+    assert!(store.rate(five.clone(), Vec::new()).await.unwrap());
+    let summary = store.ratings(10).await.unwrap();
+    assert_eq!(summary.count, 2);
+    assert_eq!(summary.average, Some(4.5));
+    assert_eq!(summary.recent, vec![five.clone(), four]);
+    assert_eq!(store.ratings(1).await.unwrap().recent, vec![five]);
 }
 
 async fn stale_epoch_is_fenced(backend: Backend) {

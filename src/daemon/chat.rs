@@ -27,19 +27,19 @@ use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::Sha256;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{Notify, broadcast, mpsc};
 use tracing::debug;
 use ulid::Ulid;
 
-use super::actions::Refusal;
-use super::events::TYPE_PREFIX;
+use super::actions::{Actions, Refusal};
+use super::events::{self, TYPE_PREFIX};
 use super::http::{ApiError, AppState};
 use super::outbound::{ChannelSender, SendError, conversation_history};
-use super::views::{self, RouterRead};
+use super::views::{self, QueuePosition, RouterRead};
 use crate::config::{ChatSection, Secret};
-use crate::message::{Address, CustomerHints, InboundMessage, MESSAGE_SCHEMA};
+use crate::message::{Address, CustomerHints, IdentityLink, InboundMessage, MESSAGE_SCHEMA};
 use crate::routing::AgentId;
-use crate::store::{Direction, Store, StoredMessage};
+use crate::store::{ConversationStatus, Direction, Rating, Store, StoredMessage};
 
 /// The channel name and provider of web chat messages.
 pub const CHANNEL: &str = "chat";
@@ -51,11 +51,25 @@ const MAX_FRAME_BYTES: usize = 64 * 1024;
 /// One open customer socket: its id and where its pushes go.
 type Connection = (u64, mpsc::UnboundedSender<Value>);
 
+/// The longest comment a rating may carry, in characters.
+pub const MAX_RATING_COMMENT_CHARS: usize = 1000;
+
+/// How long a burst of routing news is gathered before waiting customers hear their new place.
+const POSITION_COALESCE: Duration = Duration::from_millis(250);
+/// Waits are estimated anew and priorities step up with time: waiting customers are re-checked
+/// this often even when nothing else happens.
+const POSITION_REFRESH: Duration = Duration::from_secs(15);
+
 /// Open customer sockets by conversation: where replies and routing news for a conversation go.
 #[derive(Debug, Default)]
 pub struct ChatHub {
     connections: Mutex<HashMap<Ulid, Vec<Connection>>>,
     next_id: AtomicU64,
+    /// Chat conversations waiting for an agent, with the place and wait their customer was last
+    /// told: only these are re-checked when the queues move.
+    waiting: Mutex<HashMap<Ulid, QueuePosition>>,
+    /// Woken when routing news may have moved a waiting customer's place.
+    positions_moved: Notify,
 }
 
 impl ChatHub {
@@ -93,6 +107,88 @@ impl ChatHub {
         };
         list.retain(|(_, sender)| sender.send(message.clone()).is_ok());
         list.len()
+    }
+}
+
+impl ChatHub {
+    /// Remembers what a waiting customer was told; false when it is what they were told last.
+    fn tell_position(&self, conversation: Ulid, position: QueuePosition) -> bool {
+        let Ok(mut waiting) = self.waiting.lock() else {
+            return false;
+        };
+        let rounded = |p: &QueuePosition| (p.position, p.estimated_wait_seconds.round() as u64);
+        let changed = waiting
+            .get(&conversation)
+            .is_none_or(|told| rounded(told) != rounded(&position));
+        waiting.insert(conversation, position);
+        changed
+    }
+
+    fn stop_waiting(&self, conversation: Ulid) {
+        if let Ok(mut waiting) = self.waiting.lock() {
+            waiting.remove(&conversation);
+        }
+    }
+
+    /// Conversations whose customers wait and are still in their chat window.
+    fn waiting_with_sockets(&self) -> Vec<Ulid> {
+        let Ok(waiting) = self.waiting.lock() else {
+            return Vec::new();
+        };
+        waiting
+            .keys()
+            .copied()
+            .filter(|id| self.is_open(*id))
+            .collect()
+    }
+
+    fn positions_may_have_moved(&self) {
+        if self.waiting.lock().is_ok_and(|waiting| !waiting.is_empty()) {
+            self.positions_moved.notify_one();
+        }
+    }
+}
+
+fn queued_frame(position: &QueuePosition) -> Value {
+    json!({
+        "type": "queued",
+        "position": position.position,
+        "estimated_wait_seconds": position.estimated_wait_seconds,
+    })
+}
+
+/// Keeps waiting customers told their place and estimated wait as the queues move: woken by
+/// routing news (a burst is gathered for [`POSITION_COALESCE`] into one router read for every
+/// waiting chat), and every [`POSITION_REFRESH`]. Only a changed place or wait is pushed.
+pub async fn push_positions(hub: std::sync::Arc<ChatHub>, actions: Actions) {
+    loop {
+        tokio::select! {
+            () = hub.positions_moved.notified() => tokio::time::sleep(POSITION_COALESCE).await,
+            () = tokio::time::sleep(POSITION_REFRESH) => {}
+        }
+        let conversations = hub.waiting_with_sockets();
+        if conversations.is_empty() {
+            continue;
+        }
+        let positions: HashMap<String, QueuePosition> = match actions
+            .read_router(RouterRead::QueuePositions {
+                conversations: conversations.clone(),
+            })
+            .await
+        {
+            Ok(positions) => positions,
+            Err(refusal) => {
+                debug!(reason = %refusal.message, "could not read waiting chats' positions");
+                continue;
+            }
+        };
+        for conversation in conversations {
+            if let Some(position) = positions.get(&conversation.to_string())
+                && hub.tell_position(conversation, *position)
+            {
+                hub.push(conversation, &queued_frame(position));
+            }
+        }
     }
 }
 
@@ -184,22 +280,41 @@ pub async fn relay_events(hub: std::sync::Arc<ChatHub>, mut events: broadcast::R
             continue;
         };
         let data = &event["data"];
+        if kind.starts_with("conversation.") || kind == "agent.presence" {
+            hub.positions_may_have_moved();
+        }
         let frames = match kind {
-            "conversation.queued" => vec![json!({
-                "type": "queued",
-                "position": data["position"],
-                "estimated_wait_seconds": data["estimated_wait_seconds"],
-            })],
+            "conversation.queued" => {
+                let position = QueuePosition {
+                    position: data["position"]
+                        .as_u64()
+                        .and_then(|p| u32::try_from(p).ok())
+                        .unwrap_or(1),
+                    estimated_wait_seconds: data["estimated_wait_seconds"]
+                        .as_f64()
+                        .unwrap_or_default(),
+                };
+                hub.tell_position(conversation, position);
+                vec![queued_frame(&position)]
+            }
             "conversation.assigned" => {
+                hub.stop_waiting(conversation);
                 vec![json!({ "type": "agent_joined", "agent_id": data["agent_id"] })]
             }
             "conversation.transferred" | "conversation.escalated" => {
                 vec![json!({ "type": "agent_left", "agent_id": data["from_agent_id"] })]
             }
-            "conversation.resolved" => vec![
-                json!({ "type": "agent_left", "agent_id": data["agent_id"] }),
-                json!({ "type": "resolved" }),
-            ],
+            "conversation.resolved" => {
+                hub.stop_waiting(conversation);
+                vec![
+                    json!({ "type": "agent_left", "agent_id": data["agent_id"] }),
+                    json!({ "type": "resolved", "rating": true }),
+                ]
+            }
+            "conversation.abandoned" => {
+                hub.stop_waiting(conversation);
+                continue;
+            }
             _ => continue,
         };
         for frame in frames {
@@ -286,6 +401,21 @@ enum ClientFrame {
     Read {
         seq: u64,
     },
+    /// Rates the resolved conversation: 1–5 and an optional comment.
+    Rate {
+        score: i64,
+        #[serde(default)]
+        comment: String,
+    },
+    /// The offline form: a message answered later, by email when an address is given.
+    Offline {
+        client_message_id: String,
+        #[serde(default)]
+        name: Option<String>,
+        #[serde(default)]
+        email: Option<String>,
+        text: String,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -342,6 +472,51 @@ impl RateBucket {
 
 fn error_frame(code: &str, message: impl Into<String>) -> Value {
     json!({ "type": "error", "error": { "code": code, "message": message.into() } })
+}
+
+/// An error about one customer message, naming it so the widget can mark that message.
+fn client_error(code: &str, message: impl Into<String>, client_message_id: &str) -> Value {
+    let mut frame = error_frame(code, message);
+    frame["client_message_id"] = Value::String(client_message_id.to_owned());
+    frame
+}
+
+/// Refuses a customer message the chat does not take (a bad client id, too long, empty, over the
+/// session's rate), with the frame that says why. A message that passes takes one from the
+/// session's rate bucket.
+fn admit_customer_text(
+    state: &AppState,
+    session: &mut Session,
+    client_message_id: &str,
+    text: &str,
+) -> Result<(), Value> {
+    let refuse = |code: &str, message: String| Err(client_error(code, message, client_message_id));
+    if client_message_id.is_empty()
+        || client_message_id.len() > 64
+        || client_message_id.contains(':')
+    {
+        return refuse(
+            "bad_client_message_id",
+            "client_message_id must be 1–64 characters without `:`".into(),
+        );
+    }
+    let limit = state.chat_settings.max_message_chars;
+    if text.chars().count() > limit {
+        return refuse(
+            "message_too_long",
+            format!("a message has at most {limit} characters"),
+        );
+    }
+    if text.trim().is_empty() {
+        return refuse("empty_message", "a message needs text".into());
+    }
+    if let Err(wait) = session.bucket.take(Instant::now()) {
+        return refuse(
+            "rate_limited",
+            format!("too many messages; try again in {} s", wait.as_secs() + 1),
+        );
+    }
+    Ok(())
 }
 
 async fn session(state: AppState, socket: WebSocket) {
@@ -512,6 +687,13 @@ async fn handle(
                     .await;
                     Vec::new()
                 }
+                ClientFrame::Rate { score, comment } => rate(state, current, score, comment).await,
+                ClientFrame::Offline {
+                    client_message_id,
+                    name,
+                    email,
+                    text,
+                } => offline_message(state, current, client_message_id, name, email, text).await,
                 ClientFrame::Start { .. } => Vec::new(),
             }
         }
@@ -592,10 +774,23 @@ async fn start(
             .actions
             .read_router::<Option<views::Routing>>(RouterRead::Conversation { conversation: id })
             .await
-            && routing.state == "assigned"
-            && let Some(agent) = routing.agent_id
         {
-            answers.push(json!({ "type": "agent_joined", "agent_id": agent }));
+            if routing.state == "assigned"
+                && let Some(agent) = routing.agent_id
+            {
+                answers.push(json!({ "type": "agent_joined", "agent_id": agent }));
+            } else if routing.state == "waiting"
+                && let Ok(positions) = state
+                    .actions
+                    .read_router::<HashMap<String, QueuePosition>>(RouterRead::QueuePositions {
+                        conversations: vec![id],
+                    })
+                    .await
+                && let Some(position) = positions.get(&id.to_string())
+            {
+                state.chat.tell_position(id, *position);
+                answers.push(queued_frame(position));
+            }
         }
     }
     answers.insert(
@@ -606,6 +801,8 @@ async fn start(
             "conversation_id": resumed.map(|id| id.to_string()),
             "customer_id": customer_id,
             "max_message_chars": state.chat_settings.max_message_chars,
+            "online": agents_online(state).await,
+            "offline_reply_by_email": state.email_replies,
         }),
     );
     *session = Some(Session {
@@ -626,35 +823,19 @@ async fn send_message(
     client_message_id: String,
     text: String,
 ) -> Vec<Value> {
-    let refuse = |code: &str, message: String| {
-        let mut frame = error_frame(code, message);
-        frame["client_message_id"] = Value::String(client_message_id.clone());
-        vec![frame]
-    };
-    if client_message_id.is_empty()
-        || client_message_id.len() > 64
-        || client_message_id.contains(':')
-    {
-        return refuse(
-            "bad_client_message_id",
-            "client_message_id must be 1–64 characters without `:`".into(),
-        );
-    }
-    let limit = state.chat_settings.max_message_chars;
-    if text.chars().count() > limit {
-        return refuse(
-            "message_too_long",
-            format!("a message has at most {limit} characters"),
-        );
-    }
-    if text.trim().is_empty() {
-        return refuse("empty_message", "a message needs text".into());
-    }
-    if let Err(wait) = session.bucket.take(Instant::now()) {
-        return refuse(
-            "rate_limited",
-            format!("too many messages; try again in {} s", wait.as_secs() + 1),
-        );
+    send_message_with(state, session, client_message_id, text, Vec::new()).await
+}
+
+/// A customer message, with other identities of the customer to link (an offline form's email).
+async fn send_message_with(
+    state: &AppState,
+    session: &mut Session,
+    client_message_id: String,
+    text: String,
+    links: Vec<IdentityLink>,
+) -> Vec<Value> {
+    if let Err(refusal) = admit_customer_text(state, session, &client_message_id, &text) {
+        return vec![refusal];
     }
     let message = InboundMessage {
         schema: MESSAGE_SCHEMA.into(),
@@ -671,6 +852,7 @@ async fn send_message(
         customer: CustomerHints {
             id: session.customer_id.clone(),
             name: session.name.clone(),
+            links,
             ..CustomerHints::default()
         },
         subject: None,
@@ -682,7 +864,13 @@ async fn send_message(
     };
     let receipt = match state.actions.ingest(message, Instant::now()).await {
         Ok(receipt) => receipt,
-        Err(refusal) => return refuse(refusal.code, refusal.message),
+        Err(refusal) => {
+            return vec![client_error(
+                refusal.code,
+                refusal.message,
+                &client_message_id,
+            )];
+        }
     };
     if session.conversation != Some(receipt.conversation_id) {
         if let Some(previous) = session.conversation {
@@ -709,6 +897,186 @@ async fn send_message(
         "seq": seq,
         "duplicate": receipt.duplicate,
     })]
+}
+
+/// Whether a chat would be answered now (otherwise the widget shows the offline form).
+async fn agents_online(state: &AppState) -> bool {
+    state
+        .actions
+        .read_router(RouterRead::Answering {
+            channel: CHANNEL.into(),
+        })
+        .await
+        .unwrap_or(false)
+}
+
+/// Stores the customer's rating of the session's resolved conversation, with `conversation.rated`.
+/// One rating per conversation: a second is refused (`already_rated`).
+async fn rate(state: &AppState, session: &Session, score: i64, comment: String) -> Vec<Value> {
+    let Some(conversation) = session.conversation else {
+        return vec![error_frame(
+            "not_resolved",
+            "this session has no conversation to rate",
+        )];
+    };
+    let Some(score) = u8::try_from(score)
+        .ok()
+        .filter(|score| (1..=5).contains(score))
+    else {
+        return vec![error_frame("bad_score", "score must be 1, 2, 3, 4 or 5")];
+    };
+    if comment.chars().count() > MAX_RATING_COMMENT_CHARS {
+        return vec![error_frame(
+            "comment_too_long",
+            format!("a comment has at most {MAX_RATING_COMMENT_CHARS} characters"),
+        )];
+    }
+    match state.actions.store.conversation(conversation).await {
+        Ok(Some(record)) if record.status != ConversationStatus::Open => {}
+        Ok(_) => {
+            return vec![error_frame(
+                "not_resolved",
+                "a conversation can be rated once it is resolved",
+            )];
+        }
+        Err(error) => return vec![error_frame("unavailable", error.to_string())],
+    }
+    let agent_id = state
+        .actions
+        .read_router::<Option<views::Routing>>(RouterRead::Conversation { conversation })
+        .await
+        .ok()
+        .flatten()
+        .filter(|routing| routing.state == "resolved")
+        .and_then(|routing| routing.agent_id);
+    let rating = Rating {
+        conversation_id: conversation,
+        score,
+        comment: comment.trim().to_owned(),
+        agent_id,
+        rated_at: chrono::Utc::now(),
+    };
+    let event = events::conversation_rated(&rating);
+    match state.actions.store.rate(rating, vec![event]).await {
+        Ok(true) => {
+            state.actions.outbound.events_written();
+            vec![
+                json!({ "type": "rated", "conversation_id": conversation.to_string(), "score": score }),
+            ]
+        }
+        Ok(false) => vec![error_frame(
+            "already_rated",
+            "this conversation has been rated already",
+        )],
+        Err(error) => vec![error_frame("unavailable", error.to_string())],
+    }
+}
+
+/// The offline form: stored like any message and routed, so it waits for the next agent. With an
+/// email address (and the email channel able to send), it is stored as an email from that address
+/// (provider `webchat`), so the conversation's reply route is email and the answer goes out by mail;
+/// the browser's visitor id is linked to the same contact. Without one it is a chat message,
+/// answered in the chat when the customer comes back; an address given then is linked to the contact.
+async fn offline_message(
+    state: &AppState,
+    session: &mut Session,
+    client_message_id: String,
+    name: Option<String>,
+    email: Option<String>,
+    text: String,
+) -> Vec<Value> {
+    let email = email
+        .map(|email| email.trim().to_owned())
+        .filter(|email| !email.is_empty());
+    if let Some(email) = &email
+        && (email.len() > 254 || email.parse::<lettre::Address>().is_err())
+    {
+        return vec![client_error(
+            "bad_email",
+            "the email address is not valid",
+            &client_message_id,
+        )];
+    }
+    let name = name
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty() && name.chars().count() <= 200);
+    if name.is_some() {
+        session.name = name;
+    }
+    let email = match email {
+        Some(email) if state.email_replies => email,
+        other => {
+            let links = other
+                .map(|email| IdentityLink {
+                    kind: "email".into(),
+                    value: email,
+                })
+                .into_iter()
+                .collect();
+            let mut answers =
+                send_message_with(state, session, client_message_id, text, links).await;
+            if let Some(ack) = answers.first_mut()
+                && ack["type"] == "ack"
+            {
+                ack["type"] = Value::String("offline_received".into());
+                ack["reply_by"] = Value::String("chat".into());
+            }
+            return answers;
+        }
+    };
+    if let Err(refusal) = admit_customer_text(state, session, &client_message_id, &text) {
+        return vec![refusal];
+    }
+    let mut metadata = serde_json::Map::new();
+    // Loop protection reads this on every email: a person wrote it.
+    metadata.insert("auto_reply".into(), Value::Bool(false));
+    metadata.insert("source".into(), Value::String("chat_offline_form".into()));
+    let message = InboundMessage {
+        schema: MESSAGE_SCHEMA.into(),
+        id: None,
+        channel: "email".into(),
+        provider: PROVIDER.into(),
+        provider_message_id: format!("{}:{client_message_id}", session.visitor),
+        thread_key: Some(format!(
+            "webchat-offline:{}:{client_message_id}",
+            session.visitor
+        )),
+        from: Address {
+            address: email,
+            name: session.name.clone(),
+        },
+        to: None,
+        customer: CustomerHints {
+            id: session.customer_id.clone(),
+            name: session.name.clone(),
+            links: vec![IdentityLink {
+                kind: CHANNEL.into(),
+                value: session.visitor.clone(),
+            }],
+            ..CustomerHints::default()
+        },
+        subject: Some("Your message from our web chat".into()),
+        text,
+        html: None,
+        attachments: Vec::new(),
+        received_at: None,
+        metadata: metadata.into_iter().collect(),
+    };
+    match state.actions.ingest(message, Instant::now()).await {
+        Ok(receipt) => vec![json!({
+            "type": "offline_received",
+            "client_message_id": client_message_id,
+            "message_id": receipt.message_id.to_string(),
+            "conversation_id": receipt.conversation_id.to_string(),
+            "duplicate": receipt.duplicate,
+            "reply_by": "email",
+        })],
+        Err(refusal) => vec![client_error(
+            refusal.code,
+            refusal.message,
+            &client_message_id,
+        )],
+    }
 }
 
 /// Tells the agent who holds the session's conversation (typing, read receipts).

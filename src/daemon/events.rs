@@ -126,6 +126,19 @@ pub struct ConversationSlaBreached {
     pub queue: String,
 }
 
+/// `conversation.rated`: the customer rated the resolved conversation (once per conversation).
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ConversationRated<'a> {
+    pub conversation_id: String,
+    /// 1 (poor) to 5 (excellent).
+    #[schemars(range(min = 1, max = 5))]
+    pub score: u8,
+    /// The customer's words; may be empty.
+    pub comment: &'a str,
+    /// The agent who resolved it, when known.
+    pub agent_id: Option<&'a str>,
+}
+
 /// `message.received`: the whole stored `switchboard.message.v1`.
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct MessageReceived<'a> {
@@ -173,6 +186,7 @@ pub fn data_schemas() -> Vec<(&'static str, Value)> {
             "conversation.sla_breached",
             schema::<ConversationSlaBreached>(),
         ),
+        ("conversation.rated", schema::<ConversationRated<'static>>()),
         ("message.received", schema::<MessageReceived<'static>>()),
         ("message.sent", schema::<MessageDelivery<'static>>()),
         (
@@ -338,6 +352,22 @@ pub fn conversation_created(
         }),
         time,
     )
+}
+
+/// `conversation.rated`, from a stored rating.
+pub fn conversation_rated(rating: &crate::store::Rating) -> NewEvent {
+    NewEvent {
+        event_id: Ulid::new(),
+        kind: "conversation.rated".into(),
+        conversation_id: Some(rating.conversation_id),
+        data: data(ConversationRated {
+            conversation_id: rating.conversation_id.to_string(),
+            score: rating.score,
+            comment: &rating.comment,
+            agent_id: rating.agent_id.as_deref(),
+        }),
+        time: rating.rated_at,
+    }
 }
 
 /// `message.received`, carrying the whole normalised message.

@@ -51,6 +51,11 @@ pub struct AppState {
     /// Customers' open chat sockets, and the chat's limits.
     pub chat: Arc<super::chat::ChatHub>,
     pub chat_settings: Arc<crate::config::ChatSection>,
+    /// The email channel can send replies (a relay is configured): the chat's offline form then
+    /// answers by email.
+    pub email_replies: bool,
+    /// The supervisor view's live snapshot.
+    pub supervisor: Arc<super::supervisor::SupervisorFeed>,
 }
 
 /// An API error: status, a stable code, and a message for people.
@@ -157,6 +162,7 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
             "/v1/admin/conversations/{conversation}",
             get(admin_conversation),
         )
+        .route("/v1/admin/stream", get(admin_stream))
         .route("/v1/admin/reload", post(admin_reload))
         .route("/v1/admin/cluster", get(admin_cluster))
         .route("/widget.js", get(web::widget_js))
@@ -199,7 +205,16 @@ fn require_ingest(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
 }
 
 fn require_admin(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
-    let token = bearer(headers).ok_or_else(unauthorized)?;
+    require_admin_or_query(state, headers, None)
+}
+
+/// An admin token in the header, or (for a browser's WebSocket, which cannot set headers) the query.
+fn require_admin_or_query(
+    state: &AppState,
+    headers: &HeaderMap,
+    query_token: Option<&str>,
+) -> ApiResult<()> {
+    let token = bearer(headers).or(query_token).ok_or_else(unauthorized)?;
     let auth = state.auth.read().map_err(|_| unauthorized())?;
     if auth.admin_tokens.iter().any(|known| known.matches(token)) {
         Ok(())
@@ -670,6 +685,19 @@ async fn agent_action(
 }
 
 const AGENT_SOCKET_READ_BUFFER: usize = 8 * 1024;
+
+/// `GET /v1/admin/stream`: the supervisor view's live snapshots over a WebSocket (admin token in
+/// the `Authorization` header or `access_token`).
+async fn admin_stream(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<TokenQuery>,
+    upgrade: WebSocketUpgrade,
+) -> ApiResult<Response> {
+    require_admin_or_query(&state, &headers, query.access_token.as_deref())?;
+    let feed = state.supervisor;
+    Ok(upgrade.on_upgrade(move |socket| super::supervisor::socket(feed, socket)))
+}
 
 /// `GET /v1/agents/{agent}/stream`: a WebSocket pushing offers, assignments, customer messages and
 /// follow-ups, and taking the same commands as the REST endpoints (`{"type": "accept", ...}`).

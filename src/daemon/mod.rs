@@ -21,6 +21,7 @@ pub mod openapi;
 pub mod outbound;
 pub mod persist;
 pub mod relay;
+pub mod supervisor;
 pub mod views;
 pub mod web;
 
@@ -256,6 +257,7 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
         senders.insert("email".into(), sender.clone());
         email_sender = Some(sender);
     }
+    let email_replies = email_sender.is_some();
     // A channel handed to the buses is delivered by another system, in place of an adapter.
     senders.extend(buses.channels.iter().cloned());
     let (outbound, outbound_task) = outbound::start(outbound::OutboundContext {
@@ -280,6 +282,8 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
         );
         tokio::spawn(acknowledgements.run(bus.subscribe()));
     }
+    let supervisor_feed = supervisor::SupervisorFeed::new();
+    let supervisor_events = bus.subscribe();
     let mut event_buses: Vec<Arc<dyn relay::EventBus>> = vec![Arc::new(bus.clone())];
     event_buses.extend(buses.event_buses.iter().cloned());
     let term_context = cluster::TermContext {
@@ -352,7 +356,18 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
         email: email_intake.clone(),
         chat,
         chat_settings: Arc::new(settings.chat.clone()),
+        email_replies,
+        supervisor: supervisor_feed.clone(),
     };
+    tokio::spawn(chat::push_positions(
+        state.chat.clone(),
+        state.actions.clone(),
+    ));
+    tokio::spawn(supervisor::run(
+        supervisor_feed,
+        state.actions.clone(),
+        supervisor_events,
+    ));
     let app = http::router(state, settings.body_limit_bytes).layer(
         tower_http::timeout::TimeoutLayer::with_status_code(
             axum::http::StatusCode::REQUEST_TIMEOUT,

@@ -121,6 +121,14 @@ pub fn document() -> Value {
     );
     stream["responses"]["101"] = json!({ "description": "Switching to the WebSocket protocol" });
     stream["parameters"] = json!([{ "$ref": "#/components/parameters/agent" }]);
+    let mut supervisor_stream = operation(
+        "WebSocket of the supervisor view: pushes a JSON snapshot (`at`, `queues`, `agents` with `in_state_seconds`, `unanswered`: the first 100 unanswered conversations in order of service with priority and reasons, `unanswered_total`, `csat` with `count`, `average` and the `recent` ratings) when routing changes (bursts gathered for 300 ms) and every 2 s. Takes no commands. The token may also be given as `?access_token=`.",
+        "adminToken",
+        "101",
+        json!({}),
+    );
+    supervisor_stream["responses"]["101"] =
+        json!({ "description": "Switching to the WebSocket protocol" });
     let mut conversations = operation(
         "List conversations (newest first)",
         "adminToken",
@@ -239,6 +247,7 @@ pub fn document() -> Value {
             "/v1/admin/conversations/{conversation}": { "get": conversation },
             "/v1/admin/reload": { "post": reload },
             "/v1/admin/cluster": { "get": cluster },
+            "/v1/admin/stream": { "get": supervisor_stream },
             "/healthz": { "get": { "summary": "Liveness", "responses": { "200": { "description": "alive", "content": { "application/json": { "schema": status } } } } } },
             "/readyz": { "get": { "summary": "Readiness: recovery done and the store writable (`degraded` while a broker is down)", "responses": {
                 "200": { "description": "ready", "content": { "application/json": { "schema": status } } },

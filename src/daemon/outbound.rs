@@ -164,6 +164,11 @@ pub struct Outbound {
 }
 
 impl Outbound {
+    /// Wakes the event relay after a commit that wrote events outside routing (a rating).
+    pub fn events_written(&self) {
+        self.context.outbox_written.notify_one();
+    }
+
     pub fn deliver(&self, message: Ulid) {
         let _ = self.queue.send(message);
     }

@@ -10,7 +10,9 @@ use super::actions::IngestReceipt;
 use super::events::millis_to_rfc3339;
 use super::persist::reason_name;
 use crate::routing::inspect::{AgentView, ConversationView, QueueView};
-use crate::routing::{AgentId, ConversationId, ConversationState, Router, Timestamp};
+use crate::routing::{
+    AgentId, Channel, ConversationId, ConversationState, Presence, Router, Timestamp,
+};
 use crate::store::{ConversationRecord, Direction, StoredMessage};
 
 /// A read of the router's live state. Only the instance running the router can answer it, so on a
@@ -31,6 +33,14 @@ pub enum RouterRead {
     Agents,
     /// [`Routing`], or null once the router forgot the conversation (closed).
     Conversation { conversation: Ulid },
+    /// [`QueuePosition`] of each of these conversations that waits (the others are left out), by ULID.
+    QueuePositions { conversations: Vec<Ulid> },
+    /// [`Routing`] of the first `limit` unanswered conversations (waiting or offered), first
+    /// served first, and how many there are.
+    Unanswered { limit: usize },
+    /// Whether a new conversation on the channel would be answered now: some queue is inside its
+    /// business hours and some available agent takes the channel.
+    Answering { channel: String },
 }
 
 impl RouterRead {
@@ -40,7 +50,12 @@ impl RouterRead {
             RouterRead::Agent { agent }
             | RouterRead::AgentConversations { agent }
             | RouterRead::AgentMaySee { agent, .. } => agent,
-            RouterRead::Queues | RouterRead::Agents | RouterRead::Conversation { .. } => "",
+            RouterRead::Queues
+            | RouterRead::Agents
+            | RouterRead::Conversation { .. }
+            | RouterRead::QueuePositions { .. }
+            | RouterRead::Unanswered { .. }
+            | RouterRead::Answering { .. } => "",
         }
     }
 
@@ -96,6 +111,67 @@ impl RouterRead {
             RouterRead::Conversation { conversation } => router
                 .conversation(ConversationId(conversation.0))
                 .map_or(Value::Null, |view| json(&Routing::from(&view))),
+            RouterRead::QueuePositions { conversations } => {
+                let ids: Vec<ConversationId> = conversations
+                    .iter()
+                    .map(|id| ConversationId(id.0))
+                    .collect();
+                let positions: std::collections::BTreeMap<String, QueuePosition> = conversations
+                    .iter()
+                    .zip(router.queue_positions(&ids))
+                    .filter_map(|(id, found)| {
+                        let (position, wait) = found?;
+                        Some((
+                            id.to_string(),
+                            QueuePosition {
+                                position,
+                                estimated_wait_seconds: wait.as_secs_f64(),
+                            },
+                        ))
+                    })
+                    .collect();
+                json(&positions)
+            }
+            RouterRead::Answering { channel } => {
+                let channel = Channel::parse(channel);
+                let answering = router.queues().iter().any(|queue| queue.open)
+                    && router.agents().any(|agent| {
+                        agent.presence == Presence::Available
+                            && agent
+                                .load
+                                .iter()
+                                .any(|(served, _, capacity)| *served == channel && *capacity > 0)
+                    });
+                Value::Bool(answering)
+            }
+            RouterRead::Unanswered { limit } => {
+                // Ranks only, then views for the first `limit`: a long backlog is read in one
+                // pass and nothing is built for conversations the supervisor does not see.
+                let mut ranked: Vec<_> = router
+                    .conversation_ids()
+                    .filter(|id| {
+                        router.conversation(*id).is_some_and(|view| {
+                            matches!(
+                                view.state,
+                                ConversationState::Waiting | ConversationState::Offered { .. }
+                            )
+                        })
+                    })
+                    .filter_map(|id| Some((router.wait_rank(id)?, id)))
+                    .collect();
+                let total = ranked.len();
+                if ranked.len() > *limit {
+                    ranked.select_nth_unstable(*limit);
+                    ranked.truncate(*limit);
+                }
+                ranked.sort_unstable();
+                let first: Vec<Routing> = ranked
+                    .iter()
+                    .filter_map(|(_, id)| router.conversation(*id))
+                    .map(|view| Routing::from(&view))
+                    .collect();
+                json(&Unanswered { total, first })
+            }
         }
     }
 }
@@ -107,6 +183,21 @@ fn json(view: &impl Serialize) -> Value {
 
 fn ulids(ids: &[ConversationId]) -> Vec<String> {
     ids.iter().map(|id| Ulid(id.0).to_string()).collect()
+}
+
+/// The unanswered conversations (waiting or offered) a supervisor sees: the first served first,
+/// and how many there are in all.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Unanswered {
+    pub total: usize,
+    pub first: Vec<Routing>,
+}
+
+/// A waiting conversation's place in its queue (1 = next) and its estimated wait.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct QueuePosition {
+    pub position: u32,
+    pub estimated_wait_seconds: f64,
 }
 
 /// An agent's live state.

@@ -5,7 +5,7 @@
 //! store), and the router itself for `ReplaceConfig`, so both paths are one.
 
 use std::cmp::Reverse;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use super::command::{CommandError, Effect, OfferEnd, PriorityReason, TimerKey};
 use super::config::RoutingConfig;
@@ -671,28 +671,60 @@ impl Router {
 
     /// Where the conversation stands in its home queue right now (1 = next), and its estimated wait.
     pub fn queue_position(&self, id: ConversationId) -> Option<(u32, Millis)> {
-        let slot = self.slot_of.get(id)?;
-        let conversation = self.conv(slot);
-        if conversation.state != ConvState::Waiting {
-            return None;
+        self.queue_positions(&[id]).pop().flatten()
+    }
+
+    /// [`Router::queue_position`] of many conversations at once, in one pass over the
+    /// conversations (the daemon tells every waiting chat its place after each routing change).
+    pub fn queue_positions(&self, ids: &[ConversationId]) -> Vec<Option<(u32, Millis)>> {
+        /// A waiting conversation asked about: home queue, priority, order key, channel.
+        type Asked = (u32, Priority, (Timestamp, u64), u32);
+        let asked: Vec<Option<Asked>> = ids
+            .iter()
+            .map(|id| {
+                let conversation = self.conv(self.slot_of.get(*id)?);
+                (conversation.state == ConvState::Waiting).then(|| {
+                    (
+                        conversation.home_queue(),
+                        conversation.priority,
+                        (conversation.since, conversation.seq),
+                        conversation.channel,
+                    )
+                })
+            })
+            .collect();
+        // Per (home queue, priority) level asked about: the order keys of everyone waiting there.
+        let mut levels: HashMap<(u32, Priority), Vec<(Timestamp, u64)>> = asked
+            .iter()
+            .flatten()
+            .map(|(queue, priority, _, _)| ((*queue, *priority), Vec::new()))
+            .collect();
+        if !levels.is_empty() {
+            for other in self.conversations.iter().flatten() {
+                if other.state == ConvState::Waiting
+                    && let Some(level) = levels.get_mut(&(other.home_queue(), other.priority))
+                {
+                    level.push((other.since, other.seq));
+                }
+            }
+            for level in levels.values_mut() {
+                level.sort_unstable();
+            }
         }
-        let queue = &self.queues[conversation.home_queue() as usize];
-        let higher = queue
-            .by_priority
-            .at_or_above(conversation.priority.saturating_add(1));
-        let key = conversation.key(slot);
-        // Level with it and ahead: same priority, waiting longer. Counted in the home lane's sets.
-        let level_ahead = self.conversations.iter().flatten().filter(|other| {
-            other.state == ConvState::Waiting
-                && other.home_queue() == conversation.home_queue()
-                && other.priority == conversation.priority
-                && (other.since, other.seq) < (key.since, key.seq)
-        });
-        let position = higher + level_ahead.count() as u32 + 1;
-        Some((
-            position,
-            queue.estimated_wait(position, conversation.channel),
-        ))
+        asked
+            .iter()
+            .map(|asked| {
+                let (queue_index, priority, key, channel) = (*asked)?;
+                let queue = &self.queues[queue_index as usize];
+                // Everyone at a higher priority, then those level with it who wait longer.
+                let higher = queue.by_priority.at_or_above(priority.saturating_add(1));
+                let level_ahead = levels
+                    .get(&(queue_index, priority))
+                    .map_or(0, |level| level.partition_point(|other| *other < key));
+                let position = higher + level_ahead as u32 + 1;
+                Some((position, queue.estimated_wait(position, channel)))
+            })
+            .collect()
     }
 
     /// The conversation's place in the order of service: lower is served first.
@@ -751,7 +783,7 @@ impl Router {
     /// * indexes agree with the states (waiting ones indexed exactly where eligible, nothing else);
     /// * work-conserving: no waiting conversation is eligible for an agent with room on its channel.
     pub fn audit(&self) -> Result<(), String> {
-        let mut holders = std::collections::HashMap::new();
+        let mut holders = HashMap::new();
         for (slot, agent) in self.agents.iter().enumerate() {
             let mut load = vec![0u16; agent.capacity.len().max(agent.load.len())];
             for &conversation in agent.offers.iter().chain(&agent.assigned) {

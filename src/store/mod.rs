@@ -148,6 +148,28 @@ pub struct ConversationFilter {
     pub limit: usize,
 }
 
+/// A customer's rating of a resolved conversation (one per conversation).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rating {
+    pub conversation_id: Ulid,
+    /// 1 (poor) to 5 (excellent).
+    pub score: u8,
+    /// The customer's words; may be empty.
+    pub comment: String,
+    /// The agent who resolved the conversation, when the router still knew it.
+    pub agent_id: Option<String>,
+    pub rated_at: DateTime<Utc>,
+}
+
+/// The latest ratings and the average of all of them (customer satisfaction, CSAT).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RatingSummary {
+    /// Newest first.
+    pub recent: Vec<Rating>,
+    pub count: u64,
+    pub average: Option<f64>,
+}
+
 /// An event for other systems, written in the same commit as the state change that caused it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewEvent {
@@ -447,6 +469,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Stores an agent's reply as an outbound message (`pending`) together with its events.
     async fn store_reply(&self, reply: NewReply, events: Vec<NewEvent>) -> Result<(), StoreError>;
+
+    /// Stores a conversation's rating together with its events. A conversation is rated once:
+    /// `Ok(false)` (nothing written) when it already has a rating.
+    async fn rate(&self, rating: Rating, events: Vec<NewEvent>) -> Result<bool, StoreError>;
+
+    /// The `recent` newest ratings, and the count and average of all.
+    async fn ratings(&self, recent: usize) -> Result<RatingSummary, StoreError>;
 
     /// Records a delivery status for an outbound message (`sent`, `delivered`, `failed`), with its
     /// events. A status that is not past the stored one is [`DeliveryOutcome::Superseded`]: it and

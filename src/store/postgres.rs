@@ -50,9 +50,10 @@ use super::sqlite::WriterStats;
 use super::{
     ConversationFilter, ConversationRecord, ConversationStatus, DeliveryOutcome, DeliveryRecorded,
     DeliveryUpdate, Direction, ForwardedCommand, IngestOutcome, Lease, Member, NewEvent, NewReply,
-    OutboxEvent, PARKED_STATUS_TTL_NANOS, ParkedStatus, Recovery, ReplyRoute, RoutingWrite, Store,
-    StoreError, StoredMessage, StoredPush, UnroutedMessage, Wakeup, json_text, lease_duration,
-    parked_failure_event, parse_status, parse_ulid, prefix_error, status_rank_sql, to_i64, to_u64,
+    OutboxEvent, PARKED_STATUS_TTL_NANOS, ParkedStatus, Rating, RatingSummary, Recovery,
+    ReplyRoute, RoutingWrite, Store, StoreError, StoredMessage, StoredPush, UnroutedMessage,
+    Wakeup, json_text, lease_duration, parked_failure_event, parse_status, parse_ulid,
+    prefix_error, status_rank_sql, to_i64, to_u64,
 };
 use crate::message::InboundMessage;
 
@@ -70,6 +71,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (
         4,
         include_str!("../../migrations/postgres/0004_parked_delivery_status.sql"),
+    ),
+    (
+        5,
+        include_str!("../../migrations/postgres/0005_ratings.sql"),
     ),
 ];
 
@@ -654,6 +659,7 @@ enum Write {
     Reply(Box<NewReply>, Vec<NewEvent>),
     Delivery(Box<DeliveryUpdate>),
     Park(Box<ParkedStatus>, i64),
+    Rate(Box<Rating>, Vec<NewEvent>),
     MarkSent(Vec<i64>),
     Probe,
     Command(Box<ForwardedCommand>),
@@ -669,6 +675,8 @@ enum Written {
     Parked(bool),
     /// Whether a forwarded command's answer was stored (false: it had one already).
     Answered(bool),
+    /// Whether a rating was stored (false: the conversation had one already).
+    Rated(bool),
 }
 
 struct Job {
@@ -869,6 +877,7 @@ async fn run_write(client: &Client, write: &Write) -> Result<Written, Failure> {
         Write::Park(status, received_at) => park_delivery_status_tx(client, status, *received_at)
             .await
             .map(Written::Parked),
+        Write::Rate(rating, events) => rate_tx(client, rating, events).await.map(Written::Rated),
         Write::MarkSent(positions) => {
             let statement = client
                 .prepare_cached(
@@ -1592,6 +1601,32 @@ async fn apply_routing_tx(client: &Client, write: &RoutingWrite) -> Result<(), F
     append_events(client, &write.events).await
 }
 
+async fn rate_tx(client: &Client, rating: &Rating, events: &[NewEvent]) -> Result<bool, Failure> {
+    let statement = client
+        .prepare_cached(
+            "INSERT INTO ratings (conversation_id, score, comment, agent_id, rated_at)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (conversation_id) DO NOTHING",
+        )
+        .await?;
+    let inserted = client
+        .execute(
+            &statement,
+            &[
+                &rating.conversation_id.to_string(),
+                &i16::from(rating.score),
+                &rating.comment,
+                &rating.agent_id,
+                &nanos(&rating.rated_at)?,
+            ],
+        )
+        .await?;
+    if inserted == 0 {
+        return Ok(false);
+    }
+    append_events(client, events).await?;
+    Ok(true)
+}
+
 async fn store_reply_tx(
     client: &Client,
     reply: &NewReply,
@@ -2086,6 +2121,52 @@ impl Store for PostgresStore {
                         })
                     })
                     .collect::<Result<_, StoreError>>()?)
+            })
+        })
+        .await
+    }
+
+    async fn rate(&self, rating: Rating, events: Vec<NewEvent>) -> Result<bool, StoreError> {
+        match self.write(Write::Rate(Box::new(rating), events)).await? {
+            Written::Rated(stored) => Ok(stored),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn ratings(&self, recent: usize) -> Result<RatingSummary, StoreError> {
+        let limit = i64::try_from(recent).unwrap_or(i64::MAX);
+        self.read(|client| {
+            Box::pin(async move {
+                let totals = client
+                    .prepare_cached("SELECT count(*), avg(score)::float8 FROM ratings")
+                    .await?;
+                let totals = client.query_one(&totals, &[]).await?;
+                let statement = client
+                    .prepare_cached(
+                        "SELECT conversation_id, score, comment, agent_id, rated_at FROM ratings
+                         ORDER BY rated_at DESC LIMIT $1",
+                    )
+                    .await?;
+                let rows = client.query(&statement, &[&limit]).await?;
+                let recent = rows
+                    .iter()
+                    .map(|row| {
+                        Ok(Rating {
+                            conversation_id: parse_ulid(column(row, 0)?)?,
+                            score: u8::try_from(column::<i16>(row, 1)?).map_err(|_| {
+                                StoreError::Corrupt("a rating's score is out of range".into())
+                            })?,
+                            comment: column(row, 2)?,
+                            agent_id: column(row, 3)?,
+                            rated_at: from_nanos(column(row, 4)?),
+                        })
+                    })
+                    .collect::<Result<_, StoreError>>()?;
+                Ok(RatingSummary {
+                    recent,
+                    count: to_u64(column(&totals, 0)?, "rating count")?,
+                    average: column(&totals, 1)?,
+                })
             })
         })
         .await

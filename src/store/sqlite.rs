@@ -57,9 +57,9 @@ use super::IngestRequest;
 use super::{
     ConversationFilter, ConversationRecord, ConversationStatus, DeliveryOutcome, DeliveryRecorded,
     DeliveryUpdate, Direction, IngestOutcome, Lease, NewEvent, NewReply, OutboxEvent,
-    PARKED_STATUS_TTL_NANOS, ParkedStatus, Recovery, ReplyRoute, RoutingWrite, Store, StoreError,
-    StoredMessage, UnroutedMessage, json_text, lease_duration, parked_failure_event, parse_status,
-    parse_ulid, prefix_error, status_rank_sql, to_i64, to_u64,
+    PARKED_STATUS_TTL_NANOS, ParkedStatus, Rating, RatingSummary, Recovery, ReplyRoute,
+    RoutingWrite, Store, StoreError, StoredMessage, UnroutedMessage, json_text, lease_duration,
+    parked_failure_event, parse_status, parse_ulid, prefix_error, status_rank_sql, to_i64, to_u64,
 };
 use crate::message::{IdentityLink, InboundMessage};
 
@@ -79,6 +79,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         5,
         include_str!("../../migrations/sqlite/0005_outbox_cursor.sql"),
     ),
+    (6, include_str!("../../migrations/sqlite/0006_ratings.sql")),
 ];
 
 /// The newest schema version this binary knows.
@@ -1212,6 +1213,61 @@ fn apply_routing_tx(conn: &Connection, write: &RoutingWrite) -> Result<(), Store
     append_events(conn, &write.events)
 }
 
+fn rate_tx(conn: &Connection, rating: &Rating, events: &[NewEvent]) -> Result<bool, StoreError> {
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO ratings (conversation_id, score, comment, agent_id, rated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (conversation_id) DO NOTHING",
+        )?
+        .execute(params![
+            rating.conversation_id.to_string(),
+            rating.score,
+            rating.comment,
+            rating.agent_id,
+            ts(&rating.rated_at),
+        ])?;
+    if inserted == 0 {
+        return Ok(false);
+    }
+    append_events(conn, events)?;
+    Ok(true)
+}
+
+fn ratings_read(conn: &Connection, recent: usize) -> Result<RatingSummary, StoreError> {
+    let (count, average): (i64, Option<f64>) = conn
+        .prepare_cached("SELECT COUNT(*), AVG(score) FROM ratings")?
+        .query_row([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+    let mut statement = conn.prepare_cached(
+        "SELECT conversation_id, score, comment, agent_id, rated_at FROM ratings
+         ORDER BY rated_at DESC LIMIT ?1",
+    )?;
+    let rows = statement.query_map(params![to_i64(recent as u64, "limit")?], |row| {
+        Ok((
+            row.get::<_, String>(0)?,
+            row.get::<_, u8>(1)?,
+            row.get::<_, String>(2)?,
+            row.get::<_, Option<String>>(3)?,
+            row.get::<_, String>(4)?,
+        ))
+    })?;
+    let mut list = Vec::new();
+    for row in rows {
+        let (conversation_id, score, comment, agent_id, rated_at) = row?;
+        list.push(Rating {
+            conversation_id: parse_ulid(&conversation_id)?,
+            score,
+            comment,
+            agent_id,
+            rated_at: parse_ts(&rated_at)?,
+        });
+    }
+    Ok(RatingSummary {
+        recent: list,
+        count: to_u64(count, "rating count")?,
+        average,
+    })
+}
+
 fn store_reply_tx(
     conn: &Connection,
     reply: &NewReply,
@@ -1673,6 +1729,15 @@ impl Store for SqliteStore {
     async fn store_reply(&self, reply: NewReply, events: Vec<NewEvent>) -> Result<(), StoreError> {
         self.write(move |conn| store_reply_tx(conn, &reply, &events))
             .await
+    }
+
+    async fn rate(&self, rating: Rating, events: Vec<NewEvent>) -> Result<bool, StoreError> {
+        self.write(move |conn| rate_tx(conn, &rating, &events))
+            .await
+    }
+
+    async fn ratings(&self, recent: usize) -> Result<RatingSummary, StoreError> {
+        self.read(move |conn| ratings_read(conn, recent)).await
     }
 
     async fn set_delivery_status(

@@ -130,18 +130,47 @@ async function main() {
     await bob.locator(".notice", { hasText: "was resolved" }).waitFor();
     await customerPage.locator(".sb-status", { hasText: "resolved" }).waitFor();
 
-    // 5. With no agent available a second customer is told their place and estimated wait, and the
-    //    supervisor sees the waiting conversation.
-    await setPresence(agentPage, "away");
-    await setPresence(bob, "away");
-    await setPresence(carol, "away");
+    // 5. After the resolve the customer rates the conversation: 4 of 5 and a comment.
+    const rating = customerPage.locator(".sb-rating");
+    await rating.waitFor();
+    await rating.locator('.sb-star[data-score="4"]').click();
+    await rating.locator(".sb-rating-comment").fill("Quick and kind <b>thanks</b>");
+    await rating.locator(".sb-rating-send").click();
+    await customerPage.locator(".sb-note", { hasText: "Thank you for your rating!" }).waitFor();
+    await rating.waitFor({ state: "hidden" });
+
+    // 6. A second customer opens the chat while agents are online; then every agent steps away, so
+    //    the customer's message waits and they are told their place and estimated wait.
     const secondContext = await browser.newContext({ viewport: { width: 900, height: 640 } });
     const second = await secondContext.newPage();
     second.setDefaultTimeout(TIMEOUT);
     await openWidget(second);
+    assert.equal(await second.locator(".sb-offline").isHidden(), true, "the offline form shows while agents are online");
+    await setPresence(agentPage, "away");
+    await setPresence(bob, "away");
+    await setPresence(carol, "away");
     await customerSays(second, "Is the shop open on Sunday?");
     await second.locator(".sb-status", { hasText: "number 1 in the queue" }).waitFor();
 
+    // 7. With no agent online a third customer gets the offline form; the message becomes a
+    //    conversation that waits for the next agent.
+    const thirdContext = await browser.newContext({ viewport: { width: 900, height: 640 } });
+    const third = await thirdContext.newPage();
+    third.setDefaultTimeout(TIMEOUT);
+    await openWidget(third);
+    const offline = third.locator(".sb-offline");
+    await offline.waitFor();
+    assert.equal(await third.locator(".sb-form").isHidden(), true, "the chat box shows while nobody can answer");
+    await offline.locator(".sb-offline-name").fill("Ann");
+    await offline.locator(".sb-offline-email").fill("ann@example.com");
+    await offline.locator(".sb-offline-text").fill("Please call me back about my order");
+    await third.screenshot({ path: path.join(screenshots, "widget-offline.png") });
+    await offline.locator("button[type=submit]").click();
+    await third.locator(".sb-note", { hasText: "We will answer" }).waitFor();
+    await offline.waitFor({ state: "hidden" });
+
+    // 8. The supervisor sees the queues, the agents, both waiting conversations and the rating
+    //    (its comment as text).
     const supervisorPage = await agentContext.newPage();
     supervisorPage.setDefaultTimeout(TIMEOUT);
     await supervisorPage.setViewportSize({ width: 1400, height: 720 });
@@ -150,7 +179,10 @@ async function main() {
     await supervisorPage.click("#signin button[type=submit]");
     await supervisorPage.locator("#queues tr", { hasText: "support" }).waitFor();
     await supervisorPage.locator("#agents tr", { hasText: "alice" }).waitFor();
-    await supervisorPage.locator("#waiting tr", { hasText: "waiting" }).waitFor();
+    await supervisorPage.waitForFunction(() => document.querySelectorAll("#waiting tr").length === 2);
+    await supervisorPage.locator("#csat tr", { hasText: "Quick and kind <b>thanks</b>" }).waitFor();
+    await supervisorPage.locator("#csat-summary", { hasText: "average 4.00 of 5 over 1 rating" }).waitFor();
+    assert.equal(await supervisorPage.locator("#csat b").count(), 0, "a rating's comment became HTML");
     await supervisorPage.screenshot({ path: path.join(screenshots, "supervisor.png") });
     console.log("browser scenarios passed");
   } finally {

@@ -42,7 +42,15 @@
   .sb-note{align-self:center;font-size:12px;color:#666}
   .sb-form{display:flex;border-top:1px solid #e3e6ee}
   .sb-form input{flex:1;border:0;padding:12px;font:inherit;outline:none}
-  .sb-form button{border:0;background:#2457d6;color:#fff;padding:0 16px;font:inherit;cursor:pointer}`;
+  .sb-form button{border:0;background:#2457d6;color:#fff;padding:0 16px;font:inherit;cursor:pointer}
+  .sb-panel{display:flex;flex-direction:column;gap:6px;padding:10px 14px;border-top:1px solid #e3e6ee}
+  .sb-panel input,.sb-panel textarea{border:1px solid #cfd4df;border-radius:6px;padding:7px;font:inherit}
+  .sb-panel textarea{resize:vertical;min-height:54px}
+  .sb-panel button.sb-primary{border:0;border-radius:6px;background:#2457d6;color:#fff;padding:8px;font:inherit;cursor:pointer}
+  .sb-stars{display:flex;gap:4px}
+  .sb-star{flex:1;border:1px solid #cfd4df;border-radius:6px;background:#fff;padding:6px 0;font:inherit;cursor:pointer}
+  .sb-star.sb-chosen{background:#2457d6;color:#fff;border-color:#2457d6}
+  .sb-hidden{display:none}`;
   const style = document.createElement("style");
   style.textContent = css;
   document.head.appendChild(style);
@@ -81,7 +89,46 @@
   const send = element("button", "", "Send");
   send.type = "submit";
   form.append(input, send);
-  panel.append(head, status, log, form);
+
+  // Offline form: shown when nobody can answer now; becomes a conversation answered later.
+  const offline = element("form", "sb-panel sb-offline sb-hidden");
+  offline.appendChild(element("div", "", "We are offline right now. Leave a message and we will get back to you."));
+  const offlineName = element("input", "sb-offline-name");
+  offlineName.placeholder = "Your name";
+  offlineName.maxLength = 200;
+  const offlineEmail = element("input", "sb-offline-email");
+  offlineEmail.type = "email";
+  offlineEmail.placeholder = "Email (to get the answer by mail)";
+  const offlineText = element("textarea", "sb-offline-text");
+  offlineText.placeholder = "Your message";
+  offlineText.required = true;
+  const offlineSend = element("button", "sb-primary", "Send message");
+  offlineSend.type = "submit";
+  offline.append(offlineName, offlineEmail, offlineText, offlineSend);
+
+  // Rating after resolve: 1–5 and a comment.
+  const rating = element("form", "sb-panel sb-rating sb-hidden");
+  rating.appendChild(element("div", "", "How did we do?"));
+  const stars = element("div", "sb-stars");
+  let score = 0;
+  for (let value = 1; value <= 5; value++) {
+    const star = element("button", "sb-star", String(value));
+    star.type = "button";
+    star.dataset.score = String(value);
+    star.setAttribute("aria-label", `${value} of 5`);
+    star.addEventListener("click", () => {
+      score = value;
+      for (const other of stars.children) other.classList.toggle("sb-chosen", Number(other.dataset.score) <= value);
+    });
+    stars.appendChild(star);
+  }
+  const ratingComment = element("textarea", "sb-rating-comment");
+  ratingComment.placeholder = "Anything to add? (optional)";
+  ratingComment.maxLength = 1000;
+  const ratingSend = element("button", "sb-primary sb-rating-send", "Send rating");
+  ratingSend.type = "submit";
+  rating.append(stars, ratingComment, ratingSend);
+  panel.append(head, status, log, offline, rating, form);
   document.body.append(panel, launcher);
 
   const setOpen = (open) => {
@@ -135,6 +182,12 @@
           started = true;
           retry = 500;
           status.textContent = "Connected";
+          offlineEmail.placeholder = frame.offline_reply_by_email ? "Email (to get the answer by mail)" : "Email";
+          if (!frame.online && !conversation && !offlineSent) {
+            status.textContent = "Offline";
+            offline.classList.remove("sb-hidden");
+            form.classList.add("sb-hidden");
+          }
           input.maxLength = frame.max_message_chars || 2000;
           for (const message of pending) transmit({ type: "message", client_message_id: message.id, text: message.text });
           break;
@@ -153,7 +206,24 @@
           break;
         case "agent_joined": status.textContent = `${frame.agent_id} is with you`; note(`${frame.agent_id} joined the chat`); break;
         case "agent_left": note(`${frame.agent_id} left the chat`); break;
-        case "resolved": status.textContent = "This conversation is resolved. Write again any time."; break;
+        case "resolved":
+          status.textContent = "This conversation is resolved. Write again any time.";
+          if (frame.rating) { score = 0; rating.classList.remove("sb-hidden"); }
+          break;
+        case "rated":
+          rating.classList.add("sb-hidden");
+          note("Thank you for your rating!");
+          break;
+        case "offline_received":
+          offlineSent = true;
+          offline.classList.add("sb-hidden");
+          form.classList.remove("sb-hidden");
+          if (frame.reply_by === "chat" && frame.conversation_id) {
+            conversation = frame.conversation_id;
+            store.set("conversation", conversation);
+          }
+          note(frame.reply_by === "email" ? "Thanks! We will answer by email." : "Thanks! We will answer here as soon as we are back.");
+          break;
         case "typing": status.textContent = frame.active ? "The agent is typing…" : "Connected"; break;
         case "error":
           if (frame.error.code === "unknown_conversation") {
@@ -166,6 +236,7 @@
               store.set("pending", pending);
             }
             note(frame.error.message);
+            if (frame.error.code === "already_rated") rating.classList.add("sb-hidden");
           }
           break;
       }
@@ -177,6 +248,20 @@
       retry = Math.min(retry * 2, 10000);
     });
   };
+
+  let offlineSent = false;
+  offline.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const text = offlineText.value.trim();
+    if (!text) return;
+    transmit({ type: "offline", client_message_id: crypto.randomUUID(), name: offlineName.value.trim() || undefined,
+      email: offlineEmail.value.trim() || undefined, text });
+  });
+  rating.addEventListener("submit", (event) => {
+    event.preventDefault();
+    if (score < 1) { note("Choose 1 to 5 first."); return; }
+    transmit({ type: "rate", score, comment: ratingComment.value.trim() });
+  });
 
   let typingSent = 0;
   input.addEventListener("input", () => {
