@@ -154,7 +154,11 @@ impl Bucket {
     /// Takes `place` out; false if it was not there.
     fn remove(&mut self, place: Place) -> bool {
         // The best leaving is the common case: no search.
-        if self.line.front().is_some_and(|front| front.place() == place) {
+        if self
+            .line
+            .front()
+            .is_some_and(|front| front.place() == place)
+        {
             self.line.pop_front();
             self.drop_dead_ends();
             return true;
@@ -375,6 +379,7 @@ fn key_of(priority: Priority, (since, seq, slot): Place) -> WaitKey {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
     use proptest::prelude::*;
 
@@ -418,7 +423,10 @@ mod tests {
         assert!(line.insert(key(0, 2, 2)));
         assert_eq!(line.buckets[0].dead, 0);
         assert!(line.buckets[0].side.is_empty());
-        assert_eq!(line.iter().map(|key| key.seq).collect::<Vec<_>>(), [0, 1, 2, 3, 4]);
+        assert_eq!(
+            line.iter().map(|key| key.seq).collect::<Vec<_>>(),
+            [0, 1, 2, 3, 4]
+        );
         line.audit().unwrap();
     }
 
@@ -463,9 +471,19 @@ mod tests {
 
     #[derive(Debug, Clone)]
     enum Step {
-        Insert { priority: Priority, since: u64, seq: u64 },
-        Remove { pick: usize },
-        RemoveAbsent { priority: Priority, since: u64, seq: u64 },
+        Insert {
+            priority: Priority,
+            since: u64,
+            seq: u64,
+        },
+        Remove {
+            pick: usize,
+        },
+        RemoveAbsent {
+            priority: Priority,
+            since: u64,
+            seq: u64,
+        },
         PopFirst,
     }
 
