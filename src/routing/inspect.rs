@@ -1007,6 +1007,41 @@ impl Router {
                 ));
             }
         }
+        // Each waiting conversation was found above in exactly its lanes; equal totals then mean the
+        // lanes hold nothing else (no key of a conversation that left).
+        let mut in_lanes = 0usize;
+        for (index, lane) in self.lanes.iter().enumerate() {
+            for channel in &lane.channels {
+                channel
+                    .waiting
+                    .audit()
+                    .map_err(|problem| format!("lane {index}: {problem}"))?;
+                in_lanes += channel.waiting.len();
+            }
+        }
+        let expected_in_lanes: usize = self
+            .conversations
+            .iter()
+            .flatten()
+            .filter(|c| c.state == ConvState::Waiting && c.reserved_for().is_none())
+            .map(|c| {
+                let mut lanes: Vec<u32> = c
+                    .candidates
+                    .iter()
+                    .enumerate()
+                    .filter(|(index, _)| c.eligible_mask & (1 << index) != 0)
+                    .map(|(_, (_, lane))| *lane)
+                    .collect();
+                lanes.sort_unstable();
+                lanes.dedup();
+                lanes.len()
+            })
+            .sum();
+        if in_lanes != expected_in_lanes {
+            return Err(format!(
+                "lanes hold {in_lanes} waiting entries, {expected_in_lanes} expected"
+            ));
+        }
         let reserved: usize = self.agents.iter().map(|agent| agent.reserved.len()).sum();
         let expected_reserved = self
             .conversations

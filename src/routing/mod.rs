@@ -15,6 +15,7 @@ mod router;
 pub mod rules;
 pub mod time;
 pub mod timers;
+mod waitline;
 pub mod wording;
 
 pub use command::{

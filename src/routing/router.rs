@@ -9,14 +9,17 @@
 //! routing rule asked for. Each lane keeps, per channel:
 //!
 //! * `waiting`: the unanswered conversations eligible there, ordered by [`WaitKey`] (priority
-//!   descending, then waiting since, then arrival order), and
+//!   descending, then waiting since, then arrival order), in a [`WaitLine`]: one age-ordered deque
+//!   per priority, so an arrival joins at the back and the best leaves from the front in O(1)
+//!   (see `waitline.rs` for leaving from the middle and joining out of order), and
 //! * `free`: the available agents qualified for the lane with free capacity on that channel, ordered by
-//!   the queue's strategy ([`FreeKey`]).
+//!   the queue's strategy ([`FreeKey`]), in a B-tree.
 //!
 //! A new conversation peeks at `free` of each candidate queue's lane in order (first free queue). An
-//! agent with free capacity peeks at `waiting` of each lane it qualifies for, on each channel it has room
-//! on, and takes the best key. Both are a bounded number of B-tree lookups, however many conversations
-//! wait; only lanes, queues and channels (all bounded by configuration) multiply the cost.
+//! agent with free capacity peeks at the front of `waiting` of each lane it qualifies for, on each
+//! channel it has room on, and takes the best key. Both are a bounded number of O(1) or O(log n)
+//! lookups, however many conversations wait; only lanes, queues and channels (all bounded by
+//! configuration) multiply the cost.
 //!
 //! # Time
 //!
@@ -40,6 +43,7 @@ use super::model::{
 };
 use super::rules::{self, CompiledRules, OutcomeId};
 use super::time::{Millis, Timestamp};
+use super::waitline::WaitLine;
 
 /// How many recent handle times per queue feed the estimated wait.
 const HANDLE_TIME_WINDOW: usize = 64;
@@ -66,7 +70,7 @@ pub(super) struct FreeKey {
 
 #[derive(Debug, Default)]
 pub(super) struct LaneChannel {
-    pub(super) waiting: BTreeSet<WaitKey>,
+    pub(super) waiting: WaitLine,
     pub(super) free: BTreeSet<FreeKey>,
 }
 
@@ -1633,9 +1637,9 @@ impl Router {
                         .find(|key| !self.conv(key.slot).is_excluded(agent)),
                 };
                 if let Some(key) = first
-                    && best.is_none_or(|(best_key, _)| *key < best_key)
+                    && best.is_none_or(|(best_key, _)| key < best_key)
                 {
-                    best = Some((*key, lane_state.queue));
+                    best = Some((key, lane_state.queue));
                 }
             }
         }
