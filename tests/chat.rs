@@ -403,6 +403,15 @@ async fn a_resolved_conversation_is_rated_once_and_the_supervisor_sees_it() {
     assert_eq!(rating["comment"], "Quick and kind");
     assert_eq!(rating["agent_id"], "alice");
     assert_eq!(rating["conversation_id"], conversation.as_str());
+    // Its queue's service level: the one answered conversation was answered within the SLA.
+    let support = snapshot["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|queue| queue["name"] == "support")
+        .unwrap();
+    assert_eq!(support["answered"], 1, "{support}");
+    assert_eq!(support["service_level"], 1.0, "{support}");
     // The supervisor view's agents carry their time in state.
     assert!(
         snapshot["agents"][0]["in_state_seconds"].is_number(),

@@ -122,7 +122,7 @@ pub fn document() -> Value {
     stream["responses"]["101"] = json!({ "description": "Switching to the WebSocket protocol" });
     stream["parameters"] = json!([{ "$ref": "#/components/parameters/agent" }]);
     let mut supervisor_stream = operation(
-        "WebSocket of the supervisor view: pushes a JSON snapshot (`at`, `queues`, `agents` with `in_state_seconds`, `unanswered`: the first 100 unanswered conversations in order of service with priority and reasons, `unanswered_total`, `csat` with `count`, `average` and the `recent` ratings) when routing changes (bursts gathered for 300 ms) and every 2 s. Takes no commands. The token may also be given as `?access_token=`.",
+        "WebSocket of the supervisor view: pushes a JSON snapshot (`at`, `queues` with `answered` and `service_level` (share answered within the SLA target, counted by this instance since it started), `agents` with `in_state_seconds`, `unanswered`: the first 100 unanswered conversations in order of service with priority and reasons, `unanswered_total`, `csat` with `count`, `average` and the `recent` ratings) when routing changes (bursts gathered for 300 ms) and every 2 s. Takes no commands. The token may also be given as `?access_token=`.",
         "adminToken",
         "101",
         json!({}),

@@ -129,6 +129,30 @@ async fn snapshot(
         .await
         .map_err(|error| error.to_string())?;
     let now = Utc::now();
+    // Service level: the share of answered conversations answered within the queue's SLA target,
+    // counted by this instance since it started (the metrics' `switchboard_queue_answered_total`).
+    let queues: Vec<Value> = queues
+        .queues
+        .iter()
+        .map(|queue| {
+            let answered = |within: &str| {
+                actions
+                    .metrics
+                    .queue_answered
+                    .with_label_values(&[queue.name.as_str(), within])
+                    .get()
+            };
+            let (within, late) = (answered("true"), answered("false"));
+            let mut value = serde_json::to_value(queue).unwrap_or(Value::Null);
+            value["answered"] = json!(within + late);
+            value["service_level"] = if within + late == 0 {
+                Value::Null
+            } else {
+                json!(within as f64 / (within + late) as f64)
+            };
+            value
+        })
+        .collect();
     let agents: Vec<Value> = agents
         .agents
         .iter()
@@ -148,7 +172,7 @@ async fn snapshot(
     Ok(json!({
         "type": "snapshot",
         "at": now.to_rfc3339_opts(SecondsFormat::Millis, true),
-        "queues": queues.queues,
+        "queues": queues,
         "agents": agents,
         "unanswered": unanswered.first,
         "unanswered_total": unanswered.total,

@@ -27,7 +27,7 @@ const seconds = (value) => value >= 120 ? `${Math.round(value / 60)} min` : `${M
 function show(snapshot) {
   $("queues").replaceChildren(...snapshot.queues.map((q) => row([
     q.name, q.open ? "open" : "closed", String(q.waiting), seconds(q.oldest_wait_seconds),
-    `${q.oldest_wait_seconds <= q.sla_seconds ? "within" : "breached"} (${seconds(q.sla_seconds)})`,
+    `${q.service_level === null ? "–" : `${Math.round(q.service_level * 100)} %`} of ${q.answered} in ${seconds(q.sla_seconds)} · oldest ${q.oldest_wait_seconds <= q.sla_seconds ? "within" : "breached"}`,
     String(q.agents_available), seconds(q.average_handle_seconds),
   ])));
   $("agents").replaceChildren(...snapshot.agents.map((a) => row([
