@@ -458,4 +458,178 @@ mod tests {
         assert!(!is_e164("+0123456789"));
         assert!(!is_e164("+1415555012345678"));
     }
+
+    /// Round trips of the wire schema: any valid message, serialised and read back, is the same
+    /// message, still valid, and what it serialises to passes the published JSON Schema.
+    mod round_trip {
+        use super::*;
+        use proptest::collection::{btree_map, vec};
+        use proptest::option;
+        use proptest::prelude::*;
+
+        fn name() -> impl Strategy<Value = String> {
+            "[a-z0-9_-]{1,32}"
+        }
+
+        fn e164() -> impl Strategy<Value = String> {
+            "\\+[1-9][0-9]{6,14}"
+        }
+
+        /// Any text: control characters, quotes, backslashes, astral planes.
+        fn text() -> impl Strategy<Value = String> {
+            any::<String>()
+        }
+
+        fn address(phone: bool) -> impl Strategy<Value = Address> {
+            let address = if phone {
+                e164().boxed()
+            } else {
+                "[^\\s]{1,40}@[a-z0-9.-]{1,20}".boxed()
+            };
+            (address, option::of(text())).prop_map(|(address, name)| Address { address, name })
+        }
+
+        /// Any instant chrono can hold, to the nanosecond: providers' clocks and timestamps are
+        /// theirs (a Telegram `date` is any i64 of seconds).
+        fn instant() -> impl Strategy<Value = DateTime<Utc>> {
+            let seconds =
+                DateTime::<Utc>::MIN_UTC.timestamp()..=DateTime::<Utc>::MAX_UTC.timestamp();
+            (seconds, 0..1_000_000_000u32)
+                .prop_filter_map("within chrono's range", |(seconds, nanos)| {
+                    DateTime::from_timestamp(seconds, nanos)
+                })
+        }
+
+        /// Provider metadata: nested JSON of every kind, numbers at their extremes included.
+        fn json() -> impl Strategy<Value = serde_json::Value> {
+            let leaf = prop_oneof![
+                Just(serde_json::Value::Null),
+                any::<bool>().prop_map(serde_json::Value::from),
+                any::<i64>().prop_map(serde_json::Value::from),
+                any::<u64>().prop_map(serde_json::Value::from),
+                any::<f64>()
+                    .prop_filter("JSON has no NaN or infinities", |x| x.is_finite())
+                    .prop_map(serde_json::Value::from),
+                text().prop_map(serde_json::Value::from),
+            ];
+            leaf.prop_recursive(3, 24, 4, |inner| {
+                prop_oneof![
+                    vec(inner.clone(), 0..4).prop_map(serde_json::Value::Array),
+                    btree_map(text(), inner, 0..4)
+                        .prop_map(|map| serde_json::Value::Object(map.into_iter().collect())),
+                ]
+            })
+        }
+
+        fn attachment() -> impl Strategy<Value = Attachment> {
+            (
+                "https?://[a-z0-9.-]{1,20}/[^\\s]{0,40}",
+                "[a-z]{1,10}/[a-z0-9.+-]{1,20}",
+                option::of(text()),
+                option::of(any::<u64>()),
+            )
+                .prop_map(|(url, content_type, filename, size)| Attachment {
+                    url,
+                    content_type,
+                    filename,
+                    size,
+                })
+        }
+
+        fn link() -> impl Strategy<Value = IdentityLink> {
+            prop_oneof![
+                e164().prop_map(|value| IdentityLink {
+                    kind: "phone".into(),
+                    value,
+                }),
+                (
+                    name().prop_filter("phone links are E.164", |kind| kind != "phone"),
+                    "[^\\s]{1,40}"
+                )
+                    .prop_map(|(kind, value)| IdentityLink { kind, value }),
+            ]
+        }
+
+        fn customer() -> impl Strategy<Value = CustomerHints> {
+            (
+                option::of(text()),
+                option::of(text()),
+                option::of(text()),
+                option::of("[a-z]{2}(-[A-Z]{2})?"),
+                vec(link(), 0..3),
+            )
+                .prop_map(|(id, name, tier, language, links)| CustomerHints {
+                    id,
+                    name,
+                    tier,
+                    language,
+                    links,
+                })
+        }
+
+        prop_compose! {
+            fn valid_message()(
+                phone in any::<bool>(),
+                channel in name().prop_filter("phone channels take E.164", |c| !is_phone_channel(c)),
+            )(
+                channel in Just(if phone { "sms".to_owned() } else { channel }),
+                provider in name(),
+                provider_message_id in "[^\\x00]{1,64}",
+                thread_key in option::of("[^\\x00]{1,64}"),
+                from in address(phone),
+                to in option::of(address(false)),
+                customer in customer(),
+                subject in option::of(text()),
+                text in "[^\\s]\\PC{0,80}",
+                html in option::of(text()),
+                attachments in vec(attachment(), 0..3),
+                received_at in option::of(instant()),
+                metadata in btree_map(text(), json(), 0..4),
+                id in option::of(any::<u128>().prop_map(ulid::Ulid)),
+            ) -> InboundMessage {
+                InboundMessage {
+                    schema: MESSAGE_SCHEMA.into(),
+                    id,
+                    channel,
+                    provider,
+                    provider_message_id,
+                    thread_key,
+                    from,
+                    to,
+                    customer,
+                    subject,
+                    text,
+                    html,
+                    attachments,
+                    received_at,
+                    metadata,
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn any_valid_message_reads_back_as_itself(message in valid_message()) {
+                prop_assert_eq!(message.validate(), Ok(()));
+
+                let text = serde_json::to_string(&message).unwrap();
+                let read: InboundMessage = serde_json::from_str(&text).unwrap();
+                prop_assert_eq!(&read, &message);
+                prop_assert_eq!(read.validate(), Ok(()));
+
+                // The store and the bus carry it as a JSON value; events pretty-print it.
+                let value = serde_json::to_value(&message).unwrap();
+                let from_value: InboundMessage = serde_json::from_value(value.clone()).unwrap();
+                prop_assert_eq!(&from_value, &message);
+                let pretty = serde_json::to_string_pretty(&message).unwrap();
+                prop_assert_eq!(serde_json::from_str::<InboundMessage>(&pretty).unwrap(), message);
+
+                let schema = json_schema();
+                let validator = jsonschema::validator_for(&schema).unwrap();
+                prop_assert!(validator.is_valid(&value), "{}", value);
+            }
+        }
+    }
 }

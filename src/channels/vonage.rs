@@ -119,7 +119,8 @@ fn verify_jwt(
     if claims.payload_hash.as_deref() != Some(body_hash.as_str()) {
         return Err(unauthorized("payload_hash does not match the body"));
     }
-    let age = now.timestamp() - claims.iat;
+    // `iat` is whatever the token says: saturate, as a subtraction from `i64::MIN` overflows.
+    let age = now.timestamp().saturating_sub(claims.iat);
     if age > i64::try_from(account.max_age_seconds).unwrap_or(i64::MAX) || age < -60 {
         return Err(unauthorized("iat is too old (a replay?)"));
     }
@@ -344,6 +345,30 @@ mod tests {
             status.error.as_deref(),
             Some("vonage error 1330: The message was rejected by the carrier")
         );
+    }
+
+    /// Found by `fuzz/fuzz_targets/vonage_webhook.rs`: a correctly signed token whose `iat` is
+    /// near `i64::MIN` overflowed the age subtraction (a panic with overflow checks on, a wrapped
+    /// age without). The file holds the target's input: a mode byte, `iat` (8 bytes, little
+    /// endian), then the body.
+    #[test]
+    fn an_iat_at_the_end_of_the_clock_is_refused_without_overflow() {
+        let input = include_bytes!("../../fuzz/regressions/vonage_webhook/iat-overflow");
+        let (iat, body) = input[1..].split_first_chunk::<8>().unwrap();
+        for iat in [i64::from_le_bytes(*iat), i64::MIN, i64::MAX] {
+            let token = sign("signature-secret", "abcd1234", iat, body);
+            let mut headers = HeaderMap::new();
+            headers.insert("authorization", format!("Bearer {token}").parse().unwrap());
+            let error = vonage()
+                .receive(&WebhookRequest {
+                    query: None,
+                    headers: &headers,
+                    body,
+                    now: Utc::now(),
+                })
+                .unwrap_err();
+            assert!(error.to_string().contains("iat"), "{iat}: {error}");
+        }
     }
 
     #[test]

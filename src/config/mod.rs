@@ -495,10 +495,7 @@ pub fn load(
     file: Option<&Path>,
     environment: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Settings, ConfigLoadError> {
-    let mut builder = config::Config::builder().add_source(config::File::from_str(
-        DEFAULT_CONFIG,
-        config::FileFormat::Toml,
-    ));
+    let mut builder = defaults();
     if let Some(path) = file {
         if !path.exists() {
             return Err(invalid(
@@ -508,6 +505,33 @@ pub fn load(
         }
         builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
     }
+    with_environment(builder, environment)
+}
+
+/// Loads defaults, a config file's text and the environment given: [`load`] for text not read
+/// from a path.
+pub fn load_str(
+    text: &str,
+    environment: impl IntoIterator<Item = (String, String)>,
+) -> Result<Settings, ConfigLoadError> {
+    let builder = defaults().add_source(config::File::from_str(text, config::FileFormat::Toml));
+    with_environment(builder, environment)
+}
+
+type Builder = config::ConfigBuilder<config::builder::DefaultState>;
+
+fn defaults() -> Builder {
+    config::Config::builder().add_source(config::File::from_str(
+        DEFAULT_CONFIG,
+        config::FileFormat::Toml,
+    ))
+}
+
+/// Layers the `SWITCHBOARD__*` variables over `builder`, then validates the result.
+fn with_environment(
+    mut builder: Builder,
+    environment: impl IntoIterator<Item = (String, String)>,
+) -> Result<Settings, ConfigLoadError> {
     let mut overrides: config::Map<String, String> = environment
         .into_iter()
         .filter(|(key, _)| key.starts_with(ENV_PREFIX))
@@ -875,6 +899,22 @@ mod tests {
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default()
+    }
+
+    #[test]
+    fn text_loads_as_the_same_file_would() {
+        let text = "[server]\nlisten = \"127.0.0.1:9999\"\n[chat]\nmax_message_chars = 500\n";
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("extra.toml");
+        std::fs::write(&path, text).unwrap();
+        let from_file = load(Some(&path), env(&[])).unwrap();
+        let from_text = load_str(text, env(&[])).unwrap();
+        assert_eq!(from_text.effective_toml(), from_file.effective_toml());
+        assert!(from_text.effective_toml().contains("127.0.0.1:9999"));
+        let error = load_str("[server]\nlisten = \"nowhere\"\n", env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("server.listen"), "{error}");
     }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {

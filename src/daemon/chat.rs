@@ -375,7 +375,7 @@ fn origin_allowed(settings: &ChatSection, origin: Option<&str>) -> bool {
 /// What a customer's browser sends.
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-enum ClientFrame {
+pub enum ClientFrame {
     /// Opens or resumes the session; must come first.
     Start {
         visitor_id: String,
@@ -418,11 +418,18 @@ enum ClientFrame {
     },
 }
 
+/// A customer id the host site vouches for: `signature` is hex HMAC-SHA256 of `id` with
+/// `chat.customer_secret`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SignedCustomer {
-    id: String,
-    signature: String,
+pub struct SignedCustomer {
+    pub id: String,
+    pub signature: String,
+}
+
+/// Reads one text frame from a customer's browser.
+pub fn parse_frame(text: &str) -> Result<ClientFrame, serde_json::Error> {
+    serde_json::from_str(text)
 }
 
 /// A session after `start`.
@@ -544,7 +551,7 @@ async fn session(state: AppState, socket: WebSocket) {
             incoming = receiver.next() => match incoming {
                 Some(Ok(WsMessage::Text(text))) => {
                     idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
-                    let answers = match serde_json::from_str::<ClientFrame>(&text) {
+                    let answers = match parse_frame(&text) {
                         Ok(frame) => handle(&state, &mut session, &pushes, frame).await,
                         Err(error) => vec![error_frame("bad_frame", error.to_string())],
                     };
@@ -611,7 +618,8 @@ async fn abandon_unless_back(state: AppState, conversation: Ulid) {
     }
 }
 
-fn valid_visitor(visitor: &str) -> bool {
+/// Is `visitor` a usable visitor id: 16–64 characters of `A-Z a-z 0-9 - _`?
+pub fn valid_visitor(visitor: &str) -> bool {
     (16..=64).contains(&visitor.len())
         && visitor
             .bytes()
@@ -619,7 +627,7 @@ fn valid_visitor(visitor: &str) -> bool {
 }
 
 /// Checks the host site's signature of a customer id (constant-time).
-fn verify_customer(secret: &Secret, customer: &SignedCustomer) -> bool {
+pub fn verify_customer(secret: &Secret, customer: &SignedCustomer) -> bool {
     let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.expose().as_bytes()) else {
         return false;
     };
@@ -1104,6 +1112,36 @@ async fn notify_agent(state: &AppState, session: &Session, mut push: Value) {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn frames_are_read_strictly() {
+        let frame = parse_frame(
+            r#"{"type":"start","visitor_id":"visitor_0123456789abcdef","customer":{"id":"c","signature":"00"}}"#,
+        )
+        .unwrap();
+        let ClientFrame::Start {
+            visitor_id,
+            after_seq,
+            customer: Some(customer),
+            ..
+        } = frame
+        else {
+            panic!("{frame:?}");
+        };
+        assert_eq!(
+            (visitor_id.as_str(), after_seq, customer.id.as_str()),
+            ("visitor_0123456789abcdef", 0, "c")
+        );
+        for refused in [
+            r#"{"type":"typing","active":true,"extra":1}"#,
+            r#"{"type":"shout","text":"hi"}"#,
+            r#"{"type":"read","seq":-1}"#,
+            r#"{"type":"message","text":"no id"}"#,
+            "not json",
+        ] {
+            assert!(parse_frame(refused).is_err(), "{refused}");
+        }
+    }
 
     #[test]
     fn a_customer_id_verifies_only_with_its_own_signature() {

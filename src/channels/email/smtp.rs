@@ -198,6 +198,99 @@ impl Transaction {
     }
 }
 
+/// The command side of a session without its socket: the client's bytes in, one command (or one
+/// grammar error) at a time out. What follows a `DATA` command is handed to a [`MessageReader`].
+#[derive(Default)]
+pub struct CommandReader {
+    receiver: RequestReceiver,
+    pending: Vec<u8>,
+}
+
+impl std::fmt::Debug for CommandReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommandReader")
+            .field("pending_bytes", &self.pending.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CommandReader {
+    /// Adds bytes as they arrive from the client.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.pending.extend_from_slice(bytes);
+    }
+
+    /// The next complete command; `Err(NeedsMoreData)` until one has arrived.
+    pub fn next_command(&mut self) -> Result<Request<String>, SmtpError> {
+        let mut bytes = self.pending.iter();
+        let parsed = self.receiver.ingest(&mut bytes).map(Request::into_owned);
+        let consumed = self.pending.len() - bytes.as_slice().len();
+        self.pending.drain(..consumed);
+        parsed
+    }
+
+    /// Everything received after the last command taken: the start of a message after `DATA`.
+    pub fn take_pending(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.pending)
+    }
+}
+
+/// The message after `354`, dot-unstuffed, until `<CRLF>.<CRLF>`. Over `limit` bytes the rest is
+/// read and thrown away, so the session can go on with `552`.
+pub struct MessageReader {
+    receiver: DataReceiver,
+    data: Vec<u8>,
+    limit: usize,
+    too_large: bool,
+}
+
+impl std::fmt::Debug for MessageReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MessageReader")
+            .field("bytes", &self.data.len())
+            .field("limit", &self.limit)
+            .field("too_large", &self.too_large)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The message was over the size limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("message size exceeds the limit")]
+pub struct TooLarge;
+
+impl MessageReader {
+    pub fn new(limit: usize) -> MessageReader {
+        MessageReader {
+            receiver: DataReceiver::new(),
+            data: Vec::with_capacity(limit.min(4096)),
+            limit,
+            too_large: false,
+        }
+    }
+
+    /// Adds bytes; once the final dot has come, returns what followed it (the next pipelined
+    /// commands), and the message is ready for [`MessageReader::finish`].
+    pub fn push(&mut self, bytes: &[u8]) -> Option<Vec<u8>> {
+        let mut input = bytes.iter();
+        let done = self.receiver.ingest(&mut input, &mut self.data);
+        if self.data.len() > self.limit {
+            self.too_large = true;
+            self.data.clear();
+        }
+        done.then(|| input.as_slice().to_vec())
+    }
+
+    /// The message, unless it was over the limit.
+    pub fn finish(self) -> Result<Vec<u8>, TooLarge> {
+        if self.too_large {
+            Err(TooLarge)
+        } else {
+            Ok(self.data)
+        }
+    }
+}
+
 fn reply(out: &mut Vec<u8>, code: u16, esc: [u8; 3], message: &str) {
     let _ = Response::new(code, esc[0], esc[1], esc[2], message).write(&mut *out);
 }
@@ -236,8 +329,7 @@ impl Session {
                 .write_all(format!("220 {hostname} ESMTP switchboard\r\n").as_bytes())
                 .await?;
         }
-        let mut receiver = RequestReceiver::default();
-        let mut pending: Vec<u8> = Vec::new();
+        let mut commands = CommandReader::default();
         let mut transaction = Transaction::default();
         let mut errors = 0;
         let mut out = Vec::new();
@@ -248,13 +340,7 @@ impl Session {
         loop {
             // Take every complete command already received, answering each in order; the
             // answers to a pipelined group go out together (RFC 2920).
-            let parsed = {
-                let mut bytes = pending.iter();
-                let parsed = receiver.ingest(&mut bytes).map(Request::into_owned);
-                let rest = bytes.as_slice().to_vec();
-                pending = rest;
-                parsed
-            };
+            let parsed = commands.next_command();
             if !matches!(parsed, Err(SmtpError::NeedsMoreData { .. })) {
                 command_deadline = None;
             }
@@ -272,7 +358,7 @@ impl Session {
                     match read {
                         Ok(Ok(0)) => return Ok(Ended::Closed),
                         Ok(Ok(n)) => {
-                            pending.extend_from_slice(&chunk[..n]);
+                            commands.push(&chunk[..n]);
                             continue;
                         }
                         Ok(Err(error)) => return Err(error),
@@ -394,7 +480,7 @@ impl Session {
                     stream.write_all(&out).await?;
                     out.clear();
                     let received = Instant::now();
-                    let data = match self.read_data(&mut stream, &mut pending, &mut chunk).await {
+                    let data = match self.read_data(&mut stream, &mut commands, &mut chunk).await {
                         Ok(data) => data,
                         Err(DataEnd::TooLarge) => {
                             reply(
@@ -470,36 +556,21 @@ impl Session {
         }
     }
 
-    /// Reads the message after `354` until `<CRLF>.<CRLF>`, within the data timeout. Over the size
-    /// limit the rest is read and thrown away, so the session can go on with `552`.
+    /// Reads the message after `354` until `<CRLF>.<CRLF>`, within the data timeout.
     async fn read_data<S: AsyncRead + Unpin>(
         &self,
         stream: &mut S,
-        pending: &mut Vec<u8>,
+        commands: &mut CommandReader,
         chunk: &mut [u8],
     ) -> Result<Vec<u8>, DataEnd> {
-        let limit = self.intake.settings.max_message_bytes;
         let deadline = tokio::time::Instant::now() + self.settings.data_timeout;
-        let mut receiver = DataReceiver::new();
-        let mut data = Vec::with_capacity(pending.len().min(limit).max(4096));
-        let mut too_large = false;
-        let mut input = std::mem::take(pending);
+        let mut message = MessageReader::new(self.intake.settings.max_message_bytes);
+        let mut input = commands.take_pending();
         loop {
-            let mut bytes = input.iter();
-            let done = receiver.ingest(&mut bytes, &mut data);
-            let rest = bytes.as_slice().to_vec();
-            if data.len() > limit {
-                too_large = true;
-                data.clear();
-            }
-            if done {
+            if let Some(rest) = message.push(&input) {
                 // Whatever follows the final dot is the next pipelined command.
-                *pending = rest;
-                return if too_large {
-                    Err(DataEnd::TooLarge)
-                } else {
-                    Ok(data)
-                };
+                commands.push(&rest);
+                return message.finish().map_err(|TooLarge| DataEnd::TooLarge);
             }
             let read = tokio::time::timeout_at(deadline, stream.read(chunk)).await;
             input = match read {
@@ -517,4 +588,79 @@ enum DataEnd {
     Closed,
     TimedOut,
     Io(std::io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Feeds `bytes` in reads of `size`, taking commands as a session does, and entering DATA on
+    /// `DATA`: returns the command names and the messages read.
+    fn session(
+        bytes: &[u8],
+        size: usize,
+        limit: usize,
+    ) -> (Vec<String>, Vec<Result<Vec<u8>, TooLarge>>) {
+        let mut reads = bytes.chunks(size);
+        let mut commands = CommandReader::default();
+        let mut names = Vec::new();
+        let mut messages = Vec::new();
+        loop {
+            match commands.next_command() {
+                Ok(Request::Data) => {
+                    names.push("DATA".to_owned());
+                    let mut message = MessageReader::new(limit);
+                    let mut input = commands.take_pending();
+                    loop {
+                        if let Some(rest) = message.push(&input) {
+                            commands.push(&rest);
+                            break;
+                        }
+                        match reads.next() {
+                            Some(read) => input = read.to_vec(),
+                            None => return (names, messages),
+                        }
+                    }
+                    messages.push(message.finish());
+                }
+                Ok(request) => names.push(request.name().to_owned()),
+                Err(SmtpError::NeedsMoreData { .. }) => match reads.next() {
+                    Some(read) => commands.push(read),
+                    None => return (names, messages),
+                },
+                Err(_) => names.push("error".to_owned()),
+            }
+        }
+    }
+
+    const SESSION: &[u8] = b"EHLO client.example\r\nMAIL FROM:<ann@customer.example>\r\n\
+RCPT TO:<support@example.com>\r\nDATA\r\nSubject: dots\r\n\r\nLine one\r\n..leading dot\r\n\
+.\r\nNOOP\r\nBOGUS\r\nQUIT\r\n";
+
+    #[test]
+    fn commands_and_messages_read_alike_however_the_reads_are_cut() {
+        for size in [1, 2, 7, 64, SESSION.len()] {
+            let (names, messages) = session(SESSION, size, 1024);
+            assert_eq!(
+                names,
+                ["EHLO", "MAIL", "RCPT", "DATA", "NOOP", "error", "QUIT"],
+                "reads of {size}"
+            );
+            assert_eq!(
+                messages,
+                vec![Ok(
+                    b"Subject: dots\r\n\r\nLine one\r\n.leading dot\r\n".to_vec()
+                )],
+                "reads of {size}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_message_over_the_limit_is_read_to_its_end_and_refused() {
+        let (names, messages) = session(SESSION, 5, 16);
+        assert_eq!(messages, vec![Err(TooLarge)]);
+        assert_eq!(names.last().map(String::as_str), Some("QUIT"));
+    }
 }
