@@ -6,109 +6,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::Daemon;
-use futures_util::{SinkExt, StreamExt};
+use common::{Customer, Daemon};
+use futures_util::StreamExt;
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-
-/// A customer's chat window.
-struct Customer {
-    socket: tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
-}
-
-impl Customer {
-    async fn connect(daemon: &Daemon, origin: Option<&str>) -> Result<Customer, u16> {
-        let url = format!("{}/v1/chat/stream", daemon.base.replace("http://", "ws://"));
-        let mut request = url.into_client_request().unwrap();
-        if let Some(origin) = origin {
-            request
-                .headers_mut()
-                .insert("origin", origin.parse().unwrap());
-        }
-        match tokio_tungstenite::connect_async(request).await {
-            Ok((socket, _)) => Ok(Customer { socket }),
-            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-                Err(response.status().as_u16())
-            }
-            Err(error) => panic!("chat websocket: {error}"),
-        }
-    }
-
-    /// Connects and starts (or resumes) a session; returns the `session` frame.
-    async fn start(daemon: &Daemon, start: Value) -> (Customer, Value) {
-        let mut customer = Customer::connect(daemon, None).await.unwrap();
-        customer.send(json!({ "type": "start" }).merge(start)).await;
-        let session = customer.next().await;
-        (customer, session)
-    }
-
-    async fn send(&mut self, frame: Value) {
-        self.socket
-            .send(Message::Text(frame.to_string().into()))
-            .await
-            .unwrap();
-    }
-
-    async fn next(&mut self) -> Value {
-        loop {
-            let message = tokio::time::timeout(Duration::from_secs(10), self.socket.next())
-                .await
-                .expect("a frame within 10 s")
-                .expect("socket open")
-                .expect("socket ok");
-            if let Message::Text(text) = message {
-                return serde_json::from_str(&text).unwrap();
-            }
-        }
-    }
-
-    async fn next_of(&mut self, kind: &str) -> Value {
-        loop {
-            let frame = self.next().await;
-            if frame["type"] == kind {
-                return frame;
-            }
-        }
-    }
-
-    /// Sends a message and waits for its ack (or error), skipping other frames.
-    async fn say(&mut self, client_message_id: &str, text: &str) -> Value {
-        self.send(
-            json!({ "type": "message", "client_message_id": client_message_id, "text": text }),
-        )
-        .await;
-        loop {
-            let frame = self.next().await;
-            if (frame["type"] == "ack" || frame["type"] == "error")
-                && frame["client_message_id"] == client_message_id
-            {
-                return frame;
-            }
-        }
-    }
-
-    async fn close(mut self) {
-        let _ = self.socket.close(None).await;
-    }
-}
-
-trait Merge {
-    fn merge(self, other: Value) -> Value;
-}
-
-impl Merge for Value {
-    fn merge(mut self, other: Value) -> Value {
-        if let (Some(into), Value::Object(from)) = (self.as_object_mut(), other) {
-            into.extend(from);
-        }
-        self
-    }
-}
 
 const VISITOR: &str = "visitor_0123456789abcdef";
 

@@ -12,7 +12,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{ADMIN, AgentDesk, Daemon, api_message, eventually};
+use common::{ADMIN, AgentDesk, Customer, Daemon, api_message, eventually};
 use serde_json::{Value, json};
 use ulid::Ulid;
 
@@ -41,13 +41,18 @@ impl Schema {
 
     /// Starts an instance named `node` on this schema (short lease, so failovers are quick).
     fn instance(&self, node: &str) -> Daemon {
+        self.instance_with(node, "")
+    }
+
+    /// [`Schema::instance`] with more configuration.
+    fn instance_with(&self, node: &str, extra: &str) -> Daemon {
         let store = format!(
             "backend = \"postgres\"\nurl = \"{}\"\nschema = \"{}\"\npool_size = 4",
             postgres_url(),
             self.name
         );
         let cluster = format!(
-            "[cluster]\nnode_id = \"{node}\"\nlease_ttl_ms = 1500\nrenew_every_ms = 300\npoll_every_ms = 200\ncommand_timeout_ms = 5000"
+            "{extra}\n[cluster]\nnode_id = \"{node}\"\nlease_ttl_ms = 1500\nrenew_every_ms = 300\npoll_every_ms = 200\ncommand_timeout_ms = 5000"
         );
         Daemon::start_on_store_with(&store, &cluster)
     }
@@ -253,6 +258,112 @@ async fn three_instances_take_intake_and_agents_on_followers_work_as_on_one_node
         CONVERSATIONS as i64
     );
     drop(desks);
+    drop(instances);
+    schema.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_chat_customer_on_a_follower_sees_what_one_node_would_show() {
+    let schema = Schema::new().await;
+    let instances: Vec<Option<Daemon>> = (0..2)
+        .map(|index| {
+            Some(schema.instance_with(
+                &format!("chat-{index}"),
+                "[chat]\nabandon_after_seconds = 1",
+            ))
+        })
+        .collect();
+    let (leader, _) = leader_among(&instances, 0).await;
+    let on_leader = instances[leader].as_ref().unwrap();
+    let on_follower = instances[1 - leader].as_ref().unwrap();
+
+    // The agent works on the leader, the customer chats on the follower.
+    let mut alice = on_leader.agent_socket("alice").await;
+    let answer = alice
+        .command(json!({ "type": "presence", "presence": "available" }))
+        .await;
+    assert_eq!(answer["type"], "ack", "{answer}");
+    let (mut customer, session) = Customer::start(
+        on_follower,
+        json!({ "visitor_id": "visitor_on_a_follower_0001", "name": "Ann" }),
+    )
+    .await;
+    assert_eq!(session["type"], "session", "{session}");
+    let ack = customer.say("c1", "Hello, my parcel is late").await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let conversation = ack["conversation_id"].as_str().unwrap().to_owned();
+
+    // Routing news comes from the committed events, followed from the store.
+    assert_eq!(alice.accept_next_offer().await, conversation);
+    let joined = customer.next_of("agent_joined").await;
+    assert_eq!(joined["agent_id"], "alice", "{joined}");
+
+    // Typing crosses instances both ways.
+    customer
+        .send(json!({ "type": "typing", "active": true }))
+        .await;
+    let typing = alice.next_of("customer_typing").await;
+    assert_eq!(typing["conversation_id"], conversation.as_str());
+    let ack = alice
+        .command(json!({ "type": "typing", "conversation_id": conversation, "active": true }))
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let typing = customer.next_of("typing").await;
+    assert_eq!(typing["from"], "agent", "{typing}");
+
+    // The agent's reply reaches the follower's socket, numbered as in the history.
+    let (status, _) = on_leader
+        .reply_as("alice", &conversation, "Let me look at it")
+        .await;
+    assert_eq!(status, 202);
+    let reply = customer.next_of("message").await;
+    assert_eq!(reply["from"], "agent", "{reply}");
+    assert_eq!(reply["text"], "Let me look at it", "{reply}");
+    assert_eq!(reply["seq"], 2, "{reply}");
+    let resolved = alice
+        .command(json!({ "type": "resolve", "conversation_id": conversation }))
+        .await;
+    assert_eq!(resolved["type"], "ack", "{resolved}");
+    assert_eq!(customer.next_of("agent_left").await["agent_id"], "alice");
+    customer.next_of("resolved").await;
+    customer.close().await;
+
+    // With nobody available, a customer who leaves from the follower is counted abandoned by the
+    // leader's router.
+    let answer = alice
+        .command(json!({ "type": "presence", "presence": "away" }))
+        .await;
+    assert_eq!(answer["type"], "ack", "{answer}");
+    let (mut leaving, _) = Customer::start(
+        on_follower,
+        json!({ "visitor_id": "visitor_on_a_follower_0002" }),
+    )
+    .await;
+    let ack = leaving.say("c1", "anybody there?").await;
+    let left = ack["conversation_id"].as_str().unwrap().to_owned();
+    let queued = leaving.next_of("queued").await;
+    assert_eq!(queued["position"], 1, "{queued}");
+    leaving.close().await;
+    eventually(15, "the abandoned chat", || async {
+        let (_, detail) = on_follower
+            .get(&format!("/v1/admin/conversations/{left}"), ADMIN)
+            .await;
+        (detail["routing"]["state"] != "waiting").then_some(())
+    })
+    .await;
+    assert_eq!(
+        on_leader
+            .metric("switchboard_conversations_abandoned_total")
+            .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        schema
+            .count("SELECT count(*) FROM {schema}.outbox WHERE kind = 'conversation.abandoned'")
+            .await,
+        1
+    );
+    drop(alice);
     drop(instances);
     schema.drop_schema().await;
 }

@@ -1729,6 +1729,49 @@ mod sqlite_only {
         assert_eq!(all_messages(&store).await.len(), before + 20);
     }
 
+    /// A batch first runs without savepoints; a request that fails sends it round again with one
+    /// savepoint per request, so only the failing request is undone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_failing_request_undoes_only_itself_in_a_shared_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db.sqlite"), sqlite_options()).unwrap();
+        let mut ingests = Vec::new();
+        let mut failing = Vec::new();
+        for i in 0..300 {
+            let store = store.clone();
+            if i % 50 == 25 {
+                failing.push(tokio::spawn(async move {
+                    store
+                        .apply_routing(Arc::new(set_status(Ulid::new(), ConversationStatus::Open)))
+                        .await
+                }));
+            } else {
+                ingests.push(tokio::spawn(async move {
+                    let from = format!("+1555800{:04}", i % 40);
+                    store
+                        .ingest(sms(&format!("SM-shared-{i}"), &from, "hi"), Utc::now())
+                        .await
+                        .map(stored)
+                }));
+            }
+        }
+        let mut acknowledged = BTreeSet::new();
+        for task in ingests {
+            acknowledged.insert(task.await.unwrap().unwrap().message);
+        }
+        for task in failing {
+            let outcome = task.await.unwrap();
+            assert!(
+                matches!(outcome, Err(StoreError::NotFound(_))),
+                "{outcome:?}"
+            );
+        }
+        let stats = store.stats();
+        assert!(stats.average_batch() > 1.0, "{stats:?}");
+        let stored: BTreeSet<Ulid> = all_messages(&store).await.into_keys().collect();
+        assert_eq!(stored, acknowledged);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn batches_share_commits() {
         let dir = tempfile::tempdir().unwrap();
@@ -2119,6 +2162,62 @@ mod postgres_only {
             }
             other => panic!("a newer schema must be refused, got {other:?}"),
         }
+    }
+
+    /// Every instance follows the committed events. An event whose transaction still runs holds
+    /// back the events of later transactions (which took later positions but may commit first);
+    /// once it commits, each is read exactly once, in (transaction, position) order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn committed_events_are_followed_once_even_when_a_commit_overtakes() {
+        let schema = TestSchema::new();
+        let store = PostgresStore::open(schema.options()).await.unwrap();
+        let start = store.events_end().await.unwrap();
+        let insert = format!(
+            "INSERT INTO {}.outbox (event_id, kind, seq, data, time)
+             VALUES ($1, 'agent.presence', 0, '{{}}', 0) RETURNING position",
+            schema.name
+        );
+        let slow = admin_client().await;
+        slow.batch_execute("BEGIN").await.unwrap();
+        let first: i64 = slow
+            .query_one(&insert, &[&Ulid::new().to_string()])
+            .await
+            .unwrap()
+            .get(0);
+        let second: i64 = admin_client()
+            .await
+            .query_one(&insert, &[&Ulid::new().to_string()])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(first < second);
+
+        let page = store.events_after(start, 100).await.unwrap();
+        assert_eq!(page.events, Vec::new(), "read past a running transaction");
+        assert!(
+            page.held_back,
+            "the committed event waits behind the running one"
+        );
+        assert_eq!(page.next, start);
+
+        slow.batch_execute("COMMIT").await.unwrap();
+        // Other tests' transactions on this server may hold the horizon back a moment longer.
+        let mut cursor = start;
+        let mut followed = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while followed.len() < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "{followed:?}");
+            let page = store.events_after(cursor, 100).await.unwrap();
+            followed.extend(page.events.iter().map(|event| event.position));
+            cursor = page.next;
+            if page.events.is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        assert_eq!(followed, vec![first, second]);
+        let again = store.events_after(cursor, 100).await.unwrap();
+        assert_eq!(again.events, Vec::new());
+        store.close().await.unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -265,6 +265,30 @@ impl Actions {
         Ok(())
     }
 
+    /// A chat's customer left before being answered: counted abandoned. A follower hands it to the
+    /// leader through the store (filed under no agent).
+    pub async fn customer_left(&self, conversation: Ulid) -> Result<(), Refusal> {
+        if self.engine.clustered() && !self.engine.is_leader() {
+            cluster::forward(
+                self.store.as_ref(),
+                &self.engine,
+                &AgentId::new(""),
+                Forwarded::CustomerLeft { conversation },
+            )
+            .await?;
+            return Ok(());
+        }
+        self.customer_left_here(conversation).await
+    }
+
+    /// [`Actions::customer_left`] with this instance's router (the leader's, or a single node's).
+    pub async fn customer_left_here(&self, conversation: Ulid) -> Result<(), Refusal> {
+        self.engine
+            .customer_left(ConversationId(conversation.0))
+            .await?;
+        Ok(())
+    }
+
     /// Reads the router's live state, typed as the read's answer (`Option<_>` where it may be
     /// null). A follower asks the leader through the store, so every instance answers the same.
     pub async fn read_router<T: serde::de::DeserializeOwned>(

@@ -34,7 +34,7 @@ use ulid::Ulid;
 use super::actions::{Actions, Refusal};
 use super::events::{self, TYPE_PREFIX};
 use super::http::{ApiError, AppState};
-use super::outbound::{ChannelSender, SendError, conversation_history};
+use super::outbound::{ChannelSender, SendError};
 use super::views::{self, QueuePosition, RouterRead};
 use crate::config::{ChatSection, Secret};
 use crate::message::{Address, CustomerHints, IdentityLink, InboundMessage, MESSAGE_SCHEMA};
@@ -192,23 +192,16 @@ pub async fn push_positions(hub: std::sync::Arc<ChatHub>, actions: Actions) {
     }
 }
 
-/// The `chat` channel's way out: an agent's reply is pushed to the customer's open sockets with
-/// its sequence number. The reply is stored before it gets here, so a customer who is not connected
-/// now receives it when the session resumes; the send therefore succeeds either way.
+/// The `chat` channel's way out. The reply is stored before it gets here, and there is no provider
+/// to hand it to: marking it sent commits its `message.sent` event, which brings it to the
+/// customer's sockets (see [`relay_events`]) on whichever instance holds them, and a customer who
+/// is not connected now receives it when the session resumes. The send therefore always succeeds.
 #[derive(Debug)]
-pub struct ChatSender {
-    pub hub: std::sync::Arc<ChatHub>,
-    pub store: std::sync::Arc<dyn Store>,
-}
+pub struct ChatSender;
 
 #[async_trait]
 impl ChannelSender for ChatSender {
-    async fn send(&self, reply: &StoredMessage) -> Result<Option<String>, SendError> {
-        let history = conversation_history(self.store.as_ref(), reply).await?;
-        if let Some((seq, message)) = numbered(&history).find(|(_, m)| m.id == reply.id) {
-            self.hub
-                .push(reply.conversation_id, &message_frame(seq, message));
-        }
+    async fn send(&self, _reply: &StoredMessage) -> Result<Option<String>, SendError> {
         // No provider in between: there is no provider message id to remember.
         Ok(None)
     }
@@ -253,9 +246,13 @@ fn message_frame(seq: u64, message: &StoredMessage) -> Value {
     frame
 }
 
-/// Translates committed events into what the customer is told: place in the queue and estimated
-/// wait, an agent joining or leaving, the conversation resolved.
-pub async fn relay_events(hub: std::sync::Arc<ChatHub>, mut events: broadcast::Receiver<Value>) {
+/// Translates committed events into what the customer is told: an agent's reply, place in the
+/// queue and estimated wait, an agent joining or leaving, the conversation resolved.
+pub async fn relay_events(
+    hub: std::sync::Arc<ChatHub>,
+    store: std::sync::Arc<dyn Store>,
+    mut events: broadcast::Receiver<Value>,
+) {
     loop {
         let event = match events.recv().await {
             Ok(event) => event,
@@ -315,12 +312,39 @@ pub async fn relay_events(hub: std::sync::Arc<ChatHub>, mut events: broadcast::R
                 hub.stop_waiting(conversation);
                 continue;
             }
+            "message.sent" if data["channel"] == CHANNEL && hub.is_open(conversation) => {
+                let Some(message) = data["message_id"]
+                    .as_str()
+                    .and_then(|id| Ulid::from_string(id).ok())
+                else {
+                    continue;
+                };
+                match reply_frame(store.as_ref(), conversation, message).await {
+                    Some(frame) => vec![frame],
+                    None => continue,
+                }
+            }
             _ => continue,
         };
         for frame in frames {
             hub.push(conversation, &frame);
         }
     }
+}
+
+/// An agent's reply as its customer sees it, numbered by its place in the stored history.
+async fn reply_frame(store: &dyn Store, conversation: Ulid, message: Ulid) -> Option<Value> {
+    let history = match store.messages(conversation).await {
+        Ok(history) => history,
+        Err(error) => {
+            // Not lost: the customer's next resume reads the history.
+            debug!(%error, %conversation, "cannot read a chat's history for a reply");
+            return None;
+        }
+    };
+    numbered(&history)
+        .find(|(_, stored)| stored.id == message)
+        .map(|(seq, stored)| message_frame(seq, stored))
 }
 
 /// Pushes an agent's typing indicator to the customer of a conversation the agent may see.
@@ -338,7 +362,7 @@ pub async fn agent_typing(
         })
         .await?;
     if may_see {
-        state.chat.push(
+        state.signals.to_customer(
             conversation,
             &json!({ "type": "typing", "from": "agent", "active": active }),
         );
@@ -608,13 +632,8 @@ async fn abandon_unless_back(state: AppState, conversation: Ulid) {
     if !matches!(routing.state.as_str(), "waiting" | "offered") {
         return;
     }
-    if let Err(error) = state
-        .actions
-        .engine
-        .customer_left(crate::routing::ConversationId(conversation.0))
-        .await
-    {
-        debug!(%error, %conversation, "could not count an abandoned chat");
+    if let Err(refusal) = state.actions.customer_left(conversation).await {
+        debug!(reason = %refusal.message, %conversation, "could not count an abandoned chat");
     }
 }
 
@@ -1104,7 +1123,7 @@ async fn notify_agent(state: &AppState, session: &Session, mut push: Value) {
     }
     if let Some(agent) = routing.agent_id {
         push["conversation_id"] = Value::String(conversation.to_string());
-        state.hub.push(&AgentId::new(&agent), &push);
+        state.signals.to_agent(&AgentId::new(&agent), &push);
     }
 }
 

@@ -34,9 +34,10 @@ use super::actions::{Actions, AgentCommand, Refusal, RefusalKind};
 use super::engine::{
     self, AgentAction, EngineContext, EngineError, EngineHandle, EngineTasks, Ingested,
 };
+use super::events::cloud_event;
 use super::metrics::Metrics;
 use super::outbound::Outbound;
-use super::relay::{self, EventBus};
+use super::relay::{self, EventBus, InProcessBus};
 use super::views::RouterRead;
 use crate::config::ClusterSettings;
 use crate::routing::{AgentId, Router, RoutingConfig};
@@ -185,6 +186,10 @@ pub enum Forwarded {
     Disconnected,
     /// A read of the router's live state (views for agents and supervisors).
     Read(RouterRead),
+    /// A chat's customer left before being answered (their socket was on the follower).
+    CustomerLeft {
+        conversation: Ulid,
+    },
 }
 
 /// The leader's answer to a forwarded command (`agent_commands.answer`).
@@ -380,6 +385,9 @@ pub struct TermContext {
     pub engine: EngineContext,
     pub outbound: Outbound,
     pub buses: Vec<Arc<dyn EventBus>>,
+    /// This instance's subscribers to committed events (customer chats, the supervisor feed). A
+    /// single node's relay publishes to it; in a cluster every instance follows the store into it.
+    pub committed: InProcessBus,
     pub source: String,
     /// Runs forwarded commands (set once the actions exist).
     pub actions: Arc<std::sync::OnceLock<Actions>>,
@@ -592,6 +600,10 @@ async fn run_forwarded(
             .engine
             .inspect(move |router| read.answer(router, engine::wall_clock()))
             .await?),
+        Forwarded::CustomerLeft { conversation } => {
+            actions.customer_left_here(conversation).await?;
+            Ok(Value::Null)
+        }
     }
 }
 
@@ -630,6 +642,50 @@ async fn tail_pushes(store: Arc<dyn Store>, context: EngineContext, poll: Durati
             Err(error) => warn!(%error, "cannot read pushes; retrying"),
         }
         woken(&mut wakeups, |wakeup| *wakeup == Wakeup::Pushes, poll).await;
+    }
+}
+
+/// Every instance of a cluster: the committed events, followed from the store and handed to this
+/// instance's subscribers (customer chats, the supervisor feed) whichever instance wrote them.
+async fn follow_events(
+    store: Arc<dyn Store>,
+    committed: InProcessBus,
+    source: String,
+    poll: Duration,
+) {
+    const BATCH: usize = 1024;
+    /// How soon to look again when committed events wait behind a transaction still running.
+    const HELD_BACK_RETRY: Duration = Duration::from_millis(10);
+    // Listen before finding the end, so no notification after it is missed.
+    let mut wakeups = store.wakeups();
+    let mut cursor = loop {
+        match store.events_end().await {
+            Ok(cursor) => break cursor,
+            Err(error) => {
+                warn!(%error, "cannot read where the events stand; retrying");
+                tokio::time::sleep(poll).await;
+            }
+        }
+    };
+    loop {
+        let mut wait = poll;
+        match store.events_after(cursor, BATCH).await {
+            Ok(page) => {
+                let full = page.events.len() == BATCH;
+                cursor = page.next;
+                for event in &page.events {
+                    committed.deliver(cloud_event(event, &source));
+                }
+                if full {
+                    continue;
+                }
+                if page.held_back {
+                    wait = HELD_BACK_RETRY;
+                }
+            }
+            Err(error) => warn!(%error, "cannot read committed events; retrying"),
+        }
+        woken(&mut wakeups, |wakeup| *wakeup == Wakeup::Events, wait).await;
     }
 }
 
@@ -690,6 +746,12 @@ pub async fn run(
         tokio::spawn(tail_pushes(
             store.clone(),
             context.engine.clone(),
+            settings.poll_every,
+        )),
+        tokio::spawn(follow_events(
+            store.clone(),
+            context.committed.clone(),
+            context.source.clone(),
             settings.poll_every,
         )),
     ];

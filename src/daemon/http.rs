@@ -50,6 +50,8 @@ pub struct AppState {
     pub email: Option<EmailIntake>,
     /// Customers' open chat sockets, and the chat's limits.
     pub chat: Arc<super::chat::ChatHub>,
+    /// Typing and read receipts reach connections on any instance.
+    pub signals: super::signals::Signals,
     pub chat_settings: Arc<crate::config::ChatSection>,
     /// The email channel can send replies (a relay is configured): the chat's offline form then
     /// answers by email.

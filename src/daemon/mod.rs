@@ -21,6 +21,7 @@ pub mod openapi;
 pub mod outbound;
 pub mod persist;
 pub mod relay;
+pub mod signals;
 pub mod supervisor;
 pub mod views;
 pub mod web;
@@ -231,13 +232,7 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
     let mut buses = Buses::connect(&settings.bus, &metrics).await?;
     let chat = Arc::new(chat::ChatHub::default());
     let mut senders: HashMap<String, Arc<dyn outbound::ChannelSender>> = HashMap::new();
-    senders.insert(
-        chat::CHANNEL.into(),
-        Arc::new(chat::ChatSender {
-            hub: chat.clone(),
-            store: store.clone(),
-        }),
-    );
+    senders.insert(chat::CHANNEL.into(), Arc::new(chat::ChatSender));
     senders.insert(
         "api".into(),
         Arc::new(outbound::ApiChannel::new(&settings.outbound)),
@@ -260,9 +255,18 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
     let email_replies = email_sender.is_some();
     // A channel handed to the buses is delivered by another system, in place of an adapter.
     senders.extend(buses.channels.iter().cloned());
+    let signals = signals::Signals::new(
+        store.clone(),
+        hub.clone(),
+        chat.clone(),
+        clustered.then(|| settings.cluster.node_id.clone()),
+    );
+    if clustered {
+        tokio::spawn(signals.clone().deliver_others());
+    }
     let (outbound, outbound_task) = outbound::start(outbound::OutboundContext {
         store: store.clone(),
-        hub: hub.clone(),
+        signals: signals.clone(),
         metrics: metrics.clone(),
         senders: Arc::new(senders),
         settings: settings.outbound.clone(),
@@ -270,7 +274,18 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
     });
 
     let bus = relay::InProcessBus::new();
-    tokio::spawn(chat::relay_events(chat.clone(), bus.subscribe()));
+    // Customer chats and the supervisor feed hear of committed events: a single node from its own
+    // relay, every instance of a cluster from the store (whichever instance wrote them).
+    let committed = if clustered {
+        relay::InProcessBus::new()
+    } else {
+        bus.clone()
+    };
+    tokio::spawn(chat::relay_events(
+        chat.clone(),
+        store.clone(),
+        committed.subscribe(),
+    ));
     if let Some(sender) = &email_sender
         && let Some(acknowledgement) = &sender.settings().acknowledgement
     {
@@ -283,7 +298,7 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
         tokio::spawn(acknowledgements.run(bus.subscribe()));
     }
     let supervisor_feed = supervisor::SupervisorFeed::new();
-    let supervisor_events = bus.subscribe();
+    let supervisor_events = committed.subscribe();
     let mut event_buses: Vec<Arc<dyn relay::EventBus>> = vec![Arc::new(bus.clone())];
     event_buses.extend(buses.event_buses.iter().cloned());
     let term_context = cluster::TermContext {
@@ -291,6 +306,7 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
         engine: engine_context,
         outbound: outbound.clone(),
         buses: event_buses,
+        committed,
         source: format!("switchboard://{}", settings.listen),
         actions: Arc::new(std::sync::OnceLock::new()),
     };
@@ -358,6 +374,7 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
         chat_settings: Arc::new(settings.chat.clone()),
         email_replies,
         supervisor: supervisor_feed.clone(),
+        signals,
     };
     tokio::spawn(chat::push_positions(
         state.chat.clone(),

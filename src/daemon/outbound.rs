@@ -18,8 +18,8 @@ use tracing::{debug, warn};
 use ulid::Ulid;
 
 use super::events;
-use super::hub::AgentHub;
 use super::metrics::Metrics;
+use super::signals::Signals;
 use crate::channels::{DeliveryState, StatusUpdate};
 use crate::config::{OutboundSection, Secret};
 use crate::routing::AgentId;
@@ -221,7 +221,8 @@ impl Outbound {
 #[derive(Debug, Clone)]
 pub struct OutboundContext {
     pub store: Arc<dyn Store>,
-    pub hub: Arc<AgentHub>,
+    /// The agent who wrote a reply hears what became of it, on whichever instance.
+    pub signals: Signals,
     pub metrics: Metrics,
     pub senders: Arc<HashMap<String, Arc<dyn ChannelSender>>>,
     pub settings: OutboundSection,
@@ -365,7 +366,7 @@ async fn record(
 fn announce(context: &OutboundContext, reply: &StoredMessage, status: &str, detail: Option<&str>) {
     context.outbox_written.notify_one();
     if let Some(agent) = &reply.agent_id {
-        context.hub.push(
+        context.signals.to_agent(
             &AgentId::new(agent),
             &json!({ "type": "reply_status", "conversation_id": reply.conversation_id.to_string(), "message_id": reply.id.to_string(), "status": status, "reason": detail }),
         );

@@ -68,6 +68,12 @@ impl InProcessBus {
     pub fn subscribe(&self) -> broadcast::Receiver<Value> {
         self.sender.subscribe()
     }
+
+    /// Hands an event document to every subscriber; having none is not an error (the embedded bus
+    /// has no durable consumers to wait for).
+    pub fn deliver(&self, document: Value) {
+        let _ = self.sender.send(document);
+    }
 }
 
 impl Default for InProcessBus {
@@ -84,8 +90,7 @@ impl EventBus for InProcessBus {
 
     async fn publish(&self, batch: &[Publication<'_>]) -> Result<(), PartialPublish> {
         for publication in batch {
-            // No subscriber is not an error: the embedded bus has no durable consumers to wait for.
-            let _ = self.sender.send(publication.document.clone());
+            self.deliver(publication.document.clone());
         }
         Ok(())
     }

@@ -298,6 +298,31 @@ pub struct StoredPush {
     pub document: serde_json::Value,
 }
 
+/// Where an instance stands in the stream of committed events (several instances).
+///
+/// Positions come from a sequence, and concurrent transactions (the leader's routing writes, a
+/// follower's stored reply) may commit in another order than they took their positions, so a
+/// reader that only remembered the last position could step over an event committed late. The
+/// cursor is therefore the writing transaction's id with the position: a reader takes only events
+/// of transactions older than every transaction still running, in (transaction, position) order,
+/// and so sees each committed event exactly once.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct EventCursor {
+    pub transaction: u64,
+    pub position: i64,
+}
+
+/// What [`Store::events_after`] read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventsPage {
+    pub events: Vec<OutboxEvent>,
+    /// The cursor to pass next.
+    pub next: EventCursor,
+    /// Events already committed wait behind a transaction still running: ask again soon rather
+    /// than waiting for the next notification.
+    pub held_back: bool,
+}
+
 /// An agent command taken by a follower, for the leader to run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ForwardedCommand {
@@ -308,6 +333,28 @@ pub struct ForwardedCommand {
     /// The command as the wire document (`daemon::cluster::Forwarded`).
     pub command: serde_json::Value,
     pub created_at: DateTime<Utc>,
+}
+
+/// A live signal for a connection that may be on another instance of a cluster: typing, a read
+/// receipt, what became of a reply. It is not stored: what it reports is in the store already, or
+/// (typing) means nothing a moment later, so one lost on the way costs nothing.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Signal {
+    /// The instance that sent it (it pushed to its own connections itself).
+    pub origin: String,
+    pub to: SignalTarget,
+    /// The push, as JSON text.
+    pub document: String,
+}
+
+/// Whose connections a [`Signal`] is for.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SignalTarget {
+    /// An agent's desktop connections.
+    Agent(String),
+    /// The customer chat sockets of a conversation.
+    Customer(Ulid),
 }
 
 /// One instance of a cluster, as its heartbeat row says.
@@ -329,6 +376,10 @@ pub enum Wakeup {
     Commands,
     /// The leader stored pushes for agents.
     Pushes,
+    /// Events were committed to the outbox.
+    Events,
+    /// Another instance signalled one of the connections it does not hold.
+    Signal(Signal),
     /// The leader answered this forwarded command.
     Answer(Ulid),
     /// The listening connection was re-established: anything may have been missed.
@@ -630,6 +681,30 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// The position of the latest stored push (where a starting instance begins to tail).
     async fn latest_push(&self) -> Result<i64, StoreError> {
         Ok(0)
+    }
+
+    /// Sends a live signal to the other instances (a single node has none: nothing to do).
+    async fn signal(&self, _signal: &Signal) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Where the committed events end now (where a starting instance begins to follow them).
+    async fn events_end(&self) -> Result<EventCursor, StoreError> {
+        Ok(EventCursor::default())
+    }
+
+    /// Committed events after `cursor`, at most `limit`, each once, in the order of
+    /// [`EventCursor`] (a single node has its in-process bus: none).
+    async fn events_after(
+        &self,
+        cursor: EventCursor,
+        _limit: usize,
+    ) -> Result<EventsPage, StoreError> {
+        Ok(EventsPage {
+            events: Vec::new(),
+            next: cursor,
+            held_back: false,
+        })
     }
 
     /// Inbound messages waiting to be routed plus commands waiting for the leader.

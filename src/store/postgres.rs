@@ -49,11 +49,11 @@ use super::IngestRequest;
 use super::sqlite::WriterStats;
 use super::{
     ConversationFilter, ConversationRecord, ConversationStatus, DeliveryOutcome, DeliveryRecorded,
-    DeliveryUpdate, Direction, ForwardedCommand, IngestOutcome, Lease, Member, NewEvent, NewReply,
-    OutboxEvent, PARKED_STATUS_TTL_NANOS, ParkedStatus, Rating, RatingSummary, Recovery,
-    ReplyRoute, RoutingWrite, Store, StoreError, StoredMessage, StoredPush, UnroutedMessage,
-    Wakeup, json_text, lease_duration, parked_failure_event, parse_status, parse_ulid,
-    prefix_error, status_rank_sql, to_i64, to_u64,
+    DeliveryUpdate, Direction, EventCursor, EventsPage, ForwardedCommand, IngestOutcome, Lease,
+    Member, NewEvent, NewReply, OutboxEvent, PARKED_STATUS_TTL_NANOS, ParkedStatus, Rating,
+    RatingSummary, Recovery, ReplyRoute, RoutingWrite, Signal, Store, StoreError, StoredMessage,
+    StoredPush, UnroutedMessage, Wakeup, json_text, lease_duration, parked_failure_event,
+    parse_status, parse_ulid, prefix_error, status_rank_sql, to_i64, to_u64,
 };
 use crate::message::InboundMessage;
 
@@ -75,6 +75,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (
         5,
         include_str!("../../migrations/postgres/0005_ratings.sql"),
+    ),
+    (
+        6,
+        include_str!("../../migrations/postgres/0006_outbox_commit_order.sql"),
     ),
 ];
 
@@ -172,6 +176,8 @@ pub struct PostgresStore {
 
 struct Inner {
     target: String,
+    /// Notifications carry it first, so instances on other schemas ignore them.
+    schema: String,
     pool: Pool,
     /// Notifications from every instance on this schema (the listener task feeds it).
     wakeups: tokio::sync::broadcast::Sender<Wakeup>,
@@ -250,28 +256,52 @@ async fn listen(
     }
 }
 
-/// `inbound`, `commands`, `pushes`, `answer|<id>` (after the schema prefix).
+/// `inbound`, `commands`, `pushes`, `events`, `answer|<id>`, `signal|<json>` (after the schema
+/// prefix).
 fn parse_wakeup(payload: &str) -> Option<Wakeup> {
     match payload {
         "inbound" => Some(Wakeup::Inbound),
         "commands" => Some(Wakeup::Commands),
         "pushes" => Some(Wakeup::Pushes),
-        other => other
-            .strip_prefix("answer|")
-            .and_then(|id| id.parse().ok())
-            .map(Wakeup::Answer),
+        "events" => Some(Wakeup::Events),
+        other => {
+            if let Some(signal) = other.strip_prefix("signal|") {
+                return serde_json::from_str(signal).ok().map(Wakeup::Signal);
+            }
+            other
+                .strip_prefix("answer|")
+                .and_then(|id| id.parse().ok())
+                .map(Wakeup::Answer)
+        }
     }
 }
 
-/// The payload (after the schema prefix) announcing a committed write, if others should wake.
-fn wakeup_payload(write: &Write, written: &Written) -> Option<String> {
+/// The payloads (after the schema prefix) announcing a committed write to the instances that wait
+/// for it.
+fn wakeup_payloads(write: &Write, written: &Written) -> Vec<String> {
+    let mut payloads = Vec::new();
     match (write, written) {
-        (Write::Ingest(_), Written::Ingest(IngestOutcome::Stored { .. })) => Some("inbound".into()),
-        (Write::Routing(routing), _) if !routing.pushes.is_empty() => Some("pushes".into()),
-        (Write::Command(_), _) => Some("commands".into()),
-        (Write::Answer(id, _), Written::Answered(true)) => Some(format!("answer|{id}")),
-        _ => None,
+        (Write::Ingest(_), Written::Ingest(IngestOutcome::Stored { .. })) => {
+            payloads.push("inbound".into());
+        }
+        (Write::Routing(routing), _) => {
+            if !routing.pushes.is_empty() {
+                payloads.push("pushes".into());
+            }
+            if !routing.events.is_empty() {
+                payloads.push("events".into());
+            }
+        }
+        (Write::Reply(_, events), _) if !events.is_empty() => payloads.push("events".into()),
+        (Write::Rate(_, events), Written::Rated(true)) if !events.is_empty() => {
+            payloads.push("events".into());
+        }
+        (Write::Delivery(_), Written::Delivery(_)) => payloads.push("events".into()),
+        (Write::Command(_), _) => payloads.push("commands".into()),
+        (Write::Answer(id, _), Written::Answered(true)) => payloads.push(format!("answer|{id}")),
+        _ => {}
     }
+    payloads
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -352,6 +382,7 @@ impl PostgresStore {
         Ok(PostgresStore {
             inner: Arc::new(Inner {
                 target,
+                schema: options.schema.clone(),
                 pool,
                 wakeups,
                 listener,
@@ -769,9 +800,7 @@ async fn run_batch(pool: &Pool, batch: Vec<Job>, counters: &Counters, schema: &s
         match outcome {
             Ok(written) => {
                 release = true;
-                if let Some(payload) = wakeup_payload(&job.write, &written) {
-                    wake.insert(payload);
-                }
+                wake.extend(wakeup_payloads(&job.write, &written));
                 done.push((job, Ok(written)));
             }
             Err(failure) => {
@@ -940,6 +969,79 @@ async fn run_write(client: &Client, write: &Write) -> Result<Written, Failure> {
 fn nanos(time: &DateTime<Utc>) -> Result<i64, StoreError> {
     time.timestamp_nanos_opt()
         .ok_or_else(|| StoreError::NotFound(format!("time {time} is out of range (1677..2262)")))
+}
+
+/// [`Store::events_after`]: the events of transactions older than every one running now.
+async fn read_events_after(
+    client: &Client,
+    cursor: EventCursor,
+    limit: i64,
+) -> Result<EventsPage, Failure> {
+    let statement = client
+        .prepare_cached("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
+        .await?;
+    // Every transaction below the horizon has ended, so none of them can add an event later.
+    let horizon: String = column(&client.query_one(&statement, &[]).await?, 0)?;
+    let transaction = cursor.transaction.to_string();
+    let statement = client
+        .prepare_cached(
+            "SELECT position, event_id, kind, conversation_id, seq, data, time, txid::text
+             FROM outbox
+             WHERE (txid, position) > ($1::text::xid8, $2) AND txid < $3::text::xid8
+             ORDER BY txid, position LIMIT $4",
+        )
+        .await?;
+    let rows = client
+        .query(
+            &statement,
+            &[&transaction, &cursor.position, &horizon, &limit],
+        )
+        .await?;
+    let mut next = cursor;
+    let mut events = Vec::with_capacity(rows.len());
+    for row in &rows {
+        events.push(decode_outbox_event(row)?);
+        next = EventCursor {
+            transaction: parse_transaction(column(row, 7)?)?,
+            position: column(row, 0)?,
+        };
+    }
+    let statement = client
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM outbox
+                            WHERE (txid, position) > ($1::text::xid8, $2)
+                              AND txid >= $3::text::xid8)",
+        )
+        .await?;
+    let held_back = client
+        .query_one(&statement, &[&transaction, &cursor.position, &horizon])
+        .await?;
+    Ok(EventsPage {
+        events,
+        next,
+        held_back: column(&held_back, 0)?,
+    })
+}
+
+/// A transaction id as PostgreSQL prints an `xid8`.
+fn parse_transaction(text: &str) -> Result<u64, StoreError> {
+    text.parse()
+        .map_err(|_| StoreError::Corrupt(format!("bad transaction id {text:?}")))
+}
+
+/// An outbox row read as `position, event_id, kind, conversation_id, seq, data, time`.
+fn decode_outbox_event(row: &Row) -> Result<OutboxEvent, StoreError> {
+    Ok(OutboxEvent {
+        position: column(row, 0)?,
+        event_id: parse_ulid(column(row, 1)?)?,
+        kind: column(row, 2)?,
+        conversation_id: column::<Option<&str>>(row, 3)?
+            .map(parse_ulid)
+            .transpose()?,
+        seq: to_u64(column(row, 4)?, "seq")?,
+        data: column::<Json<serde_json::Value>>(row, 5)?.0,
+        time: from_nanos(column(row, 6)?),
+    })
 }
 
 fn from_nanos(value: i64) -> DateTime<Utc> {
@@ -2107,19 +2209,7 @@ impl Store for PostgresStore {
                 let rows = client.query(&statement, &[&limit]).await?;
                 Ok(rows
                     .iter()
-                    .map(|row| {
-                        Ok(OutboxEvent {
-                            position: column(row, 0)?,
-                            event_id: parse_ulid(column(row, 1)?)?,
-                            kind: column(row, 2)?,
-                            conversation_id: column::<Option<&str>>(row, 3)?
-                                .map(parse_ulid)
-                                .transpose()?,
-                            seq: to_u64(column(row, 4)?, "seq")?,
-                            data: column::<Json<serde_json::Value>>(row, 5)?.0,
-                            time: from_nanos(column(row, 6)?),
-                        })
-                    })
+                    .map(decode_outbox_event)
                     .collect::<Result<_, StoreError>>()?)
             })
         })
@@ -2439,6 +2529,51 @@ impl Store for PostgresStore {
             })
         })
         .await
+    }
+
+    async fn signal(&self, signal: &Signal) -> Result<(), StoreError> {
+        let signal = serde_json::to_string(signal)
+            .map_err(|error| StoreError::Corrupt(format!("cannot encode a signal: {error}")))?;
+        let payload = format!("{}|signal|{signal}", self.inner.schema);
+        self.read(|client| {
+            let payload = payload.clone();
+            Box::pin(async move {
+                let statement = client.prepare_cached("SELECT pg_notify($1, $2)").await?;
+                client
+                    .execute(&statement, &[&NOTIFY_CHANNEL, &payload])
+                    .await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn events_end(&self) -> Result<EventCursor, StoreError> {
+        self.read(|client| {
+            Box::pin(async move {
+                // Transactions from the oldest one still running on are yet to be followed.
+                let statement = client
+                    .prepare_cached("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
+                    .await?;
+                let row = client.query_one(&statement, &[]).await?;
+                let oldest_running = parse_transaction(column(&row, 0)?)?;
+                Ok(EventCursor {
+                    transaction: oldest_running.saturating_sub(1),
+                    position: i64::MAX,
+                })
+            })
+        })
+        .await
+    }
+
+    async fn events_after(
+        &self,
+        cursor: EventCursor,
+        limit: usize,
+    ) -> Result<EventsPage, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(|client| Box::pin(read_events_after(client, cursor, limit)))
+            .await
     }
 
     async fn forwarding_backlog(&self) -> Result<u64, StoreError> {

@@ -11,9 +11,10 @@
 //! "durable" while the fsync cost is shared by the whole batch. The busier the store, the larger
 //! the batches: throughput grows with load instead of collapsing.
 //!
-//! Each request runs inside its own `SAVEPOINT`, so a request that fails (an unknown
-//! conversation, a fenced routing write) rolls back only its own changes and the rest of the
-//! batch still commits. If SQLite itself abandons the transaction (disk full, I/O error) or the
+//! A request that fails (an unknown conversation, a fenced routing write) rolls back only its own
+//! changes and the rest of the batch still commits: the batch first runs without savepoints (the
+//! common case, where all succeed), and after a failure runs again with each request inside its
+//! own `SAVEPOINT`. If SQLite itself abandons the transaction (disk full, I/O error) or the
 //! `COMMIT` fails, every caller whose work was lost gets [`StoreError::Unavailable`] and nothing
 //! of the batch is stored.
 //!
@@ -324,16 +325,16 @@ impl SqliteStore {
             .map_err(|_| StoreError::Unavailable("the store writer thread panicked".into()))
     }
 
-    /// Runs `work` in the writer's current transaction (inside its own savepoint) and resolves
-    /// after the commit.
+    /// Runs `work` in the writer's current transaction and resolves after the commit. `work` may
+    /// run twice (see [`run_batch`]): it acts on the transaction only.
     async fn write<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        F: Fn(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
         let job: Box<dyn Job> = Box::new(Pending {
-            work: Some(work),
+            work,
             value: None,
             reply,
         });
@@ -412,14 +413,15 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 
 /// One caller's request as the writer sees it.
 trait Job: Send {
-    /// Does the work against the open transaction (the caller wraps it in a savepoint).
+    /// Does the work against the open transaction. It may run twice (the first run rolled back),
+    /// so it must not act outside the transaction.
     fn run(&mut self, conn: &Connection) -> Result<(), StoreError>;
     /// Answers the caller: `Ok` only once the work is committed.
     fn finish(self: Box<Self>, outcome: Result<(), StoreError>);
 }
 
 struct Pending<T, F> {
-    work: Option<F>,
+    work: F,
     value: Option<T>,
     reply: oneshot::Sender<Result<T, StoreError>>,
 }
@@ -427,14 +429,10 @@ struct Pending<T, F> {
 impl<T, F> Job for Pending<T, F>
 where
     T: Send,
-    F: FnOnce(&Connection) -> Result<T, StoreError> + Send,
+    F: Fn(&Connection) -> Result<T, StoreError> + Send,
 {
     fn run(&mut self, conn: &Connection) -> Result<(), StoreError> {
-        let work = self
-            .work
-            .take()
-            .ok_or_else(|| StoreError::Unavailable("a store request ran twice".into()))?;
-        self.value = Some(work(conn)?);
+        self.value = Some((self.work)(conn)?);
         Ok(())
     }
 
@@ -498,8 +496,63 @@ fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
 /// Jobs run in the current transaction so far, each with its own outcome.
 type Ran = Vec<(Box<dyn Job>, Result<(), StoreError>)>;
 
-/// Runs one batch in one transaction, one savepoint per job, and answers every job.
-fn run_batch(conn: &Connection, batch: Vec<Box<dyn Job>>, counters: &Counters) {
+/// Runs one batch in one transaction and answers every job.
+///
+/// The jobs first run one after another with nothing between them: the common case, where every
+/// job succeeds, pays for no savepoint (each copies every page it touches into a savepoint journal
+/// first). If a job fails, that transaction is rolled back and the batch runs again with a savepoint
+/// per job ([`run_batch_guarded`]), so the failure undoes only its own work and the rest commits.
+fn run_batch(conn: &Connection, mut batch: Vec<Box<dyn Job>>, counters: &Counters) {
+    if let Err(error) = exec(conn, "BEGIN IMMEDIATE") {
+        // Typically the lock is held elsewhere and the busy timeout ran out: the batch would only
+        // wait out the same timeout again, so it fails now.
+        counters.failed_batches.fetch_add(1, Ordering::Relaxed);
+        let message = format!("cannot start a transaction: {error}");
+        for job in batch {
+            job.finish(Err(StoreError::Unavailable(message.clone())));
+        }
+        return;
+    }
+    let mut failure = None;
+    for job in &mut batch {
+        match catch_unwind(AssertUnwindSafe(|| job.run(conn))) {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                failure = Some(error);
+                break;
+            }
+            Err(_) => {
+                failure = Some(StoreError::Unavailable(
+                    "internal error while writing (the request was rolled back)".into(),
+                ));
+                break;
+            }
+        }
+    }
+    let Some(error) = failure else {
+        commit(
+            conn,
+            batch.into_iter().map(|job| (job, Ok(()))).collect(),
+            false,
+            counters,
+        );
+        return;
+    };
+    if !conn.is_autocommit() {
+        let _ = exec(conn, "ROLLBACK");
+    }
+    if let [_] = batch.as_slice() {
+        // The rollback undid only this job's work.
+        if let Some(job) = batch.pop() {
+            job.finish(Err(error));
+        }
+        return;
+    }
+    run_batch_guarded(conn, batch, counters);
+}
+
+/// [`run_batch`] with one savepoint per job: a job that fails rolls back only its own changes.
+fn run_batch_guarded(conn: &Connection, batch: Vec<Box<dyn Job>>, counters: &Counters) {
     let size = batch.len();
     let mut done: Ran = Vec::with_capacity(size);
     let mut in_transaction = false;
@@ -574,6 +627,12 @@ fn run_batch(conn: &Connection, batch: Vec<Box<dyn Job>>, counters: &Counters) {
         }
         return;
     }
+    commit(conn, done, failed, counters);
+}
+
+/// Commits the open transaction and answers its jobs: each with its own outcome once committed,
+/// every one unavailable if the commit failed. `failed`: part of the batch failed before this.
+fn commit(conn: &Connection, done: Ran, failed: bool, counters: &Counters) {
     match exec(conn, "COMMIT") {
         Ok(()) => {
             counters.commits.fetch_add(1, Ordering::Relaxed);
@@ -840,7 +899,7 @@ impl ConversationRow {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Write transactions (run on the writer thread, inside a savepoint)
+// Write transactions (run on the writer thread, in the batch's transaction)
 
 fn ingest_tx(conn: &Connection, request: &IngestRequest) -> Result<IngestOutcome, StoreError> {
     // 1. Deduplicate by (channel, provider_message_id).
@@ -1809,7 +1868,7 @@ impl Store for SqliteStore {
             // The relay marks a prefix of the pending events (see the migration that made this a
             // cursor): the cursor moves over the pending events given, up to the first one that
             // was not (so an unknown or out-of-order position marks nothing it did not name).
-            let mut given = positions;
+            let mut given = positions.clone();
             given.sort_unstable();
             let cursor: i64 = conn
                 .prepare_cached("SELECT published_up_to FROM outbox_relay WHERE id = 1")?

@@ -10,6 +10,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 pub const INGEST: &str = "demo-ingest-token";
 pub const ADMIN: &str = "demo-admin-token";
@@ -433,6 +434,103 @@ impl AgentSocket {
 
     pub async fn close(mut self) {
         let _ = self.socket.close(None).await;
+    }
+}
+
+/// A customer's chat window on `/v1/chat/stream` (the browser's side of the web chat).
+pub struct Customer {
+    pub socket: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+}
+
+impl Customer {
+    pub async fn connect(daemon: &Daemon, origin: Option<&str>) -> Result<Customer, u16> {
+        let url = format!("{}/v1/chat/stream", daemon.base.replace("http://", "ws://"));
+        let mut request = url.into_client_request().unwrap();
+        if let Some(origin) = origin {
+            request
+                .headers_mut()
+                .insert("origin", origin.parse().unwrap());
+        }
+        match tokio_tungstenite::connect_async(request).await {
+            Ok((socket, _)) => Ok(Customer { socket }),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                Err(response.status().as_u16())
+            }
+            Err(error) => panic!("chat websocket: {error}"),
+        }
+    }
+
+    /// Connects and starts (or resumes) a session; returns the `session` frame.
+    pub async fn start(daemon: &Daemon, start: Value) -> (Customer, Value) {
+        let mut customer = Customer::connect(daemon, None).await.unwrap();
+        customer.send(json!({ "type": "start" }).merge(start)).await;
+        let session = customer.next().await;
+        (customer, session)
+    }
+
+    pub async fn send(&mut self, frame: Value) {
+        self.socket
+            .send(Message::Text(frame.to_string().into()))
+            .await
+            .unwrap();
+    }
+
+    pub async fn next(&mut self) -> Value {
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(10), self.socket.next())
+                .await
+                .expect("a frame within 10 s")
+                .expect("socket open")
+                .expect("socket ok");
+            if let Message::Text(text) = message {
+                return serde_json::from_str(&text).unwrap();
+            }
+        }
+    }
+
+    pub async fn next_of(&mut self, kind: &str) -> Value {
+        loop {
+            let frame = self.next().await;
+            if frame["type"] == kind {
+                return frame;
+            }
+        }
+    }
+
+    /// Sends a message and waits for its ack (or error), skipping other frames.
+    pub async fn say(&mut self, client_message_id: &str, text: &str) -> Value {
+        self.send(
+            json!({ "type": "message", "client_message_id": client_message_id, "text": text }),
+        )
+        .await;
+        loop {
+            let frame = self.next().await;
+            if (frame["type"] == "ack" || frame["type"] == "error")
+                && frame["client_message_id"] == client_message_id
+            {
+                return frame;
+            }
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.socket.close(None).await;
+    }
+}
+
+/// Adds the fields of another JSON object (for frames built from a base).
+pub trait Merge {
+    fn merge(self, other: Value) -> Value;
+}
+
+impl Merge for Value {
+    fn merge(mut self, other: Value) -> Value {
+        if let (Some(into), Value::Object(from)) = (self.as_object_mut(), other) {
+            into.extend(from);
+        }
+        self
     }
 }
 
