@@ -1,7 +1,8 @@
 //! The message buses against the real NATS JetStream (127.0.0.1:4222) and RabbitMQ (127.0.0.1:5672):
 //! inbound messages routed and offered, events in order with CloudEvents fields, dead letters with
 //! the reason, agent commands with a reply, redelivery after a crash creating nothing twice, and a
-//! broker outage that delays events without losing any. Each test uses its own subject prefix,
+//! broker outage that delays events without losing any, and a locked store that makes the daemon hand
+//! a message back to the broker until it can store it. Each test uses its own subject prefix,
 //! streams, exchanges and queues, and removes them at the end, so tests run in parallel.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -35,8 +36,21 @@ trait TestBus: Sized {
     async fn publish_inbound(&self, channel: &str, payload: &[u8]);
     /// The next event published (CloudEvent document), failing after 20 s.
     async fn next_event(&mut self) -> Value;
-    /// Sends a command and returns the reply document.
-    async fn command(&self, agent: &str, verb: &str, payload: Value) -> Value;
+    /// Sends a command with this `Authorization` header (none if `None`) and returns the reply
+    /// document.
+    async fn command_with(
+        &self,
+        agent: &str,
+        verb: &str,
+        payload: Value,
+        authorization: Option<&str>,
+    ) -> Value;
+    /// Sends a command with the agent's own token and returns the reply document.
+    async fn command(&self, agent: &str, verb: &str, payload: Value) -> Value {
+        let authorization = format!("Bearer {}", common::agent_token(agent));
+        self.command_with(agent, verb, payload, Some(&authorization))
+            .await
+    }
     /// The next dead letter: its body and the reason header.
     async fn next_dead_letter(&mut self) -> (Vec<u8>, String);
     async fn cleanup(self);
@@ -150,15 +164,25 @@ impl TestBus for NatsBus {
         document
     }
 
-    async fn command(&self, agent: &str, verb: &str, payload: Value) -> Value {
+    async fn command_with(
+        &self,
+        agent: &str,
+        verb: &str,
+        payload: Value,
+        authorization: Option<&str>,
+    ) -> Value {
         let subject = format!("{}.cmd.agent.{agent}.{verb}", self.prefix);
         let client = &self.client;
         let body = payload.to_string();
+        let mut headers = async_nats::HeaderMap::new();
+        if let Some(authorization) = authorization {
+            headers.insert("Authorization", authorization);
+        }
         // The daemon subscribes when it connects: retry "no responders" until it has.
         let reply = eventually(20, "the daemon to answer commands", || async {
             tokio::time::timeout(
                 Duration::from_secs(5),
-                client.request(subject.clone(), body.clone().into()),
+                client.request_with_headers(subject.clone(), headers.clone(), body.clone().into()),
             )
             .await
             .ok()?
@@ -377,8 +401,21 @@ impl TestBus for AmqpBus {
         document
     }
 
-    async fn command(&self, agent: &str, verb: &str, payload: Value) -> Value {
+    async fn command_with(
+        &self,
+        agent: &str,
+        verb: &str,
+        payload: Value,
+        authorization: Option<&str>,
+    ) -> Value {
         let correlation = ulid::Ulid::new().to_string();
+        let mut headers = FieldTable::default();
+        if let Some(authorization) = authorization {
+            headers.insert(
+                "authorization".into(),
+                AMQPValue::LongString(authorization.into()),
+            );
+        }
         let exchange = self.name("commands");
         self.wait_for_queue("commands").await;
         self.channel
@@ -389,7 +426,8 @@ impl TestBus for AmqpBus {
                 payload.to_string().as_bytes(),
                 BasicProperties::default()
                     .with_reply_to(self.reply_queue.as_str().into())
-                    .with_correlation_id(correlation.as_str().into()),
+                    .with_correlation_id(correlation.as_str().into())
+                    .with_headers(headers),
             )
             .await
             .unwrap();
@@ -518,6 +556,44 @@ async fn routed_offered_and_commanded<B: TestBus>(mut bus: B) {
 
     let offer = alice.next_of("offer").await;
     let conversation = offer["conversation_id"].as_str().unwrap().to_owned();
+
+    // A command carries its agent's own token, checked as on the API.
+    let accept = json!({ "conversation_id": conversation });
+    for (agent, authorization, code) in [
+        ("alice", None, "unauthorized"),
+        (
+            "alice",
+            Some("Bearer not-a-token".to_owned()),
+            "unauthorized",
+        ),
+        ("alice", Some("demo-alice-token".to_owned()), "unauthorized"),
+        (
+            "alice",
+            Some(format!("Bearer {}", common::INGEST)),
+            "forbidden",
+        ),
+        ("alice", Some(format!("Bearer {ADMIN}")), "forbidden"),
+        (
+            "alice",
+            Some(format!("Bearer {}", common::agent_token("bob"))),
+            "forbidden",
+        ),
+        // Bob's own token on Bob's address: Alice's offer is not his to take.
+        (
+            "bob",
+            Some(format!("Bearer {}", common::agent_token("bob"))),
+            "not_offered",
+        ),
+    ] {
+        let refused = bus
+            .command_with(agent, "accept", accept.clone(), authorization.as_deref())
+            .await;
+        assert_eq!(refused["ok"], false, "{agent} {authorization:?}: {refused}");
+        assert_eq!(
+            refused["error"]["code"], code,
+            "{agent} {authorization:?}: {refused}"
+        );
+    }
 
     // Accept over the bus; the reply says it was done; a refused command says why.
     let reply = bus
@@ -650,6 +726,70 @@ async fn redelivery_after_a_crash_creates_nothing_twice<B: TestBus>(bus: B) {
         2,
         "one conversation per message: {listed}"
     );
+    drop(daemon);
+    bus.cleanup().await;
+}
+
+/// The store is locked by another process past its busy timeout: a message the daemon cannot store
+/// is handed back to the broker (never acked, never dead-lettered), and once the lock is gone it
+/// comes again and is stored once.
+async fn a_locked_store_hands_the_message_back_and_loses_nothing<B: TestBus>(bus: B) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("switchboard.sqlite");
+    common::write_config_with_store(
+        dir.path(),
+        "",
+        &format!("path = \"{}\"\nbusy_timeout_ms = 300", store.display()),
+        &bus.daemon_config(B::BROKER),
+    );
+    let daemon = Daemon::start_in(dir);
+    let connected = format!("switchboard_bus_connected{{bus=\"{}\"}}", B::NAME);
+    eventually(20, "the bus to connect", || async {
+        (daemon.metric(&connected).await == Some(1.0)).then_some(())
+    })
+    .await;
+    let mut alice = available(&daemon, "alice").await;
+    let first = api_message("locked-1", "customer-locked-1", "first");
+    bus.publish_inbound("api", first.to_string().as_bytes())
+        .await;
+    alice.next_of("offer").await;
+
+    // Another process (a backup, a stray sqlite3 shell) holds the write lock.
+    let locker = rusqlite::Connection::open(&store).unwrap();
+    locker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let second = api_message("locked-2", "customer-locked-2", "second");
+    bus.publish_inbound("api", second.to_string().as_bytes())
+        .await;
+    let redeliveries = format!("switchboard_bus_redeliveries_total{{bus=\"{}\"}}", B::NAME);
+    eventually(20, "the message to be handed back", || async {
+        daemon
+            .metric(&redeliveries)
+            .await
+            .filter(|count| *count >= 1.0)
+    })
+    .await;
+    locker.execute_batch("ROLLBACK").unwrap();
+    drop(locker);
+
+    let offer = alice.next_of("offer").await;
+    let conversation = offer["conversation_id"].as_str().unwrap().to_owned();
+    let history = daemon.history("alice", &conversation).await;
+    assert_eq!(history.len(), 1, "{history:?}");
+    assert_eq!(
+        history[0]["body"]["provider_message_id"], "locked-2",
+        "{history:?}"
+    );
+    let (_, listed) = daemon
+        .get("/v1/admin/conversations?channel=api", ADMIN)
+        .await;
+    assert_eq!(
+        listed["conversations"].as_array().unwrap().len(),
+        2,
+        "one conversation per message: {listed}"
+    );
+    let dead = format!("switchboard_bus_dead_lettered_total{{bus=\"{}\"}}", B::NAME);
+    assert_eq!(daemon.metric(&dead).await, Some(0.0));
+    alice.close().await;
     drop(daemon);
     bus.cleanup().await;
 }
@@ -841,4 +981,14 @@ async fn nats_outage_delays_events_and_loses_none() {
 #[tokio::test]
 async fn amqp_outage_delays_events_and_loses_none() {
     an_outage_delays_events_and_loses_none(AmqpBus::new().await).await;
+}
+
+#[tokio::test]
+async fn nats_hands_a_message_back_while_the_store_is_locked() {
+    a_locked_store_hands_the_message_back_and_loses_nothing(NatsBus::new().await).await;
+}
+
+#[tokio::test]
+async fn amqp_hands_a_message_back_while_the_store_is_locked() {
+    a_locked_store_hands_the_message_back_and_loses_nothing(AmqpBus::new().await).await;
 }

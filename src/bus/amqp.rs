@@ -24,9 +24,10 @@ use tokio::sync::{Mutex, Notify, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use super::{Backoff, Delivery, Intake, OutboundPublisher, commands, pause};
+use super::commands::{BusCommand, Commands};
+use super::{Backoff, Delivery, Intake, OutboundPublisher, pause};
 use crate::config::{AmqpSection, BusSection};
-use crate::daemon::actions::{Actions, Refusal};
+use crate::daemon::actions::Refusal;
 use crate::daemon::metrics::BusStates;
 use crate::daemon::relay::{BusError, EventBus, PartialPublish, Publication};
 
@@ -81,14 +82,14 @@ impl AmqpBus {
     pub fn start_intake(
         self: &Arc<Self>,
         settings: &BusSection,
-        actions: &Actions,
+        commands: &Commands,
         stop: watch::Receiver<bool>,
     ) -> Vec<JoinHandle<()>> {
-        let (intake, mut tasks) = Intake::start(actions, settings.workers, NAME);
+        let (intake, mut tasks) = Intake::start(&commands.actions, settings.workers, NAME);
         tasks.push(tokio::spawn(supervise(
             self.clone(),
             intake,
-            actions.clone(),
+            commands.clone(),
             Backoff::new(settings),
             stop,
         )));
@@ -245,7 +246,7 @@ impl AmqpBus {
 async fn supervise(
     bus: Arc<AmqpBus>,
     intake: Intake,
-    actions: Actions,
+    commands: Commands,
     mut backoff: Backoff,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -257,7 +258,7 @@ async fn supervise(
                 bus.states.set(NAME, true);
                 info!(bus = NAME, "connected; topology declared");
                 backoff.reset();
-                let stopped = consume(&bus, &intake, &actions, &consumer, &mut stop).await;
+                let stopped = consume(&bus, &intake, &commands, &consumer, &mut stop).await;
                 if stopped {
                     // Stop taking messages; keep the connection for the relay's last events.
                     let _ = consumer.close(200, "stopping".into()).await;
@@ -285,7 +286,7 @@ async fn supervise(
 async fn consume(
     bus: &Arc<AmqpBus>,
     intake: &Intake,
-    actions: &Actions,
+    commands: &Commands,
     channel: &Channel,
     stop: &mut watch::Receiver<bool>,
 ) -> bool {
@@ -298,11 +299,11 @@ async fn consume(
             FieldTable::default(),
         )
     };
-    let (mut inbound, mut commands) = match (
+    let (mut inbound, mut requests) = match (
         consumer(&s.inbound_queue, "switchboard-inbound").await,
         consumer(&s.command_queue, "switchboard-commands").await,
     ) {
-        (Ok(inbound), Ok(commands)) => (inbound, commands),
+        (Ok(inbound), Ok(requests)) => (inbound, requests),
         (Err(failure), _) | (_, Err(failure)) => {
             warn!(bus = NAME, error = %failure, "cannot consume");
             return false;
@@ -324,10 +325,10 @@ async fn consume(
                 }
                 None => return false,
             },
-            request = commands.next() => match request {
+            request = requests.next() => match request {
                 Some(Ok(request)) => {
-                    let (bus, actions) = (bus.clone(), actions.clone());
-                    tokio::spawn(async move { answer(&bus, &actions, request).await });
+                    let (bus, commands) = (bus.clone(), commands.clone());
+                    tokio::spawn(async move { answer(&bus, &commands, request).await });
                 }
                 Some(Err(failure)) => {
                     warn!(bus = NAME, error = %failure, "command consumer failed");
@@ -340,8 +341,24 @@ async fn consume(
 }
 
 /// Runs one command and answers to its `reply_to`, then acknowledges it.
-async fn answer(bus: &AmqpBus, actions: &Actions, request: AmqpMessage) {
-    let reply = commands::execute(actions, request.routing_key.as_str(), &request.data).await;
+async fn answer(bus: &AmqpBus, commands: &Commands, request: AmqpMessage) {
+    let authorization = request
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|headers| headers.inner().get("authorization"))
+        .and_then(|value| match value {
+            AMQPValue::LongString(text) => Some(text.to_string()),
+            AMQPValue::ShortString(text) => Some(text.to_string()),
+            _ => None,
+        });
+    let reply = commands
+        .execute(BusCommand {
+            address: request.routing_key.as_str(),
+            authorization: authorization.as_deref(),
+            payload: &request.data,
+        })
+        .await;
     if let Some(reply_to) = request.properties.reply_to() {
         let mut properties =
             BasicProperties::default().with_content_type("application/json".into());

@@ -5,25 +5,84 @@
 //! (`schemas/command-reply.v1.json`). They run through the same `Actions::agent_command` as the REST
 //! API and the agents' WebSocket.
 //!
-//! The bus is trusted like the broker's own access control: whoever may publish to the command
-//! subjects acts for any agent, so restrict them with broker permissions.
+//! A command carries the agent's own bearer token (`Authorization: Bearer <token>`, a NATS header
+//! or an AMQP header), checked like the API's: none or an unknown one is `unauthorized`, another
+//! kind or another agent's is `forbidden`. With `bus.commands_need_agent_token = false` the broker's
+//! permissions are the only guard: whoever may publish to the command subjects acts for any agent.
+
+use std::sync::{Arc, RwLock};
 
 use serde_json::Value;
 
+use crate::config::{AuthSection, Denied, bearer_token};
 use crate::daemon::actions::{
     Actions, AgentCommand, CommandReply, Refusal, RefusalKind, parse_json,
 };
 use crate::routing::AgentId;
 
-/// Runs the command the address names (`agent.<agent>.<verb>`, the part after the prefix) and
-/// returns the serialised reply.
-pub async fn execute(actions: &Actions, address: &str, payload: &[u8]) -> Vec<u8> {
-    let result = run(actions, address, payload).await;
-    serde_json::to_vec(&CommandReply::from(result)).unwrap_or_default()
+/// Who may send agent commands over a bus.
+#[derive(Debug, Clone)]
+pub enum CommandAuth {
+    /// The named agent's own token, checked against the tokens in force (a reload included).
+    AgentToken(Arc<RwLock<AuthSection>>),
+    /// Whoever the broker lets publish (`bus.commands_need_agent_token = false`).
+    Broker,
 }
 
-async fn run(actions: &Actions, address: &str, payload: &[u8]) -> Result<Value, Refusal> {
+/// A command as it came off a bus.
+#[derive(Debug, Clone, Copy)]
+pub struct BusCommand<'a> {
+    /// `agent.<agent>.<verb>`: the part of the subject or routing key after the prefix.
+    pub address: &'a str,
+    /// The `Authorization` header, if the message had one.
+    pub authorization: Option<&'a str>,
+    pub payload: &'a [u8],
+}
+
+/// What answers agent commands on a bus: the actions they run and who may send them.
+#[derive(Debug, Clone)]
+pub struct Commands {
+    pub actions: Actions,
+    pub auth: CommandAuth,
+}
+
+impl Commands {
+    /// Runs the command and returns the serialised reply.
+    pub async fn execute(&self, command: BusCommand<'_>) -> Vec<u8> {
+        let result = run(&self.actions, &self.auth, command).await;
+        serde_json::to_vec(&CommandReply::from(result)).unwrap_or_default()
+    }
+}
+
+async fn run(
+    actions: &Actions,
+    auth: &CommandAuth,
+    BusCommand {
+        address,
+        authorization,
+        payload,
+    }: BusCommand<'_>,
+) -> Result<Value, Refusal> {
     let (agent, verb) = parse_address(address)?;
+    if let CommandAuth::AgentToken(tokens) = auth {
+        let token = authorization.and_then(bearer_token);
+        let access = match tokens.read() {
+            Ok(tokens) => tokens.agent_access(agent, token),
+            Err(_) => Err(Denied::Unauthorized),
+        };
+        access.map_err(|denied| match denied {
+            Denied::Unauthorized => Refusal::new(
+                RefusalKind::Unauthorized,
+                "unauthorized",
+                "a command needs the agent's bearer token in its Authorization header",
+            ),
+            Denied::Forbidden => Refusal::new(
+                RefusalKind::Forbidden,
+                "forbidden",
+                format!("this token may not act for agent `{agent}`"),
+            ),
+        })?;
+    }
     let document: Value = if payload.iter().all(u8::is_ascii_whitespace) {
         Value::Object(serde_json::Map::new())
     } else {

@@ -18,7 +18,7 @@ pub mod nats;
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::warn;
 
-use crate::config::BusSection;
+use crate::config::{AuthSection, BusSection};
 use crate::daemon::actions::{Actions, Refusal, RefusalKind};
 use crate::daemon::metrics::{BusStates, Metrics};
 use crate::daemon::outbound::{ChannelSender, SendError};
@@ -136,6 +136,11 @@ impl Intake {
                         Ok(_) => delivery.ack().await,
                         Err(refusal) if refusal.retryable() => {
                             warn!(bus, %refusal, "inbound message not stored; it will be delivered again");
+                            actions
+                                .metrics
+                                .bus_redeliveries
+                                .with_label_values(&[bus])
+                                .inc();
                             delivery.retry(RETRY_DELAY).await;
                         }
                         Err(refusal) => {
@@ -312,13 +317,21 @@ impl Buses {
     }
 
     /// Starts consuming inbound messages and commands from every broker.
-    pub fn start_intake(&mut self, actions: &Actions) {
+    pub fn start_intake(&mut self, actions: &Actions, auth: &Arc<RwLock<AuthSection>>) {
+        let commands = commands::Commands {
+            actions: actions.clone(),
+            auth: if self.settings.commands_need_agent_token {
+                commands::CommandAuth::AgentToken(auth.clone())
+            } else {
+                commands::CommandAuth::Broker
+            },
+        };
         if let Some(bus) = &self.nats {
-            let mut tasks = bus.start_intake(&self.settings, actions, self.stop.subscribe());
+            let mut tasks = bus.start_intake(&self.settings, &commands, self.stop.subscribe());
             self.tasks.append(&mut tasks);
         }
         if let Some(bus) = &self.amqp {
-            let mut tasks = bus.start_intake(&self.settings, actions, self.stop.subscribe());
+            let mut tasks = bus.start_intake(&self.settings, &commands, self.stop.subscribe());
             self.tasks.append(&mut tasks);
         }
     }

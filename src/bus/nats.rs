@@ -18,9 +18,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use super::{Backoff, Delivery, Intake, OutboundPublisher, commands, pause};
+use super::commands::{BusCommand, Commands};
+use super::{Backoff, Delivery, Intake, OutboundPublisher, pause};
 use crate::config::{BusSection, NatsSection};
-use crate::daemon::actions::{Actions, Refusal};
+use crate::daemon::actions::Refusal;
 use crate::daemon::metrics::BusStates;
 use crate::daemon::relay::{BusError, EventBus, PartialPublish, Publication};
 
@@ -94,12 +95,12 @@ impl NatsBus {
     pub fn start_intake(
         self: &Arc<Self>,
         settings: &BusSection,
-        actions: &Actions,
+        commands: &Commands,
         stop: watch::Receiver<bool>,
     ) -> Vec<JoinHandle<()>> {
         let bus = self;
         let mut tasks = Vec::new();
-        let (intake, mut lanes) = Intake::start(actions, settings.workers, NAME);
+        let (intake, mut lanes) = Intake::start(&commands.actions, settings.workers, NAME);
         tasks.append(&mut lanes);
         tasks.push(tokio::spawn(consume(
             bus.clone(),
@@ -109,7 +110,7 @@ impl NatsBus {
         )));
         tasks.push(tokio::spawn(answer_commands(
             bus.clone(),
-            actions.clone(),
+            commands.clone(),
             Backoff::new(settings),
             stop,
         )));
@@ -253,7 +254,7 @@ async fn consume(
 /// Answers `<prefix>.cmd.agent.<agent>.<verb>` requests (one instance per command: a queue group).
 async fn answer_commands(
     bus: Arc<NatsBus>,
-    actions: Actions,
+    commands: Commands,
     mut backoff: Backoff,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -274,10 +275,20 @@ async fn answer_commands(
                         _ = stop.changed() => return,
                         request = requests.next() => {
                             let Some(request) = request else { break };
-                            let (actions, client, prefix) = (actions.clone(), bus.client.clone(), prefix.clone());
+                            let (commands, client, prefix) = (commands.clone(), bus.client.clone(), prefix.clone());
                             tokio::spawn(async move {
-                                let address = request.subject.strip_prefix(prefix.as_str()).unwrap_or_default();
-                                let reply = commands::execute(&actions, address, &request.payload).await;
+                                let authorization = request
+                                    .headers
+                                    .as_ref()
+                                    .and_then(|headers| headers.get("Authorization"))
+                                    .map(|value| value.as_str());
+                                let reply = commands
+                                    .execute(BusCommand {
+                                        address: request.subject.strip_prefix(prefix.as_str()).unwrap_or_default(),
+                                        authorization,
+                                        payload: &request.payload,
+                                    })
+                                    .await;
                                 if let Some(reply_to) = request.reply
                                     && let Err(failure) = client.publish(reply_to, reply.into()).await
                                 {

@@ -179,6 +179,47 @@ pub struct AuthSection {
     pub agent_tokens: BTreeMap<String, Secret>,
 }
 
+/// Why a bearer token does not open a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denied {
+    /// No token, or one nobody issued.
+    Unauthorized,
+    /// A valid token of another kind, or another agent's.
+    Forbidden,
+}
+
+/// The token of an `Authorization: Bearer <token>` value (HTTP, or a bus message's header).
+pub fn bearer_token(authorization: &str) -> Option<&str> {
+    authorization.strip_prefix("Bearer ")
+}
+
+impl AuthSection {
+    /// May `token` act for `agent`? Only that agent's own token may: agent A cannot act as agent B.
+    pub fn agent_access(&self, agent: &str, token: Option<&str>) -> Result<(), Denied> {
+        let token = token.ok_or(Denied::Unauthorized)?;
+        match self.agent_tokens.get(agent) {
+            Some(known) if known.matches(token) => Ok(()),
+            _ => Err(self.denied(token)),
+        }
+    }
+
+    /// Why `token` is refused where it does not fit: a token of another kind (or another agent's)
+    /// is forbidden, an unknown one unauthorized.
+    pub fn denied(&self, token: &str) -> Denied {
+        let known = self
+            .ingest_tokens
+            .iter()
+            .chain(&self.admin_tokens)
+            .chain(self.agent_tokens.values())
+            .any(|secret| secret.matches(token));
+        if known {
+            Denied::Forbidden
+        } else {
+            Denied::Unauthorized
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutboundSection {
@@ -259,6 +300,11 @@ impl Default for LogSection {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BusSection {
+    /// Agent commands over the buses must carry the agent's own bearer token
+    /// (`Authorization: Bearer <token>`: a NATS header, an AMQP header), as on the API. Off, whoever
+    /// may publish to the command subjects acts for any agent, and the broker's permissions are
+    /// the only guard.
+    pub commands_need_agent_token: bool,
     /// Channels whose replies are handed to the buses (`<prefix>.outbound.<channel>`, AMQP exchange
     /// `outbound_exchange` with routing key `<channel>`) for systems that deliver them themselves.
     pub outbound_channels: Vec<String>,
@@ -274,6 +320,7 @@ pub struct BusSection {
 impl Default for BusSection {
     fn default() -> Self {
         BusSection {
+            commands_need_agent_token: true,
             outbound_channels: Vec::new(),
             workers: 1024,
             reconnect_initial_ms: 200,

@@ -35,6 +35,10 @@ pub enum RefusalKind {
     NotFound,
     /// It conflicts with the current state (not offered to you, not the owner...).
     Conflict,
+    /// No credentials, or credentials nobody issued (a bus command without a valid token).
+    Unauthorized,
+    /// Valid credentials that may not do this (another agent's token).
+    Forbidden,
     /// switchboard cannot take it right now (store down, shutting down): retry later.
     Unavailable,
 }

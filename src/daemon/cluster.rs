@@ -254,6 +254,8 @@ fn kind_name(kind: RefusalKind) -> &'static str {
         RefusalKind::Invalid => "invalid",
         RefusalKind::NotFound => "not_found",
         RefusalKind::Conflict => "conflict",
+        RefusalKind::Unauthorized => "unauthorized",
+        RefusalKind::Forbidden => "forbidden",
         RefusalKind::Unavailable => "unavailable",
     }
 }
@@ -264,6 +266,8 @@ fn kind_from(name: &str) -> RefusalKind {
         "invalid" => RefusalKind::Invalid,
         "not_found" => RefusalKind::NotFound,
         "conflict" => RefusalKind::Conflict,
+        "unauthorized" => RefusalKind::Unauthorized,
+        "forbidden" => RefusalKind::Forbidden,
         _ => RefusalKind::Unavailable,
     }
 }

@@ -29,7 +29,7 @@ use super::web;
 use crate::channels::email::Envelope;
 use crate::channels::email::intake::{EmailIntake, IntakeError};
 use crate::channels::{Inbound, LiveChannels, WebhookAnswer, WebhookError, WebhookRequest};
-use crate::config::AuthSection;
+use crate::config::{AuthSection, Denied, bearer_token};
 use crate::routing::AgentId;
 use crate::store::{ConversationFilter, ConversationStatus, StoreError};
 
@@ -100,6 +100,8 @@ impl From<Refusal> for ApiError {
             RefusalKind::Invalid => StatusCode::UNPROCESSABLE_ENTITY,
             RefusalKind::NotFound => StatusCode::NOT_FOUND,
             RefusalKind::Conflict => StatusCode::CONFLICT,
+            RefusalKind::Unauthorized => StatusCode::UNAUTHORIZED,
+            RefusalKind::Forbidden => StatusCode::FORBIDDEN,
             RefusalKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError::new(status, refusal.code, refusal.message)
@@ -181,11 +183,7 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
 // ----- auth -------------------------------------------------------------------------------------
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
+    bearer_token(headers.get(header::AUTHORIZATION)?.to_str().ok()?)
 }
 
 fn unauthorized() -> ApiError {
@@ -232,30 +230,25 @@ fn require_agent(
     query_token: Option<&str>,
     agent: &str,
 ) -> ApiResult<AgentId> {
-    let token = bearer(headers).or(query_token).ok_or_else(unauthorized)?;
+    let token = bearer(headers).or(query_token);
     let auth = state.auth.read().map_err(|_| unauthorized())?;
-    match auth.agent_tokens.get(agent) {
-        Some(known) if known.matches(token) => Ok(AgentId::new(agent)),
-        _ => Err(forbidden_or_unknown(&auth, token)),
-    }
+    auth.agent_access(agent, token).map_err(denied)?;
+    Ok(AgentId::new(agent))
 }
 
 /// A valid token of another kind (or another agent's) is forbidden; an unknown one is unauthorized.
 fn forbidden_or_unknown(auth: &AuthSection, token: &str) -> ApiError {
-    let known = auth
-        .ingest_tokens
-        .iter()
-        .chain(&auth.admin_tokens)
-        .chain(auth.agent_tokens.values())
-        .any(|secret| secret.matches(token));
-    if known {
-        ApiError::new(
+    denied(auth.denied(token))
+}
+
+fn denied(denied: Denied) -> ApiError {
+    match denied {
+        Denied::Forbidden => ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
             "this token may not do that",
-        )
-    } else {
-        unauthorized()
+        ),
+        Denied::Unauthorized => unauthorized(),
     }
 }
 

@@ -43,6 +43,9 @@ pub struct Metrics {
     pub bus_connected: IntGaugeVec,
     /// Inbound bus messages refused as invalid and dead-lettered, by bus.
     pub bus_dead_lettered: IntCounterVec,
+    /// Inbound bus messages handed back to the broker for redelivery because they could not be
+    /// stored now (the store unavailable, shutting down), by bus.
+    pub bus_redeliveries: IntCounterVec,
     /// Automatic email answers by result: sent, failed, or suppressed (loop signal, sender cap).
     pub email_auto_replies: IntCounterVec,
     /// 1 while this instance holds the router's lease (a single node: always).
@@ -70,6 +73,7 @@ impl BusStates {
             metrics.bus_connected.with_label_values(&[name]).set(0);
             // Exported at 0 from the start, like the series of `Metrics::initialise_series`.
             metrics.bus_dead_lettered.with_label_values(&[name]);
+            metrics.bus_redeliveries.with_label_values(&[name]);
         }
         BusStates {
             names,
@@ -330,6 +334,12 @@ impl Metrics {
                 &registry,
                 "switchboard_bus_dead_lettered_total",
                 "Invalid inbound bus messages dead-lettered, by bus.",
+                &["bus"],
+            )?,
+            bus_redeliveries: counter_vec(
+                &registry,
+                "switchboard_bus_redeliveries_total",
+                "Inbound bus messages handed back to the broker because they could not be stored now, by bus.",
                 &["bus"],
             )?,
             email_auto_replies: counter_vec(

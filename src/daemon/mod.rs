@@ -354,7 +354,7 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
         accepting: accepting.clone(),
     };
     let _ = term_context.actions.set(actions.clone());
-    buses.start_intake(&actions);
+    buses.start_intake(&actions, &auth);
     let email_intake = email.map(|email| {
         crate::channels::email::intake::EmailIntake::new(
             email,
