@@ -495,7 +495,7 @@ impl EventBus for AmqpBus {
                     self.settings.events_exchange.as_str().into(),
                     event.kind.as_str().into(),
                     BasicPublishOptions::default(),
-                    &publication.bytes,
+                    publication.bytes(),
                     properties,
                 )
                 .await

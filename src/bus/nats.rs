@@ -390,7 +390,7 @@ impl EventBus for NatsBus {
                 .send_publish(
                     subject,
                     PublishMessage::build()
-                        .payload(publication.bytes.clone().into())
+                        .payload(publication.bytes().to_vec().into())
                         .headers(headers)
                         .message_id(publication.event.event_id.to_string()),
                 )

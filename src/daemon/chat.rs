@@ -13,8 +13,8 @@
 //! in-process bus, so a customer never hears of a decision before its commit.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -160,7 +160,7 @@ fn queued_frame(position: &QueuePosition) -> Value {
 /// Keeps waiting customers told their place and estimated wait as the queues move: woken by
 /// routing news (a burst is gathered for [`POSITION_COALESCE`] into one router read for every
 /// waiting chat), and every [`POSITION_REFRESH`]. Only a changed place or wait is pushed.
-pub async fn push_positions(hub: std::sync::Arc<ChatHub>, actions: Actions) {
+pub async fn push_positions(hub: Arc<ChatHub>, actions: Actions) {
     loop {
         tokio::select! {
             () = hub.positions_moved.notified() => tokio::time::sleep(POSITION_COALESCE).await,
@@ -249,9 +249,9 @@ fn message_frame(seq: u64, message: &StoredMessage) -> Value {
 /// Translates committed events into what the customer is told: an agent's reply, place in the
 /// queue and estimated wait, an agent joining or leaving, the conversation resolved.
 pub async fn relay_events(
-    hub: std::sync::Arc<ChatHub>,
-    store: std::sync::Arc<dyn Store>,
-    mut events: broadcast::Receiver<Value>,
+    hub: Arc<ChatHub>,
+    store: Arc<dyn Store>,
+    mut events: broadcast::Receiver<Arc<Value>>,
 ) {
     loop {
         let event = match events.recv().await {

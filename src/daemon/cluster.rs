@@ -678,7 +678,7 @@ async fn follow_events(
                 let full = page.events.len() == BATCH;
                 cursor = page.next;
                 for event in &page.events {
-                    committed.deliver(cloud_event(event, &source));
+                    committed.deliver(Arc::new(cloud_event(event, &source)));
                 }
                 if full {
                     continue;

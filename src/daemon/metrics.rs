@@ -1,13 +1,28 @@
 //! Prometheus metrics: names follow Prometheus conventions (prefix `switchboard_`, base units, `_total`).
 
+use std::sync::Arc;
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-/// Every metric switchboard exports, registered in its own registry.
+/// Every metric switchboard exports, registered in its own registry: a cheap handle (every request
+/// and task holds one), the metrics themselves are shared.
 #[derive(Debug, Clone)]
-pub struct Metrics {
+pub struct Metrics(Arc<MetricSet>);
+
+impl std::ops::Deref for Metrics {
+    type Target = MetricSet;
+
+    fn deref(&self) -> &MetricSet {
+        &self.0
+    }
+}
+
+/// The metrics behind a [`Metrics`] handle.
+#[derive(Debug)]
+pub struct MetricSet {
     pub registry: Registry,
     pub messages_received: IntCounterVec,
     pub messages_duplicate: IntCounterVec,
@@ -230,7 +245,7 @@ impl Metrics {
             "1 when recovery is done and the store is writable.",
         )?;
         registry.register(Box::new(ready.clone()))?;
-        Ok(Metrics {
+        Ok(Metrics(Arc::new(MetricSet {
             messages_received: counter_vec(
                 &registry,
                 "switchboard_messages_received_total",
@@ -349,7 +364,7 @@ impl Metrics {
                 &["result"],
             )?,
             registry,
-        })
+        })))
     }
 
     /// Creates every series whose labels are known from the configuration at 0, so each one is

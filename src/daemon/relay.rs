@@ -1,7 +1,7 @@
 //! The outbox relay: publishes committed events in outbox order, marking them sent only after every
 //! configured bus accepted them. A bus outage delays events and loses none.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -38,9 +38,26 @@ pub struct PartialPublish {
 #[derive(Debug)]
 pub struct Publication<'a> {
     pub event: &'a OutboxEvent,
-    pub document: Value,
-    /// `document` serialised (what brokers send).
-    pub bytes: Vec<u8>,
+    /// Shared, not copied, by every in-process subscriber.
+    pub document: Arc<Value>,
+    /// `document` serialised, once, when a broker first needs it.
+    bytes: OnceLock<Vec<u8>>,
+}
+
+impl<'a> Publication<'a> {
+    pub fn new(event: &'a OutboxEvent, source: &str) -> Publication<'a> {
+        Publication {
+            event,
+            document: Arc::new(cloud_event(event, source)),
+            bytes: OnceLock::new(),
+        }
+    }
+
+    /// The document as brokers send it.
+    pub fn bytes(&self) -> &[u8] {
+        self.bytes
+            .get_or_init(|| self.document.to_string().into_bytes())
+    }
 }
 
 /// Somewhere events go: the in-process bus, NATS JetStream, RabbitMQ.
@@ -52,10 +69,11 @@ pub trait EventBus: Send + Sync + std::fmt::Debug {
     async fn publish(&self, batch: &[Publication<'_>]) -> Result<(), PartialPublish>;
 }
 
-/// The embedded bus: subscribers in this process (tests, the supervisor stream) receive every event.
+/// The embedded bus: subscribers in this process (customer chats, the supervisor feed, the email
+/// acknowledgements) receive every event, each the same shared document.
 #[derive(Debug, Clone)]
 pub struct InProcessBus {
-    sender: broadcast::Sender<Value>,
+    sender: broadcast::Sender<Arc<Value>>,
 }
 
 impl InProcessBus {
@@ -65,13 +83,13 @@ impl InProcessBus {
         }
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Value> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Value>> {
         self.sender.subscribe()
     }
 
     /// Hands an event document to every subscriber; having none is not an error (the embedded bus
     /// has no durable consumers to wait for).
-    pub fn deliver(&self, document: Value) {
+    pub fn deliver(&self, document: Arc<Value>) {
         let _ = self.sender.send(document);
     }
 }
@@ -141,15 +159,7 @@ pub async fn run(
         }
         let publications: Vec<Publication> = batch
             .iter()
-            .map(|event| {
-                let document = cloud_event(event, &source);
-                let bytes = document.to_string().into_bytes();
-                Publication {
-                    event,
-                    document,
-                    bytes,
-                }
-            })
+            .map(|event| Publication::new(event, &source))
             .collect();
         let mut everywhere = publications.len();
         let mut failed = false;

@@ -51,7 +51,7 @@ impl SupervisorFeed {
 pub async fn run(
     feed: Arc<SupervisorFeed>,
     actions: Actions,
-    mut events: broadcast::Receiver<Value>,
+    mut events: broadcast::Receiver<Arc<Value>>,
 ) {
     // Each agent's presence and since when, from `agent.presence` events and from snapshots.
     let mut since: HashMap<String, (String, DateTime<Utc>)> = HashMap::new();

@@ -920,7 +920,7 @@ fn ingest_tx(conn: &Connection, request: &IngestRequest) -> Result<IngestOutcome
     }
 
     // 2. The contact: whoever owns one of the message's identities (the oldest if several).
-    let contact_id = find_or_create_contact(conn, request)?;
+    let (contact_id, new_contact) = find_or_create_contact(conn, request)?;
 
     // 3. The conversation: the thread's if not closed, else the contact's latest live one.
     let mut thread_match: Option<String> = None;
@@ -944,6 +944,8 @@ fn ingest_tx(conn: &Connection, request: &IngestRequest) -> Result<IngestOutcome
     let thread_matched = thread_match.is_some();
     let conversation = match thread_match {
         Some(id) => Some(id),
+        // A contact created just now has no conversation yet.
+        None if new_contact => None,
         None => conn
             .prepare_cached(
                 "SELECT id FROM conversations
@@ -1042,10 +1044,11 @@ fn ingest_tx(conn: &Connection, request: &IngestRequest) -> Result<IngestOutcome
     })
 }
 
+/// The contact's id, and whether it was created now.
 fn find_or_create_contact(
     conn: &Connection,
     request: &IngestRequest,
-) -> Result<String, StoreError> {
+) -> Result<(String, bool), StoreError> {
     let mut owners: BTreeSet<String> = BTreeSet::new();
     let mut unlinked: Vec<&IdentityLink> = Vec::new();
     {
@@ -1069,6 +1072,7 @@ fn find_or_create_contact(
     } else {
         owners.pop_first()
     };
+    let new_contact = existing.is_none();
     let contact_id = match existing {
         None => {
             let id = Ulid::new().to_string();
@@ -1119,7 +1123,7 @@ fn find_or_create_contact(
             ])?;
         }
     }
-    Ok(contact_id)
+    Ok((contact_id, new_contact))
 }
 
 /// The oldest of several contacts (by creation time, then id).
@@ -1137,17 +1141,33 @@ fn oldest_contact(conn: &Connection, candidates: BTreeSet<String>) -> Result<Str
         .ok_or_else(|| StoreError::NotFound("no contact".into()))
 }
 
+/// How many of `events` each conversation has.
+fn events_per_conversation(events: &[NewEvent]) -> BTreeMap<Ulid, i64> {
+    let mut counts: BTreeMap<Ulid, i64> = BTreeMap::new();
+    for id in events.iter().filter_map(|event| event.conversation_id) {
+        *counts.entry(id).or_default() += 1;
+    }
+    counts
+}
+
 /// Appends events to the outbox, numbering each conversation's events 1, 2, 3... in order.
+fn append_events(conn: &Connection, events: &[NewEvent]) -> Result<(), StoreError> {
+    append_numbered_events(conn, events, BTreeMap::new())
+}
+
+/// [`append_events`] where `next_seq` already holds the first sequence number of some
+/// conversations (whose counter the caller moved in its own update of the row).
 /// Each conversation's counter moves once per write, not once per event: the row holds the routing
 /// state document, and rewriting it per event was the largest cost of a routing commit.
-fn append_events(conn: &Connection, events: &[NewEvent]) -> Result<(), StoreError> {
-    let mut per_conversation: BTreeMap<Ulid, i64> = BTreeMap::new();
-    for id in events.iter().filter_map(|event| event.conversation_id) {
-        *per_conversation.entry(id).or_default() += 1;
-    }
-    // The next sequence number to hand out, per conversation.
-    let mut next_seq: BTreeMap<Ulid, i64> = BTreeMap::new();
-    for (conversation_id, count) in per_conversation {
+fn append_numbered_events(
+    conn: &Connection,
+    events: &[NewEvent],
+    mut next_seq: BTreeMap<Ulid, i64>,
+) -> Result<(), StoreError> {
+    for (conversation_id, count) in events_per_conversation(events) {
+        if next_seq.contains_key(&conversation_id) {
+            continue;
+        }
         let last: i64 = conn
             .prepare_cached(
                 "UPDATE conversations SET event_seq = event_seq + ?2 WHERE id = ?1
@@ -1213,9 +1233,13 @@ fn apply_routing_tx(conn: &Connection, write: &RoutingWrite) -> Result<(), Store
     check_epoch(conn, write.epoch)?;
     let now = ts(&Utc::now());
     let epoch = to_i64(write.epoch, "epoch")?;
-    for (id, status, state) in &write.conversations {
-        let id = id.to_string();
-        let changed = conn
+    let events = events_per_conversation(&write.events);
+    // The conversations' event counters move with their state, in the same update of the row.
+    let mut next_seq = BTreeMap::new();
+    for (ulid, status, state) in &write.conversations {
+        let id = ulid.to_string();
+        let count = events.get(ulid).copied().unwrap_or(0);
+        let last: i64 = conn
             .prepare_cached(
                 "UPDATE conversations SET
                      status = ?2,
@@ -1225,12 +1249,19 @@ fn apply_routing_tx(conn: &Connection, write: &RoutingWrite) -> Result<(), Store
                      resolved_at = CASE WHEN ?2 = 'resolved' AND status <> 'resolved' THEN ?5
                                         ELSE resolved_at END,
                      closed_at = CASE WHEN ?2 = 'closed' AND status <> 'closed' THEN ?5
-                                      ELSE closed_at END
-                 WHERE id = ?1",
+                                      ELSE closed_at END,
+                     event_seq = event_seq + ?6
+                 WHERE id = ?1
+                 RETURNING event_seq",
             )?
-            .execute(params![id, status.as_str(), json_text(state)?, epoch, now])?;
-        if changed == 0 {
-            return Err(StoreError::NotFound(format!("conversation {id}")));
+            .query_row(
+                params![id, status.as_str(), json_text(state)?, epoch, now, count],
+                |row| row.get(0),
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(format!("conversation {id}")))?;
+        if count > 0 {
+            next_seq.insert(*ulid, last - count + 1);
         }
         if *status == ConversationStatus::Closed {
             conn.prepare_cached("DELETE FROM conversation_threads WHERE conversation_id = ?1")?
@@ -1269,7 +1300,7 @@ fn apply_routing_tx(conn: &Connection, write: &RoutingWrite) -> Result<(), Store
             )));
         }
     }
-    append_events(conn, &write.events)
+    append_numbered_events(conn, &write.events, next_seq)
 }
 
 fn rate_tx(conn: &Connection, rating: &Rating, events: &[NewEvent]) -> Result<bool, StoreError> {

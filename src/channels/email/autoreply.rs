@@ -180,7 +180,7 @@ impl Acknowledgements {
     }
 
     /// Acknowledges queued email conversations until the event stream closes.
-    pub async fn run(mut self, mut events: broadcast::Receiver<Value>) {
+    pub async fn run(mut self, mut events: broadcast::Receiver<Arc<Value>>) {
         loop {
             let event = match events.recv().await {
                 Ok(event) => event,
