@@ -18,59 +18,7 @@ const VISITOR: &str = "visitor_0123456789abcdef";
 #[tokio::test]
 async fn a_customer_chats_with_an_agent_who_accepts_and_replies() {
     let daemon = Daemon::start("");
-    let mut alice = daemon.agent_socket("alice").await;
-    alice
-        .command(json!({ "type": "presence", "presence": "available" }))
-        .await;
-    let (mut customer, session) =
-        Customer::start(&daemon, json!({ "visitor_id": VISITOR, "name": "Ann" })).await;
-    assert_eq!(session["type"], "session", "{session}");
-    assert_eq!(session["conversation_id"], Value::Null);
-
-    let ack = customer.say("c1", "Hello, my parcel is late").await;
-    assert_eq!(ack["type"], "ack", "{ack}");
-    assert_eq!(ack["seq"], 1);
-    assert_eq!(ack["duplicate"], false);
-    let conversation = ack["conversation_id"].as_str().unwrap().to_owned();
-
-    let offered = alice.accept_next_offer().await;
-    assert_eq!(offered, conversation);
-    let joined = customer.next_of("agent_joined").await;
-    assert_eq!(joined["agent_id"], "alice");
-
-    // Typing goes both ways while the agent holds the conversation.
-    customer
-        .send(json!({ "type": "typing", "active": true }))
-        .await;
-    let typing = alice.next_of("customer_typing").await;
-    assert_eq!(typing["conversation_id"], conversation);
-    let ack = alice
-        .command(json!({ "type": "typing", "conversation_id": conversation, "active": true }))
-        .await;
-    assert_eq!(ack["type"], "ack", "{ack}");
-    let typing = customer.next_of("typing").await;
-    assert_eq!(typing["from"], "agent");
-
-    let (status, _) = daemon
-        .reply_as("alice", &conversation, "Let me look at it")
-        .await;
-    assert_eq!(status, 202);
-    let reply = customer.next_of("message").await;
-    assert_eq!(reply["from"], "agent");
-    assert_eq!(reply["text"], "Let me look at it");
-    assert_eq!(reply["seq"], 2);
-
-    let history = daemon.history("alice", &conversation).await;
-    assert_eq!(history.len(), 2);
-    assert_eq!(history[0]["channel"], "chat");
-
-    let resolved = alice
-        .command(json!({ "type": "resolve", "conversation_id": conversation }))
-        .await;
-    assert_eq!(resolved["type"], "ack", "{resolved}");
-    assert_eq!(customer.next_of("agent_left").await["agent_id"], "alice");
-    customer.next_of("resolved").await;
-    customer.close().await;
+    common::chat_with_alice(&daemon, &daemon, VISITOR).await;
 }
 
 #[tokio::test]

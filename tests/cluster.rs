@@ -277,56 +277,10 @@ async fn a_chat_customer_on_a_follower_sees_what_one_node_would_show() {
     let on_leader = instances[leader].as_ref().unwrap();
     let on_follower = instances[1 - leader].as_ref().unwrap();
 
-    // The agent works on the leader, the customer chats on the follower.
+    // The agent works on the leader, the customer chats on the follower: routing news comes from
+    // the committed events followed from the store, typing crosses instances as live signals.
+    common::chat_with_alice(on_follower, on_leader, "visitor_on_a_follower_0001").await;
     let mut alice = on_leader.agent_socket("alice").await;
-    let answer = alice
-        .command(json!({ "type": "presence", "presence": "available" }))
-        .await;
-    assert_eq!(answer["type"], "ack", "{answer}");
-    let (mut customer, session) = Customer::start(
-        on_follower,
-        json!({ "visitor_id": "visitor_on_a_follower_0001", "name": "Ann" }),
-    )
-    .await;
-    assert_eq!(session["type"], "session", "{session}");
-    let ack = customer.say("c1", "Hello, my parcel is late").await;
-    assert_eq!(ack["type"], "ack", "{ack}");
-    let conversation = ack["conversation_id"].as_str().unwrap().to_owned();
-
-    // Routing news comes from the committed events, followed from the store.
-    assert_eq!(alice.accept_next_offer().await, conversation);
-    let joined = customer.next_of("agent_joined").await;
-    assert_eq!(joined["agent_id"], "alice", "{joined}");
-
-    // Typing crosses instances both ways.
-    customer
-        .send(json!({ "type": "typing", "active": true }))
-        .await;
-    let typing = alice.next_of("customer_typing").await;
-    assert_eq!(typing["conversation_id"], conversation.as_str());
-    let ack = alice
-        .command(json!({ "type": "typing", "conversation_id": conversation, "active": true }))
-        .await;
-    assert_eq!(ack["type"], "ack", "{ack}");
-    let typing = customer.next_of("typing").await;
-    assert_eq!(typing["from"], "agent", "{typing}");
-
-    // The agent's reply reaches the follower's socket, numbered as in the history.
-    let (status, _) = on_leader
-        .reply_as("alice", &conversation, "Let me look at it")
-        .await;
-    assert_eq!(status, 202);
-    let reply = customer.next_of("message").await;
-    assert_eq!(reply["from"], "agent", "{reply}");
-    assert_eq!(reply["text"], "Let me look at it", "{reply}");
-    assert_eq!(reply["seq"], 2, "{reply}");
-    let resolved = alice
-        .command(json!({ "type": "resolve", "conversation_id": conversation }))
-        .await;
-    assert_eq!(resolved["type"], "ack", "{resolved}");
-    assert_eq!(customer.next_of("agent_left").await["agent_id"], "alice");
-    customer.next_of("resolved").await;
-    customer.close().await;
 
     // With nobody available, a customer who leaves from the follower is counted abandoned by the
     // leader's router.

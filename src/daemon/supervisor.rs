@@ -89,7 +89,10 @@ pub async fn run(
 }
 
 fn note_presence(since: &mut HashMap<String, (String, DateTime<Utc>)>, event: &Value) {
-    if event["type"].as_str() != Some(&format!("{TYPE_PREFIX}agent.presence")) {
+    let kind = event["type"]
+        .as_str()
+        .and_then(|kind| kind.strip_prefix(TYPE_PREFIX));
+    if kind != Some("agent.presence") {
         return;
     }
     let (Some(agent), Some(presence)) = (

@@ -534,6 +534,71 @@ impl Merge for Value {
     }
 }
 
+/// One customer chat, step by step as the customer and the agent see it: the customer (visitor
+/// `visitor`) chats on `customer_side`; alice, available on `agent_side`, accepts, they type to
+/// each other, she replies and resolves. On a single node both sides are the same daemon; across a
+/// cluster's instances every step must look the same. Returns the conversation id.
+pub async fn chat_with_alice(customer_side: &Daemon, agent_side: &Daemon, visitor: &str) -> String {
+    let mut alice = agent_side.agent_socket("alice").await;
+    let answer = alice
+        .command(json!({ "type": "presence", "presence": "available" }))
+        .await;
+    assert_eq!(answer["type"], "ack", "{answer}");
+    let (mut customer, session) = Customer::start(
+        customer_side,
+        json!({ "visitor_id": visitor, "name": "Ann" }),
+    )
+    .await;
+    assert_eq!(session["type"], "session", "{session}");
+    assert_eq!(session["conversation_id"], Value::Null);
+
+    let ack = customer.say("c1", "Hello, my parcel is late").await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(ack["seq"], 1);
+    assert_eq!(ack["duplicate"], false);
+    let conversation = ack["conversation_id"].as_str().unwrap().to_owned();
+
+    assert_eq!(alice.accept_next_offer().await, conversation);
+    let joined = customer.next_of("agent_joined").await;
+    assert_eq!(joined["agent_id"], "alice", "{joined}");
+
+    // Typing goes both ways while the agent holds the conversation.
+    customer
+        .send(json!({ "type": "typing", "active": true }))
+        .await;
+    let typing = alice.next_of("customer_typing").await;
+    assert_eq!(typing["conversation_id"], conversation.as_str());
+    let ack = alice
+        .command(json!({ "type": "typing", "conversation_id": conversation, "active": true }))
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let typing = customer.next_of("typing").await;
+    assert_eq!(typing["from"], "agent", "{typing}");
+
+    // The reply reaches the customer numbered as in the history.
+    let (status, _) = agent_side
+        .reply_as("alice", &conversation, "Let me look at it")
+        .await;
+    assert_eq!(status, 202);
+    let reply = customer.next_of("message").await;
+    assert_eq!(reply["from"], "agent", "{reply}");
+    assert_eq!(reply["text"], "Let me look at it", "{reply}");
+    assert_eq!(reply["seq"], 2, "{reply}");
+    let history = agent_side.history("alice", &conversation).await;
+    assert_eq!(history.len(), 2);
+    assert_eq!(history[0]["channel"], "chat");
+
+    let resolved = alice
+        .command(json!({ "type": "resolve", "conversation_id": conversation }))
+        .await;
+    assert_eq!(resolved["type"], "ack", "{resolved}");
+    assert_eq!(customer.next_of("agent_left").await["agent_id"], "alice");
+    customer.next_of("resolved").await;
+    customer.close().await;
+    alice.close().await;
+    conversation
+}
+
 /// A normalised message on the `api` channel.
 pub fn api_message(id: &str, from: &str, text: &str) -> Value {
     json!({ "channel": "api", "provider": "crm", "provider_message_id": id, "from": { "address": from }, "text": text })
