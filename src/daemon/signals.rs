@@ -25,7 +25,7 @@ pub struct Signals {
     agents: Arc<AgentHub>,
     customers: Arc<ChatHub>,
     /// This instance's node id in a cluster; `None` on a single node.
-    node: Option<String>,
+    node: Option<Arc<str>>,
 }
 
 impl Signals {
@@ -39,7 +39,7 @@ impl Signals {
             store,
             agents,
             customers,
-            node,
+            node: node.map(Arc::from),
         }
     }
 
@@ -60,7 +60,7 @@ impl Signals {
             return;
         };
         let signal = Signal {
-            origin: node.clone(),
+            origin: node.to_string(),
             to,
             document: document.to_string(),
         };
