@@ -192,16 +192,25 @@ pub async fn push_positions(hub: Arc<ChatHub>, actions: Actions) {
     }
 }
 
-/// The `chat` channel's way out. The reply is stored before it gets here, and there is no provider
-/// to hand it to: marking it sent commits its `message.sent` event, which brings it to the
-/// customer's sockets (see [`relay_events`]) on whichever instance holds them, and a customer who
-/// is not connected now receives it when the session resumes. The send therefore always succeeds.
+/// The `chat` channel's way out. The reply is stored before it gets here and there is no provider
+/// to hand it to: a customer who is not connected now receives it when the session resumes, so the
+/// send always succeeds. A single node pushes it to the customer's sockets here. In a cluster the
+/// sockets may be on any instance: each pushes it when the reply's `message.sent` event arrives
+/// ([`relay_events`]), which every instance follows from the store.
 #[derive(Debug)]
-pub struct ChatSender;
+pub struct ChatSender {
+    /// A single node's customer sockets and store; `None` in a cluster.
+    pub push_here: Option<(Arc<ChatHub>, Arc<dyn Store>)>,
+}
 
 #[async_trait]
 impl ChannelSender for ChatSender {
-    async fn send(&self, _reply: &StoredMessage) -> Result<Option<String>, SendError> {
+    async fn send(&self, reply: &StoredMessage) -> Result<Option<String>, SendError> {
+        if let Some((hub, store)) = &self.push_here
+            && let Some(frame) = reply_frame(store.as_ref(), reply.conversation_id, reply.id).await
+        {
+            hub.push(reply.conversation_id, &frame);
+        }
         // No provider in between: there is no provider message id to remember.
         Ok(None)
     }
@@ -246,12 +255,14 @@ fn message_frame(seq: u64, message: &StoredMessage) -> Value {
     frame
 }
 
-/// Translates committed events into what the customer is told: an agent's reply, place in the
-/// queue and estimated wait, an agent joining or leaving, the conversation resolved.
+/// Translates committed events into what the customer is told: place in the queue and estimated
+/// wait, an agent joining or leaving, the conversation resolved, and (`replies`: in a cluster, see
+/// [`ChatSender`]) an agent's reply.
 pub async fn relay_events(
     hub: Arc<ChatHub>,
     store: Arc<dyn Store>,
     mut events: broadcast::Receiver<Arc<Value>>,
+    replies: bool,
 ) {
     loop {
         let event = match events.recv().await {
@@ -312,7 +323,9 @@ pub async fn relay_events(
                 hub.stop_waiting(conversation);
                 continue;
             }
-            "message.sent" if data["channel"] == CHANNEL && hub.is_open(conversation) => {
+            "message.sent"
+                if replies && data["channel"] == CHANNEL && hub.is_open(conversation) =>
+            {
                 let Some(message) = data["message_id"]
                     .as_str()
                     .and_then(|id| Ulid::from_string(id).ok())

@@ -232,7 +232,12 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
     let mut buses = Buses::connect(&settings.bus, &metrics).await?;
     let chat = Arc::new(chat::ChatHub::default());
     let mut senders: HashMap<String, Arc<dyn outbound::ChannelSender>> = HashMap::new();
-    senders.insert(chat::CHANNEL.into(), Arc::new(chat::ChatSender));
+    senders.insert(
+        chat::CHANNEL.into(),
+        Arc::new(chat::ChatSender {
+            push_here: (!clustered).then(|| (chat.clone(), store.clone())),
+        }),
+    );
     senders.insert(
         "api".into(),
         Arc::new(outbound::ApiChannel::new(&settings.outbound)),
@@ -285,6 +290,7 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
         chat.clone(),
         store.clone(),
         committed.subscribe(),
+        clustered,
     ));
     if let Some(sender) = &email_sender
         && let Some(acknowledgement) = &sender.settings().acknowledgement
