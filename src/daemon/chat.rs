@@ -34,7 +34,7 @@ use ulid::Ulid;
 use super::actions::{Actions, Refusal};
 use super::events::{self, TYPE_PREFIX};
 use super::http::{ApiError, AppState};
-use super::outbound::{ChannelSender, SendError};
+use super::outbound::{ChannelSender, SendError, conversation_history};
 use super::views::{self, QueuePosition, RouterRead};
 use crate::config::{ChatSection, Secret};
 use crate::message::{Address, CustomerHints, IdentityLink, InboundMessage, MESSAGE_SCHEMA};
@@ -206,10 +206,12 @@ pub struct ChatSender {
 #[async_trait]
 impl ChannelSender for ChatSender {
     async fn send(&self, reply: &StoredMessage) -> Result<Option<String>, SendError> {
-        if let Some((hub, store)) = &self.push_here
-            && let Some(frame) = reply_frame(store.as_ref(), reply.conversation_id, reply.id).await
-        {
-            hub.push(reply.conversation_id, &frame);
+        if let Some((hub, store)) = &self.push_here {
+            // A store that cannot be read now is a retryable failure, as for every channel.
+            let history = conversation_history(store.as_ref(), reply).await?;
+            if let Some((seq, message)) = numbered(&history).find(|(_, m)| m.id == reply.id) {
+                hub.push(reply.conversation_id, &message_frame(seq, message));
+            }
         }
         // No provider in between: there is no provider message id to remember.
         Ok(None)

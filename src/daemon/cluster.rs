@@ -41,7 +41,7 @@ use super::relay::{self, EventBus, InProcessBus};
 use super::views::RouterRead;
 use crate::config::ClusterSettings;
 use crate::routing::{AgentId, Router, RoutingConfig};
-use crate::store::{ForwardedCommand, Lease, Store, Wakeup};
+use crate::store::{ForwardedCommand, Lease, Store, StoreError, Wakeup};
 
 /// Where the router runs: this instance's engine while it leads, nothing while it follows.
 #[derive(Debug, Clone)]
@@ -611,19 +611,28 @@ async fn run_forwarded(
     }
 }
 
+/// Where a tail of `what` starts, read from the store, retrying every `poll` until it answers.
+async fn starting_point<T, F, Fut>(what: &str, poll: Duration, read: F) -> T
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    loop {
+        match read().await {
+            Ok(start) => return start,
+            Err(error) => {
+                warn!(%error, "cannot read where {what} stand; retrying");
+                tokio::time::sleep(poll).await;
+            }
+        }
+    }
+}
+
 /// Every instance of a cluster: pushes the leader stored for agents connected here.
 async fn tail_pushes(store: Arc<dyn Store>, context: EngineContext, poll: Duration) {
     const BATCH: usize = 1024;
     let node = context.cluster_node.clone().unwrap_or_default();
-    let mut cursor = loop {
-        match store.latest_push().await {
-            Ok(position) => break position,
-            Err(error) => {
-                warn!(%error, "cannot read where pushes stand; retrying");
-                tokio::time::sleep(poll).await;
-            }
-        }
-    };
+    let mut cursor = starting_point("pushes", poll, || store.latest_push()).await;
     let mut wakeups = store.wakeups();
     loop {
         match store.pushes_after(cursor, BATCH).await {
@@ -662,15 +671,7 @@ async fn follow_events(
     const HELD_BACK_RETRY: Duration = Duration::from_millis(10);
     // Listen before finding the end, so no notification after it is missed.
     let mut wakeups = store.wakeups();
-    let mut cursor = loop {
-        match store.events_end().await {
-            Ok(cursor) => break cursor,
-            Err(error) => {
-                warn!(%error, "cannot read where the events stand; retrying");
-                tokio::time::sleep(poll).await;
-            }
-        }
-    };
+    let mut cursor = starting_point("the events", poll, || store.events_end()).await;
     loop {
         let mut wait = poll;
         match store.events_after(cursor, BATCH).await {
