@@ -13,6 +13,11 @@
 //!   `--kind twilio --secret S --public-url U` posts signed Twilio SMS webhooks to
 //!   `/v1/webhooks/twilio/bench` instead, `--kind whatsapp --secret S` signed WhatsApp Cloud API
 //!   deliveries to `/v1/webhooks/meta/bench`: the same message, through each adapter.
+//! * `load fsync --dir D --rate R --count N [--chain K]` — the disk's own latency, the floor under
+//!   every durable acknowledgement: N paced samples, each K appends of 4 KiB to a file in D, each
+//!   followed by `fdatasync` (what one SQLite WAL commit costs the disk); prints the percentiles.
+//!   `--chain 2` is the two commits between a message and its offer (the message, then the
+//!   routing decision).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
@@ -38,8 +43,9 @@ async fn main() {
     match args.get(1).map(String::as_str) {
         Some("bare") => bare(arg(&args, "--listen").unwrap_or_else(|| "127.0.0.1:0".into())).await,
         Some("drive") => drive(&args).await,
+        Some("fsync") => fsync(&args),
         _ => eprintln!(
-            "usage: load bare [--listen ADDR] | load drive --url URL --token T --messages N [--concurrency C] [--rate R] [--agents a,b] [--resolve]"
+            "usage: load bare [--listen ADDR] | load drive --url URL --token T --messages N [--concurrency C] [--rate R] [--agents a,b] [--resolve] | load fsync --dir D --rate R --count N [--chain K]"
         ),
     }
 }
@@ -60,6 +66,49 @@ async fn bare(listen: String) {
     let listener = tokio::net::TcpListener::bind(listen).await.unwrap();
     println!("listening on http://{}", listener.local_addr().unwrap());
     axum::serve(listener, app).await.unwrap();
+}
+
+fn fsync(args: &[String]) {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    let dir = std::path::PathBuf::from(arg(args, "--dir").expect("--dir"));
+    let rate: f64 = arg(args, "--rate").map_or(500.0, |r| r.parse().unwrap());
+    let count: usize = arg(args, "--count").map_or(5_000, |n| n.parse().unwrap());
+    let chain: usize = arg(args, "--chain").map_or(1, |n| n.parse().unwrap());
+    let path = dir.join(format!("fsync-probe-{}", std::process::id()));
+    // A ring of pages written over and over, as a WAL is once it wraps: an append would also make
+    // every fdatasync write the file's new size.
+    const RING: u64 = 1024;
+    let page = [0x5a_u8; 4096];
+    let mut file = std::fs::File::create(&path).unwrap();
+    for _ in 0..RING {
+        file.write_all(&page).unwrap();
+    }
+    file.sync_all().unwrap();
+    let mut next_page = 0_u64;
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let started = Instant::now();
+    let mut latencies = Vec::with_capacity(count);
+    for sample in 0..count {
+        // Paced from the start time, as the load driver paces messages.
+        let due = started + interval.mul_f64(sample as f64);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let began = Instant::now();
+        for _ in 0..chain {
+            file.write_all_at(&page, (next_page % RING) * 4096).unwrap();
+            file.sync_data().unwrap();
+            next_page += 1;
+        }
+        latencies.push(began.elapsed().as_secs_f64() * 1000.0);
+    }
+    drop(file);
+    let _ = std::fs::remove_file(&path);
+    let mut line = summary(latencies);
+    line["rate"] = json!(rate);
+    line["chain"] = json!(chain);
+    println!("{line}");
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {

@@ -1,8 +1,8 @@
 //! The message buses against the real NATS JetStream (127.0.0.1:4222) and RabbitMQ (127.0.0.1:5672):
 //! inbound messages routed and offered, events in order with CloudEvents fields, dead letters with
-//! the reason, agent commands with a reply, redelivery after a crash creating nothing twice, and a
-//! broker outage that delays events without losing any, and a locked store that makes the daemon hand
-//! a message back to the broker until it can store it. Each test uses its own subject prefix,
+//! the reason, agent commands with a reply, redelivery after a crash creating nothing twice, a
+//! broker outage that delays events without losing any (customer chats carry on meanwhile), and a
+//! locked store that makes the daemon hand a message back to the broker until it can store it. Each test uses its own subject prefix,
 //! streams, exchanges and queues, and removes them at the end, so tests run in parallel.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -941,6 +941,79 @@ async fn an_outage_delays_events_and_loses_none<B: TestBus>(mut bus: B) {
     alice.close().await;
     drop(daemon);
     bus.cleanup().await;
+}
+
+/// While the broker is down and more events wait for it than the relay reads in a round, a
+/// customer still chats as usual: the chat hears of routing and replies from the store, not from
+/// the relay that waits for the broker. The waiting events reach the broker once it is back.
+async fn a_chat_goes_on_while_the_broker_is_down<B: TestBus>(bus: B) {
+    // More than the relay reads per round (1 024), so a relay-fed chat would hear nothing new.
+    const BACKLOG: usize = 1_100;
+    let proxy = Proxy::start(B::BROKER).await;
+    let daemon = start_connected::<B>(&bus.daemon_config(&proxy.address.to_string())).await;
+    let connected = format!("switchboard_bus_connected{{bus=\"{}\"}}", B::NAME);
+    // Bob takes one API conversation and steps away; its customer then writes on and on, each
+    // message an event while nothing else waits in the queue.
+    let mut bob = available(&daemon, "bob").await;
+    let (status, _) = daemon
+        .ingest(api_message("busy-0", "customer-busy", "Where is my refund"))
+        .await;
+    assert_eq!(status, 202);
+    let busy = bob.accept_next_offer().await;
+    let away = bob
+        .command(json!({ "type": "presence", "presence": "away" }))
+        .await;
+    assert_eq!(away["type"], "ack", "{away}");
+
+    proxy.cut();
+    eventually(20, "the bus to be seen down", || async {
+        (daemon.metric(&connected).await == Some(0.0)).then_some(())
+    })
+    .await;
+    for number in 1..=BACKLOG {
+        let (status, receipt) = daemon
+            .ingest(api_message(
+                &format!("busy-{number}"),
+                "customer-busy",
+                "Any news?",
+            ))
+            .await;
+        assert_eq!(status, 202, "{receipt}");
+        assert_eq!(receipt["conversation_id"], busy.as_str(), "{receipt}");
+    }
+    eventually(20, "the events to wait for the broker", || async {
+        daemon
+            .metric("switchboard_outbox_backlog")
+            .await
+            .filter(|backlog| *backlog > 1_024.0)
+    })
+    .await;
+
+    let chat = common::chat_with_alice(&daemon, &daemon, "visitor-during-the-outage").await;
+    assert_eq!(daemon.metric(&connected).await, Some(0.0), "still cut off");
+
+    proxy.restore();
+    eventually(
+        60,
+        "the outbox to drain once the broker is back",
+        || async { (daemon.metric("switchboard_outbox_backlog").await == Some(0.0)).then_some(()) },
+    )
+    .await;
+    let (_, conversation) = daemon
+        .get(&format!("/v1/admin/conversations/{chat}"), ADMIN)
+        .await;
+    assert_eq!(
+        conversation["conversation"]["status"], "resolved",
+        "{conversation}"
+    );
+    bob.close().await;
+    drop(daemon);
+    bus.cleanup().await;
+}
+
+#[tokio::test]
+async fn nats_down_leaves_customer_chats_untouched() {
+    a_chat_goes_on_while_the_broker_is_down(NatsBus::new().await).await;
 }
 
 #[tokio::test]

@@ -322,6 +322,9 @@ async fn a_chat_customer_on_a_follower_sees_what_one_node_would_show() {
     schema.drop_schema().await;
 }
 
+/// Takeovers that restored the router from the state read while the old lease ran out.
+const READ_AHEAD: &str = "switchboard_cluster_takeovers_read_ahead_total";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_leader_is_replaced_and_every_acknowledged_message_is_routed_once() {
     let kills: usize = std::env::var("SWITCHBOARD_CLUSTER_KILLS")
@@ -370,6 +373,13 @@ async fn a_killed_leader_is_replaced_and_every_acknowledged_message_is_routed_on
             acknowledged.push(id);
             number += 1;
         }
+        let mut read_ahead_before = Vec::new();
+        for instance in &instances {
+            read_ahead_before.push(match instance {
+                Some(daemon) => daemon.metric(READ_AHEAD).await.unwrap_or_default(),
+                None => 0.0,
+            });
+        }
         instances[leader].as_mut().unwrap().kill();
         let killed_at = Instant::now();
         instances[leader] = None;
@@ -395,6 +405,14 @@ async fn a_killed_leader_is_replaced_and_every_acknowledged_message_is_routed_on
         .await;
         failovers.push(killed_at.elapsed());
         assert!(next_epoch > epoch);
+        // Nothing was written after the old leader died: the new one restored the state it had
+        // read while the lease ran out.
+        let read_ahead = instances[next].as_ref().unwrap().metric(READ_AHEAD).await;
+        assert_eq!(
+            read_ahead,
+            Some(read_ahead_before[next] + 1.0),
+            "takeover {kill} by instance {next}"
+        );
         let killed = leader;
         (leader, epoch) = (next, next_epoch);
         // The killed instance comes back (as a follower) under its name.

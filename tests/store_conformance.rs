@@ -19,6 +19,7 @@ use switchboard::store::sqlite::{SCHEMA_VERSION, SqliteOptions, SqliteStore};
 use switchboard::store::{
     AgentPush, ConversationFilter, ConversationStatus, DeliveryOutcome, DeliveryUpdate, Direction,
     IngestOutcome, NewEvent, NewReply, ParkedStatus, Rating, RoutingWrite, Store, StoreError,
+    Wakeup,
 };
 use tempfile::TempDir;
 use ulid::Ulid;
@@ -253,8 +254,10 @@ for_each_backend!(
     resolved_conversation_is_joined,
     routing_events_are_numbered_per_conversation,
     outbox_pending_mark_sent_and_backlog,
+    committed_events_are_followed_page_by_page,
     a_conversation_is_rated_once_with_its_event,
     stale_epoch_is_fenced,
+    routing_writes_tell_a_read_ahead_whether_it_is_current,
     failed_request_leaves_nothing,
     recovery_returns_unrouted_and_states,
     replies_and_delivery_status,
@@ -842,6 +845,47 @@ async fn outbox_pending_mark_sent_and_backlog(backend: Backend) {
     assert!(store.outbox_pending(10).await.unwrap().is_empty());
 }
 
+/// What every instance's chats and supervisor feed rely on: a commit wakes the followers, and the
+/// events after a cursor come once each, in order, a page at a time.
+async fn committed_events_are_followed_page_by_page(backend: Backend) {
+    let store = backend.store();
+    let mut wakeups = store.wakeups().expect("followers are told of commits");
+    let start = store.events_end().await.unwrap();
+    let events: Vec<NewEvent> = (0..5).map(|_| event("agent.presence", None)).collect();
+    store
+        .apply_routing(Arc::new(RoutingWrite {
+            events: events.clone(),
+            ..RoutingWrite::default()
+        }))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while wakeups.recv().await.unwrap() != Wakeup::Events {}
+    })
+    .await
+    .expect("the commit wakes followers");
+
+    let mut cursor = start;
+    let mut followed = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while followed.len() < events.len() {
+        assert!(tokio::time::Instant::now() < deadline, "{followed:?}");
+        let page = store.events_after(cursor, 2).await.unwrap();
+        assert!(page.events.len() <= 2, "{page:?}");
+        followed.extend(page.events.iter().map(|event| event.event_id));
+        cursor = page.next;
+        if page.events.is_empty() {
+            // PostgreSQL: another test's transaction on this server may hold the horizon back.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let written: Vec<Ulid> = events.iter().map(|event| event.event_id).collect();
+    assert_eq!(followed, written);
+    assert_eq!(store.events_after(cursor, 10).await.unwrap().events, []);
+    // Following is not publishing: the relay still has them all to send.
+    assert_eq!(store.outbox_backlog().await.unwrap(), 5);
+}
+
 async fn a_conversation_is_rated_once_with_its_event(backend: Backend) {
     let store = backend.store();
     let first = ingest(store, sms("r1", PHONE, "hello")).await;
@@ -888,6 +932,41 @@ async fn a_conversation_is_rated_once_with_its_event(backend: Backend) {
     assert_eq!(summary.average, Some(4.5));
     assert_eq!(summary.recent, vec![five.clone(), four]);
     assert_eq!(store.ratings(1).await.unwrap().recent, vec![five]);
+}
+
+/// An instance that read the router's state ahead of a takeover uses it only if no routing write
+/// was committed since: the store counts them, fenced ones excepted.
+async fn routing_writes_tell_a_read_ahead_whether_it_is_current(backend: Backend) {
+    let store = backend.store();
+    let Some(before) = store.routing_writes().await.unwrap() else {
+        // One instance (SQLite): nobody reads ahead to take over from it.
+        assert_eq!(store.recovery().await.unwrap().routing_writes, None);
+        return;
+    };
+    assert_eq!(store.recovery().await.unwrap().routing_writes, Some(before));
+    let write = |epoch| {
+        Arc::new(RoutingWrite {
+            events: vec![event("agent.presence", None)],
+            epoch,
+            ..RoutingWrite::default()
+        })
+    };
+    store.apply_routing(write(2)).await.unwrap();
+    store.apply_routing(write(2)).await.unwrap();
+    assert_eq!(store.routing_writes().await.unwrap(), Some(before + 2));
+    let stale = store.apply_routing(write(1)).await;
+    assert!(
+        matches!(stale, Err(StoreError::Fenced { epoch: 1 })),
+        "{stale:?}"
+    );
+    assert_eq!(store.routing_writes().await.unwrap(), Some(before + 2));
+    assert_eq!(
+        store.recovery().await.unwrap().routing_writes,
+        Some(before + 2)
+    );
+    // Ingesting is not routing: a message stored meanwhile is picked up as unrouted.
+    ingest(store, sms("SM-ahead", PHONE, "hi")).await;
+    assert_eq!(store.routing_writes().await.unwrap(), Some(before + 2));
 }
 
 async fn stale_epoch_is_fenced(backend: Backend) {

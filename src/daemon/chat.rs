@@ -8,9 +8,9 @@
 //! client that resends what was not acknowledged after a reconnect never creates a duplicate.
 //! Every message of a conversation has a sequence number (its place in the stored history), so a
 //! client that resumes with the last number it saw gets exactly what it missed.
-//! Agent replies reach the socket through [`ChatSender`]; routing news (queue position and
-//! estimated wait, agent joined or left, resolved) comes from the committed events on the
-//! in-process bus, so a customer never hears of a decision before its commit.
+//! Agent replies and routing news (queue position and estimated wait, agent joined or left,
+//! resolved) reach the socket from the committed events, followed from the store, so a customer
+//! never hears of a decision before its commit.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,7 +34,7 @@ use ulid::Ulid;
 use super::actions::{Actions, Refusal};
 use super::events::{self, TYPE_PREFIX};
 use super::http::{ApiError, AppState};
-use super::outbound::{ChannelSender, SendError, conversation_history};
+use super::outbound::{ChannelSender, SendError};
 use super::views::{self, QueuePosition, RouterRead};
 use crate::config::{ChatSection, Secret};
 use crate::message::{Address, CustomerHints, IdentityLink, InboundMessage, MESSAGE_SCHEMA};
@@ -194,25 +194,14 @@ pub async fn push_positions(hub: Arc<ChatHub>, actions: Actions) {
 
 /// The `chat` channel's way out. The reply is stored before it gets here and there is no provider
 /// to hand it to: a customer who is not connected now receives it when the session resumes, so the
-/// send always succeeds. A single node pushes it to the customer's sockets here. In a cluster the
-/// sockets may be on any instance: each pushes it when the reply's `message.sent` event arrives
-/// ([`relay_events`]), which every instance follows from the store.
+/// send always succeeds. The customer's sockets may be on any instance: each pushes the reply when
+/// its `message.sent` event arrives ([`relay_events`]), which every instance follows from the store.
 #[derive(Debug)]
-pub struct ChatSender {
-    /// A single node's customer sockets and store; `None` in a cluster.
-    pub push_here: Option<(Arc<ChatHub>, Arc<dyn Store>)>,
-}
+pub struct ChatSender;
 
 #[async_trait]
 impl ChannelSender for ChatSender {
-    async fn send(&self, reply: &StoredMessage) -> Result<Option<String>, SendError> {
-        if let Some((hub, store)) = &self.push_here {
-            // A store that cannot be read now is a retryable failure, as for every channel.
-            let history = conversation_history(store.as_ref(), reply).await?;
-            if let Some((seq, message)) = numbered(&history).find(|(_, m)| m.id == reply.id) {
-                hub.push(reply.conversation_id, &message_frame(seq, message));
-            }
-        }
+    async fn send(&self, _reply: &StoredMessage) -> Result<Option<String>, SendError> {
         // No provider in between: there is no provider message id to remember.
         Ok(None)
     }
@@ -258,13 +247,12 @@ fn message_frame(seq: u64, message: &StoredMessage) -> Value {
 }
 
 /// Translates committed events into what the customer is told: place in the queue and estimated
-/// wait, an agent joining or leaving, the conversation resolved, and (`replies`: in a cluster, see
-/// [`ChatSender`]) an agent's reply.
+/// wait, an agent joining or leaving, the conversation resolved, and an agent's reply (see
+/// [`ChatSender`]).
 pub async fn relay_events(
     hub: Arc<ChatHub>,
     store: Arc<dyn Store>,
     mut events: broadcast::Receiver<Arc<Value>>,
-    replies: bool,
 ) {
     loop {
         let event = match events.recv().await {
@@ -325,9 +313,7 @@ pub async fn relay_events(
                 hub.stop_waiting(conversation);
                 continue;
             }
-            "message.sent"
-                if replies && data["channel"] == CHANNEL && hub.is_open(conversation) =>
-            {
+            "message.sent" if data["channel"] == CHANNEL && hub.is_open(conversation) => {
                 let Some(message) = data["message_id"]
                     .as_str()
                     .and_then(|id| Ulid::from_string(id).ok())

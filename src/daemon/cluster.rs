@@ -27,12 +27,13 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{Notify, broadcast, watch};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use ulid::Ulid;
 
 use super::actions::{Actions, AgentCommand, Refusal, RefusalKind};
 use super::engine::{
     self, AgentAction, EngineContext, EngineError, EngineHandle, EngineTasks, Ingested,
+    StoredRouter,
 };
 use super::events::cloud_event;
 use super::metrics::Metrics;
@@ -41,7 +42,7 @@ use super::relay::{self, EventBus, InProcessBus};
 use super::views::RouterRead;
 use crate::config::ClusterSettings;
 use crate::routing::{AgentId, Router, RoutingConfig};
-use crate::store::{ForwardedCommand, Lease, Store, StoreError, Wakeup};
+use crate::store::{EventCursor, ForwardedCommand, Lease, Store, StoreError, Wakeup};
 
 /// Where the router runs: this instance's engine while it leads, nothing while it follows.
 #[derive(Debug, Clone)]
@@ -389,9 +390,6 @@ pub struct TermContext {
     pub engine: EngineContext,
     pub outbound: Outbound,
     pub buses: Vec<Arc<dyn EventBus>>,
-    /// This instance's subscribers to committed events (customer chats, the supervisor feed). A
-    /// single node's relay publishes to it; in a cluster every instance follows the store into it.
-    pub committed: InProcessBus,
     pub source: String,
     /// Runs forwarded commands (set once the actions exist).
     pub actions: Arc<std::sync::OnceLock<Actions>>,
@@ -419,7 +417,11 @@ pub struct Term {
 impl Term {
     /// Recovers the router (the restart path: timers keep their deadlines), starts routing with
     /// `epoch` on every write, the relay, and (several instances) the readers of forwarded work.
-    pub async fn begin(context: &TermContext, epoch: u64) -> Result<Term, EngineError> {
+    pub async fn begin(
+        context: &TermContext,
+        epoch: u64,
+        stored: StoredRouter,
+    ) -> Result<Term, EngineError> {
         let fenced = Arc::new(Notify::new());
         let engine_context = EngineContext {
             epoch,
@@ -428,7 +430,7 @@ impl Term {
         };
         let store = engine_context.store.clone();
         let (engine, tasks) =
-            engine::start(context.leadership.routing(), engine_context.clone()).await?;
+            engine::start(context.leadership.routing(), engine_context.clone(), stored).await?;
         context.leadership.set(Some(engine.clone()), epoch);
         // Replies stored but not sent (a crash, or a previous leader's) are sent again.
         match store.pending_replies().await {
@@ -658,10 +660,29 @@ async fn tail_pushes(store: Arc<dyn Store>, context: EngineContext, poll: Durati
     }
 }
 
-/// Every instance of a cluster: the committed events, followed from the store and handed to this
-/// instance's subscribers (customer chats, the supervisor feed) whichever instance wrote them.
-async fn follow_events(
+/// Where [`follow_events`] starts: the end of the committed events now, and the store's
+/// notifications from before it was read (so none after it is missed).
+#[derive(Debug)]
+pub struct EventsFollowed {
+    wakeups: Option<broadcast::Receiver<Wakeup>>,
+    cursor: EventCursor,
+}
+
+impl EventsFollowed {
+    pub async fn from_now(store: &dyn Store) -> Result<EventsFollowed, StoreError> {
+        let wakeups = store.wakeups();
+        let cursor = store.events_end().await?;
+        Ok(EventsFollowed { wakeups, cursor })
+    }
+}
+
+/// Every instance, a single node too: the committed events, followed from the store and handed
+/// to this instance's subscribers (customer chats, the supervisor feed) whichever instance wrote
+/// them. Following the store rather than the outbox relay, they hear of events at once even while
+/// a broker is down and the relay waits to publish.
+pub async fn follow_events(
     store: Arc<dyn Store>,
+    start: EventsFollowed,
     committed: InProcessBus,
     source: String,
     poll: Duration,
@@ -669,9 +690,10 @@ async fn follow_events(
     const BATCH: usize = 1024;
     /// How soon to look again when committed events wait behind a transaction still running.
     const HELD_BACK_RETRY: Duration = Duration::from_millis(10);
-    // Listen before finding the end, so no notification after it is missed.
-    let mut wakeups = store.wakeups();
-    let mut cursor = starting_point("the events", poll, || store.events_end()).await;
+    let EventsFollowed {
+        mut wakeups,
+        mut cursor,
+    } = start;
     loop {
         let mut wait = poll;
         match store.events_after(cursor, BATCH).await {
@@ -753,14 +775,13 @@ pub async fn run(
             context.engine.clone(),
             settings.poll_every,
         )),
-        tokio::spawn(follow_events(
-            store.clone(),
-            context.committed.clone(),
-            context.source.clone(),
-            settings.poll_every,
-        )),
     ];
     metrics.cluster_leader.set(0);
+    // A lease renewed on time has at least this much left; less means the holder missed a renewal.
+    let renewed_on_time = settings
+        .lease_ttl
+        .saturating_sub(settings.renew_every + settings.renew_every / 2);
+    let mut prepared: Option<Prepared> = None;
     while !*stop.borrow() {
         // Measured before asking: the store's expiry is later than what we count from here.
         let asked = Instant::now();
@@ -769,7 +790,7 @@ pub async fn run(
             .await
         {
             Ok(Some(epoch)) => {
-                lead(&context, epoch, asked, grace, &mut stop).await;
+                lead(&context, epoch, asked, grace, prepared.take(), &mut stop).await;
                 continue;
             }
             Ok(None) => {}
@@ -777,12 +798,25 @@ pub async fn run(
         }
         // Retry as soon as the holder's lease runs out (a dead leader's ends at its expiry), at
         // the latest after renew_every: waiting a whole interval past the expiry would add up to
-        // renew_every to every failover.
+        // renew_every to every failover. Look again when the lease would show a missed renewal.
         let retry_in = match store.lease().await {
             Ok(Lease {
                 remaining: Some(left),
                 ..
-            }) => (left + LEASE_EXPIRY_SLACK).min(settings.renew_every),
+            }) => {
+                if left < renewed_on_time {
+                    // The holder may be gone: read the router's state while its lease runs out.
+                    prepared.get_or_insert_with(|| Prepared::start(store.clone()));
+                } else if prepared.take().is_some() {
+                    debug!("the lease was renewed after all: the state read ahead is dropped");
+                }
+                let stale_in = left.saturating_sub(renewed_on_time);
+                let mut retry_in = (left + LEASE_EXPIRY_SLACK).min(settings.renew_every);
+                if !stale_in.is_zero() {
+                    retry_in = retry_in.min(stale_in + LEASE_EXPIRY_SLACK);
+                }
+                retry_in
+            }
             Ok(_) | Err(_) => settings.renew_every,
         };
         tokio::select! {
@@ -795,12 +829,58 @@ pub async fn run(
     }
 }
 
+/// The router's state, being read ahead of a takeover while the holder's lease runs out (see
+/// [`StoredRouter`]). Dropping it stops the read.
+struct Prepared {
+    reading: tokio::task::JoinHandle<Result<StoredRouter, EngineError>>,
+}
+
+impl Prepared {
+    fn start(store: Arc<dyn Store>) -> Prepared {
+        debug!("the router's lease was not renewed on time: reading the router's state ahead");
+        Prepared {
+            reading: tokio::spawn(async move { StoredRouter::read(store.as_ref()).await }),
+        }
+    }
+
+    /// What was read ahead if it is still what the store holds (asked once this instance holds the
+    /// lease), else the state read now; `true` with what was read ahead.
+    async fn or_read_now(
+        prepared: Option<Prepared>,
+        store: &dyn Store,
+        metrics: &Metrics,
+    ) -> Result<(StoredRouter, bool), EngineError> {
+        if let Some(mut prepared) = prepared {
+            match (&mut prepared.reading).await {
+                Ok(Ok(stored)) => match stored.is_current(store).await {
+                    Ok(true) => {
+                        metrics.cluster_takeovers_read_ahead.inc();
+                        return Ok((stored, true));
+                    }
+                    Ok(false) => info!("the old leader wrote after the read ahead: reading again"),
+                    Err(error) => warn!(%error, "cannot tell if the read ahead is current"),
+                },
+                Ok(Err(error)) => warn!(%error, "reading ahead failed"),
+                Err(error) => warn!(%error, "reading ahead stopped"),
+            }
+        }
+        Ok((StoredRouter::read(store).await?, false))
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        self.reading.abort();
+    }
+}
+
 /// One term as leader, until the lease is lost or the instance stops.
 async fn lead(
     context: &TermContext,
     epoch: u64,
     asked: Instant,
     grace: Duration,
+    prepared: Option<Prepared>,
     stop: &mut watch::Receiver<bool>,
 ) {
     let leadership = &context.leadership;
@@ -830,7 +910,15 @@ async fn lead(
     // Recovery runs to its end (the renewer keeps the lease meanwhile): a term half started would
     // leave tasks behind. Its writes carry the epoch, so a term that lost the lease meanwhile
     // commits nothing, and ends just below.
-    let term = match Term::begin(context, epoch).await {
+    let mut read_ahead = false;
+    let term = match Prepared::or_read_now(prepared, store.as_ref(), metrics).await {
+        Ok((stored, ahead)) => {
+            read_ahead = ahead;
+            Term::begin(context, epoch, stored).await
+        }
+        Err(error) => Err(error),
+    };
+    let term = match term {
         Ok(term) => term,
         Err(error) => {
             renewer.abort();
@@ -847,6 +935,7 @@ async fn lead(
     info!(
         epoch,
         recovered_ms = started.elapsed().as_millis() as u64,
+        read_ahead,
         "routing as the leader"
     );
     let fenced = term.fenced.clone();

@@ -33,7 +33,8 @@ use crate::routing::{
     QueueName, Router, RoutingConfig, TimerQueue, Timestamp, TransferTarget,
 };
 use crate::store::{
-    AgentPush, ConversationStatus, NewEvent, RoutingWrite, Store, StoreError, UnroutedMessage,
+    AgentPush, ConversationStatus, NewEvent, Recovery, RoutingWrite, Store, StoreError,
+    UnroutedMessage,
 };
 
 /// The wall clock, read only here at the edge: milliseconds since the Unix epoch.
@@ -279,32 +280,80 @@ impl EngineTasks {
     }
 }
 
-/// Rebuilds the router from the store and starts the engine. Returns once recovery is committed;
+/// The router's state as stored, read and parsed: what a term restores its router from.
+///
+/// Reading it is most of a recovery (every open conversation's document). An instance about to
+/// take over reads it while the leader's lease runs out, and uses it if no routing write was
+/// committed since ([`StoredRouter::is_current`]), so a takeover does not wait for that read.
+#[derive(Debug)]
+pub struct StoredRouter {
+    snapshot: RouterSnapshot,
+    unrouted: Vec<UnroutedMessage>,
+    /// The store's count of routing writes when this was read (`None`: it keeps none).
+    routing_writes: Option<u64>,
+}
+
+impl StoredRouter {
+    pub async fn read(store: &dyn Store) -> Result<StoredRouter, EngineError> {
+        let recovery = store.recovery().await?;
+        // Parsing every open conversation's document is CPU work: off the async workers.
+        let parsed = tokio::task::spawn_blocking(move || StoredRouter::parse(recovery))
+            .await
+            .map_err(|error| {
+                StoreError::Unavailable(format!("reading the router's state failed: {error}"))
+            })?;
+        Ok(parsed?)
+    }
+
+    fn parse(recovery: Recovery) -> Result<StoredRouter, StoreError> {
+        let mut snapshot = RouterSnapshot {
+            conversations: Vec::with_capacity(recovery.conversations.len()),
+            ..RouterSnapshot::default()
+        };
+        for (id, document) in &recovery.conversations {
+            let stored: StoredConversation = parse_document(document, "conversation", id)?;
+            snapshot
+                .conversations
+                .push(stored.into_snapshot(ConversationId(id.0)));
+        }
+        drop(recovery.conversations);
+        for (id, document) in &recovery.agents {
+            let stored: StoredAgent = parse_document(document, "agent", id)?;
+            snapshot.agents.push(stored.into_snapshot(id));
+        }
+        for (name, document) in &recovery.queues {
+            let stored: StoredQueue = parse_document(document, "queue", name)?;
+            snapshot.queues.push(stored.into_snapshot(name));
+        }
+        Ok(StoredRouter {
+            snapshot,
+            unrouted: recovery.unrouted,
+            routing_writes: recovery.routing_writes,
+        })
+    }
+
+    /// No routing write was committed since this was read, so it is still what the store holds.
+    /// Asked by the lease holder, after a takeover fenced the previous leader's writes.
+    pub async fn is_current(&self, store: &dyn Store) -> Result<bool, StoreError> {
+        Ok(match self.routing_writes {
+            Some(read) => store.routing_writes().await? == Some(read),
+            None => false,
+        })
+    }
+}
+
+/// Restores the router from `stored` and starts the engine. Returns once recovery is committed;
 /// messages stored but never routed (a crash between the two) are routed again first.
 pub async fn start(
     routing: RoutingConfig,
     context: EngineContext,
+    stored: StoredRouter,
 ) -> Result<(EngineHandle, EngineTasks), EngineError> {
-    let recovery = context.store.recovery().await?;
-    let mut snapshot = RouterSnapshot {
-        conversations: Vec::with_capacity(recovery.conversations.len()),
-        ..RouterSnapshot::default()
-    };
-    for (id, document) in &recovery.conversations {
-        let stored: StoredConversation = parse_document(document, "conversation", id)?;
-        snapshot
-            .conversations
-            .push(stored.into_snapshot(ConversationId(id.0)));
-    }
-    drop(recovery.conversations);
-    for (id, document) in &recovery.agents {
-        let stored: StoredAgent = parse_document(document, "agent", id)?;
-        snapshot.agents.push(stored.into_snapshot(id));
-    }
-    for (name, document) in &recovery.queues {
-        let stored: StoredQueue = parse_document(document, "queue", name)?;
-        snapshot.queues.push(stored.into_snapshot(name));
-    }
+    let StoredRouter {
+        mut snapshot,
+        unrouted,
+        ..
+    } = stored;
     let restored_conversations = snapshot.conversations.len();
     let now = wall_clock();
     let mut effects = Vec::new();
@@ -334,8 +383,8 @@ pub async fn start(
     };
     engine.timers.apply(&effects);
     engine.record(now, effects, Vec::new(), changed, None);
-    let unrouted = recovery.unrouted.len();
-    for stored in recovery.unrouted {
+    let replayed = unrouted.len();
+    for stored in unrouted {
         match replay(stored) {
             Ok(ingested) => engine.route_ingested(&ingested),
             Err(reason) => error!(%reason, "skipping an unreadable stored message during recovery"),
@@ -343,9 +392,7 @@ pub async fn start(
     }
     info!(
         conversations = restored_conversations,
-        rewritten,
-        replayed = unrouted,
-        "router state recovered"
+        rewritten, replayed, "router state recovered"
     );
     let dispatcher = tokio::spawn(dispatch(step_receiver, context, handed));
     let dispatcher_abort = dispatcher.abort_handle();
@@ -1280,5 +1327,21 @@ mod tests {
         let changed = Changed::since(&restored, &saved);
         assert_eq!(changed.agents, vec![AgentId::new("amy")]);
         assert_eq!(changed.conversations, vec![ConversationId(1)]);
+    }
+
+    /// A store that does not count routing writes gives no way to know that a state read ahead is
+    /// still current, so it is never reused.
+    #[tokio::test]
+    #[allow(clippy::unwrap_used)]
+    async fn a_read_ahead_is_reused_only_where_routing_writes_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::sqlite::SqliteStore::open(
+            &dir.path().join("store.sqlite"),
+            crate::store::sqlite::SqliteOptions::default(),
+        )
+        .unwrap();
+        let stored = StoredRouter::read(&store).await.unwrap();
+        assert_eq!(stored.routing_writes, None);
+        assert!(!stored.is_current(&store).await.unwrap());
     }
 }

@@ -69,6 +69,8 @@ pub struct MetricSet {
     pub cluster_epoch: IntGauge,
     /// How often this instance took the router's lease over.
     pub cluster_failovers: IntCounter,
+    /// Takeovers that used the router's state read while the old lease ran out.
+    pub cluster_takeovers_read_ahead: IntCounter,
     /// Inbound messages not yet routed plus agent commands not yet run by the leader.
     pub cluster_forwarding_backlog: IntGauge,
 }
@@ -235,6 +237,11 @@ impl Metrics {
             "Times this instance took the router's lease over.",
         )?;
         registry.register(Box::new(cluster_failovers.clone()))?;
+        let cluster_takeovers_read_ahead = IntCounter::new(
+            "switchboard_cluster_takeovers_read_ahead_total",
+            "Takeovers that used the router's state read while the old leader's lease ran out.",
+        )?;
+        registry.register(Box::new(cluster_takeovers_read_ahead.clone()))?;
         let cluster_forwarding_backlog = IntGauge::new(
             "switchboard_cluster_forwarding_backlog",
             "Inbound messages not yet routed plus agent commands not yet run by the leader.",
@@ -338,6 +345,7 @@ impl Metrics {
             cluster_leader,
             cluster_epoch,
             cluster_failovers,
+            cluster_takeovers_read_ahead,
             cluster_forwarding_backlog,
             bus_connected: gauge_vec(
                 &registry,

@@ -232,12 +232,7 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
     let mut buses = Buses::connect(&settings.bus, &metrics).await?;
     let chat = Arc::new(chat::ChatHub::default());
     let mut senders: HashMap<String, Arc<dyn outbound::ChannelSender>> = HashMap::new();
-    senders.insert(
-        chat::CHANNEL.into(),
-        Arc::new(chat::ChatSender {
-            push_here: (!clustered).then(|| (chat.clone(), store.clone())),
-        }),
-    );
+    senders.insert(chat::CHANNEL.into(), Arc::new(chat::ChatSender));
     senders.insert(
         "api".into(),
         Arc::new(outbound::ApiChannel::new(&settings.outbound)),
@@ -279,18 +274,21 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
     });
 
     let bus = relay::InProcessBus::new();
-    // Customer chats and the supervisor feed hear of committed events: a single node from its own
-    // relay, every instance of a cluster from the store (whichever instance wrote them).
-    let committed = if clustered {
-        relay::InProcessBus::new()
-    } else {
-        bus.clone()
-    };
+    let event_source = format!("switchboard://{}", settings.listen);
+    // Customer chats and the supervisor feed hear of committed events from the store, whichever
+    // instance wrote them, from the moment this instance starts.
+    let committed = relay::InProcessBus::new();
+    tokio::spawn(cluster::follow_events(
+        store.clone(),
+        cluster::EventsFollowed::from_now(store.as_ref()).await?,
+        committed.clone(),
+        event_source.clone(),
+        settings.cluster.poll_every,
+    ));
     tokio::spawn(chat::relay_events(
         chat.clone(),
         store.clone(),
         committed.subscribe(),
-        clustered,
     ));
     if let Some(sender) = &email_sender
         && let Some(acknowledgement) = &sender.settings().acknowledgement
@@ -312,8 +310,7 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
         engine: engine_context,
         outbound: outbound.clone(),
         buses: event_buses,
-        committed,
-        source: format!("switchboard://{}", settings.listen),
+        source: event_source,
         actions: Arc::new(std::sync::OnceLock::new()),
     };
     // A single node leads from the start, under epoch 0; its recovery comes before serving.
@@ -321,7 +318,8 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
         None
     } else {
         metrics.cluster_leader.set(1);
-        Some(cluster::Term::begin(&term_context, 0).await?)
+        let stored = engine::StoredRouter::read(store.as_ref()).await?;
+        Some(cluster::Term::begin(&term_context, 0, stored).await?)
     };
 
     let auth = Arc::new(RwLock::new(settings.auth.clone()));

@@ -47,7 +47,8 @@ impl SupervisorFeed {
     }
 }
 
-/// Builds snapshots while someone watches. `events` are the committed events (in-process bus).
+/// Builds snapshots while someone watches. `events` are the committed events (followed from the
+/// store).
 pub async fn run(
     feed: Arc<SupervisorFeed>,
     actions: Actions,

@@ -298,14 +298,15 @@ pub struct StoredPush {
     pub document: serde_json::Value,
 }
 
-/// Where an instance stands in the stream of committed events (several instances).
+/// Where an instance stands in the stream of committed events.
 ///
-/// Positions come from a sequence, and concurrent transactions (the leader's routing writes, a
-/// follower's stored reply) may commit in another order than they took their positions, so a
-/// reader that only remembered the last position could step over an event committed late. The
-/// cursor is therefore the writing transaction's id with the position: a reader takes only events
-/// of transactions older than every transaction still running, in (transaction, position) order,
-/// and so sees each committed event exactly once.
+/// With one writer (SQLite) the position alone is a cursor (`transaction` stays 0). On
+/// PostgreSQL positions come from a sequence, and concurrent transactions (the leader's routing
+/// writes, a follower's stored reply) may commit in another order than they took their
+/// positions, so a reader that only remembered the last position could step over an event
+/// committed late. The cursor is therefore the writing transaction's id with the position: a
+/// reader takes only events of transactions older than every transaction still running, in
+/// (transaction, position) order, and so sees each committed event exactly once.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct EventCursor {
     pub transaction: u64,
@@ -407,6 +408,8 @@ pub struct Recovery {
     pub agents: Vec<(String, String)>,
     pub queues: Vec<(String, String)>,
     pub unrouted: Vec<UnroutedMessage>,
+    /// [`Store::routing_writes`] as of the same read.
+    pub routing_writes: Option<u64>,
 }
 
 /// An inbound message stored but not yet handed to the router (after a crash, or taken in by another
@@ -612,8 +615,26 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// The lease as stored now.
     async fn lease(&self) -> Result<Lease, StoreError>;
 
+    /// Where the committed events end now (where a follower of them begins).
+    async fn events_end(&self) -> Result<EventCursor, StoreError>;
+
+    /// Committed events after `cursor`, at most `limit`, each once, in the order of
+    /// [`EventCursor`]. Every instance's chats and supervisor feed follow these.
+    async fn events_after(
+        &self,
+        cursor: EventCursor,
+        limit: usize,
+    ) -> Result<EventsPage, StoreError>;
+
     // Several instances. A single node (SQLite) routes everything itself: these default to what one
     // instance alone sees.
+
+    /// How many routing writes were committed, ever (`None`: this store does not count them).
+    /// An instance that read the router's state early knows by it whether that state is still
+    /// current once it holds the lease (the takeover fenced every later write).
+    async fn routing_writes(&self) -> Result<Option<u64>, StoreError> {
+        Ok(None)
+    }
 
     /// Inbound messages stored but not yet routed, oldest first (the leader picks them up).
     async fn unrouted(&self, limit: usize) -> Result<Vec<UnroutedMessage>, StoreError> {
@@ -622,7 +643,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         Ok(unrouted)
     }
 
-    /// Notifications from other instances (`None`: there are none).
+    /// Notifications of what changed in the store: from every instance writing to it (PostgreSQL)
+    /// or from this process's writer (SQLite: [`Wakeup::Events`] only). `None`: there are none,
+    /// and readers poll.
     fn wakeups(&self) -> Option<tokio::sync::broadcast::Receiver<Wakeup>> {
         None
     }
@@ -686,25 +709,6 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Sends a live signal to the other instances (a single node has none: nothing to do).
     async fn signal(&self, _signal: &Signal) -> Result<(), StoreError> {
         Ok(())
-    }
-
-    /// Where the committed events end now (where a starting instance begins to follow them).
-    async fn events_end(&self) -> Result<EventCursor, StoreError> {
-        Ok(EventCursor::default())
-    }
-
-    /// Committed events after `cursor`, at most `limit`, each once, in the order of
-    /// [`EventCursor`] (a single node has its in-process bus: none).
-    async fn events_after(
-        &self,
-        cursor: EventCursor,
-        _limit: usize,
-    ) -> Result<EventsPage, StoreError> {
-        Ok(EventsPage {
-            events: Vec::new(),
-            next: cursor,
-            held_back: false,
-        })
     }
 
     /// Inbound messages waiting to be routed plus commands waiting for the leader.

@@ -27,9 +27,10 @@
 //! # Lease and fencing
 //!
 //! The `leadership` row holds the router's lease (holder, expiry by the database clock) and the
-//! fencing epoch. Taking the lease raises the epoch; a routing write reads the row `FOR SHARE` in
-//! its own transaction and is refused with [`StoreError::Fenced`] if its epoch is older, so a
-//! takeover waits for an old leader's in-flight commit and every later write of it is refused.
+//! fencing epoch. Taking the lease raises the epoch; a routing write locks the row in its own
+//! transaction (counting itself in `routing_writes`) and is refused with [`StoreError::Fenced`] if
+//! its epoch is older, so a takeover waits for an old leader's in-flight commit and every later
+//! write of it is refused.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -79,6 +80,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (
         6,
         include_str!("../../migrations/postgres/0006_outbox_commit_order.sql"),
+    ),
+    (
+        7,
+        include_str!("../../migrations/postgres/0007_routing_writes.sql"),
     ),
 ];
 
@@ -1547,11 +1552,14 @@ async fn append_events(client: &Client, events: &[NewEvent]) -> Result<(), Failu
     Ok(())
 }
 
-/// Refuses a write from a stale leader; records a newer epoch. The lease row stays share-locked
-/// until the commit, so a takeover waits for this transaction.
+/// Refuses a write from a stale leader; records a newer epoch; counts the write (see
+/// [`Store::routing_writes`]). The lease row stays locked until the commit, so a takeover waits
+/// for this transaction, and the count it reads then includes every write of the old term.
 async fn check_epoch(client: &Client, epoch: u64) -> Result<(), Failure> {
     let statement = client
-        .prepare_cached("SELECT epoch FROM leadership WHERE id = 1 FOR SHARE")
+        .prepare_cached(
+            "UPDATE leadership SET routing_writes = routing_writes + 1 WHERE id = 1 RETURNING epoch",
+        )
         .await?;
     let current: i64 = client
         .query_opt(&statement, &[])
@@ -2016,12 +2024,20 @@ async fn recovery_read(client: &mut deadpool_postgres::Client) -> Result<Recover
         .iter()
         .map(decode_unrouted)
         .collect::<Result<Vec<_>, StoreError>>()?;
+    let statement = tx
+        .prepare_cached("SELECT routing_writes FROM leadership WHERE id = 1")
+        .await?;
+    let routing_writes = match tx.query_opt(&statement, &[]).await? {
+        Some(row) => to_u64(column(&row, 0)?, "routing_writes")?,
+        None => 0,
+    };
     tx.commit().await?;
     Ok(Recovery {
         conversations,
         agents,
         queues,
         unrouted,
+        routing_writes: Some(routing_writes),
     })
 }
 
@@ -2543,6 +2559,21 @@ impl Store for PostgresStore {
                     .execute(&statement, &[&NOTIFY_CHANNEL, &payload])
                     .await?;
                 Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn routing_writes(&self) -> Result<Option<u64>, StoreError> {
+        self.read(|client| {
+            Box::pin(async move {
+                let statement = client
+                    .prepare_cached("SELECT routing_writes FROM leadership WHERE id = 1")
+                    .await?;
+                Ok(match client.query_opt(&statement, &[]).await? {
+                    Some(row) => Some(to_u64(column(&row, 0)?, "routing_writes")?),
+                    None => Some(0),
+                })
             })
         })
         .await

@@ -51,16 +51,17 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
-use tokio::sync::oneshot;
+use tokio::sync::{broadcast, oneshot};
 use ulid::Ulid;
 
 use super::IngestRequest;
 use super::{
     ConversationFilter, ConversationRecord, ConversationStatus, DeliveryOutcome, DeliveryRecorded,
-    DeliveryUpdate, Direction, IngestOutcome, Lease, NewEvent, NewReply, OutboxEvent,
-    PARKED_STATUS_TTL_NANOS, ParkedStatus, Rating, RatingSummary, Recovery, ReplyRoute,
-    RoutingWrite, Store, StoreError, StoredMessage, UnroutedMessage, json_text, lease_duration,
-    parked_failure_event, parse_status, parse_ulid, prefix_error, status_rank_sql, to_i64, to_u64,
+    DeliveryUpdate, Direction, EventCursor, EventsPage, IngestOutcome, Lease, NewEvent, NewReply,
+    OutboxEvent, PARKED_STATUS_TTL_NANOS, ParkedStatus, Rating, RatingSummary, Recovery,
+    ReplyRoute, RoutingWrite, Store, StoreError, StoredMessage, UnroutedMessage, Wakeup, json_text,
+    lease_duration, parked_failure_event, parse_status, parse_ulid, prefix_error, status_rank_sql,
+    to_i64, to_u64,
 };
 use crate::message::{IdentityLink, InboundMessage};
 
@@ -150,6 +151,8 @@ struct Inner {
     writer: Mutex<Option<JoinHandle<()>>>,
     readers: Arc<Readers>,
     counters: Arc<Counters>,
+    /// Told [`Wakeup::Events`] after every commit, so followers of the committed events read on.
+    committed: broadcast::Sender<Wakeup>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -263,6 +266,10 @@ impl SqliteStore {
         let (sender, receiver) = mpsc::channel::<Box<dyn Job>>();
         let max_batch = options.max_batch.max(1);
         let thread_counters = Arc::clone(&counters);
+        // Followers only need to know that something was committed since they last read: a
+        // follower that lags behind the notifications reads on all the same.
+        let committed = broadcast::channel(16).0;
+        let writer_committed = committed.clone();
         let handle = std::thread::Builder::new()
             .name("sqlite-writer".into())
             .spawn(move || {
@@ -272,6 +279,7 @@ impl SqliteStore {
                     max_batch,
                     &thread_counters,
                     &checkpoint_due,
+                    &writer_committed,
                 );
             })
             .map_err(|error| {
@@ -288,6 +296,7 @@ impl SqliteStore {
                     next: AtomicUsize::new(0),
                 }),
                 counters,
+                committed,
             }),
         })
     }
@@ -456,6 +465,7 @@ fn run_writer(
     max_batch: usize,
     counters: &Counters,
     checkpoint_due: &mpsc::SyncSender<()>,
+    committed: &broadcast::Sender<Wakeup>,
 ) {
     // Blocks for the first request; returns when every sender is gone and the queue is empty, so
     // everything queued before close/drop is committed.
@@ -468,7 +478,12 @@ fn run_writer(
                 Err(_) => break,
             }
         }
+        let commits = counters.commits.load(Ordering::Relaxed);
         run_batch(conn, batch, counters);
+        if counters.commits.load(Ordering::Relaxed) != commits {
+            // No follower listening is not an error.
+            let _ = committed.send(Wakeup::Events);
+        }
         // Full means a wake-up is already pending: one checkpoint covers both.
         let _ = checkpoint_due.try_send(());
     }
@@ -1688,18 +1703,28 @@ fn recovery_read(conn: &Connection) -> Result<Recovery, StoreError> {
         agents,
         queues,
         unrouted,
+        // One instance: nobody reads ahead to take over from it.
+        routing_writes: None,
     })
 }
 
-fn outbox_pending_read(conn: &Connection, limit: i64) -> Result<Vec<OutboxEvent>, StoreError> {
+/// Outbox events in position order after `after` (`None`: after what the relay published).
+///
+/// One writer commits in position order, so a position is a complete cursor here: nothing
+/// committed later can take a position below one already read.
+fn outbox_read(
+    conn: &Connection,
+    after: Option<i64>,
+    limit: i64,
+) -> Result<Vec<OutboxEvent>, StoreError> {
     type Raw = (i64, String, String, Option<String>, i64, String, String);
     let rows: Vec<Raw> = conn
         .prepare_cached(
             "SELECT position, event_id, kind, conversation_id, seq, data, time FROM outbox
-             WHERE position > (SELECT published_up_to FROM outbox_relay WHERE id = 1)
-             ORDER BY position LIMIT ?1",
+             WHERE position > COALESCE(?1, (SELECT published_up_to FROM outbox_relay WHERE id = 1))
+             ORDER BY position LIMIT ?2",
         )?
-        .query_map(params![limit], |row| {
+        .query_map(params![after, limit], |row| {
             Ok((
                 row.get(0)?,
                 row.get(1)?,
@@ -1889,8 +1914,7 @@ impl Store for SqliteStore {
 
     async fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxEvent>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.read(move |conn| outbox_pending_read(conn, limit))
-            .await
+        self.read(move |conn| outbox_read(conn, None, limit)).await
     }
 
     async fn outbox_mark_sent(&self, positions: &[i64]) -> Result<(), StoreError> {
@@ -1921,6 +1945,46 @@ impl Store for SqliteStore {
             Ok(())
         })
         .await
+    }
+
+    fn wakeups(&self) -> Option<broadcast::Receiver<Wakeup>> {
+        Some(self.inner.committed.subscribe())
+    }
+
+    async fn events_end(&self) -> Result<EventCursor, StoreError> {
+        self.read(|conn| {
+            let end: i64 = conn
+                .prepare_cached("SELECT COALESCE(MAX(position), 0) FROM outbox")?
+                .query_row([], |row| row.get(0))?;
+            Ok(EventCursor {
+                transaction: 0,
+                position: end,
+            })
+        })
+        .await
+    }
+
+    async fn events_after(
+        &self,
+        cursor: EventCursor,
+        limit: usize,
+    ) -> Result<EventsPage, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let events = self
+            .read(move |conn| outbox_read(conn, Some(cursor.position), limit))
+            .await?;
+        let next = EventCursor {
+            transaction: 0,
+            position: events
+                .last()
+                .map_or(cursor.position, |event| event.position),
+        };
+        Ok(EventsPage {
+            events,
+            next,
+            // One writer: whatever is committed is readable in position order at once.
+            held_back: false,
+        })
     }
 
     async fn outbox_backlog(&self) -> Result<u64, StoreError> {
@@ -2021,7 +2085,7 @@ mod tests {
         }
         assert!(tx.commit().is_ok());
         assert!(migrate(&mut conn).is_ok());
-        let Ok(pending) = outbox_pending_read(&conn, 100) else {
+        let Ok(pending) = outbox_read(&conn, None, 100) else {
             panic!("pending events unreadable after the migration");
         };
         pending.iter().map(|event| event.position).collect()
