@@ -329,6 +329,19 @@ async fn ingest(store: &dyn Store, message: InboundMessage) -> Stored {
     stored(store.ingest(message, Utc::now()).await.unwrap())
 }
 
+/// Commits `count` routing events in one routing write and returns them.
+async fn write_events(store: &dyn Store, count: usize) -> Vec<NewEvent> {
+    let events: Vec<NewEvent> = (0..count).map(|_| event("agent.presence", None)).collect();
+    store
+        .apply_routing(Arc::new(RoutingWrite {
+            events: events.clone(),
+            ..RoutingWrite::default()
+        }))
+        .await
+        .unwrap();
+    events
+}
+
 fn event(kind: &str, conversation: Option<Ulid>) -> NewEvent {
     NewEvent {
         event_id: Ulid::new(),
@@ -807,14 +820,7 @@ async fn outbox_pending_mark_sent_and_backlog(backend: Backend) {
     let store = backend.store();
     assert_eq!(store.outbox_backlog().await.unwrap(), 0);
     assert!(store.outbox_pending(10).await.unwrap().is_empty());
-    let events: Vec<NewEvent> = (0..5).map(|_| event("agent.presence", None)).collect();
-    store
-        .apply_routing(Arc::new(RoutingWrite {
-            events: events.clone(),
-            ..RoutingWrite::default()
-        }))
-        .await
-        .unwrap();
+    let events = write_events(store, 5).await;
     assert_eq!(store.outbox_backlog().await.unwrap(), 5);
 
     let first = store.outbox_pending(2).await.unwrap();
@@ -851,14 +857,7 @@ async fn committed_events_are_followed_page_by_page(backend: Backend) {
     let store = backend.store();
     let mut wakeups = store.wakeups().expect("followers are told of commits");
     let start = store.events_end().await.unwrap();
-    let events: Vec<NewEvent> = (0..5).map(|_| event("agent.presence", None)).collect();
-    store
-        .apply_routing(Arc::new(RoutingWrite {
-            events: events.clone(),
-            ..RoutingWrite::default()
-        }))
-        .await
-        .unwrap();
+    let events = write_events(store, 5).await;
     tokio::time::timeout(Duration::from_secs(20), async {
         while wakeups.recv().await.unwrap() != Wakeup::Events {}
     })

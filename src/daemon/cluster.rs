@@ -910,16 +910,14 @@ async fn lead(
     // Recovery runs to its end (the renewer keeps the lease meanwhile): a term half started would
     // leave tasks behind. Its writes carry the epoch, so a term that lost the lease meanwhile
     // commits nothing, and ends just below.
-    let mut read_ahead = false;
-    let term = match Prepared::or_read_now(prepared, store.as_ref(), metrics).await {
-        Ok((stored, ahead)) => {
-            read_ahead = ahead;
-            Term::begin(context, epoch, stored).await
-        }
+    let begun = match Prepared::or_read_now(prepared, store.as_ref(), metrics).await {
+        Ok((stored, read_ahead)) => Term::begin(context, epoch, stored)
+            .await
+            .map(|term| (term, read_ahead)),
         Err(error) => Err(error),
     };
-    let term = match term {
-        Ok(term) => term,
+    let (term, read_ahead) = match begun {
+        Ok(begun) => begun,
         Err(error) => {
             renewer.abort();
             error!(%error, epoch, "cannot recover the router; releasing the lease");
