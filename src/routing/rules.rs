@@ -1,10 +1,12 @@
 //! Routing rules and arrival priority: which queues, skills and priority a new conversation gets.
 //!
 //! Rules are compiled once per configuration ([`CompiledRules::new`]) so that routing an arrival
-//! allocates nothing and reads the message text at most once for keywords: every rule's keywords sit
-//! in one Aho-Corasick automaton, searched ASCII-case-insensitively straight over the text (only a
-//! text with non-ASCII characters is lowercased first), and rules that name destination addresses
-//! are found by a hash lookup of the address instead of being tried one by one.
+//! allocates nothing and reads the message text at most once for keywords, and rules that name
+//! destination addresses are found by a hash lookup of the address instead of being tried one by
+//! one. Every rule's keywords sit in one Aho-Corasick automaton, searched over the lowercased text
+//! when it has non-ASCII characters. ASCII text, the usual case, skips the automaton: every hit is a
+//! whole word, so the patterns are tried only where a word can start, through a table of their
+//! first bytes ([`WordStartSearch`]), which finds the same hits for far fewer instructions.
 //!
 //! Keyword priority boosts are regexes in the configuration. The usual one is a plain word between
 //! word boundaries (`(?i)\burgent\b`): such a boost is searched as a literal in the same automaton,
@@ -126,8 +128,11 @@ pub(crate) struct CompiledRules {
     rules: Vec<CompiledRule>,
     default: RuleOutcome,
     /// Every rule's keywords, lowercased, then the literal boosts, in one automaton; `None` when
-    /// there are neither.
+    /// there are neither. Searches the text when it is not ASCII.
     keywords: Option<AhoCorasick>,
+    /// The same patterns, with the same ids, for ASCII text; `None` when there are none (or, which
+    /// compilation never produces, an empty one).
+    word_starts: Option<WordStartSearch>,
     /// How many of the automaton's patterns are rule keywords (the literal boosts follow them).
     keyword_count: usize,
     /// Per pattern of the automaton after the rule keywords: the literal boost it is.
@@ -205,6 +210,7 @@ impl CompiledRules {
                 None => boosts.push(BoostMatcher::Regex),
             }
         }
+        let word_starts = WordStartSearch::new(&patterns, keyword_count, &literal_boosts);
         let keywords = if patterns.is_empty() {
             None
         } else {
@@ -225,6 +231,7 @@ impl CompiledRules {
                 priority: 0,
             },
             keywords,
+            word_starts,
             keyword_count,
             literal_boosts,
             boosts,
@@ -354,6 +361,11 @@ impl CompiledRules {
     /// Which of the automaton's patterns occur in subject or text: rule keywords as whole words,
     /// literal boosts as their regex would match them (recorded only when every text is ASCII).
     fn search(&self, texts: [Option<&str>; 2]) -> Search {
+        self.search_by(texts, KeywordPath::WordStartsForAscii)
+    }
+
+    /// [`CompiledRules::search`], with ASCII text searched the way `path` says.
+    fn search_by(&self, texts: [Option<&str>; 2], path: KeywordPath) -> Search {
         let mut search = Search {
             found: Bitset::new(self.keyword_count + self.literal_boosts.len()),
             ascii: true,
@@ -362,36 +374,201 @@ impl CompiledRules {
             return search;
         };
         for text in texts.into_iter().flatten() {
-            // ASCII text is searched as it is (the automaton ignores ASCII case); any other is
-            // lowercased first, as Unicode lowercasing may change its length.
-            let haystack: Cow<str> = if text.is_ascii() {
-                Cow::Borrowed(text)
-            } else {
+            if !text.is_ascii() {
+                // Lowercased first, as Unicode lowercasing may change its length; the automaton
+                // folds only ASCII case itself.
                 search.ascii = false;
-                Cow::Owned(text.to_lowercase())
-            };
-            for found_match in automaton.find_overlapping_iter(haystack.as_ref()) {
-                let (start, end) = (found_match.start(), found_match.end());
-                let id = found_match.pattern().as_usize();
-                let hit = match id.checked_sub(self.keyword_count) {
-                    None => is_whole_word(&haystack, start, end),
-                    Some(boost) => {
-                        let literal = &self.literal_boosts[boost];
-                        (literal.case_insensitive
-                            || haystack.as_bytes()[start..end] == *literal.literal.as_bytes())
-                            && is_ascii_word_bounded(haystack.as_bytes(), start, end)
-                    }
-                };
-                if hit {
-                    search.found.insert(id);
+                self.search_automaton(automaton, &text.to_lowercase(), &mut search.found);
+                continue;
+            }
+            match (&self.word_starts, path) {
+                (Some(word_starts), KeywordPath::WordStartsForAscii) => {
+                    word_starts.search(text.as_bytes(), &mut search.found);
                 }
+                // The automaton ignores ASCII case, so ASCII text is searched as it is.
+                _ => self.search_automaton(automaton, text, &mut search.found),
             }
         }
         search
     }
+
+    /// Records in `found` the automaton's hits in `haystack` (ASCII, or lowercased).
+    fn search_automaton(&self, automaton: &AhoCorasick, haystack: &str, found: &mut Bitset) {
+        for found_match in automaton.find_overlapping_iter(haystack) {
+            let (start, end) = (found_match.start(), found_match.end());
+            let id = found_match.pattern().as_usize();
+            let hit = match id.checked_sub(self.keyword_count) {
+                None => is_whole_word(haystack, start, end),
+                Some(boost) => self.literal_boosts.get(boost).is_some_and(|literal| {
+                    (literal.case_insensitive
+                        || haystack.as_bytes().get(start..end) == Some(literal.literal.as_bytes()))
+                        && is_ascii_word_bounded(haystack.as_bytes(), start, end)
+                }),
+            };
+            if hit {
+                found.insert(id);
+            }
+        }
+    }
+}
+
+/// How [`CompiledRules::search_by`] searches ASCII text (other text always goes to the automaton).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeywordPath {
+    /// Through [`WordStartSearch`], as routing does.
+    WordStartsForAscii,
+    /// Through the automaton too: the reference the word-start search is tested against.
+    #[cfg(test)]
+    AutomatonOnly,
+}
+
+/// The automaton's patterns, searched over ASCII text without it.
+///
+/// Every hit is a whole word: a rule keyword needs no letter or digit directly before it, a literal
+/// boost no letter, digit or `_`. In ASCII text such a match can only start at the text's start or
+/// after a byte that is not an ASCII letter or digit (a *word start*), so each pattern is tried only
+/// there, picked by the start's byte from a table of the patterns' first bytes, and compared
+/// ASCII-case-insensitively, as the automaton compares. That finds exactly the automaton's hits with
+/// a byte-class test per byte and a few comparisons per word, where the automaton's overlapping
+/// search pays about 20 instructions for every byte.
+///
+/// A pattern with a non-ASCII byte is left out: the automaton folds only ASCII case, so such a byte
+/// only ever matches the same byte, which ASCII text does not have.
+#[derive(Debug, Clone)]
+struct WordStartSearch {
+    /// Per byte value: the range of `patterns` that begin with it, in either ASCII case.
+    by_first_byte: Box<[PatternRange; 256]>,
+    /// ASCII patterns, ordered by their (lowercase) first byte.
+    patterns: Vec<WordPattern>,
+}
+
+/// `start..end` of [`WordStartSearch::patterns`], kept as two `u32`s so the table stays 2 KiB.
+#[derive(Debug, Clone, Copy, Default)]
+struct PatternRange {
+    start: u32,
+    end: u32,
+}
+
+/// One pattern of the automaton, as [`WordStartSearch`] tries it.
+#[derive(Debug, Clone)]
+struct WordPattern {
+    /// Its id in the automaton, which is its bit in [`Search::found`].
+    id: u32,
+    /// ASCII-lowercased (ASCII case is ignored, as in the automaton); never empty.
+    folded: Box<[u8]>,
+    /// What, beyond the text at its place, makes an occurrence a hit.
+    hit: WordHit,
+}
+
+/// The checks [`CompiledRules::search_automaton`] makes on a match, for one kind of pattern.
+#[derive(Debug, Clone)]
+enum WordHit {
+    /// A rule keyword: a whole word, so no ASCII letter or digit directly after it (the word start
+    /// already rules one out before it).
+    RuleKeyword,
+    /// A literal boost: no ASCII word character (`[0-9A-Za-z_]`) directly around it and, for a boost
+    /// without `(?i)`, this exact text.
+    LiteralBoost { exact_case: Option<Box<[u8]>> },
+}
+
+impl WordStartSearch {
+    /// The search for the automaton's `patterns`: rule keywords first (`keyword_count` of them),
+    /// then `literal_boosts`, one pattern each. `None` when there is no pattern, or an empty one,
+    /// which would match between any two bytes; compilation drops empty keywords and a literal
+    /// boost always has a word, so the automaton would serve such a configuration.
+    fn new(
+        patterns: &[String],
+        keyword_count: usize,
+        literal_boosts: &[LiteralBoost],
+    ) -> Option<WordStartSearch> {
+        if patterns.is_empty() || patterns.iter().any(String::is_empty) {
+            return None;
+        }
+        let mut tried: Vec<WordPattern> = Vec::with_capacity(patterns.len());
+        for (id, pattern) in patterns.iter().enumerate() {
+            if !pattern.is_ascii() {
+                continue;
+            }
+            let hit = match id.checked_sub(keyword_count) {
+                None => WordHit::RuleKeyword,
+                Some(boost) => WordHit::LiteralBoost {
+                    exact_case: literal_boosts
+                        .get(boost)
+                        .filter(|literal| !literal.case_insensitive)
+                        .map(|literal| literal.literal.as_bytes().into()),
+                },
+            };
+            tried.push(WordPattern {
+                id: u32::try_from(id).ok()?,
+                folded: pattern.to_ascii_lowercase().into_bytes().into(),
+                hit,
+            });
+        }
+        // Stable, so patterns sharing a first byte keep their order (it makes no difference to
+        // the hits, which are a set).
+        tried.sort_by_key(|pattern| pattern.folded.first().copied());
+        let mut by_first_byte = Box::new([PatternRange::default(); 256]);
+        for (byte, range) in (0..=u8::MAX).zip(by_first_byte.iter_mut()) {
+            let folded = byte.to_ascii_lowercase();
+            let start = tried.partition_point(|pattern| pattern.folded.first() < Some(&folded));
+            let end = tried.partition_point(|pattern| pattern.folded.first() <= Some(&folded));
+            *range = PatternRange {
+                start: u32::try_from(start).ok()?,
+                end: u32::try_from(end).ok()?,
+            };
+        }
+        Some(WordStartSearch {
+            by_first_byte,
+            patterns: tried,
+        })
+    }
+
+    /// Records in `found` the ids of the patterns that are hits in `text`, which must be ASCII (in
+    /// other text, a letter or digit may be a multi-byte character).
+    fn search(&self, text: &[u8], found: &mut Bitset) {
+        let mut word_can_start = true;
+        for (start, &byte) in text.iter().enumerate() {
+            if word_can_start {
+                let range = self.by_first_byte[usize::from(byte)];
+                let candidates = self
+                    .patterns
+                    .get(range.start as usize..range.end as usize)
+                    .unwrap_or_default();
+                for pattern in candidates {
+                    if pattern.is_hit_at(text, start) {
+                        found.insert(pattern.id as usize);
+                    }
+                }
+            }
+            word_can_start = !byte.is_ascii_alphanumeric();
+        }
+    }
+}
+
+impl WordPattern {
+    /// This pattern occurs in `text` at `start`, a word start, and is a hit there.
+    fn is_hit_at(&self, text: &[u8], start: usize) -> bool {
+        let end = start + self.folded.len();
+        let Some(occurrence) = text.get(start..end) else {
+            return false;
+        };
+        if !occurrence.eq_ignore_ascii_case(&self.folded) {
+            return false;
+        }
+        match &self.hit {
+            WordHit::RuleKeyword => !text.get(end).is_some_and(u8::is_ascii_alphanumeric),
+            WordHit::LiteralBoost { exact_case } => {
+                exact_case
+                    .as_deref()
+                    .is_none_or(|exact| occurrence == exact)
+                    && is_ascii_word_bounded(text, start, end)
+            }
+        }
+    }
 }
 
 /// What a keyword search found.
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Search {
     found: Bitset,
     /// Every text searched was ASCII, so the literal boosts' hits are exact.
@@ -417,6 +594,7 @@ impl KeywordHits {
 }
 
 /// A set of keyword ids; inline for up to 128 keywords, so the usual search allocates nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Bitset {
     Inline(u128),
     Heap(Vec<u64>),
@@ -762,6 +940,236 @@ mod tests {
         let (outcome, boosts) = rules.decide(&config, &arrival(None, "urgent", "x"));
         assert_eq!(rules.outcome(outcome).queues[0], 3);
         assert_eq!(boosts.keyword, Some(1));
+    }
+
+    /// Rules with these keywords (one rule each) and these keyword boost regexes.
+    fn keyword_search_config(keywords: &[&str], boosts: &[&str]) -> RoutingConfig {
+        let mut config = RoutingConfig::single_queue(QueueConfig::new("general"));
+        config.rules = keywords
+            .iter()
+            .enumerate()
+            .map(|(index, keyword)| keyword_rule(&format!("rule {index}"), &[*keyword], "general"))
+            .collect();
+        config.priority.keywords = boosts
+            .iter()
+            .map(|pattern| KeywordBoost {
+                pattern: Regex::new(pattern).unwrap(),
+                boost: 1,
+            })
+            .collect();
+        config
+    }
+
+    /// The ids the word-start search finds in one text, after checking that the automaton finds
+    /// exactly the same.
+    fn word_start_hits(rules: &CompiledRules, text: &str) -> Vec<usize> {
+        let search = rules.search_by([None, Some(text)], KeywordPath::WordStartsForAscii);
+        let reference = rules.search_by([None, Some(text)], KeywordPath::AutomatonOnly);
+        assert_eq!(search, reference, "{text:?}");
+        let patterns = rules.keyword_count + rules.literal_boosts.len();
+        (0..patterns)
+            .filter(|&id| search.found.contains(id))
+            .collect()
+    }
+
+    #[test]
+    fn word_starts_find_rule_keywords_only_as_whole_words() {
+        let config = keyword_search_config(
+            &[
+                "refund",
+                "Cancel my plan",
+                "c++",
+                "-x",
+                " y",
+                "résilier",
+                "refund",
+            ],
+            &[],
+        );
+        let rules = CompiledRules::new(&config).unwrap();
+        let word_starts = rules.word_starts.as_ref().unwrap();
+        assert_eq!(
+            word_starts.patterns.len(),
+            6,
+            "the non-ASCII keyword is left to the automaton"
+        );
+        let hits = |text: &str| word_start_hits(&rules, text);
+        // Both rules with the same keyword get the hit.
+        assert_eq!(hits("REFUND please"), [0, 6]);
+        assert_eq!(hits("a refund"), [0, 6]);
+        assert_eq!(hits("(refund)"), [0, 6]);
+        assert_eq!(hits("refund_"), [0, 6], "`_` is not a letter or digit");
+        assert_eq!(hits("_refund"), [0, 6]);
+        assert!(hits("refunds prefund refund1 2refund").is_empty());
+        assert!(hits("refun").is_empty(), "shorter than the keyword");
+        assert_eq!(hits("please cancel MY plan"), [1]);
+        assert!(hits("cancel my plans").is_empty());
+        // Keywords that begin or end with punctuation.
+        assert_eq!(hits("I write c++ daily"), [2]);
+        assert!(hits("I write c++x").is_empty());
+        assert!(hits("abc++").is_empty());
+        assert_eq!(hits("a -x b"), [3]);
+        assert!(hits("a-x").is_empty(), "a letter right before");
+        assert!(hits("a y").is_empty(), "a letter right before the space");
+        assert_eq!(hits("a  y"), [4]);
+        assert_eq!(hits("a, y"), [4]);
+        assert!(hits("").is_empty());
+        // Non-ASCII text goes to the automaton, which finds the non-ASCII keyword too.
+        assert_eq!(hits("JE VEUX RÉSILIER"), [5]);
+        assert!(hits("refundé").is_empty());
+    }
+
+    #[test]
+    fn word_starts_find_literal_boosts_where_their_regex_does() {
+        let config = keyword_search_config(
+            &["urgent"],
+            &[r"(?i)\burgent\b", r"\bASAP\b", r"(?i)\bright now\b"],
+        );
+        let rules = CompiledRules::new(&config).unwrap();
+        let hits = |text: &str| word_start_hits(&rules, text);
+        assert_eq!(hits("This is URGENT."), [0, 1]);
+        assert_eq!(
+            hits("urgent_matter"),
+            [0],
+            "`_` is a word character for `\\b`"
+        );
+        assert_eq!(hits("_urgent"), [0]);
+        assert!(hits("nonurgent urgently").is_empty());
+        assert_eq!(hits("ASAP please"), [2]);
+        assert!(hits("asap please").is_empty(), "no `(?i)`: the exact case");
+        assert!(hits("AsAP").is_empty());
+        assert_eq!(hits("do it RIGHT NOW!"), [3]);
+        assert!(hits("right  now").is_empty());
+    }
+
+    #[test]
+    fn word_starts_serve_more_keywords_than_the_inline_set() {
+        let words: Vec<String> = (0..200).map(|index| format!("w{index}")).collect();
+        let keywords: Vec<&str> = words.iter().map(String::as_str).collect();
+        let rules = CompiledRules::new(&keyword_search_config(&keywords, &[])).unwrap();
+        assert_eq!(
+            word_start_hits(&rules, "W3, w150 w1999 xw7 w199"),
+            [3, 150, 199]
+        );
+    }
+
+    #[test]
+    fn an_empty_pattern_leaves_the_search_to_the_automaton() {
+        let patterns = ["urgent".to_owned(), String::new()];
+        assert!(WordStartSearch::new(&patterns, 2, &[]).is_none());
+        assert!(WordStartSearch::new(&[], 0, &[]).is_none());
+    }
+
+    /// `word` with the ASCII case of each character swapped where `flips` has a bit set.
+    fn case_flipped(word: &str, flips: u64) -> String {
+        word.chars()
+            .enumerate()
+            .map(|(index, character)| {
+                if flips >> (index % 64) & 1 == 0 {
+                    character
+                } else if character.is_ascii_lowercase() {
+                    character.to_ascii_uppercase()
+                } else {
+                    character.to_ascii_lowercase()
+                }
+            })
+            .collect()
+    }
+
+    mod word_start_search_property {
+        use super::*;
+        use proptest::prelude::*;
+        use proptest::sample::{Index, select};
+
+        fn rule_keyword() -> impl Strategy<Value = String> {
+            prop_oneof![
+                4 => "[a-z]{1,7}",
+                2 => "[a-zA-Z0-9]{1,4}( [a-zA-Z]{1,4})?",
+                1 => "[a-z0-9+#._ -]{1,4}",
+                1 => select(vec![
+                    "résilier", "straße", "\u{212A}ey", "İstanbul", "naïve", "c++", ".net", "a_b",
+                ])
+                .prop_map(String::from),
+            ]
+        }
+
+        fn boost_regex() -> impl Strategy<Value = String> {
+            ("[a-zA-Z0-9]{1,6}( [a-zA-Z0-9]{1,4})?", any::<bool>()).prop_map(
+                |(words, case_insensitive)| {
+                    let case = if case_insensitive { "(?i)" } else { "" };
+                    format!(r"{case}\b{words}\b")
+                },
+            )
+        }
+
+        /// Pieces around and between the words of a text: mostly ASCII separators, sometimes
+        /// nothing (words run together) or a non-ASCII character.
+        fn separator() -> impl Strategy<Value = &'static str> {
+            select(vec![
+                " ", " ", " ", " ", ", ", ". ", "\n", "-", "_", "", "", "!", "  ", "\t", "(", ")",
+                "'", "1", "x", "s", " é ", "\u{212A}",
+            ])
+        }
+
+        /// A word of a text: the pattern picked, which characters' case to swap, what to stick
+        /// before and after it, and noise that replaces it when not empty.
+        type TextWord = (Index, u64, &'static str, &'static str, String);
+
+        /// A word of a text: one of the patterns (case scrambled, maybe with a letter, digit or
+        /// `_` stuck on), or noise.
+        fn word() -> impl Strategy<Value = TextWord> {
+            (
+                any::<Index>(),
+                any::<u64>(),
+                select(vec!["", "", "", "", "x", "1", "_", "s"]),
+                select(vec!["", "", "", "", "x", "1", "_", "s", "é"]),
+                prop_oneof![3 => Just(String::new()), 1 => "[a-zA-Z0-9]{1,6}"],
+            )
+        }
+
+        fn text_of(pool: &[String], words: &[(TextWord, &str)]) -> String {
+            let mut text = String::new();
+            for ((pick, flips, before, after, noise), separator) in words {
+                if noise.is_empty() {
+                    text.push_str(before);
+                    text.push_str(&case_flipped(pick.get::<String>(pool), *flips));
+                    text.push_str(after);
+                } else {
+                    text.push_str(noise);
+                }
+                text.push_str(separator);
+            }
+            text
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn word_starts_find_exactly_the_automatons_hits(
+                keywords in proptest::collection::vec(rule_keyword(), 1..12),
+                boosts in proptest::collection::vec(boost_regex(), 0..4),
+                subject in proptest::option::of(proptest::collection::vec((word(), separator()), 0..4)),
+                text in proptest::collection::vec((word(), separator()), 0..14),
+            ) {
+                let keyword_refs: Vec<&str> = keywords.iter().map(String::as_str).collect();
+                let boost_refs: Vec<&str> = boosts.iter().map(String::as_str).collect();
+                let config = keyword_search_config(&keyword_refs, &boost_refs);
+                let rules = CompiledRules::new(&config).unwrap();
+                // Texts are made of the patterns as written (the boosts' words, not their regex).
+                let mut pool = keywords.clone();
+                pool.extend(keywords.iter().map(|keyword| keyword.to_lowercase()));
+                pool.extend(rules.literal_boosts.iter().map(|literal| literal.literal.clone()));
+                let subject = subject.map(|words| text_of(&pool, &words));
+                let text = text_of(&pool, &text);
+                let texts = [subject.as_deref(), Some(text.as_str())];
+                prop_assert_eq!(
+                    rules.search_by(texts, KeywordPath::WordStartsForAscii),
+                    rules.search_by(texts, KeywordPath::AutomatonOnly),
+                    "{:?} / {:?}", subject, text
+                );
+            }
+        }
     }
 
     #[test]
