@@ -332,14 +332,19 @@ async fn ingest(store: &dyn Store, message: InboundMessage) -> Stored {
 /// Commits `count` routing events in one routing write and returns them.
 async fn write_events(store: &dyn Store, count: usize) -> Vec<NewEvent> {
     let events: Vec<NewEvent> = (0..count).map(|_| event("agent.presence", None)).collect();
+    commit_events(store, &events).await;
+    events
+}
+
+/// Commits `events` in one routing write.
+async fn commit_events(store: &dyn Store, events: &[NewEvent]) {
     store
         .apply_routing(Arc::new(RoutingWrite {
-            events: events.clone(),
+            events: events.to_vec(),
             ..RoutingWrite::default()
         }))
         .await
         .unwrap();
-    events
 }
 
 fn event(kind: &str, conversation: Option<Ulid>) -> NewEvent {
@@ -764,13 +769,7 @@ async fn routing_events_are_numbered_per_conversation(backend: Backend) {
         event("conversation.created", Some(b)),
         event("conversation.assigned", Some(a)),
     ];
-    store
-        .apply_routing(Arc::new(RoutingWrite {
-            events: events.clone(),
-            ..RoutingWrite::default()
-        }))
-        .await
-        .unwrap();
+    commit_events(store, &events).await;
     let pending = store.outbox_pending(100).await.unwrap();
     assert_eq!(
         pending.iter().map(|e| e.event_id).collect::<Vec<_>>(),

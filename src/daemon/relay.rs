@@ -34,29 +34,38 @@ pub struct PartialPublish {
     pub error: BusError,
 }
 
-/// One outbox event on its way out: the CloudEvent document, built once for every bus.
+/// One outbox event on its way out: the CloudEvent document, built once (when a bus first needs
+/// it) for every bus.
 #[derive(Debug)]
 pub struct Publication<'a> {
     pub event: &'a OutboxEvent,
+    source: &'a str,
     /// Shared, not copied, by every in-process subscriber.
-    pub document: Arc<Value>,
+    document: OnceLock<Arc<Value>>,
     /// `document` serialised, once, when a broker first needs it.
     bytes: OnceLock<Vec<u8>>,
 }
 
 impl<'a> Publication<'a> {
-    pub fn new(event: &'a OutboxEvent, source: &str) -> Publication<'a> {
+    pub fn new(event: &'a OutboxEvent, source: &'a str) -> Publication<'a> {
         Publication {
             event,
-            document: Arc::new(cloud_event(event, source)),
+            source,
+            document: OnceLock::new(),
             bytes: OnceLock::new(),
         }
+    }
+
+    /// The CloudEvents document.
+    pub fn document(&self) -> &Arc<Value> {
+        self.document
+            .get_or_init(|| Arc::new(cloud_event(self.event, self.source)))
     }
 
     /// The document as brokers send it.
     pub fn bytes(&self) -> &[u8] {
         self.bytes
-            .get_or_init(|| self.document.to_string().into_bytes())
+            .get_or_init(|| self.document().to_string().into_bytes())
     }
 }
 
@@ -107,8 +116,12 @@ impl EventBus for InProcessBus {
     }
 
     async fn publish(&self, batch: &[Publication<'_>]) -> Result<(), PartialPublish> {
+        // Nobody here listens (a single node without email acknowledgements): no document to build.
+        if self.sender.receiver_count() == 0 {
+            return Ok(());
+        }
         for publication in batch {
-            self.deliver(publication.document.clone());
+            self.deliver(publication.document().clone());
         }
         Ok(())
     }

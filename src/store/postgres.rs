@@ -1974,6 +1974,16 @@ async fn list_conversations(
         .collect::<Result<_, _>>()?)
 }
 
+/// The count of committed routing writes ([`Store::routing_writes`]); read once per takeover, so
+/// not worth a cached statement (which would tie it to one of the pool's client types).
+async fn read_routing_writes(client: &impl tokio_postgres::GenericClient) -> Result<u64, Failure> {
+    let sql = "SELECT routing_writes FROM leadership WHERE id = 1";
+    Ok(match client.query_opt(sql, &[]).await? {
+        Some(row) => to_u64(column(&row, 0)?, "routing_writes")?,
+        None => 0,
+    })
+}
+
 async fn recovery_read(client: &mut deadpool_postgres::Client) -> Result<Recovery, Failure> {
     // One snapshot for all three reads, so they agree with each other.
     let tx = client
@@ -2024,13 +2034,7 @@ async fn recovery_read(client: &mut deadpool_postgres::Client) -> Result<Recover
         .iter()
         .map(decode_unrouted)
         .collect::<Result<Vec<_>, StoreError>>()?;
-    let statement = tx
-        .prepare_cached("SELECT routing_writes FROM leadership WHERE id = 1")
-        .await?;
-    let routing_writes = match tx.query_opt(&statement, &[]).await? {
-        Some(row) => to_u64(column(&row, 0)?, "routing_writes")?,
-        None => 0,
-    };
+    let routing_writes = read_routing_writes(&*tx).await?;
     tx.commit().await?;
     Ok(Recovery {
         conversations,
@@ -2565,18 +2569,8 @@ impl Store for PostgresStore {
     }
 
     async fn routing_writes(&self) -> Result<Option<u64>, StoreError> {
-        self.read(|client| {
-            Box::pin(async move {
-                let statement = client
-                    .prepare_cached("SELECT routing_writes FROM leadership WHERE id = 1")
-                    .await?;
-                Ok(match client.query_opt(&statement, &[]).await? {
-                    Some(row) => Some(to_u64(column(&row, 0)?, "routing_writes")?),
-                    None => Some(0),
-                })
-            })
-        })
-        .await
+        self.read(|client| Box::pin(async move { Ok(Some(read_routing_writes(&**client).await?)) }))
+            .await
     }
 
     async fn events_end(&self) -> Result<EventCursor, StoreError> {
