@@ -1159,13 +1159,18 @@ impl EncodedIngest {
 
 /// What one round trip finds about an inbound message: an earlier copy, the contacts owning its
 /// identities, and its thread's conversation.
+///
+/// Each identity is looked up on its own (`LATERAL ... OFFSET 0` keeps the planner from turning it
+/// into a join): a cached generic plan made while `identity_links` was small would otherwise hash
+/// its whole table for every message, however large it grew.
 const INGEST_LOOKUP: &str = "
     SELECT 0 AS found, m.id::text AS a, m.conversation_id::text AS b, NULL::text AS c, 0::bigint AS created
       FROM messages m WHERE m.channel = $1 AND m.provider_message_id = $2
     UNION ALL
     SELECT 1, c.id::text, l.kind, l.value, c.created_at
       FROM unnest($3::text[], $4::text[]) AS i (kind, value)
-      JOIN identity_links l ON l.kind = i.kind AND l.value = i.value
+      CROSS JOIN LATERAL (SELECT kind, value, contact_id FROM identity_links
+                           WHERE kind = i.kind AND value = i.value OFFSET 0) AS l
       JOIN contacts c ON c.id = l.contact_id
     UNION ALL
     SELECT 2, c.id::text, c.status, NULL, 0
