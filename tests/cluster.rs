@@ -12,7 +12,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{ADMIN, AgentDesk, Customer, Daemon, api_message, eventually};
+use common::{ADMIN, AgentDesk, Customer, Daemon, Sink, api_message, eventually};
 use serde_json::{Value, json};
 use ulid::Ulid;
 
@@ -318,6 +318,66 @@ async fn a_chat_customer_on_a_follower_sees_what_one_node_would_show() {
         1
     );
     drop(alice);
+    drop(instances);
+    schema.drop_schema().await;
+}
+
+/// Every instance follows the committed events, but only the leader answers an email with its
+/// acknowledgement: each customer gets one, whichever instance took the mail.
+#[tokio::test]
+async fn an_email_is_acknowledged_once_by_the_leader() {
+    let schema = Schema::new().await;
+    let mut sink = Sink::start().await;
+    let email = format!(
+        "[channels.email]\nmailboxes = [\"support@example.com\"]\n\n\
+         [channels.email.acknowledgement]\nenabled = true\ntext = \"We have it: {{ticket}}\"\n\n\
+         [channels.email.relay]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\n",
+        sink.port
+    );
+    let instances: Vec<Option<Daemon>> = (0..3)
+        .map(|index| Some(schema.instance_with(&format!("mail-{index}"), &email)))
+        .collect();
+    let (leader, _) = leader_among(&instances, 0).await;
+    for (index, customer) in ["ann@customer.example", "bob@customer.example"]
+        .into_iter()
+        .enumerate()
+    {
+        // Taken by a follower, then by the leader.
+        let daemon = instances[(leader + 1 - index) % 3].as_ref().unwrap();
+        let raw = format!(
+            "From: {customer}\r\nTo: Example Support <support@example.com>\r\n\
+             Subject: Order {index}\r\nMessage-ID: <order{index}@customer.example>\r\n\
+             Date: Tue, 1 Dec 2026 09:00:00 +0000\r\nMIME-Version: 1.0\r\n\
+             Content-Type: text/plain; charset=utf-8\r\n\r\nWhere is it?\r\n"
+        );
+        let response = daemon
+            .http
+            .post(daemon.url("/v1/channels/email/raw"))
+            .header("content-type", "message/rfc822")
+            .bearer_auth(common::INGEST)
+            .body(raw)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 202);
+        // The three instances see the event within milliseconds of each other: had a follower
+        // answered Ann too, its answer would come before Bob's, whose mail is sent only now.
+        let ack = sink.next(20).await;
+        assert_eq!(common::header(&ack, "To").unwrap(), customer, "{ack}");
+    }
+    let sent = "switchboard_email_auto_replies_total{result=\"sent\"}";
+    let on_leader = instances[leader].as_ref().unwrap();
+    // Counted just after the relay took the mail.
+    eventually(10, "both answers counted", || async {
+        (on_leader.metric(sent).await == Some(2.0)).then_some(())
+    })
+    .await;
+    for (index, daemon) in instances.iter().enumerate() {
+        if index != leader {
+            let counted = daemon.as_ref().unwrap().metric(sent).await;
+            assert_eq!(counted.unwrap_or_default(), 0.0, "follower {index}");
+        }
+    }
     drop(instances);
     schema.drop_schema().await;
 }

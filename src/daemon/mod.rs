@@ -81,7 +81,6 @@ pub struct Daemon {
     pub local_addr: SocketAddr,
     /// The built-in SMTP listener's address, when it is enabled.
     pub smtp_addr: Option<SocketAddr>,
-    pub bus: relay::InProcessBus,
     reload: Reloader,
     stop: Arc<Notify>,
     finished: tokio::task::JoinHandle<()>,
@@ -166,7 +165,6 @@ pub struct Assembled {
     term_context: cluster::TermContext,
     single_term: Option<cluster::Term>,
     buses: Buses,
-    bus: relay::InProcessBus,
     reload: Reloader,
     accepting: Arc<AtomicBool>,
     outbound_task: tokio::task::JoinHandle<()>,
@@ -273,7 +271,6 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
         outbox_written: outbox_written.clone(),
     });
 
-    let bus = relay::InProcessBus::new();
     let event_source = format!("switchboard://{}", settings.listen);
     // Customer chats and the supervisor feed hear of committed events from the store, whichever
     // instance wrote them, from the moment this instance starts.
@@ -299,17 +296,18 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
             acknowledgement.clone(),
             metrics.clone(),
         );
-        tokio::spawn(acknowledgements.run(bus.subscribe()));
+        // Every instance follows the committed events; only the leader answers, so a cluster
+        // acknowledges each email once.
+        let leader = leadership.clone();
+        tokio::spawn(acknowledgements.run(committed.subscribe(), move || leader.is_leader()));
     }
     let supervisor_feed = supervisor::SupervisorFeed::new();
     let supervisor_events = committed.subscribe();
-    let mut event_buses: Vec<Arc<dyn relay::EventBus>> = vec![Arc::new(bus.clone())];
-    event_buses.extend(buses.event_buses.iter().cloned());
     let term_context = cluster::TermContext {
         leadership: leadership.clone(),
         engine: engine_context,
         outbound: outbound.clone(),
-        buses: event_buses,
+        buses: buses.event_buses.clone(),
         source: event_source,
         actions: Arc::new(std::sync::OnceLock::new()),
     };
@@ -408,7 +406,6 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
         term_context,
         single_term,
         buses,
-        bus,
         reload,
         accepting,
         outbound_task,
@@ -429,7 +426,6 @@ impl Assembled {
             term_context,
             single_term,
             mut buses,
-            bus,
             reload,
             accepting,
             outbound_task,
@@ -517,7 +513,6 @@ impl Assembled {
         Ok(Daemon {
             local_addr,
             smtp_addr,
-            bus,
             reload,
             stop,
             finished,

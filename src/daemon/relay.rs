@@ -34,15 +34,12 @@ pub struct PartialPublish {
     pub error: BusError,
 }
 
-/// One outbox event on its way out: the CloudEvent document, built once (when a bus first needs
-/// it) for every bus.
+/// One outbox event on its way out: its CloudEvents document, serialised once (when a broker first
+/// needs it) for every broker.
 #[derive(Debug)]
 pub struct Publication<'a> {
     pub event: &'a OutboxEvent,
     source: &'a str,
-    /// Shared, not copied, by every in-process subscriber.
-    document: OnceLock<Arc<Value>>,
-    /// `document` serialised, once, when a broker first needs it.
     bytes: OnceLock<Vec<u8>>,
 }
 
@@ -51,25 +48,21 @@ impl<'a> Publication<'a> {
         Publication {
             event,
             source,
-            document: OnceLock::new(),
             bytes: OnceLock::new(),
         }
     }
 
-    /// The CloudEvents document.
-    pub fn document(&self) -> &Arc<Value> {
-        self.document
-            .get_or_init(|| Arc::new(cloud_event(self.event, self.source)))
-    }
-
-    /// The document as brokers send it.
+    /// The CloudEvents document as brokers send it.
     pub fn bytes(&self) -> &[u8] {
-        self.bytes
-            .get_or_init(|| self.document().to_string().into_bytes())
+        self.bytes.get_or_init(|| {
+            cloud_event(self.event, self.source)
+                .to_string()
+                .into_bytes()
+        })
     }
 }
 
-/// Somewhere events go: the in-process bus, NATS JetStream, RabbitMQ.
+/// A broker events are published to: NATS JetStream, RabbitMQ.
 #[async_trait]
 pub trait EventBus: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;
@@ -78,8 +71,9 @@ pub trait EventBus: Send + Sync + std::fmt::Debug {
     async fn publish(&self, batch: &[Publication<'_>]) -> Result<(), PartialPublish>;
 }
 
-/// The embedded bus: subscribers in this process (customer chats, the supervisor feed, the email
-/// acknowledgements) receive every event, each the same shared document.
+/// The in-process event bus: committed events, as [`super::cluster::follow_events`] reads them
+/// from the store, handed to the subscribers in this process (customer chats, the supervisor feed,
+/// the email acknowledgements), each the same shared document.
 #[derive(Debug, Clone)]
 pub struct InProcessBus {
     sender: broadcast::Sender<Arc<Value>>,
@@ -96,8 +90,7 @@ impl InProcessBus {
         self.sender.subscribe()
     }
 
-    /// Hands an event document to every subscriber; having none is not an error (the embedded bus
-    /// has no durable consumers to wait for).
+    /// Hands an event document to every subscriber; having none is not an error.
     pub fn deliver(&self, document: Arc<Value>) {
         let _ = self.sender.send(document);
     }
@@ -106,24 +99,6 @@ impl InProcessBus {
 impl Default for InProcessBus {
     fn default() -> Self {
         InProcessBus::new()
-    }
-}
-
-#[async_trait]
-impl EventBus for InProcessBus {
-    fn name(&self) -> &'static str {
-        "in-process"
-    }
-
-    async fn publish(&self, batch: &[Publication<'_>]) -> Result<(), PartialPublish> {
-        // Nobody here listens (a single node without email acknowledgements): no document to build.
-        if self.sender.receiver_count() == 0 {
-            return Ok(());
-        }
-        for publication in batch {
-            self.deliver(publication.document().clone());
-        }
-        Ok(())
     }
 }
 

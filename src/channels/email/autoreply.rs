@@ -2,8 +2,8 @@
 //! ticket, place in the queue and estimated wait — when `[channels.email.acknowledgement]` is on.
 //!
 //! It is driven by the committed `conversation.queued` events (so a customer never hears of a
-//! queue place before its commit) and answers the customer's latest email in the conversation,
-//! once per email. Before anything is sent, two checks (RFC 3834 §2): the email's loop signals
+//! queue place before its commit), on a cluster's leader only, and answers the customer's latest
+//! email in the conversation, once per email. Before anything is sent, two checks (RFC 3834 §2): the email's loop signals
 //! (`metadata.auto_reply`, set at intake by `threading::auto_reply_block`: `Auto-Submitted`,
 //! `Precedence`, `List-Id`, an empty return path, our own address), then the per-sender cap
 //! (`auto_reply_max_per_sender_per_hour`). Each outcome is counted in
@@ -179,8 +179,13 @@ impl Acknowledgements {
         }
     }
 
-    /// Acknowledges queued email conversations until the event stream closes.
-    pub async fn run(mut self, mut events: broadcast::Receiver<Arc<Value>>) {
+    /// Acknowledges queued email conversations until the event stream closes, while `answering()`
+    /// says this instance is the one to answer (a cluster's leader) when the event arrives.
+    pub async fn run(
+        mut self,
+        mut events: broadcast::Receiver<Arc<Value>>,
+        answering: impl Fn() -> bool,
+    ) {
         loop {
             let event = match events.recv().await {
                 Ok(event) => event,
@@ -194,6 +199,7 @@ impl Acknowledgements {
                 Err(broadcast::error::RecvError::Closed) => return,
             };
             if let Some(queued) = queued(&event)
+                && answering()
                 && let Some(outcome) = self.acknowledge(&queued).await
             {
                 self.metrics
