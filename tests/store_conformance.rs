@@ -254,6 +254,7 @@ for_each_backend!(
     resolved_conversation_is_joined,
     routing_events_are_numbered_per_conversation,
     outbox_pending_mark_sent_and_backlog,
+    without_a_broker_committed_events_are_skipped_unread,
     committed_events_are_followed_page_by_page,
     a_conversation_is_rated_once_with_its_event,
     stale_epoch_is_fenced,
@@ -848,6 +849,28 @@ async fn outbox_pending_mark_sent_and_backlog(backend: Backend) {
     store.outbox_mark_sent(&all).await.unwrap();
     assert_eq!(store.outbox_backlog().await.unwrap(), 0);
     assert!(store.outbox_pending(10).await.unwrap().is_empty());
+}
+
+/// The relay's work when no broker is configured: what is committed is marked published, what is
+/// committed later is still pending (for a broker configured later, only what comes after).
+async fn without_a_broker_committed_events_are_skipped_unread(backend: Backend) {
+    let store = backend.store();
+    store.outbox_skip_pending().await.unwrap();
+    write_events(store, 5).await;
+    assert_eq!(store.outbox_backlog().await.unwrap(), 5);
+    store.outbox_skip_pending().await.unwrap();
+    assert_eq!(store.outbox_backlog().await.unwrap(), 0);
+    assert!(store.outbox_pending(10).await.unwrap().is_empty());
+
+    let later = write_events(store, 2).await;
+    let pending = store.outbox_pending(10).await.unwrap();
+    assert_eq!(
+        pending.iter().map(|e| e.event_id).collect::<Vec<_>>(),
+        later.iter().map(|e| e.event_id).collect::<Vec<_>>()
+    );
+    store.outbox_skip_pending().await.unwrap();
+    store.outbox_skip_pending().await.unwrap();
+    assert_eq!(store.outbox_backlog().await.unwrap(), 0);
 }
 
 /// What every instance's chats and supervisor feed rely on: a commit wakes the followers, and the

@@ -115,6 +115,9 @@ pub async fn run(
     metrics: Metrics,
     mut stop: watch::Receiver<bool>,
 ) {
+    if buses.is_empty() {
+        return skip_pending(store, written, metrics, stop).await;
+    }
     let mut backoff = Duration::from_millis(100);
     // The highest outbox position each bus confirmed.
     let mut confirmed = vec![0_i64; buses.len()];
@@ -195,6 +198,30 @@ pub async fn run(
             backoff = (backoff * 2).min(Duration::from_secs(5));
         } else {
             backoff = Duration::from_millis(100);
+        }
+    }
+}
+
+/// [`run`] without a broker: nothing to publish, so committed events are only marked published
+/// (without being read), each time the engine wrote some.
+async fn skip_pending(
+    store: Arc<dyn Store>,
+    written: Arc<Notify>,
+    metrics: Metrics,
+    mut stop: watch::Receiver<bool>,
+) {
+    metrics.outbox_backlog.set(0);
+    loop {
+        if let Err(error) = store.outbox_skip_pending().await {
+            warn!(%error, "cannot mark events published; retrying");
+        }
+        if *stop.borrow() {
+            return;
+        }
+        tokio::select! {
+            _ = written.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => {}
         }
     }
 }

@@ -583,6 +583,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// may keep a cursor instead of a mark per event.
     async fn outbox_mark_sent(&self, positions: &[i64]) -> Result<(), StoreError>;
 
+    /// Marks every event committed so far published without reading them: the relay's whole work
+    /// when no broker is configured (nobody to publish to, but a broker configured later must not
+    /// be sent the whole history).
+    async fn outbox_skip_pending(&self) -> Result<(), StoreError>;
+
     /// How many events wait to be published.
     async fn outbox_backlog(&self) -> Result<u64, StoreError>;
 

@@ -697,6 +697,8 @@ enum Write {
     Park(Box<ParkedStatus>, i64),
     Rate(Box<Rating>, Vec<NewEvent>),
     MarkSent(Vec<i64>),
+    /// Every unsent event marked sent (no broker to publish to).
+    SkipPending,
     Probe,
     Command(Box<ForwardedCommand>),
     Answer(Ulid, serde_json::Value),
@@ -921,6 +923,14 @@ async fn run_write(client: &Client, write: &Write) -> Result<Written, Failure> {
             client
                 .execute(&statement, &[positions, &nanos(&Utc::now())?])
                 .await?;
+            Ok(Written::Done)
+        }
+        Write::SkipPending => {
+            // Events of transactions still running commit unsent and are skipped next time.
+            let statement = client
+                .prepare_cached("UPDATE outbox SET sent_at = $1 WHERE sent_at IS NULL")
+                .await?;
+            client.execute(&statement, &[&nanos(&Utc::now())?]).await?;
             Ok(Written::Done)
         }
         Write::Probe => {
@@ -2289,6 +2299,10 @@ impl Store for PostgresStore {
 
     async fn outbox_mark_sent(&self, positions: &[i64]) -> Result<(), StoreError> {
         self.write_done(Write::MarkSent(positions.to_vec())).await
+    }
+
+    async fn outbox_skip_pending(&self) -> Result<(), StoreError> {
+        self.write_done(Write::SkipPending).await
     }
 
     async fn outbox_backlog(&self) -> Result<u64, StoreError> {

@@ -1947,6 +1947,20 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn outbox_skip_pending(&self) -> Result<(), StoreError> {
+        self.write(|conn| {
+            // One writer commits positions in order: everything up to the highest is committed.
+            conn.prepare_cached(
+                "UPDATE outbox_relay SET published_up_to =
+                     (SELECT COALESCE(MAX(position), 0) FROM outbox)
+                 WHERE id = 1 AND published_up_to < (SELECT COALESCE(MAX(position), 0) FROM outbox)",
+            )?
+            .execute([])?;
+            Ok(())
+        })
+        .await
+    }
+
     fn wakeups(&self) -> Option<broadcast::Receiver<Wakeup>> {
         Some(self.inner.committed.subscribe())
     }
