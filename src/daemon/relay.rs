@@ -141,11 +141,7 @@ pub async fn run(
             if *stop.borrow() {
                 return;
             }
-            tokio::select! {
-                _ = written.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = stop.changed() => {}
-            }
+            events_written(&written, &mut stop).await;
             continue;
         }
         let publications: Vec<Publication> = batch
@@ -218,10 +214,16 @@ async fn skip_pending(
         if *stop.borrow() {
             return;
         }
-        tokio::select! {
-            _ = written.notified() => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = stop.changed() => {}
-        }
+        events_written(&written, &mut stop).await;
+    }
+}
+
+/// Waits until the engine committed events, `stop` changed, or a second passed (events written by
+/// another instance or path wake no one here).
+async fn events_written(written: &Notify, stop: &mut watch::Receiver<bool>) {
+    tokio::select! {
+        _ = written.notified() => {}
+        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        _ = stop.changed() => {}
     }
 }

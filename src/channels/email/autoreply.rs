@@ -3,13 +3,13 @@
 //!
 //! It is driven by the committed `conversation.queued` events (so a customer never hears of a
 //! queue place before its commit), on a cluster's leader only, and answers the customer's latest
-//! email in the conversation, once per email. Before anything is sent, two checks (RFC 3834 §2): the email's loop signals
-//! (`metadata.auto_reply`, set at intake by `threading::auto_reply_block`: `Auto-Submitted`,
-//! `Precedence`, `List-Id`, an empty return path, our own address), then the per-sender cap
-//! (`auto_reply_max_per_sender_per_hour`). Each outcome is counted in
-//! `switchboard_email_auto_replies_total{result}`. The answer carries `Auto-Submitted:
-//! auto-replied` (§5.1) so well-behaved responders do not answer it in turn, threads like a reply,
-//! and is DKIM-signed like one. It is best effort: one attempt, a failure is logged and counted,
+//! email in the conversation, once per email. Before anything is sent, two checks (RFC 3834 §2):
+//! the email's loop signals (`metadata.auto_reply`, set at intake by
+//! `threading::auto_reply_block`: `Auto-Submitted`, `Precedence`, `List-Id`, an empty return path,
+//! our own address), then the per-sender cap (`auto_reply_max_per_sender_per_hour`). Each outcome
+//! is counted in `switchboard_email_auto_replies_total{result}`. The answer carries
+//! `Auto-Submitted: auto-replied` (§5.1) so well-behaved responders do not answer it in turn,
+//! threads like a reply, and is DKIM-signed like one. It is best effort: one attempt, a failure is logged and counted,
 //! never retried (a late "we received your mail" is worse than none).
 
 use std::collections::{HashMap, HashSet, VecDeque};
