@@ -38,7 +38,7 @@ use super::engine::{
 use super::events::cloud_event;
 use super::metrics::Metrics;
 use super::outbound::Outbound;
-use super::relay::{self, EventBus, InProcessBus};
+use super::relay::{self, EventBus};
 use super::views::RouterRead;
 use crate::config::ClusterSettings;
 use crate::routing::{AgentId, Router, RoutingConfig};
@@ -657,6 +657,37 @@ async fn tail_pushes(store: Arc<dyn Store>, context: EngineContext, poll: Durati
             Err(error) => warn!(%error, "cannot read pushes; retrying"),
         }
         woken(&mut wakeups, |wakeup| *wakeup == Wakeup::Pushes, poll).await;
+    }
+}
+
+/// The in-process event bus: committed events, as [`follow_events`] reads them from the store,
+/// handed to the subscribers in this process (customer chats, the supervisor feed, the email
+/// acknowledgements), each the same shared document.
+#[derive(Debug, Clone)]
+pub struct InProcessBus {
+    sender: broadcast::Sender<Arc<Value>>,
+}
+
+impl InProcessBus {
+    pub fn new() -> InProcessBus {
+        InProcessBus {
+            sender: broadcast::channel(4096).0,
+        }
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Value>> {
+        self.sender.subscribe()
+    }
+
+    /// Hands an event document to every subscriber; having none is not an error.
+    pub fn deliver(&self, document: Arc<Value>) {
+        let _ = self.sender.send(document);
+    }
+}
+
+impl Default for InProcessBus {
+    fn default() -> Self {
+        InProcessBus::new()
     }
 }
 

@@ -274,7 +274,7 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
     let event_source = format!("switchboard://{}", settings.listen);
     // Customer chats and the supervisor feed hear of committed events from the store, whichever
     // instance wrote them, from the moment this instance starts.
-    let committed = relay::InProcessBus::new();
+    let committed = cluster::InProcessBus::new();
     tokio::spawn(cluster::follow_events(
         store.clone(),
         cluster::EventsFollowed::from_now(store.as_ref()).await?,

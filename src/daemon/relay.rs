@@ -5,8 +5,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use serde_json::Value;
-use tokio::sync::{Notify, broadcast, watch};
+use tokio::sync::{Notify, watch};
 use tracing::warn;
 
 use super::events::cloud_event;
@@ -69,37 +68,6 @@ pub trait EventBus: Send + Sync + std::fmt::Debug {
     /// Publishes the events in order and returns once the bus confirmed them all; on a failure,
     /// says how many of the first ones were confirmed (the rest are published again later).
     async fn publish(&self, batch: &[Publication<'_>]) -> Result<(), PartialPublish>;
-}
-
-/// The in-process event bus: committed events, as [`super::cluster::follow_events`] reads them
-/// from the store, handed to the subscribers in this process (customer chats, the supervisor feed,
-/// the email acknowledgements), each the same shared document.
-#[derive(Debug, Clone)]
-pub struct InProcessBus {
-    sender: broadcast::Sender<Arc<Value>>,
-}
-
-impl InProcessBus {
-    pub fn new() -> InProcessBus {
-        InProcessBus {
-            sender: broadcast::channel(4096).0,
-        }
-    }
-
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Value>> {
-        self.sender.subscribe()
-    }
-
-    /// Hands an event document to every subscriber; having none is not an error.
-    pub fn deliver(&self, document: Arc<Value>) {
-        let _ = self.sender.send(document);
-    }
-}
-
-impl Default for InProcessBus {
-    fn default() -> Self {
-        InProcessBus::new()
-    }
 }
 
 /// Runs until `stop` turns true and the outbox is drained (or the store is unreachable).
