@@ -85,7 +85,10 @@ async fn main() {
                     &format!("customer-{index}"),
                     "hello",
                 );
-                store.ingest(message, chrono::Utc::now()).await.unwrap();
+                store
+                    .ingest(message, Vec::new(), chrono::Utc::now())
+                    .await
+                    .unwrap();
             }
         });
     }

@@ -82,11 +82,15 @@ async fn sink_session(stream: TcpStream) -> std::io::Result<()> {
     }
 }
 
-/// A 20 KB multipart/mixed message: a text and an HTML alternative and a base64 attachment.
+/// A 20 KB multipart/mixed message: a text and an HTML alternative and a base64 attachment
+/// (distinct content per message).
 fn message(id: usize) -> String {
     let text = "Hello, my order has not arrived and I would like to know where it is. ".repeat(40);
     let html = format!("<html><body><p>{}</p></body></html>", text.trim());
-    let attachment: Vec<u8> = (0..10_300u32).map(|i| (i * 7 % 251) as u8).collect();
+    // Distinct per message, as customers' files are: a store keeping one copy per content must
+    // write every one.
+    let mut attachment = format!("receipt {id} of run {}\n", std::process::id()).into_bytes();
+    attachment.extend((0..10_300u32).map(|i| (i * 7 % 251) as u8));
     let encoded = base64::engine::general_purpose::STANDARD.encode(&attachment);
     let lines: Vec<&str> = encoded
         .as_bytes()

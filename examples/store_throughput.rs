@@ -212,7 +212,9 @@ async fn ingest_through(
             let mut i = task;
             while i < messages {
                 let sent = Instant::now();
-                store.ingest(workload.message(i), Utc::now()).await?;
+                store
+                    .ingest(workload.message(i), Vec::new(), Utc::now())
+                    .await?;
                 latencies.push(sent.elapsed());
                 i += tasks;
             }

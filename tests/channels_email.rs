@@ -19,10 +19,10 @@ const OURS: &str = "support@example.com";
 
 /// `[channels.email]` for a daemon taking mail for `mailbox`, optionally relaying replies to a
 /// local SMTP port.
-fn email_config(mailbox: &str, attachments_dir: &str, relay_port: Option<u16>) -> String {
+fn email_config(mailbox: &str, relay_port: Option<u16>) -> String {
     let mut config = format!(
         "[channels.email]\nmailboxes = [\"{mailbox}\"]\nfrom_name = \"Example Support\"\n\
-         attachments_dir = \"{attachments_dir}\"\nmax_message_bytes = 65536\nmax_attachment_bytes = 4096\n\n\
+         max_message_bytes = 65536\nmax_attachment_bytes = 4096\n\n\
          [channels.email.smtp]\nenabled = true\nlisten = \"127.0.0.1:0\"\nhostname = \"mx.test\"\n"
     );
     if let Some(port) = relay_port {
@@ -35,12 +35,7 @@ fn email_config(mailbox: &str, attachments_dir: &str, relay_port: Option<u16>) -
 
 fn start(mailbox: &str, relay_port: Option<u16>) -> Daemon {
     let dir = tempfile::tempdir().unwrap();
-    let attachments = dir.path().join("attachments");
-    common::write_config(
-        dir.path(),
-        "",
-        &email_config(mailbox, &attachments.display().to_string(), relay_port),
-    );
+    common::write_config(dir.path(), "", &email_config(mailbox, relay_port));
     Daemon::start_in(dir)
 }
 
@@ -366,40 +361,6 @@ async fn smtp_listener_takes_mail_for_our_mailboxes_only_with_size_limits_and_pi
 }
 
 #[tokio::test]
-async fn a_storage_failure_answers_451_and_stores_nothing() {
-    // The attachment store sits under a regular file: saving an attachment fails.
-    let dir = tempfile::tempdir().unwrap();
-    let blocker = dir.path().join("not-a-directory");
-    std::fs::write(&blocker, b"x").unwrap();
-    common::write_config(
-        dir.path(),
-        "",
-        &email_config(
-            OURS,
-            &blocker.join("attachments").display().to_string(),
-            None,
-        ),
-    );
-    let daemon = Daemon::start_in(dir);
-    let email = Message::builder()
-        .from("gina@customer.example".parse::<Mailbox>().unwrap())
-        .to(OURS.parse::<Mailbox>().unwrap())
-        .subject("with attachment")
-        .multipart(
-            MultiPart::mixed()
-                .singlepart(SinglePart::plain("see file".to_owned()))
-                .singlepart(
-                    lettre::message::Attachment::new("note.txt".into())
-                        .body(b"hello".to_vec(), ContentType::TEXT_PLAIN),
-                ),
-        )
-        .unwrap();
-    let error = smtp_client(&daemon).send(email).await.unwrap_err();
-    assert!(error.is_transient(), "451 expected: {error}");
-    assert!(daemon.conversations().await.is_empty());
-}
-
-#[tokio::test]
 async fn replies_go_out_threaded_over_smtp_and_a_bounce_fails_them() {
     // The customer's side: another switchboard whose listener takes mail for the customer.
     let customer_side = start("ann@customer.example", None);
@@ -538,10 +499,9 @@ async fn starttls_is_offered_with_a_certificate_and_the_connection_cap_holds() {
         .output()
         .unwrap();
     assert!(made.status.success(), "{made:?}");
-    let attachments = dir.path().join("attachments");
     let config = format!(
         "{}max_connections = 1\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
-        email_config(OURS, &attachments.display().to_string(), None),
+        email_config(OURS, None),
         cert.display(),
         key.display()
     );
@@ -672,11 +632,7 @@ print("sent")
 #[tokio::test]
 async fn an_idle_client_is_disconnected_after_the_command_timeout() {
     let dir = tempfile::tempdir().unwrap();
-    let attachments = dir.path().join("attachments");
-    let config = format!(
-        "{}command_timeout_seconds = 1\n",
-        email_config(OURS, &attachments.display().to_string(), None)
-    );
+    let config = format!("{}command_timeout_seconds = 1\n", email_config(OURS, None));
     common::write_config(dir.path(), "", &config);
     let daemon = Daemon::start_in(dir);
     let stream = TcpStream::connect(smtp_address(&daemon)).await.unwrap();
@@ -693,14 +649,12 @@ async fn an_idle_client_is_disconnected_after_the_command_timeout() {
 /// acknowledgement on and `extra` email settings.
 fn start_acknowledging(mailboxes: &str, sink: &Sink, extra: &str, dkim: &str) -> Daemon {
     let dir = tempfile::tempdir().unwrap();
-    let attachments = dir.path().join("attachments");
     let config = format!(
         "[channels.email]\nmailboxes = [{mailboxes}]\nfrom_name = \"Example Support\"\n\
-         attachments_dir = \"{}\"\n{extra}\n\
+         {extra}\n\
          [channels.email.acknowledgement]\nenabled = true\n\
          text = \"We have your mail: {{ticket}}, number {{position}}, about {{wait_minutes}} min.\"\n\n\
          [channels.email.relay]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\n{dkim}",
-        attachments.display(),
         sink.port
     );
     common::write_config(dir.path(), "", &config);

@@ -370,10 +370,8 @@ async fn an_offline_message_with_an_email_address_is_answered_by_mail() {
     let mut sink = common::Sink::start().await;
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
-        "[channels.email]\nmailboxes = [\"support@example.com\"]\nfrom_name = \"Example Support\"\n\
-         attachments_dir = \"{}\"\n\n\
+        "[channels.email]\nmailboxes = [\"support@example.com\"]\nfrom_name = \"Example Support\"\n\n\
          [channels.email.relay]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\n",
-        dir.path().join("attachments").display(),
         sink.port
     );
     common::write_config(dir.path(), "", &config);

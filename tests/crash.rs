@@ -90,10 +90,10 @@ async fn current(target: &mut watch::Receiver<Option<Target>>) -> Option<Target>
     up.clone()
 }
 
-fn daemon_config(nats_name: &str, amqp_prefix: &str, attachments: &str) -> String {
+fn daemon_config(nats_name: &str, amqp_prefix: &str) -> String {
     format!(
         "[bus]\nreconnect_initial_ms = 50\nreconnect_max_ms = 500\n\n{}ack_wait_seconds = 2\n\n{}\n\
-         [channels.email]\nmailboxes = [\"{MAILBOX}\"]\nattachments_dir = \"{attachments}\"\n\n\
+         [channels.email]\nmailboxes = [\"{MAILBOX}\"]\n\n\
          [channels.email.smtp]\nenabled = true\nlisten = \"127.0.0.1:0\"\nhostname = \"mx.test\"\n",
         common::nats_config(NATS, nats_name),
         common::amqp_config(RABBITMQ, amqp_prefix),
@@ -179,12 +179,7 @@ async fn killed_at_random_moments_under_mixed_load_loses_and_duplicates_nothing(
     let nats_name = unique_name("crash");
     let amqp_prefix = unique_name("crash");
     let dir = tempfile::tempdir().unwrap();
-    let attachments = dir.path().join("attachments");
-    common::write_config(
-        dir.path(),
-        "",
-        &daemon_config(&nats_name, &amqp_prefix, &attachments.display().to_string()),
-    );
+    common::write_config(dir.path(), "", &daemon_config(&nats_name, &amqp_prefix));
     let mut daemon = Daemon::start_in(dir);
     for bus in ["nats", "amqp"] {
         let connected = format!("switchboard_bus_connected{{bus=\"{bus}\"}}");

@@ -154,10 +154,9 @@ impl Drop for Dovecot {
 
 fn config(dovecot: &Dovecot, state: &Path) -> String {
     format!(
-        "[channels.email]\nmailboxes = [\"support@example.com\"]\nattachments_dir = \"{}\"\n\n\
+        "[channels.email]\nmailboxes = [\"support@example.com\"]\n\n\
          [channels.email.imap]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\nusername = \"ann\"\n\
          password = \"imap-secret\"\npoll_seconds = 30\nstate_file = \"{}\"\n",
-        dovecot.dir.path().join("attachments").display(),
         dovecot.port,
         state.display()
     )
@@ -244,11 +243,10 @@ async fn imap_mail_is_taken_once_flagged_seen_and_a_restart_reads_only_new_mail(
 /// certificate, with extra `[channels.email.imap]` lines.
 fn tls_config(dovecot: &Dovecot, state: &Path, security: &str, port: u16, extra: &str) -> String {
     format!(
-        "[channels.email]\nmailboxes = [\"support@example.com\"]\nattachments_dir = \"{}\"\n\n\
+        "[channels.email]\nmailboxes = [\"support@example.com\"]\n\n\
          [channels.email.imap]\nhost = \"127.0.0.1\"\nport = {port}\nsecurity = \"{security}\"\n\
          ca_file = \"{}\"\nusername = \"ann\"\npassword = \"imap-secret\"\npoll_seconds = 30\n\
          state_file = \"{}\"\n{extra}",
-        dovecot.dir.path().join("attachments").display(),
         dovecot.dir.path().join("cert.pem").display(),
         state.display()
     )

@@ -91,12 +91,9 @@ async fn smtp_slowloris_is_closed_after_the_command_timeout() {
     common::write_config(
         dir.path(),
         "",
-        &format!(
-            "[channels.email]\nmailboxes = [\"support@example.com\"]\nattachments_dir = \"{}\"\n\n\
-             [channels.email.smtp]\nenabled = true\nlisten = \"127.0.0.1:0\"\nhostname = \"mx.test\"\n\
-             command_timeout_seconds = 1\n",
-            dir.path().join("attachments").display()
-        ),
+        "[channels.email]\nmailboxes = [\"support@example.com\"]\n\n\
+         [channels.email.smtp]\nenabled = true\nlisten = \"127.0.0.1:0\"\nhostname = \"mx.test\"\n\
+         command_timeout_seconds = 1\n",
     );
     let daemon = Daemon::start_in(dir);
     // Before the fix each byte restarted the timeout, so this session never ended.
@@ -192,8 +189,7 @@ async fn oversize_bodies_get_413_on_every_ingest_route() {
         "body_limit_bytes = 65536",
         &format!(
             "{TELEGRAM}\n{VONAGE}\n{META}\n{TWILIO}\n[channels.email]\nmailboxes = [\"support@example.com\"]\n\
-             attachments_dir = \"{}\"\nmax_message_bytes = 131072\n",
-            dir.path().join("attachments").display()
+             max_message_bytes = 131072\n"
         ),
     );
     let daemon = Daemon::start_in(dir);

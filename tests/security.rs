@@ -141,15 +141,11 @@ sla_seconds = 300
 offer_timeout_seconds = 1
 "#;
 
-fn channels_config(attachments: &str) -> String {
-    format!(
-        "[channels.telegram.main]\nbot_token = \"123456:ABC-DEF\"\n\n\
+const CHANNELS: &str = "[channels.telegram.main]\nbot_token = \"123456:ABC-DEF\"\n\n\
          [channels.meta.main]\nverify_token = \"verify-me\"\naccess_token = \"graph-token\"\nwhatsapp_phone_number_ids = [\"106540352242922\"]\n\n\
          [channels.twilio.main]\naccount_sid = \"ACbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb\"\npublic_url = \"https://sb.example.com/v1/webhooks/twilio/main\"\nnumbers = [\"+14155550100\"]\n\n\
          [channels.vonage.main]\napi_key = \"abcd1234\"\napi_secret = \"vonage-api-secret\"\nnumbers = [\"+447700900000\"]\n\n\
-         [channels.email]\nmailboxes = [\"support@example.com\"]\nattachments_dir = \"{attachments}\"\n"
-    )
-}
+         [channels.email]\nmailboxes = [\"support@example.com\"]\n";
 
 /// The secrets given through the environment, as an operator would.
 fn secret_env() -> Vec<(&'static str, &'static str)> {
@@ -172,12 +168,7 @@ fn secret_env() -> Vec<(&'static str, &'static str)> {
 
 fn start() -> Daemon {
     let dir = tempfile::tempdir().unwrap();
-    let attachments = dir.path().join("attachments").display().to_string();
-    common::write_config(
-        dir.path(),
-        "",
-        &format!("{ROUTING}\n{}", channels_config(&attachments)),
-    );
+    common::write_config(dir.path(), "", &format!("{ROUTING}\n{CHANNELS}"));
     Daemon::start_capturing(dir, &secret_env())
 }
 

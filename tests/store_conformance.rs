@@ -17,9 +17,9 @@ use switchboard::message::{Address, IdentityLink, InboundMessage};
 use switchboard::store::postgres::{PostgresOptions, PostgresStore};
 use switchboard::store::sqlite::{SCHEMA_VERSION, SqliteOptions, SqliteStore};
 use switchboard::store::{
-    AgentPush, ConversationFilter, ConversationStatus, DeliveryOutcome, DeliveryUpdate, Direction,
-    IngestOutcome, NewEvent, NewReply, ParkedStatus, Rating, RoutingWrite, Store, StoreError,
-    Wakeup,
+    AgentPush, AttachmentContent, ConversationFilter, ConversationStatus, DeliveryOutcome,
+    DeliveryUpdate, Direction, IngestOutcome, NewEvent, NewReply, ParkedStatus, Rating,
+    RoutingWrite, Store, StoreError, Wakeup,
 };
 use tempfile::TempDir;
 use ulid::Ulid;
@@ -246,6 +246,7 @@ macro_rules! for_each_backend {
 for_each_backend!(
     first_message_creates_contact_and_conversation,
     duplicate_is_acknowledged_and_writes_nothing,
+    attachments_are_stored_with_their_message_once_per_content,
     same_thread_key_joins,
     phone_identity_joins_across_channels,
     customer_id_joins_across_channels,
@@ -327,7 +328,7 @@ fn stored(outcome: IngestOutcome) -> Stored {
 
 async fn ingest(store: &dyn Store, message: InboundMessage) -> Stored {
     message.validate().unwrap();
-    stored(store.ingest(message, Utc::now()).await.unwrap())
+    stored(store.ingest(message, Vec::new(), Utc::now()).await.unwrap())
 }
 
 /// Commits `count` routing events in one routing write and returns them.
@@ -421,7 +422,7 @@ async fn first_message_creates_contact_and_conversation(backend: Backend) {
     let received = Utc::now();
     let outcome = stored(
         store
-            .ingest(sms("SM1", PHONE, "my parcel is late"), received)
+            .ingest(sms("SM1", PHONE, "my parcel is late"), Vec::new(), received)
             .await
             .unwrap(),
     );
@@ -475,7 +476,7 @@ async fn first_message_creates_contact_and_conversation(backend: Backend) {
     let mut later = sms("SM2", PHONE, "hello?");
     let provider_time = received - chrono::Duration::seconds(30);
     later.received_at = Some(provider_time);
-    let second = stored(store.ingest(later, Utc::now()).await.unwrap());
+    let second = stored(store.ingest(later, Vec::new(), Utc::now()).await.unwrap());
     assert_eq!(
         store
             .message(second.message)
@@ -485,6 +486,77 @@ async fn first_message_creates_contact_and_conversation(backend: Backend) {
             .created_at,
         provider_time
     );
+}
+
+async fn attachments_are_stored_with_their_message_once_per_content(backend: Backend) {
+    let store = backend.store();
+    let invoice = AttachmentContent::new(b"%PDF-1.7 invoice 1234".to_vec());
+    let photo = AttachmentContent::new(vec![0x89, b'P', b'N', b'G', 0, 255, 13, 10]);
+    let first = store
+        .ingest(
+            email(
+                "<m1@customer.example>",
+                "ann@customer.example",
+                "t1",
+                "see both",
+            ),
+            vec![invoice.clone(), photo.clone()],
+            Utc::now(),
+        )
+        .await
+        .unwrap();
+    stored(first);
+    for attachment in [&invoice, &photo] {
+        assert_eq!(
+            store
+                .attachment(attachment.sha256())
+                .await
+                .unwrap()
+                .as_deref(),
+            Some(attachment.content())
+        );
+    }
+    // Another message bringing the same content: stored, the content kept once, unchanged.
+    stored(
+        store
+            .ingest(
+                email(
+                    "<m2@customer.example>",
+                    "bob@customer.example",
+                    "t2",
+                    "same file",
+                ),
+                vec![invoice.clone()],
+                Utc::now(),
+            )
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        store.attachment(invoice.sha256()).await.unwrap().as_deref(),
+        Some(invoice.content())
+    );
+    // A duplicate stores nothing, attachments included.
+    let other = AttachmentContent::new(b"something else".to_vec());
+    let again = store
+        .ingest(
+            email(
+                "<m1@customer.example>",
+                "ann@customer.example",
+                "t1",
+                "see both",
+            ),
+            vec![other.clone()],
+            Utc::now(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(again, IngestOutcome::Duplicate { .. }),
+        "{again:?}"
+    );
+    assert_eq!(store.attachment(other.sha256()).await.unwrap(), None);
+    assert_eq!(store.attachment(&"0".repeat(64)).await.unwrap(), None);
 }
 
 async fn duplicate_is_acknowledged_and_writes_nothing(backend: Backend) {
@@ -497,7 +569,7 @@ async fn duplicate_is_acknowledged_and_writes_nothing(backend: Backend) {
         .unwrap();
 
     let again = store
-        .ingest(sms("SM1", PHONE, "sent again"), Utc::now())
+        .ingest(sms("SM1", PHONE, "sent again"), Vec::new(), Utc::now())
         .await
         .unwrap();
     assert_eq!(
@@ -1131,7 +1203,7 @@ async fn failed_request_leaves_nothing(backend: Backend) {
         tasks.push(tokio::spawn(async move {
             if i % 2 == 0 {
                 store
-                    .ingest(sms(&format!("B{i}"), PHONE, "more"), Utc::now())
+                    .ingest(sms(&format!("B{i}"), PHONE, "more"), Vec::new(), Utc::now())
                     .await
                     .map(|_| ())
             } else {
@@ -1495,7 +1567,7 @@ async fn concurrent_ingest_is_stored_exactly_once(backend: Backend) {
                     // Each task is one customer on their own number.
                     let from = format!("+1555600{task:04}");
                     let message = sms(&format!("SM-{task}-{i}"), &from, "hello");
-                    let outcome = store.ingest(message, Utc::now()).await.unwrap();
+                    let outcome = store.ingest(message, Vec::new(), Utc::now()).await.unwrap();
                     assert_eq!(
                         matches!(outcome, IngestOutcome::Duplicate { .. }),
                         duplicates,
@@ -1605,7 +1677,7 @@ async fn data_survives_reopen(backend: Backend) {
     // Deduplication, threads and fencing survive too.
     assert!(matches!(
         store
-            .ingest(sms("SM1", PHONE, "hi"), Utc::now())
+            .ingest(sms("SM1", PHONE, "hi"), Vec::new(), Utc::now())
             .await
             .unwrap(),
         IngestOutcome::Duplicate { .. }
@@ -1632,11 +1704,15 @@ async fn failing_writes_are_unavailable_and_store_nothing(backend: Backend) {
     store.check_writable().await.unwrap();
 
     let block = backend.block_writes().await;
-    let result = store.ingest(sms("SM1", PHONE, "hi"), Utc::now()).await;
+    let photo = AttachmentContent::new(b"a photo of the parcel".to_vec());
+    let result = store
+        .ingest(sms("SM1", PHONE, "hi"), vec![photo.clone()], Utc::now())
+        .await;
     assert!(
         matches!(result, Err(StoreError::Unavailable(_))),
         "{result:?}"
     );
+    assert_eq!(store.attachment(photo.sha256()).await.unwrap(), None);
     let result = store.check_writable().await;
     assert!(
         matches!(result, Err(StoreError::Unavailable(_))),
@@ -1648,7 +1724,7 @@ async fn failing_writes_are_unavailable_and_store_nothing(backend: Backend) {
         let store = Arc::clone(&backend.store);
         tasks.push(tokio::spawn(async move {
             store
-                .ingest(sms(&format!("SM-{i}"), PHONE, "hi"), Utc::now())
+                .ingest(sms(&format!("SM-{i}"), PHONE, "hi"), Vec::new(), Utc::now())
                 .await
         }));
     }
@@ -1688,7 +1764,7 @@ async fn failing_writes_are_unavailable_and_store_nothing(backend: Backend) {
     store.check_writable().await.unwrap();
     let retried = stored(
         store
-            .ingest(sms("SM1", PHONE, "hi"), Utc::now())
+            .ingest(sms("SM1", PHONE, "hi"), Vec::new(), Utc::now())
             .await
             .unwrap(),
     );
@@ -1789,7 +1865,10 @@ mod sqlite_only {
             let store = store.clone();
             tasks.push(tokio::spawn(async move {
                 let message = sms(&format!("SM-{i}"), PHONE, "hi");
-                store.ingest(message, Utc::now()).await.map(stored)
+                store
+                    .ingest(message, Vec::new(), Utc::now())
+                    .await
+                    .map(stored)
             }));
         }
         tokio::task::yield_now().await;
@@ -1804,7 +1883,9 @@ mod sqlite_only {
                 Err(other) => panic!("{other:?}"),
             }
         }
-        let after = store.ingest(sms("late", PHONE, "hi"), Utc::now()).await;
+        let after = store
+            .ingest(sms("late", PHONE, "hi"), Vec::new(), Utc::now())
+            .await;
         assert!(
             matches!(after, Err(StoreError::Unavailable(_))),
             "{after:?}"
@@ -1820,8 +1901,11 @@ mod sqlite_only {
         // waiting are still committed before the writer exits.
         let before = stored.len();
         for i in 0..20 {
-            let mut request =
-                Box::pin(store.ingest(sms(&format!("SM-drop-{i}"), PHONE, "bye"), Utc::now()));
+            let mut request = Box::pin(store.ingest(
+                sms(&format!("SM-drop-{i}"), PHONE, "bye"),
+                Vec::new(),
+                Utc::now(),
+            ));
             // Polled once: the request is queued; then the caller gives up.
             tokio::select! {
                 biased;
@@ -1854,7 +1938,11 @@ mod sqlite_only {
                 ingests.push(tokio::spawn(async move {
                     let from = format!("+1555800{:04}", i % 40);
                     store
-                        .ingest(sms(&format!("SM-shared-{i}"), &from, "hi"), Utc::now())
+                        .ingest(
+                            sms(&format!("SM-shared-{i}"), &from, "hi"),
+                            Vec::new(),
+                            Utc::now(),
+                        )
                         .await
                         .map(stored)
                 }));
@@ -1888,7 +1976,7 @@ mod sqlite_only {
             tasks.push(tokio::spawn(async move {
                 let from = format!("+1555700{:04}", i % 50);
                 store
-                    .ingest(sms(&format!("SM-{i}"), &from, "hi"), Utc::now())
+                    .ingest(sms(&format!("SM-{i}"), &from, "hi"), Vec::new(), Utc::now())
                     .await
                     .map(stored)
             }));
@@ -2085,7 +2173,7 @@ async fn takeover_fences_the_old_leader(backend: Backend) {
 async fn ingest_retrying(store: &dyn Store, message: InboundMessage) -> IngestOutcome {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        match store.ingest(message.clone(), Utc::now()).await {
+        match store.ingest(message.clone(), Vec::new(), Utc::now()).await {
             Ok(outcome) => return outcome,
             Err(StoreError::Unavailable(reason)) => {
                 assert!(tokio::time::Instant::now() < deadline, "{reason}");
@@ -2355,7 +2443,7 @@ mod postgres_only {
             let store = store.clone();
             tasks.push(tokio::spawn(async move {
                 let message = sms(&format!("SM-load-{i}"), &format!("+1555{i:07}"), "hi");
-                (i, store.ingest(message, Utc::now()).await)
+                (i, store.ingest(message, Vec::new(), Utc::now()).await)
             }));
         }
         cut().await;
@@ -2376,7 +2464,7 @@ mod postgres_only {
         // of what the lost commit stored after all.
         for i in 0..200 {
             let message = sms(&format!("SM-load-{i}"), &format!("+1555{i:07}"), "hi");
-            store.ingest(message, Utc::now()).await.unwrap();
+            store.ingest(message, Vec::new(), Utc::now()).await.unwrap();
         }
         assert_eq!(all_messages(&store).await.len(), 202);
         assert!(store.stats().commits > 0);
@@ -2412,7 +2500,7 @@ async fn status_before_the_provider_id_is_applied_when_it_is_stored(backend: Bac
     let store = backend.store();
     let inbound = stored(
         store
-            .ingest(sms("SM-in-9", PHONE, "hello"), Utc::now())
+            .ingest(sms("SM-in-9", PHONE, "hello"), Vec::new(), Utc::now())
             .await
             .unwrap(),
     );

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use common::{ADMIN, Daemon, api_message};
 use serde_json::Value;
+use sha2::Digest as _;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -83,7 +84,11 @@ async fn smtp_command(reader: &mut BufReader<TcpStream>, command: &str) -> (u16,
     smtp_reply(reader).await
 }
 
-/// Sends one mail in an open session (after EHLO); returns the answer to the end of DATA.
+/// The attachment every test mail carries.
+const ATTACHMENT: &[u8] = b"order 1234: crushed on arrival";
+
+/// Sends one mail with [`ATTACHMENT`] in an open session (after EHLO); returns the answer to the
+/// end of DATA.
 async fn smtp_mail(reader: &mut BufReader<TcpStream>, message_id: &str) -> (u16, String) {
     assert_eq!(
         smtp_command(reader, &format!("MAIL FROM:<{CUSTOMER}@example.net>\r\n"))
@@ -98,9 +103,16 @@ async fn smtp_mail(reader: &mut BufReader<TcpStream>, message_id: &str) -> (u16,
         250
     );
     assert_eq!(smtp_command(reader, "DATA\r\n").await.0, 354);
+    use base64::Engine as _;
+    let attachment = base64::engine::general_purpose::STANDARD.encode(ATTACHMENT);
     let mail = format!(
         "From: <{CUSTOMER}@example.net>\r\nTo: <support@example.com>\r\nSubject: locked\r\n\
-         Message-ID: <{message_id}>\r\n\r\nIs anybody there?\r\n.\r\n"
+         Message-ID: <{message_id}>\r\nMIME-Version: 1.0\r\n\
+         Content-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n\
+         --b1\r\nContent-Type: text/plain\r\n\r\nIs anybody there?\r\n\
+         --b1\r\nContent-Type: text/plain; name=\"note.txt\"\r\n\
+         Content-Disposition: attachment; filename=\"note.txt\"\r\n\
+         Content-Transfer-Encoding: base64\r\n\r\n{attachment}\r\n--b1--\r\n.\r\n"
     );
     smtp_command(reader, &mail).await
 }
@@ -109,16 +121,12 @@ async fn smtp_mail(reader: &mut BufReader<TcpStream>, message_id: &str) -> (u16,
 async fn a_locked_store_answers_503_and_451_then_recovers_with_nothing_lost() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("switchboard.sqlite");
-    let attachments = dir.path().join("attachments");
     common::write_config_with_store(
         dir.path(),
         "",
         &format!("path = \"{}\"\nbusy_timeout_ms = 300", store.display()),
-        &format!(
-            "[channels.email]\nmailboxes = [\"support@example.com\"]\nattachments_dir = \"{}\"\n\n\
-             [channels.email.smtp]\nenabled = true\nlisten = \"127.0.0.1:0\"\nhostname = \"mx.test\"\n",
-            attachments.display()
-        ),
+        "[channels.email]\nmailboxes = [\"support@example.com\"]\n\n\
+         [channels.email.smtp]\nenabled = true\nlisten = \"127.0.0.1:0\"\nhostname = \"mx.test\"\n",
     );
     let daemon = Daemon::start_in(dir);
     let mut acknowledged = Vec::new();
@@ -148,6 +156,12 @@ async fn a_locked_store_answers_503_and_451_then_recovers_with_nothing_lost() {
     );
     let (code, text) = smtp_mail(&mut smtp, "during-lock@example.net").await;
     assert_eq!(code, 451, "SMTP asks the sender to retry: {text}");
+    // Nothing of the refused mail was kept, its attachment included.
+    let attachment_path = format!(
+        "/v1/channels/email/attachments/{}",
+        hex::encode(sha2::Sha256::digest(ATTACHMENT))
+    );
+    assert_eq!(daemon.get(&attachment_path, ADMIN).await.0, 404);
 
     locker.execute_batch("ROLLBACK").unwrap();
     drop(locker);
@@ -167,6 +181,16 @@ async fn a_locked_store_answers_503_and_451_then_recovers_with_nothing_lost() {
     let (code, text) = smtp_mail(&mut smtp, "during-lock@example.net").await;
     assert_eq!(code, 250, "{text}");
     acknowledged.push("during-lock@example.net".to_owned());
+    // The retried mail's attachment came in its commit.
+    let response = daemon
+        .http
+        .get(daemon.url(&attachment_path))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(response.bytes().await.unwrap().as_ref(), ATTACHMENT);
 
     let stored = stored_ids(&daemon).await;
     assert_stored_once(&daemon, &acknowledged).await;

@@ -1,4 +1,4 @@
-//! The `[channels.email]` section: our mailboxes, the attachment store, the built-in SMTP listener
+//! The `[channels.email]` section: our mailboxes, attachment limits, the built-in SMTP listener
 //! (`[channels.email.smtp]`) and the relay agents' replies leave through (`[channels.email.relay]`),
 //! parsed once into validated [`EmailSettings`].
 //!
@@ -32,10 +32,8 @@ pub struct EmailSection {
     /// Right-hand side of our `Message-ID`s; the first mailbox's domain when absent.
     #[serde(default)]
     pub message_id_domain: Option<String>,
-    /// Where attachments are saved (one file per content, named by its SHA-256).
-    #[serde(default = "default_attachments_dir")]
-    pub attachments_dir: PathBuf,
-    /// An attachment larger than this is not saved; the message notes it was dropped.
+    /// An attachment larger than this is not stored; the message notes it was dropped. The others
+    /// are stored with their message, once per content (named by its SHA-256).
     #[serde(default = "default_max_attachment")]
     pub max_attachment_bytes: usize,
     /// The largest message taken in (SMTP answers 552 above it; the raw webhook 413).
@@ -251,9 +249,6 @@ pub struct RelaySection {
 fn default_tag_prefix() -> String {
     "SB".into()
 }
-fn default_attachments_dir() -> PathBuf {
-    PathBuf::from("data/attachments")
-}
 fn default_max_attachment() -> usize {
     10 << 20
 }
@@ -280,7 +275,6 @@ pub struct EmailSettings {
     pub from_name: Option<String>,
     pub subject_tag_prefix: String,
     pub message_id_domain: String,
-    pub attachments_dir: PathBuf,
     pub max_attachment_bytes: usize,
     pub max_message_bytes: usize,
     pub smtp: Option<SmtpListenerSettings>,
@@ -575,7 +569,6 @@ pub fn validate(section: &EmailSection) -> Result<EmailSettings, ConfigLoadError
         from_name: section.from_name.clone(),
         subject_tag_prefix: section.subject_tag_prefix.clone(),
         message_id_domain,
-        attachments_dir: section.attachments_dir.clone(),
         max_attachment_bytes: section.max_attachment_bytes,
         max_message_bytes: section.max_message_bytes,
         smtp,

@@ -22,7 +22,7 @@ use crate::message::InboundMessage;
 use crate::routing::{
     AgentId, CommandError, ConversationId, ConversationState, QueueName, TransferTarget,
 };
-use crate::store::{IngestOutcome, NewReply, Store, StoreError};
+use crate::store::{AttachmentContent, IngestOutcome, NewReply, Store, StoreError};
 
 /// What kind of problem a refusal is: decides the HTTP status, and on a bus whether a retry may help.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,10 +174,25 @@ impl Actions {
         message: InboundMessage,
         received: Instant,
     ) -> Result<IngestReceipt, Refusal> {
+        self.ingest_with_attachments(message, Vec::new(), received)
+            .await
+    }
+
+    /// [`Actions::ingest`] for a channel that brings its attachments' contents in (email): they
+    /// are stored in the message's commit.
+    pub async fn ingest_with_attachments(
+        &self,
+        message: InboundMessage,
+        attachments: Vec<AttachmentContent>,
+        received: Instant,
+    ) -> Result<IngestReceipt, Refusal> {
         self.intake_open()?;
         let channel = message.channel.clone();
         let started = Instant::now();
-        let outcome = self.store.ingest(message.clone(), Utc::now()).await?;
+        let outcome = self
+            .store
+            .ingest(message.clone(), attachments, Utc::now())
+            .await?;
         self.metrics
             .store_commit_seconds
             .with_label_values(&["ingest"])

@@ -31,7 +31,7 @@ use crate::channels::email::intake::{EmailIntake, IntakeError};
 use crate::channels::{Inbound, LiveChannels, WebhookAnswer, WebhookError, WebhookRequest};
 use crate::config::{AuthSection, Denied, bearer_token};
 use crate::routing::AgentId;
-use crate::store::{ConversationFilter, ConversationStatus, StoreError};
+use crate::store::{AttachmentContent, ConversationFilter, ConversationStatus, StoreError};
 
 /// Shared state of every handler.
 #[derive(Debug, Clone)]
@@ -531,7 +531,6 @@ async fn email_attachment(
             return Err(forbidden_or_unknown(&auth, token));
         }
     }
-    let intake = email_intake(&state)?;
     let not_found = || {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -539,8 +538,15 @@ async fn email_attachment(
             "no such attachment",
         )
     };
-    let path = intake.attachments.path_of(&key).ok_or_else(not_found)?;
-    let content = tokio::fs::read(path).await.map_err(|_| not_found())?;
+    if !AttachmentContent::is_name(&key) {
+        return Err(not_found());
+    }
+    let content = state
+        .actions
+        .store
+        .attachment(&key)
+        .await?
+        .ok_or_else(not_found)?;
     Ok((
         [
             (header::CONTENT_TYPE, "application/octet-stream"),

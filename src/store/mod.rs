@@ -438,6 +438,45 @@ pub struct Lease {
     pub remaining: Option<std::time::Duration>,
 }
 
+/// An attachment's bytes, named by their SHA-256. Stored in the same transaction as the message
+/// that brought them (once per content, however many messages bring it), so an acknowledged
+/// message's attachments are durable with it and every instance of a cluster can serve them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachmentContent {
+    sha256: String,
+    content: Vec<u8>,
+}
+
+impl AttachmentContent {
+    /// Names the content by its hash (hashing 10 MiB takes tens of milliseconds: call it off the
+    /// async threads for large parts).
+    pub fn new(content: Vec<u8>) -> AttachmentContent {
+        use sha2::{Digest, Sha256};
+        AttachmentContent {
+            sha256: hex::encode(Sha256::digest(&content)),
+            content,
+        }
+    }
+
+    /// The SHA-256 of the content in lower-case hex: the attachment's name.
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
+    pub fn content(&self) -> &[u8] {
+        &self.content
+    }
+
+    /// Whether `name` can name an attachment (a SHA-256 in lower-case hex); nothing else is ever
+    /// looked up.
+    pub fn is_name(name: &str) -> bool {
+        name.len() == 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    }
+}
+
 /// An inbound message with everything that does not need the database worked out on the caller's
 /// task, so a backend's writer only runs SQL. Every backend stores the same fields.
 #[derive(Debug)]
@@ -457,11 +496,14 @@ pub(crate) struct IngestRequest {
     pub body: String,
     pub message_time: DateTime<Utc>,
     pub intake_time: DateTime<Utc>,
+    /// Stored only with a new message (a duplicate's came with the first copy).
+    pub attachments: Vec<AttachmentContent>,
 }
 
 impl IngestRequest {
     pub(crate) fn new(
         mut message: InboundMessage,
+        attachments: Vec<AttachmentContent>,
         received_at: DateTime<Utc>,
     ) -> Result<IngestRequest, StoreError> {
         let message_id = Ulid::new();
@@ -498,6 +540,7 @@ impl IngestRequest {
             body,
             message_time,
             intake_time: received_at,
+            attachments,
         })
     }
 }
@@ -509,12 +552,19 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// creates the contact from the message's identities (linking new identities to it), and finds the
     /// conversation: the thread key's conversation if not closed, else the contact's conversation that
     /// is not closed (any channel), else a new one. Updates the conversation's reply route. Returns
-    /// only after the commit. `received_at` is used when the message has none.
+    /// only after the commit. `received_at` is used when the message has none. The contents of the
+    /// message's attachments (if the channel brought them in, as email does) are stored in the same
+    /// transaction, unless the message is a duplicate.
     async fn ingest(
         &self,
         message: InboundMessage,
+        attachments: Vec<AttachmentContent>,
         received_at: DateTime<Utc>,
     ) -> Result<IngestOutcome, StoreError>;
+
+    /// An attachment's content by its name ([`AttachmentContent::sha256`]), if a stored message
+    /// brought it.
+    async fn attachment(&self, sha256: &str) -> Result<Option<Vec<u8>>, StoreError>;
 
     /// Commits a routing step: conversation and agent states, routed marks and events, atomically.
     /// Conversations set to `Closed` keep their history; their thread keys no longer match.

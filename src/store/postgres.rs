@@ -49,12 +49,12 @@ use ulid::Ulid;
 use super::IngestRequest;
 use super::sqlite::WriterStats;
 use super::{
-    ConversationFilter, ConversationRecord, ConversationStatus, DeliveryOutcome, DeliveryRecorded,
-    DeliveryUpdate, Direction, EventCursor, EventsPage, ForwardedCommand, IngestOutcome, Lease,
-    Member, NewEvent, NewReply, OutboxEvent, PARKED_STATUS_TTL_NANOS, ParkedStatus, Rating,
-    RatingSummary, Recovery, ReplyRoute, RoutingWrite, Signal, Store, StoreError, StoredMessage,
-    StoredPush, UnroutedMessage, Wakeup, json_text, lease_duration, parked_failure_event,
-    parse_status, parse_ulid, prefix_error, status_rank_sql, to_i64, to_u64,
+    AttachmentContent, ConversationFilter, ConversationRecord, ConversationStatus, DeliveryOutcome,
+    DeliveryRecorded, DeliveryUpdate, Direction, EventCursor, EventsPage, ForwardedCommand,
+    IngestOutcome, Lease, Member, NewEvent, NewReply, OutboxEvent, PARKED_STATUS_TTL_NANOS,
+    ParkedStatus, Rating, RatingSummary, Recovery, ReplyRoute, RoutingWrite, Signal, Store,
+    StoreError, StoredMessage, StoredPush, UnroutedMessage, Wakeup, json_text, lease_duration,
+    parked_failure_event, parse_status, parse_ulid, prefix_error, status_rank_sql, to_i64, to_u64,
 };
 use crate::message::InboundMessage;
 
@@ -84,6 +84,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (
         7,
         include_str!("../../migrations/postgres/0007_routing_writes.sql"),
+    ),
+    (
+        8,
+        include_str!("../../migrations/postgres/0008_attachments.sql"),
     ),
 ];
 
@@ -1409,12 +1413,39 @@ async fn ingest_tx(client: &Client, request: &EncodedIngest) -> Result<IngestOut
                 (id, true)
             }
         };
-        return store_in_conversation(client, request, &found, &contact_id, new_contact).await;
+        let outcome =
+            store_in_conversation(client, request, &found, &contact_id, new_contact).await?;
+        if matches!(outcome, IngestOutcome::Stored { .. }) {
+            store_attachments(client, request).await?;
+        }
+        return Ok(outcome);
     }
     Err(StoreError::Unavailable(
         "the customer's identities kept changing under concurrent writes; retry".into(),
     )
     .into())
+}
+
+/// The message's attachments' contents, once per content, in the message's transaction.
+async fn store_attachments(client: &Client, request: &EncodedIngest) -> Result<(), Failure> {
+    let attachments = &request.request.attachments;
+    if attachments.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&str> = attachments.iter().map(AttachmentContent::sha256).collect();
+    let contents: Vec<&[u8]> = attachments.iter().map(AttachmentContent::content).collect();
+    let statement = client
+        .prepare_cached(
+            "INSERT INTO attachments (sha256, size, content, created_at)
+             SELECT name, octet_length(content), content, $3
+             FROM unnest($1::text[], $2::bytea[]) AS a (name, content)
+             ON CONFLICT (sha256) DO NOTHING",
+        )
+        .await?;
+    client
+        .execute(&statement, &[&names, &contents, &request.intake_time])
+        .await?;
+    Ok(())
 }
 
 async fn store_in_conversation(
@@ -2068,9 +2099,10 @@ impl Store for PostgresStore {
     async fn ingest(
         &self,
         message: InboundMessage,
+        attachments: Vec<AttachmentContent>,
         received_at: DateTime<Utc>,
     ) -> Result<IngestOutcome, StoreError> {
-        let request = EncodedIngest::new(IngestRequest::new(message, received_at)?)?;
+        let request = EncodedIngest::new(IngestRequest::new(message, attachments, received_at)?)?;
         match self.write(Write::Ingest(Box::new(request))).await? {
             Written::Ingest(outcome) => Ok(outcome),
             other => Err(unexpected(&other)),
@@ -2139,6 +2171,21 @@ impl Store for PostgresStore {
                     .iter()
                     .map(|row| parse_ulid(column(row, 0)?))
                     .collect::<Result<_, _>>()?)
+            })
+        })
+        .await
+    }
+
+    async fn attachment(&self, sha256: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let sha256 = sha256.to_owned();
+        self.read(|client| {
+            let sha256 = sha256.clone();
+            Box::pin(async move {
+                let statement = client
+                    .prepare_cached("SELECT content FROM attachments WHERE sha256 = $1")
+                    .await?;
+                let row = client.query_opt(&statement, &[&sha256]).await?;
+                Ok(row.as_ref().map(|row| column(row, 0)).transpose()?)
             })
         })
         .await

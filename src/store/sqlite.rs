@@ -56,12 +56,12 @@ use ulid::Ulid;
 
 use super::IngestRequest;
 use super::{
-    ConversationFilter, ConversationRecord, ConversationStatus, DeliveryOutcome, DeliveryRecorded,
-    DeliveryUpdate, Direction, EventCursor, EventsPage, IngestOutcome, Lease, NewEvent, NewReply,
-    OutboxEvent, PARKED_STATUS_TTL_NANOS, ParkedStatus, Rating, RatingSummary, Recovery,
-    ReplyRoute, RoutingWrite, Store, StoreError, StoredMessage, UnroutedMessage, Wakeup, json_text,
-    lease_duration, parked_failure_event, parse_status, parse_ulid, prefix_error, status_rank_sql,
-    to_i64, to_u64,
+    AttachmentContent, ConversationFilter, ConversationRecord, ConversationStatus, DeliveryOutcome,
+    DeliveryRecorded, DeliveryUpdate, Direction, EventCursor, EventsPage, IngestOutcome, Lease,
+    NewEvent, NewReply, OutboxEvent, PARKED_STATUS_TTL_NANOS, ParkedStatus, Rating, RatingSummary,
+    Recovery, ReplyRoute, RoutingWrite, Store, StoreError, StoredMessage, UnroutedMessage, Wakeup,
+    json_text, lease_duration, parked_failure_event, parse_status, parse_ulid, prefix_error,
+    status_rank_sql, to_i64, to_u64,
 };
 use crate::message::{IdentityLink, InboundMessage};
 
@@ -82,6 +82,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         include_str!("../../migrations/sqlite/0005_outbox_cursor.sql"),
     ),
     (6, include_str!("../../migrations/sqlite/0006_ratings.sql")),
+    (
+        7,
+        include_str!("../../migrations/sqlite/0007_attachments.sql"),
+    ),
 ];
 
 /// The newest schema version this binary knows.
@@ -1051,6 +1055,20 @@ fn ingest_tx(conn: &Connection, request: &IngestRequest) -> Result<IngestOutcome
         ts(&request.message_time),
     ])?;
 
+    // 5. The attachments' contents, once per content.
+    for attachment in &request.attachments {
+        conn.prepare_cached(
+            "INSERT INTO attachments (sha256, size, content, created_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (sha256) DO NOTHING",
+        )?
+        .execute(params![
+            attachment.sha256(),
+            to_i64(attachment.content().len() as u64, "attachment size")?,
+            attachment.content(),
+            ts(&request.intake_time),
+        ])?;
+    }
+
     Ok(IngestOutcome::Stored {
         message_id: request.message_id,
         conversation_id: parse_ulid(&conversation_id)?,
@@ -1831,10 +1849,22 @@ impl Store for SqliteStore {
     async fn ingest(
         &self,
         message: InboundMessage,
+        attachments: Vec<AttachmentContent>,
         received_at: DateTime<Utc>,
     ) -> Result<IngestOutcome, StoreError> {
-        let request = IngestRequest::new(message, received_at)?;
+        let request = IngestRequest::new(message, attachments, received_at)?;
         self.write(move |conn| ingest_tx(conn, &request)).await
+    }
+
+    async fn attachment(&self, sha256: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let sha256 = sha256.to_owned();
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached("SELECT content FROM attachments WHERE sha256 = ?1")?
+                .query_row(params![sha256], |row| row.get(0))
+                .optional()?)
+        })
+        .await
     }
 
     async fn apply_routing(&self, write: Arc<RoutingWrite>) -> Result<(), StoreError> {

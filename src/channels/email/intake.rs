@@ -1,6 +1,7 @@
-//! The one path every email intake takes (SMTP listener, IMAP, raw webhook): parse, save the
-//! attachments, find the thread, then `Actions::ingest` — or, for a bounce of one of our replies,
-//! record that reply's failure (`message.delivery_failed`) instead of opening a conversation.
+//! The one path every email intake takes (SMTP listener, IMAP, raw webhook): parse, name the
+//! attachments, find the thread, then `Actions::ingest_with_attachments` (the attachments are
+//! stored in the message's commit) — or, for a bounce of one of our replies, record that reply's
+//! failure (`message.delivery_failed`) instead of opening a conversation.
 //!
 //! It returns only after the commit, so the caller may then acknowledge the message to its source
 //! (SMTP 250, HTTP 2xx, IMAP flag/move).
@@ -11,14 +12,14 @@ use std::time::Instant;
 use schemars::JsonSchema;
 use serde::Serialize;
 
-use super::attachments::AttachmentStore;
-use super::mime::{self, ParsedEmail};
+use super::attachments::AttachmentLinks;
+use super::mime::{self, ParsedEmail, RawAttachment};
 use super::{Envelope, Normalise, threading};
 use crate::channels::{DeliveryState, StatusUpdate};
 use crate::config::email::EmailSettings;
 use crate::daemon::actions::{Actions, IngestReceipt, Refusal, RefusalKind};
 use crate::message::Attachment;
-use crate::store::ConversationStatus;
+use crate::store::{AttachmentContent, ConversationStatus};
 
 /// Why a message was not taken.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -72,14 +73,14 @@ impl From<&IngestReceipt> for Accepted {
 #[derive(Debug, Clone)]
 pub struct EmailIntake {
     pub settings: Arc<EmailSettings>,
-    pub attachments: AttachmentStore,
+    attachment_links: AttachmentLinks,
     actions: Actions,
 }
 
 impl EmailIntake {
     pub fn new(settings: Arc<EmailSettings>, public_url: &str, actions: Actions) -> EmailIntake {
         EmailIntake {
-            attachments: AttachmentStore::new(settings.attachments_dir.clone(), public_url),
+            attachment_links: AttachmentLinks::new(public_url),
             settings,
             actions,
         }
@@ -106,7 +107,7 @@ impl EmailIntake {
                 self.settings.max_message_bytes
             )));
         }
-        let email = mime::parse(raw, envelope.mail_from.as_deref())
+        let mut email = mime::parse(raw, envelope.mail_from.as_deref())
             .map_err(|error| IntakeError::Rejected(error.to_string()))?;
         if let Some(bounce) = &email.bounce
             && let Some(original) = &bounce.original_message_id
@@ -135,7 +136,9 @@ impl EmailIntake {
                 original_message_id: Some(original.clone()),
             });
         }
-        let (attachments, dropped) = self.save_attachments(&email).await?;
+        let named = self
+            .name_attachments(std::mem::take(&mut email.attachments))
+            .await?;
         let thread_key = self.tagged_thread(&email).await?;
         let message = Normalise {
             raw,
@@ -144,14 +147,17 @@ impl EmailIntake {
             settings: &self.settings,
             provider,
             thread_key,
-            attachments,
-            dropped,
+            attachments: named.listed,
+            dropped: named.dropped,
         }
         .message();
         message
             .validate()
             .map_err(|error| IntakeError::Rejected(format!("invalid message: {error}")))?;
-        let receipt = self.actions.ingest(message, received).await?;
+        let receipt = self
+            .actions
+            .ingest_with_attachments(message, named.contents, received)
+            .await?;
         Ok(Accepted::from(&receipt))
     }
 
@@ -178,41 +184,52 @@ impl EmailIntake {
             .map(|record| record.reply_route.thread_key))
     }
 
-    /// Saves every attachment under the size cap (off the async threads: it syncs to disk).
-    async fn save_attachments(
+    /// Names every attachment under the size cap by its hash (off the async threads: a part may
+    /// be megabytes) and lists the ones dropped for their size. The contents go to the store
+    /// with the message.
+    async fn name_attachments(
         &self,
-        email: &ParsedEmail,
-    ) -> Result<(Vec<Attachment>, Vec<String>), IntakeError> {
-        let store = self.attachments.clone();
+        parts: Vec<RawAttachment>,
+    ) -> Result<NamedAttachments, IntakeError> {
+        let links = self.attachment_links.clone();
         let cap = self.settings.max_attachment_bytes;
-        let parts = email.attachments.clone();
+        if parts.is_empty() {
+            return Ok(NamedAttachments::default());
+        }
         tokio::task::spawn_blocking(move || {
-            let mut saved = Vec::new();
-            let mut dropped = Vec::new();
+            let mut named = NamedAttachments::default();
             for part in parts {
-                let name = part
-                    .filename
-                    .clone()
-                    .unwrap_or_else(|| part.content_type.clone());
-                if part.content.len() > cap {
-                    dropped.push(format!("{name} ({} bytes, over {cap})", part.content.len()));
+                let size = part.content.len();
+                if size > cap {
+                    let name = part.filename.as_deref().unwrap_or(&part.content_type);
+                    named
+                        .dropped
+                        .push(format!("{name} ({size} bytes, over {cap})"));
                     continue;
                 }
-                let url = store.save(&part.content).map_err(|error| {
-                    IntakeError::Unavailable(format!("cannot save attachment {name}: {error}"))
-                })?;
-                saved.push(Attachment {
-                    url,
+                let content = AttachmentContent::new(part.content);
+                named.listed.push(Attachment {
+                    url: links.url(&content),
                     content_type: part.content_type,
                     filename: part.filename,
-                    size: Some(part.content.len() as u64),
+                    size: Some(size as u64),
                 });
+                named.contents.push(content);
             }
-            Ok((saved, dropped))
+            named
         })
         .await
-        .map_err(|error| IntakeError::Unavailable(format!("attachment writer failed: {error}")))?
+        .map_err(|error| IntakeError::Unavailable(format!("attachment hashing failed: {error}")))
     }
+}
+
+/// An email's attachments, named: the contents for the store, the message's list of them, and
+/// the ones dropped for their size.
+#[derive(Debug, Default)]
+struct NamedAttachments {
+    contents: Vec<AttachmentContent>,
+    listed: Vec<Attachment>,
+    dropped: Vec<String>,
 }
 
 /// A refusal for transports that map kinds (the webhook): rejected mail is invalid, the rest is

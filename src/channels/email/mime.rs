@@ -3,7 +3,7 @@
 //! The body an agent reads is text/plain when the sender gave one, else the HTML converted to
 //! text (the HTML is kept as well). Charsets and encoded words are decoded by mail-parser. Quoted
 //! replies and signatures are cut from the text the agent sees ([`strip_reply`]); the full text is
-//! kept beside it. Attachments come out as bytes with their metadata, for the attachment store.
+//! kept beside it. Attachments come out as bytes with their metadata, for the store (with their message).
 //! A delivery status notification (RFC 3464 `multipart/report`) is recognised as a [`Bounce`].
 
 use chrono::{DateTime, TimeZone, Utc};

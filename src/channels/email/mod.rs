@@ -3,9 +3,9 @@
 //!
 //! - `mime.rs` — one message parsed (mail-parser): text, HTML, reply stripping, attachments, DSNs.
 //! - `threading.rs` — References root as thread key, the subject tag, RFC 3834 loop signals.
-//! - `attachments.rs` — the on-disk attachment store, content-addressed.
-//! - `intake.rs` — every intake's one path: parse, save attachments, resolve the thread, then
-//!   `Actions::ingest` (or, for a bounce, the failed reply's status).
+//! - `attachments.rs` — attachment URLs; the contents are stored with their message, by SHA-256.
+//! - `intake.rs` — every intake's one path: parse, name the attachments, resolve the thread, then
+//!   `Actions::ingest_with_attachments` (or, for a bounce, the failed reply's status).
 //! - `smtp.rs` — the ESMTP listener (smtp-proto grammar, STARTTLS with rustls).
 //! - `imap.rs` — an existing mailbox read over IMAP (IDLE or polling, UIDVALIDITY + UID kept).
 //! - `outbound.rs` — agents' replies over SMTP to the configured relay (lettre), DKIM-signed when
@@ -76,8 +76,8 @@ fn our_address(
 }
 
 /// The normalised message. `thread_key` is the conversation's key found by a subject tag, else the
-/// References root is used; `attachments` are already saved; `dropped` names attachments over the
-/// size cap.
+/// References root is used; `attachments` are named (their contents go to the store with the
+/// message); `dropped` names attachments over the size cap.
 pub struct Normalise<'a> {
     pub raw: &'a [u8],
     pub email: &'a ParsedEmail,

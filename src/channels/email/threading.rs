@@ -10,7 +10,6 @@
 //! message must never be answered automatically — it was itself automatic, bulk or list mail, a
 //! bounce, or from one of our own addresses.
 
-use regex::Regex;
 use ulid::Ulid;
 
 use super::mime::ParsedEmail;
@@ -30,19 +29,28 @@ pub fn tag(prefix: &str, conversation: Ulid) -> String {
     format!("[#{prefix}-{conversation}]")
 }
 
-/// The conversation named by a ticket tag in `subject`, if any.
+/// The conversation named by a ticket tag in `subject`, if any: the first `[#<prefix>-<ULID>]`,
+/// letters in either case (clients and customers change case). The prefix is ASCII letters and
+/// digits (checked with the configuration), so a byte scan finds it; it runs for every email, where
+/// building a regex each time cost more than parsing the message's headers.
 pub fn subject_tag(prefix: &str, subject: &str) -> Option<Ulid> {
-    let pattern = format!(
-        r"(?i)\[#{}-([0-9A-HJKMNP-TV-Z]{{26}})\]",
-        regex::escape(prefix)
-    );
-    let regex = Regex::new(&pattern).ok()?;
-    let id = regex
-        .captures(subject)?
-        .get(1)?
-        .as_str()
-        .to_ascii_uppercase();
-    Ulid::from_string(&id).ok()
+    /// A ULID's alphabet (Crockford's base 32: no I, L, O or U).
+    fn crockford(byte: &u8) -> bool {
+        byte.is_ascii_digit() || (byte.is_ascii_alphabetic() && !b"ILOUilou".contains(byte))
+    }
+    subject.match_indices("[#").find_map(|(at, _)| {
+        let tag = subject.as_bytes().get(at + 2..at + 2 + prefix.len() + 28)?;
+        let (named, rest) = tag.split_at(prefix.len());
+        let id = rest.get(1..27)?;
+        let well_formed = named.eq_ignore_ascii_case(prefix.as_bytes())
+            && rest.first() == Some(&b'-')
+            && rest.last() == Some(&b']')
+            && id.iter().all(crockford);
+        if !well_formed {
+            return None;
+        }
+        Ulid::from_string(&String::from_utf8_lossy(id).to_ascii_uppercase()).ok()
+    })
 }
 
 /// Our reply's subject: `Re: <the customer's subject without its Re:/Fwd: prefixes>` with the
@@ -181,6 +189,26 @@ mod tests {
         let lower = subject.to_lowercase();
         assert_eq!(subject_tag("SB", &lower), Some(conversation));
         assert_eq!(subject_tag("SB", "Re: [#XY-123] no"), None);
+        // The first well-formed tag counts, after other brackets; the prefix in either case.
+        assert_eq!(
+            subject_tag(
+                "SB",
+                &format!("[#SB-short] [# [#sb-{conversation}] [#SB-x]")
+            ),
+            Some(conversation)
+        );
+        let id = conversation.to_string();
+        assert_eq!(subject_tag("SB", &format!("[#SB-{id}")), None, "unclosed");
+        assert_eq!(subject_tag("SB", &format!("[#SBB-{id}]")), None);
+        assert_eq!(subject_tag("SB", &format!("[#SB-{}]", &id[..25])), None);
+        let with_i = format!("[#SB-{}I]", &id[..25]);
+        assert_eq!(subject_tag("SB", &with_i), None, "I is not in a ULID");
+        // Multi-byte text around (and right after) the marker is no trouble.
+        assert_eq!(subject_tag("SB", "Ärger [#é"), None);
+        assert_eq!(
+            subject_tag("SB", &format!("Ärger über [#SB-{id}] 📦")),
+            Some(conversation)
+        );
         assert_eq!(
             reply_subject("SB", conversation, None),
             format!("Re: [#SB-{conversation}]")
