@@ -17,7 +17,9 @@ use switchboard::store::postgres::PostgresStore;
 
 // The daemon allocates many small short-lived buffers per message (JSON documents, SQL
 // parameters, HTTP frames); mimalloc spends about a third fewer instructions on them than the
-// system allocator (docs/BENCHMARKS.md, "Daemon HTTP ingest").
+// system allocator (docs/BENCHMARKS.md, "Daemon HTTP ingest"). Built with `no_thp`: asked for
+// transparent huge pages, mimalloc's freed and reused memory came back as fresh 2 MiB pages the
+// kernel zeroed, a quarter of the daemon's CPU under SMTP load (docs/BENCHMARKS.md, "SMTP intake").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
