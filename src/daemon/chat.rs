@@ -32,14 +32,14 @@ use tracing::debug;
 use ulid::Ulid;
 
 use super::actions::{Actions, Refusal};
-use super::events::{self, TYPE_PREFIX};
+use super::events;
 use super::http::{ApiError, AppState};
 use super::outbound::{ChannelSender, SendError};
 use super::views::{self, QueuePosition, RouterRead};
 use crate::config::{ChatSection, Secret};
 use crate::message::{Address, CustomerHints, IdentityLink, InboundMessage, MESSAGE_SCHEMA};
 use crate::routing::AgentId;
-use crate::store::{ConversationStatus, Direction, Rating, Store, StoredMessage};
+use crate::store::{ConversationStatus, Direction, OutboxEvent, Rating, Store, StoredMessage};
 
 /// The channel name and provider of web chat messages.
 pub const CHANNEL: &str = "chat";
@@ -252,7 +252,7 @@ fn message_frame(seq: u64, message: &StoredMessage) -> Value {
 pub async fn relay_events(
     hub: Arc<ChatHub>,
     store: Arc<dyn Store>,
-    mut events: broadcast::Receiver<Arc<Value>>,
+    mut events: broadcast::Receiver<Arc<OutboxEvent>>,
 ) {
     loop {
         let event = match events.recv().await {
@@ -263,21 +263,11 @@ pub async fn relay_events(
             }
             Err(broadcast::error::RecvError::Closed) => return,
         };
-        let Some(kind) = event
-            .get("type")
-            .and_then(Value::as_str)
-            .and_then(|kind| kind.strip_prefix(TYPE_PREFIX))
-        else {
+        let kind = event.kind.as_str();
+        let Some(conversation) = event.conversation_id else {
             continue;
         };
-        let Some(conversation) = event
-            .get("subject")
-            .and_then(Value::as_str)
-            .and_then(|id| Ulid::from_string(id).ok())
-        else {
-            continue;
-        };
-        let data = &event["data"];
+        let data = &event.data;
         if kind.starts_with("conversation.") || kind == "agent.presence" {
             hub.positions_may_have_moved();
         }

@@ -35,14 +35,13 @@ use super::engine::{
     self, AgentAction, EngineContext, EngineError, EngineHandle, EngineTasks, Ingested,
     StoredRouter,
 };
-use super::events::cloud_event;
 use super::metrics::Metrics;
 use super::outbound::Outbound;
 use super::relay::{self, EventBus};
 use super::views::RouterRead;
 use crate::config::ClusterSettings;
 use crate::routing::{AgentId, Router, RoutingConfig};
-use crate::store::{EventCursor, ForwardedCommand, Lease, Store, StoreError, Wakeup};
+use crate::store::{EventCursor, ForwardedCommand, Lease, OutboxEvent, Store, StoreError, Wakeup};
 
 /// Where the router runs: this instance's engine while it leads, nothing while it follows.
 #[derive(Debug, Clone)]
@@ -662,10 +661,12 @@ async fn tail_pushes(store: Arc<dyn Store>, context: EngineContext, poll: Durati
 
 /// The in-process event bus: committed events, as [`follow_events`] reads them from the store,
 /// handed to the subscribers in this process (customer chats, the supervisor feed, the email
-/// acknowledgements), each the same shared document.
+/// acknowledgements), each the same shared event. They are the store's typed events, not
+/// CloudEvents documents: that wire format is the relay's, for brokers, and building one per
+/// event for subscribers that read three fields cost the daemon about 5 % of its CPU.
 #[derive(Debug, Clone)]
 pub struct InProcessBus {
-    sender: broadcast::Sender<Arc<Value>>,
+    sender: broadcast::Sender<Arc<OutboxEvent>>,
 }
 
 impl InProcessBus {
@@ -675,13 +676,13 @@ impl InProcessBus {
         }
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Value>> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<OutboxEvent>> {
         self.sender.subscribe()
     }
 
-    /// Hands an event document to every subscriber; having none is not an error.
-    pub fn deliver(&self, document: Arc<Value>) {
-        let _ = self.sender.send(document);
+    /// Hands an event to every subscriber; having none is not an error.
+    pub fn deliver(&self, event: Arc<OutboxEvent>) {
+        let _ = self.sender.send(event);
     }
 }
 
@@ -715,7 +716,6 @@ pub async fn follow_events(
     store: Arc<dyn Store>,
     start: EventsFollowed,
     committed: InProcessBus,
-    source: String,
     poll: Duration,
 ) {
     const BATCH: usize = 1024;
@@ -736,8 +736,8 @@ pub async fn follow_events(
             Ok(page) => {
                 let full = page.events.len() == BATCH;
                 cursor = page.next;
-                for event in &page.events {
-                    committed.deliver(Arc::new(cloud_event(event, &source)));
+                for event in page.events {
+                    committed.deliver(Arc::new(event));
                 }
                 if full {
                     continue;

@@ -279,7 +279,6 @@ pub async fn assemble(settings: Settings, source: ConfigSource) -> Result<Assemb
         store.clone(),
         cluster::EventsFollowed::from_now(store.as_ref()).await?,
         committed.clone(),
-        event_source.clone(),
         settings.cluster.poll_every,
     ));
     tokio::spawn(chat::relay_events(

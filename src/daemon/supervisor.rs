@@ -18,8 +18,8 @@ use tokio::sync::{Notify, broadcast, watch};
 use tracing::debug;
 
 use super::actions::Actions;
-use super::events::TYPE_PREFIX;
 use super::views::{AgentList, QueueList, RouterRead, Unanswered};
+use crate::store::OutboxEvent;
 
 /// How long a burst of events is gathered before the snapshot is rebuilt.
 const COALESCE: Duration = Duration::from_millis(300);
@@ -52,7 +52,7 @@ impl SupervisorFeed {
 pub async fn run(
     feed: Arc<SupervisorFeed>,
     actions: Actions,
-    mut events: broadcast::Receiver<Arc<Value>>,
+    mut events: broadcast::Receiver<Arc<OutboxEvent>>,
 ) {
     // Each agent's presence and since when, from `agent.presence` events and from snapshots.
     let mut since: HashMap<String, (String, DateTime<Utc>)> = HashMap::new();
@@ -89,24 +89,17 @@ pub async fn run(
     }
 }
 
-fn note_presence(since: &mut HashMap<String, (String, DateTime<Utc>)>, event: &Value) {
-    let kind = event["type"]
-        .as_str()
-        .and_then(|kind| kind.strip_prefix(TYPE_PREFIX));
-    if kind != Some("agent.presence") {
+fn note_presence(since: &mut HashMap<String, (String, DateTime<Utc>)>, event: &OutboxEvent) {
+    if event.kind != "agent.presence" {
         return;
     }
     let (Some(agent), Some(presence)) = (
-        event["data"]["agent_id"].as_str(),
-        event["data"]["presence"].as_str(),
+        event.data["agent_id"].as_str(),
+        event.data["presence"].as_str(),
     ) else {
         return;
     };
-    let at = event["time"]
-        .as_str()
-        .and_then(|time| DateTime::parse_from_rfc3339(time).ok())
-        .map_or_else(Utc::now, |time| time.with_timezone(&Utc));
-    since.insert(agent.to_owned(), (presence.to_owned(), at));
+    since.insert(agent.to_owned(), (presence.to_owned(), event.time));
 }
 
 async fn snapshot(

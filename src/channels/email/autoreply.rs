@@ -27,10 +27,9 @@ use ulid::Ulid;
 use super::outbound::{EmailSender, customer_address, reply_envelope, thread_headers};
 use super::threading;
 use crate::config::email::AcknowledgementSettings;
-use crate::daemon::events::TYPE_PREFIX;
 use crate::daemon::metrics::Metrics;
 use crate::message::InboundMessage;
-use crate::store::{Direction, Store, StoredMessage};
+use crate::store::{Direction, OutboxEvent, Store, StoredMessage};
 
 /// The cap's window.
 const HOUR: Duration = Duration::from_secs(3600);
@@ -141,13 +140,12 @@ struct Queued {
     wait: Duration,
 }
 
-fn queued(event: &Value) -> Option<Queued> {
-    let kind = event.get("type")?.as_str()?.strip_prefix(TYPE_PREFIX)?;
-    if kind != "conversation.queued" {
+fn queued(event: &OutboxEvent) -> Option<Queued> {
+    if event.kind != "conversation.queued" {
         return None;
     }
-    let conversation = Ulid::from_string(event.get("subject")?.as_str()?).ok()?;
-    let data = &event["data"];
+    let conversation = event.conversation_id?;
+    let data = &event.data;
     Some(Queued {
         conversation,
         position: data["position"].as_u64().unwrap_or(1),
@@ -183,7 +181,7 @@ impl Acknowledgements {
     /// says this instance is the one to answer (a cluster's leader) when the event arrives.
     pub async fn run(
         mut self,
-        mut events: broadcast::Receiver<Arc<Value>>,
+        mut events: broadcast::Receiver<Arc<OutboxEvent>>,
         answering: impl Fn() -> bool,
     ) {
         loop {
@@ -348,20 +346,21 @@ mod tests {
     #[test]
     fn only_queued_events_are_read() {
         let id = Ulid::new();
-        let event = serde_json::json!({
-            "type": format!("{TYPE_PREFIX}conversation.queued"),
-            "subject": id.to_string(),
-            "data": { "position": 4, "estimated_wait_seconds": 90.0 },
-        });
-        let news = queued(&event).unwrap_or_else(|| panic!("a queued event"));
+        let event = |kind: &str| OutboxEvent {
+            position: 1,
+            event_id: Ulid::new(),
+            kind: kind.into(),
+            conversation_id: Some(id),
+            seq: 1,
+            data: serde_json::json!({ "position": 4, "estimated_wait_seconds": 90.0 }),
+            time: chrono::Utc::now(),
+        };
+        let news =
+            queued(&event("conversation.queued")).unwrap_or_else(|| panic!("a queued event"));
         assert_eq!(
             (news.conversation, news.position, news.wait),
             (id, 4, Duration::from_secs(90))
         );
-        let other = serde_json::json!({
-            "type": format!("{TYPE_PREFIX}conversation.assigned"),
-            "subject": id.to_string(),
-        });
-        assert!(queued(&other).is_none());
+        assert!(queued(&event("conversation.assigned")).is_none());
     }
 }
