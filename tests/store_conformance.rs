@@ -490,67 +490,33 @@ async fn first_message_creates_contact_and_conversation(backend: Backend) {
 
 async fn attachments_are_stored_with_their_message_once_per_content(backend: Backend) {
     let store = backend.store();
+    let mail = |id: &str, from: &str| email(id, from, id, "see the attachment");
     let invoice = AttachmentContent::new(b"%PDF-1.7 invoice 1234".to_vec());
     let photo = AttachmentContent::new(vec![0x89, b'P', b'N', b'G', 0, 255, 13, 10]);
-    let first = store
-        .ingest(
-            email(
-                "<m1@customer.example>",
-                "ann@customer.example",
-                "t1",
-                "see both",
-            ),
-            vec![invoice.clone(), photo.clone()],
-            Utc::now(),
-        )
-        .await
-        .unwrap();
-    stored(first);
+    let both = vec![invoice.clone(), photo.clone()];
+    let first = store.ingest(mail("<m1@c.example>", "ann@c.example"), both, Utc::now());
+    stored(first.await.unwrap());
     for attachment in [&invoice, &photo] {
-        assert_eq!(
-            store
-                .attachment(attachment.sha256())
-                .await
-                .unwrap()
-                .as_deref(),
-            Some(attachment.content())
-        );
+        let content = store.attachment(attachment.sha256()).await.unwrap();
+        assert_eq!(content.as_deref(), Some(attachment.content()));
     }
-    // Another message bringing the same content: stored, the content kept once, unchanged.
-    stored(
-        store
-            .ingest(
-                email(
-                    "<m2@customer.example>",
-                    "bob@customer.example",
-                    "t2",
-                    "same file",
-                ),
-                vec![invoice.clone()],
-                Utc::now(),
-            )
-            .await
-            .unwrap(),
+    // Another message bringing the same content: stored, and the content is what it was.
+    let second = store.ingest(
+        mail("<m2@c.example>", "bob@c.example"),
+        vec![invoice.clone()],
+        Utc::now(),
     );
-    assert_eq!(
-        store.attachment(invoice.sha256()).await.unwrap().as_deref(),
-        Some(invoice.content())
-    );
+    stored(second.await.unwrap());
+    let content = store.attachment(invoice.sha256()).await.unwrap();
+    assert_eq!(content.as_deref(), Some(invoice.content()));
     // A duplicate stores nothing, attachments included.
     let other = AttachmentContent::new(b"something else".to_vec());
-    let again = store
-        .ingest(
-            email(
-                "<m1@customer.example>",
-                "ann@customer.example",
-                "t1",
-                "see both",
-            ),
-            vec![other.clone()],
-            Utc::now(),
-        )
-        .await
-        .unwrap();
+    let again = store.ingest(
+        mail("<m1@c.example>", "ann@c.example"),
+        vec![other.clone()],
+        Utc::now(),
+    );
+    let again = again.await.unwrap();
     assert!(
         matches!(again, IngestOutcome::Duplicate { .. }),
         "{again:?}"
