@@ -9,8 +9,8 @@
 //! our own address), then the per-sender cap (`auto_reply_max_per_sender_per_hour`). Each outcome
 //! is counted in `switchboard_email_auto_replies_total{result}`. The answer carries
 //! `Auto-Submitted: auto-replied` (§5.1) so well-behaved responders do not answer it in turn,
-//! threads like a reply, and is DKIM-signed like one. It is best effort: one attempt, a failure is logged and counted,
-//! never retried (a late "we received your mail" is worse than none).
+//! threads like a reply, and is DKIM-signed like one. It is best effort: one attempt, a failure is
+//! logged and counted, never retried (a late "we received your mail" is worse than none).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
