@@ -6,7 +6,8 @@
 //! one. Every rule's keywords sit in one Aho-Corasick automaton, searched over the lowercased text
 //! when it has non-ASCII characters. ASCII text, the usual case, skips the automaton: every hit is a
 //! whole word, so the patterns are tried only where a word can start, through a table of their
-//! first bytes ([`WordStartSearch`]), which finds the same hits for far fewer instructions.
+//! first bytes ([`WordStartSearch`]), which finds the same hits for far fewer instructions. The
+//! word starts themselves are found eight bytes at a time, with integer arithmetic on a `u64`.
 //!
 //! Keyword priority boosts are regexes in the configuration. The usual one is a plain word between
 //! word boundaries (`(?i)\burgent\b`): such a boost is searched as a literal in the same automaton,
@@ -525,24 +526,84 @@ impl WordStartSearch {
 
     /// Records in `found` the ids of the patterns that are hits in `text`, which must be ASCII (in
     /// other text, a letter or digit may be a multi-byte character).
+    ///
+    /// The word starts are found eight bytes at a time ([`separators`]), so the cost per byte is a
+    /// few instructions; only at a word start is the first-byte table read.
     fn search(&self, text: &[u8], found: &mut Bitset) {
-        let mut word_can_start = true;
-        for (start, &byte) in text.iter().enumerate() {
-            if word_can_start {
-                let range = self.by_first_byte[usize::from(byte)];
-                let candidates = self
-                    .patterns
-                    .get(range.start as usize..range.end as usize)
-                    .unwrap_or_default();
-                for pattern in candidates {
-                    if pattern.is_hit_at(text, start) {
-                        found.insert(pattern.id as usize);
-                    }
-                }
-            }
-            word_can_start = !byte.is_ascii_alphanumeric();
+        // The byte before the text counts as a separator: a word can start at 0.
+        let mut separator_before = true;
+        let mut chunks = text.chunks_exact(8);
+        let mut chunk_start = 0;
+        for chunk in chunks.by_ref() {
+            let bytes = <[u8; 8]>::try_from(chunk).unwrap_or_default();
+            self.search_chunk(text, chunk_start, bytes, &mut separator_before, found);
+            chunk_start += 8;
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            // Padded with separators; word starts past the text's end are dropped.
+            let mut bytes = [0u8; 8];
+            bytes[..rest.len()].copy_from_slice(rest);
+            self.search_chunk(text, chunk_start, bytes, &mut separator_before, found);
         }
     }
+
+    /// [`WordStartSearch::search`] over the eight bytes `text[chunk_start..]` (`bytes`).
+    fn search_chunk(
+        &self,
+        text: &[u8],
+        chunk_start: usize,
+        bytes: [u8; 8],
+        separator_before: &mut bool,
+        found: &mut Bitset,
+    ) {
+        let separated = separators(u64::from_le_bytes(bytes));
+        // A byte is a word start when the byte before it is a separator: shift each byte's flag
+        // one byte up, and bring in the previous chunk's last byte.
+        let mut starts = (separated << 8) | (u64::from(*separator_before) << 7);
+        *separator_before = separated >> 63 == 1;
+        while starts != 0 {
+            let start = chunk_start + (starts.trailing_zeros() / 8) as usize;
+            starts &= starts - 1;
+            if start >= text.len() {
+                break;
+            }
+            self.try_at(text, start, found);
+        }
+    }
+
+    /// Tries the patterns whose first byte is `text[start]`, a word start.
+    fn try_at(&self, text: &[u8], start: usize, found: &mut Bitset) {
+        let Some(&byte) = text.get(start) else {
+            return;
+        };
+        let range = self.by_first_byte[usize::from(byte)];
+        let candidates = self
+            .patterns
+            .get(range.start as usize..range.end as usize)
+            .unwrap_or_default();
+        for pattern in candidates {
+            if pattern.is_hit_at(text, start) {
+                found.insert(pattern.id as usize);
+            }
+        }
+    }
+}
+
+/// The bytes of `chunk` (eight ASCII bytes, little-endian) that are not ASCII letters or digits:
+/// each such byte's top bit set, every other bit clear.
+///
+/// Every byte is below 0x80, so adding `0x80 - c` to it sets its top bit exactly when it is at
+/// least `c`, with no carry into the next byte. A letter is a byte that, with bit 5 set (ASCII
+/// lower case), lies in `a..=z`; a digit one in `0..=9`.
+fn separators(chunk: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const TOP: u64 = 0x8080_8080_8080_8080;
+    let at_least = |bytes: u64, c: u8| bytes.wrapping_add(ONES * u64::from(0x80 - c)) & TOP;
+    let folded = chunk | (ONES * 0x20);
+    let letters = at_least(folded, b'a') & !at_least(folded, b'z' + 1);
+    let digits = at_least(chunk, b'0') & !at_least(chunk, b'9' + 1);
+    !(letters | digits) & TOP
 }
 
 impl WordPattern {
@@ -970,6 +1031,43 @@ mod tests {
         (0..patterns)
             .filter(|&id| search.found.contains(id))
             .collect()
+    }
+
+    #[test]
+    fn separators_are_the_bytes_that_are_no_ascii_letter_or_digit() {
+        // Every ASCII byte in every place of a chunk, beside neighbours that could carry into it.
+        for byte in 0..0x80u8 {
+            for place in 0..8 {
+                for filler in [b'z', b'0', b'\x7f', b'\0'] {
+                    let mut chunk = [filler; 8];
+                    chunk[place] = byte;
+                    let flags = separators(u64::from_le_bytes(chunk)).to_le_bytes();
+                    for (at, (&flag, &tested)) in flags.iter().zip(&chunk).enumerate() {
+                        let expected = if tested.is_ascii_alphanumeric() {
+                            0
+                        } else {
+                            0x80
+                        };
+                        assert_eq!(flag, expected, "byte {tested:#04x} at {at} of {chunk:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn word_starts_are_found_across_chunks_of_eight_bytes() {
+        let config = keyword_search_config(&["refund", "card"], &[]);
+        let rules = CompiledRules::new(&config).unwrap();
+        // Words at every offset around the 8-byte boundaries, at the text's start and end, and
+        // inside longer words (no hit).
+        for padding in 0..=17 {
+            let spaces = " ".repeat(padding);
+            assert_eq!(word_start_hits(&rules, &format!("{spaces}refund")).len(), 1);
+            assert_eq!(word_start_hits(&rules, &format!("{spaces}card!")).len(), 1);
+            let letters = "x".repeat(padding + 1);
+            assert!(word_start_hits(&rules, &format!("{letters}refund {letters}card")).is_empty());
+        }
     }
 
     #[test]
