@@ -17,7 +17,6 @@ static SETTINGS: LazyLock<EmailSettings> = LazyLock::new(|| EmailSettings {
     from_name: Some("Example Support".into()),
     subject_tag_prefix: "SB".into(),
     message_id_domain: "help.example.com".into(),
-    attachments_dir: std::env::temp_dir(),
     max_attachment_bytes: 10 << 20,
     max_message_bytes: 25 << 20,
     smtp: None,

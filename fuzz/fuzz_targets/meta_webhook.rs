@@ -8,13 +8,13 @@
 
 use std::sync::{Arc, LazyLock};
 
-use http::{HeaderMap, HeaderValue};
 use libfuzzer_sys::fuzz_target;
+use switchboard::channels::Webhook;
 use switchboard::channels::meta::{Meta, signature};
-use switchboard::channels::{Webhook, WebhookRequest};
 use switchboard::config::Secret;
 use switchboard::config::channels::MetaAccount;
 use switchboard::store::sqlite::{SqliteOptions, SqliteStore};
+use switchboard_fuzz::{deliver, header_line_and_body};
 
 const APP_SECRET: &str = "app-secret";
 
@@ -54,20 +54,14 @@ fuzz_target!(|data: &[u8]| {
     let (header, body) = if mode % 3 == 0 {
         (signature(APP_SECRET, rest).into_bytes(), rest)
     } else {
-        let split = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
-        (
-            rest[..split].to_vec(),
-            rest.get(split + 1..).unwrap_or_default(),
-        )
+        let (header, body) = header_line_and_body(rest);
+        (header.to_vec(), body)
     };
-    let mut headers = HeaderMap::new();
-    if let Ok(value) = HeaderValue::from_bytes(&header) {
-        headers.insert("x-hub-signature-256", value);
-    }
-    let _ = meta.receive(&WebhookRequest {
-        query: None,
-        headers: &headers,
+    deliver(
+        meta,
+        "x-hub-signature-256",
+        &header,
         body,
-        now: chrono::Utc::now(),
-    });
+        chrono::Utc::now(),
+    );
 });

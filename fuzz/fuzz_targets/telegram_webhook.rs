@@ -7,12 +7,11 @@
 
 use std::sync::LazyLock;
 
-use http::{HeaderMap, HeaderValue};
 use libfuzzer_sys::fuzz_target;
 use switchboard::channels::telegram::Telegram;
-use switchboard::channels::{Webhook, WebhookRequest};
 use switchboard::config::Secret;
 use switchboard::config::channels::TelegramAccount;
+use switchboard_fuzz::{deliver, header_line_and_body};
 
 const SECRET_TOKEN: &str = "s3cret-token";
 
@@ -34,17 +33,13 @@ fuzz_target!(|data: &[u8]| {
     let (token, body) = if mode % 2 == 0 {
         (SECRET_TOKEN.as_bytes(), rest)
     } else {
-        let split = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
-        (&rest[..split], rest.get(split + 1..).unwrap_or_default())
+        header_line_and_body(rest)
     };
-    let mut headers = HeaderMap::new();
-    if let Ok(value) = HeaderValue::from_bytes(token) {
-        headers.insert("x-telegram-bot-api-secret-token", value);
-    }
-    let _ = TELEGRAM.receive(&WebhookRequest {
-        query: None,
-        headers: &headers,
+    deliver(
+        &*TELEGRAM,
+        "x-telegram-bot-api-secret-token",
+        token,
         body,
-        now: chrono::Utc::now(),
-    });
+        chrono::Utc::now(),
+    );
 });

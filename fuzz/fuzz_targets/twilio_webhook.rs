@@ -7,12 +7,11 @@
 
 use std::sync::LazyLock;
 
-use http::{HeaderMap, HeaderValue};
 use libfuzzer_sys::fuzz_target;
 use switchboard::channels::twilio::{Twilio, signature};
-use switchboard::channels::{Webhook, WebhookRequest};
 use switchboard::config::Secret;
 use switchboard::config::channels::TwilioAccount;
+use switchboard_fuzz::{deliver, header_line_and_body};
 
 const AUTH_TOKEN: &str = "12345";
 const PUBLIC_URL: &str = "https://sb.example.com/v1/webhooks/twilio/main";
@@ -41,20 +40,14 @@ fuzz_target!(|data: &[u8]| {
             rest,
         )
     } else {
-        let split = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
-        (
-            rest[..split].to_vec(),
-            rest.get(split + 1..).unwrap_or_default(),
-        )
+        let (header, body) = header_line_and_body(rest);
+        (header.to_vec(), body)
     };
-    let mut headers = HeaderMap::new();
-    if let Ok(value) = HeaderValue::from_bytes(&header) {
-        headers.insert("x-twilio-signature", value);
-    }
-    let _ = TWILIO.receive(&WebhookRequest {
-        query: None,
-        headers: &headers,
+    deliver(
+        &*TWILIO,
+        "x-twilio-signature",
+        &header,
         body,
-        now: chrono::Utc::now(),
-    });
+        chrono::Utc::now(),
+    );
 });

@@ -8,12 +8,11 @@
 
 use std::sync::LazyLock;
 
-use http::{HeaderMap, HeaderValue};
 use libfuzzer_sys::fuzz_target;
 use switchboard::channels::vonage::{Vonage, sign};
-use switchboard::channels::{Webhook, WebhookRequest};
 use switchboard::config::Secret;
 use switchboard::config::channels::VonageAccount;
+use switchboard_fuzz::{deliver, header_line_and_body};
 
 const SIGNATURE_SECRET: &str = "signature-secret";
 const API_KEY: &str = "abcd1234";
@@ -44,22 +43,10 @@ fuzz_target!(|data: &[u8]| {
         let token = sign(SIGNATURE_SECRET, API_KEY, iat, body);
         (token.into_bytes(), body)
     } else {
-        let split = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
-        (
-            rest[..split].to_vec(),
-            rest.get(split + 1..).unwrap_or_default(),
-        )
+        let (token, body) = header_line_and_body(rest);
+        (token.to_vec(), body)
     };
-    let mut headers = HeaderMap::new();
     let mut bearer = b"Bearer ".to_vec();
     bearer.extend_from_slice(&token);
-    if let Ok(value) = HeaderValue::from_bytes(&bearer) {
-        headers.insert("authorization", value);
-    }
-    let _ = VONAGE.receive(&WebhookRequest {
-        query: None,
-        headers: &headers,
-        body,
-        now,
-    });
+    deliver(&*VONAGE, "authorization", &bearer, body, now);
 });
