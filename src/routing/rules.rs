@@ -10,9 +10,10 @@
 //! word starts themselves are found eight bytes at a time, with integer arithmetic on a `u64`.
 //!
 //! Keyword priority boosts are regexes in the configuration. The usual one is a plain word between
-//! word boundaries (`(?i)\burgent\b`): such a boost is searched as a literal in the same automaton,
-//! with the regex's own word-boundary rule, so an arrival reads its text once for rules and boosts.
-//! That is exact for ASCII text; a text with other characters runs the boost's regex as written.
+//! word boundaries (`(?i)\burgent\b`): such a boost is a literal pattern beside the rule keywords
+//! (in the automaton and the word-start search alike), with the regex's own word-boundary rule, so
+//! an arrival reads its text once for rules and boosts. That is exact for ASCII text; a text with
+//! other characters runs the boost's regex as written.
 
 use std::borrow::Cow;
 use std::sync::Arc;
